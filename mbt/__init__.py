@@ -1,0 +1,1 @@
+"""The Multimodal Bottleneck Transformer: model, training and evaluation."""

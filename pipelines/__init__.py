@@ -1,0 +1,1 @@
+"""Streaming pipelines (DALI and PyTorch WebDataset) over the shards written by `preprocess`."""

@@ -1,0 +1,82 @@
+"""Command-line plumbing shared by tools/shard_audioset.py and tools/shard_vggsound.py."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Callable
+from pathlib import Path
+
+from preprocess.datasets import DatasetError
+from preprocess.decode import ToolMissingError
+from preprocess.job import JobError, JobSpec, JobSummary, run_job
+from preprocess.schema import FeatureParams, SchemaError
+
+EXIT_INPUT_ERROR = 1
+
+
+def add_job_arguments(parser: argparse.ArgumentParser) -> None:
+    """The options every shard tool takes (beyond its dataset's CSV options)."""
+    defaults = FeatureParams()
+    parser.add_argument("--videos", type=Path, required=True, help="folder with one downloaded video per row")
+    parser.add_argument("--out", type=Path, help="output folder (default: shards/<dataset>/<split>)")
+    parser.add_argument("--workers", type=int, default=None, help="decoding processes (default: all cores)")
+    parser.add_argument("--limit", type=int, default=None, help="shard only the first N rows (a quick subset)")
+    parser.add_argument("--frames", type=int, default=defaults.num_frames, help="frames per clip (default %(default)s)")
+    parser.add_argument(
+        "--short-side", type=int, default=defaults.short_side_px, help="frame short side in px (default %(default)s)"
+    )
+    parser.add_argument(
+        "--segment-seconds",
+        type=float,
+        default=defaults.segment_s,
+        help="segment length; the log-mel is cut/padded to it in 10 ms hops (default %(default)s → 1000 frames)",
+    )
+    parser.add_argument("--shard-size", type=int, default=512, help="samples per shard (default %(default)s)")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the shuffle across shards (default %(default)s)")
+    parser.add_argument(
+        "--full-videos",
+        action="store_true",
+        help="files are whole videos: seek to the CSV's start/end (default: files are the trimmed segments)",
+    )
+    parser.add_argument("--require-audio", action="store_true", help="skip clips without an audio stream")
+    parser.add_argument(
+        "--name-template",
+        action="append",
+        default=None,
+        help="file name pattern of a row's video, str.format fields {ytid} {start} {end} {start_s} {end_s} "
+        "{start_ms} {end_ms} plus glob wildcards, e.g. '{ytid}_{start_s:06d}.*'; repeat to try several",
+    )
+    parser.add_argument("--quiet", action="store_true", help="no progress bar")
+
+
+def spec_options(args: argparse.Namespace) -> dict:
+    """JobSpec keyword arguments that come from the common options."""
+    params = FeatureParams(num_frames=args.frames, short_side_px=args.short_side, segment_s=args.segment_seconds)
+    return {
+        "params": params.validate(),
+        "shard_size": args.shard_size,
+        "seed": args.seed,
+        "full_videos": args.full_videos,
+        "require_audio": args.require_audio,
+        "workers": args.workers,
+        "progress": not args.quiet,
+    }
+
+
+def apply_limit(rows: list, limit: int | None) -> list:
+    if limit is not None and limit < 1:
+        raise JobError(f"--limit must be at least 1, got {limit}")
+    return rows if limit is None else rows[:limit]
+
+
+def run_tool(build_spec: Callable[[argparse.Namespace], JobSpec], args: argparse.Namespace) -> int:
+    """Build the spec, run the job, print the summary; input and environment errors exit 1 with the message."""
+    try:
+        spec = build_spec(args)
+        summary: JobSummary = run_job(spec)
+    except (DatasetError, JobError, SchemaError, ToolMissingError, FileNotFoundError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return EXIT_INPUT_ERROR
+    print(summary.describe())
+    return 0

@@ -1,0 +1,317 @@
+"""Readers for the AudioSet and VGGSound CSV files, and the lookup of a clip's downloaded video file.
+
+Every reader returns `ClipRow`s whose `key` is the shard key (no dots: DALI takes everything after the first
+dot as the extension). Bad input raises `DatasetError` naming the file and line and saying what to do.
+"""
+
+import bisect
+import csv
+import fnmatch
+import glob
+import math
+import os
+import re
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+AUDIOSET_NAME_TEMPLATES: tuple[str, ...] = (
+    "{ytid}.*",
+    "{ytid}_{start_s}.*",
+    "{ytid}_{start_s}_{end_s}.*",
+    "{ytid}_{start_ms}.*",
+    "{ytid}_{start_ms}_{end_ms}.*",
+    "{ytid}_{start:.3f}_{end:.3f}.*",
+)
+VGGSOUND_NAME_TEMPLATES: tuple[str, ...] = ("{ytid}_{start_s:06d}.*",)
+
+VGGSOUND_SPLITS: tuple[str, ...] = ("train", "test")
+VGGSOUND_SEGMENT_S = 10.0
+
+# YouTube ids are [A-Za-z0-9_-] (often starting with '-'); anything else could put a dot or a slash in a key.
+_YTID_RE = re.compile(r"[A-Za-z0-9_-]+")
+_LITERAL_PREFIX_RE = re.compile(r"[^*?[]*")
+_WHOLE_SECONDS_RE = re.compile(r"[0-9]+")
+
+
+class DatasetError(ValueError):
+    """Bad dataset input; the message names the file (and line) and says what to do."""
+
+
+@dataclass(frozen=True)
+class ClipRow:
+    """One clip of a dataset CSV.
+
+    key: shard key, no dots (AudioSet `{ytid}_{start_ms}`, VGGSound `{ytid}_{start_s:06d}`).
+    labels: sorted, distinct class indices. source: `path:LINE` of the CSV row, for error messages.
+    """
+
+    key: str
+    ytid: str
+    start_s: float
+    end_s: float
+    labels: tuple[int, ...]
+    source: str
+
+
+def _read_lines(path: str | os.PathLike) -> Iterator[tuple[int, str]]:
+    """Yields (1-based line number, line) of a UTF-8 text file; an unreadable file -> DatasetError."""
+    try:
+        # utf-8-sig: a BOM written by a spreadsheet would otherwise end up in the first field.
+        with open(path, encoding="utf-8-sig") as f:
+            yield from enumerate(f, start=1)
+    except (OSError, UnicodeDecodeError) as e:
+        raise DatasetError(f"{os.fspath(path)}: cannot read it as UTF-8 text ({e})") from e
+
+
+def _csv_rows(path: str | os.PathLike, skip_comments: bool = False) -> Iterator[tuple[str, list[str]]]:
+    """Yields (`path:LINE`, fields) for each non-blank line, parsed as one CSV record (no multi-line fields).
+
+    With skip_comments, lines starting with '#' are skipped. A broken quote -> DatasetError naming the line.
+    """
+    for line_no, line in _read_lines(path):
+        if not line.strip() or (skip_comments and line.startswith("#")):
+            continue
+        source = f"{os.fspath(path)}:{line_no}"
+        try:
+            fields = next(csv.reader([line], skipinitialspace=True, strict=True))
+        except csv.Error as e:
+            raise DatasetError(f"{source}: malformed CSV line ({e}): {line.rstrip()!r}") from e
+        yield source, [field.strip() for field in fields]
+
+
+def _check_ytid(ytid: str, source: str) -> None:
+    if not _YTID_RE.fullmatch(ytid):
+        raise DatasetError(f"{source}: {ytid!r} is not a YouTube id (letters, digits, '_' and '-' only)")
+
+
+def read_audioset_classes(path: str | os.PathLike) -> list[tuple[str, str]]:
+    """Reads class_labels_indices.csv (header `index,mid,display_name`) -> [(mid, display_name)] by index.
+
+    The index column must count 0, 1, 2, ... in order and mids must be distinct; a missing file, a bad header,
+    a malformed row or an empty class list -> DatasetError naming file:line.
+    """
+    rows = _csv_rows(path)
+    header_source, header = next(rows, (os.fspath(path), None))
+    if header != ["index", "mid", "display_name"]:
+        raise DatasetError(
+            f"{header_source}: expected the header 'index,mid,display_name' of class_labels_indices.csv"
+        )
+    classes: list[tuple[str, str]] = []
+    first_line_of_mid: dict[str, str] = {}
+    for source, fields in rows:
+        if len(fields) != 3:
+            raise DatasetError(f"{source}: expected 3 columns index,mid,display_name, got {len(fields)}")
+        index, mid, display_name = fields
+        if index != str(len(classes)):
+            raise DatasetError(f"{source}: index {index!r} out of order, expected {len(classes)}")
+        if not mid:
+            raise DatasetError(f"{source}: empty mid")
+        if mid in first_line_of_mid:
+            raise DatasetError(f"{source}: mid {mid} already defined at {first_line_of_mid[mid]}")
+        first_line_of_mid[mid] = source
+        classes.append((mid, display_name))
+    if not classes:
+        raise DatasetError(f"{os.fspath(path)}: no classes after the header")
+    return classes
+
+
+def _parse_seconds(text: str, what: str, source: str) -> float:
+    try:
+        seconds = float(text)
+    except ValueError:
+        raise DatasetError(f"{source}: {what} {text!r} is not a number of seconds") from None
+    if not math.isfinite(seconds) or seconds < 0:
+        raise DatasetError(f"{source}: {what} {text!r} must be a finite number of seconds >= 0")
+    return seconds
+
+
+def read_audioset_segments(
+    path: str | os.PathLike, class_mids: list[str], drop_unknown_labels: bool = False
+) -> list[ClipRow]:
+    """Reads an AudioSet segment CSV (balanced_train/eval/unbalanced_train_segments.csv) in file order.
+
+    Format: '#' comment lines, then `YTID, start_seconds, end_seconds, "mid,mid,..."`. class_mids[i] is the
+    mid of class i; labels become sorted distinct indices. An unknown mid -> DatasetError (file:line, the mid,
+    the --drop-unknown-labels flag) unless drop_unknown_labels, which drops it (a row left without labels
+    is kept).
+    A malformed row (column count, YouTube id, times, end <= start) -> DatasetError naming file:line;
+    a duplicate key -> DatasetError naming both lines.
+    """
+    class_of_mid = {mid: index for index, mid in enumerate(class_mids)}
+    rows: list[ClipRow] = []
+    source_of_key: dict[str, str] = {}
+    for source, fields in _csv_rows(path, skip_comments=True):
+        if len(fields) != 4:
+            raise DatasetError(
+                f"{source}: expected 4 columns YTID, start_seconds, end_seconds, positive_labels, "
+                f"got {len(fields)}"
+            )
+        ytid, start_text, end_text, mids_text = fields
+        _check_ytid(ytid, source)
+        start_s = _parse_seconds(start_text, "start", source)
+        end_s = _parse_seconds(end_text, "end", source)
+        if end_s <= start_s:
+            raise DatasetError(f"{source}: end {end_text} is not after start {start_text}")
+        labels: set[int] = set()
+        for mid in filter(None, (m.strip() for m in mids_text.split(","))):
+            if mid in class_of_mid:
+                labels.add(class_of_mid[mid])
+            elif not drop_unknown_labels:
+                raise DatasetError(
+                    f"{source}: label {mid} is not in the class list; pass --drop-unknown-labels to drop it"
+                )
+        key = f"{ytid}_{round(start_s * 1000)}"
+        if key in source_of_key:
+            raise DatasetError(f"{source}: clip {key} already listed at {source_of_key[key]}")
+        source_of_key[key] = source
+        rows.append(ClipRow(key, ytid, start_s, end_s, tuple(sorted(labels)), source))
+    return rows
+
+
+def read_class_list(path: str | os.PathLike) -> list[str]:
+    """Reads one class name per line (surrounding whitespace stripped, blank lines ignored) in file order.
+
+    A duplicate name or an empty list -> DatasetError naming the file (and both lines).
+    """
+    names: list[str] = []
+    line_of_name: dict[str, int] = {}
+    for line_no, line in _read_lines(path):
+        name = line.strip()
+        if not name:
+            continue
+        if name in line_of_name:
+            raise DatasetError(
+                f"{os.fspath(path)}:{line_no}: class {name!r} already listed at line {line_of_name[name]}"
+            )
+        line_of_name[name] = line_no
+        names.append(name)
+    if not names:
+        raise DatasetError(f"{os.fspath(path)}: no class names")
+    return names
+
+
+def read_vggsound(
+    path: str | os.PathLike, split: str, classes: list[str] | None = None
+) -> tuple[list[str], list[ClipRow]]:
+    """Reads vggsound.csv (no header; `YTID,start_seconds,label,split`) -> (class_names, rows of `split`).
+
+    split is 'train' or 'test'. With classes None the class names are the sorted distinct labels of ALL rows
+    (both splits, so train and test share one list); given classes, a label of a `split` row outside it ->
+    DatasetError naming file:line. Rows are 10 s from an integer start; a malformed row or a key listed twice
+    in `split` -> DatasetError naming file:line.
+    """
+    if split not in VGGSOUND_SPLITS:
+        raise DatasetError(f"split {split!r} is not one of {', '.join(VGGSOUND_SPLITS)}")
+    parsed: list[tuple[str, str, int, str, str]] = []
+    for source, fields in _csv_rows(path):
+        if len(fields) != 4:
+            raise DatasetError(
+                f"{source}: expected 4 columns YTID,start_seconds,label,split, got {len(fields)}"
+            )
+        ytid, start_text, label, row_split = fields
+        _check_ytid(ytid, source)
+        if not _WHOLE_SECONDS_RE.fullmatch(start_text):
+            raise DatasetError(f"{source}: start {start_text!r} is not a whole number of seconds")
+        if not label:
+            raise DatasetError(f"{source}: empty label")
+        if row_split not in VGGSOUND_SPLITS:
+            raise DatasetError(f"{source}: split {row_split!r} is not one of {', '.join(VGGSOUND_SPLITS)}")
+        parsed.append((source, ytid, int(start_text), label, row_split))
+
+    class_names = list(classes) if classes is not None else sorted({label for _, _, _, label, _ in parsed})
+    class_of_name = {name: index for index, name in enumerate(class_names)}
+    rows: list[ClipRow] = []
+    source_of_key: dict[str, str] = {}
+    for source, ytid, start_s, label, row_split in parsed:
+        if row_split != split:
+            continue
+        if label not in class_of_name:
+            raise DatasetError(f"{source}: label {label!r} is not in the class list")
+        key = f"{ytid}_{start_s:06d}"
+        if key in source_of_key:
+            raise DatasetError(f"{source}: clip {key} already listed at {source_of_key[key]}")
+        source_of_key[key] = source
+        rows.append(
+            ClipRow(key, ytid, float(start_s), start_s + VGGSOUND_SEGMENT_S, (class_of_name[label],), source)
+        )
+    return class_names, rows
+
+
+def split_name_from_segments(path: str | os.PathLike) -> str:
+    """The split an AudioSet segment CSV holds: 'eval_segments.csv' -> 'eval', any 'foo.csv' -> 'foo'."""
+    return Path(path).name.removesuffix(".csv").removesuffix("_segments")
+
+
+class VideoIndex:
+    """The file names of one folder, listed once, and the lookup of a clip's video file among them.
+
+    A name template is a str.format pattern over the fields ytid; start, end (float seconds); start_s, end_s
+    (whole seconds); start_ms, end_ms (integer milliseconds), with glob wildcards * ? [..] around the fields.
+    Field values match literally (glob characters in an id are escaped).
+    """
+
+    def __init__(self, folder: str | os.PathLike) -> None:
+        """Lists the regular files (or links to them) directly in `folder`; missing folder -> DatasetError."""
+        self.folder = Path(folder)
+        try:
+            with os.scandir(self.folder) as entries:
+                self._names = sorted(entry.name for entry in entries if entry.is_file())
+        except OSError as e:
+            raise DatasetError(f"video folder {os.fspath(folder)}: cannot list it ({e})") from e
+
+    def _glob(self, pattern: str) -> list[str]:
+        """The names matching `pattern`; scans only the names that start with its literal prefix."""
+        prefix = _LITERAL_PREFIX_RE.match(pattern).group()  # the part before the first wildcard
+        matches = []
+        for i in range(bisect.bisect_left(self._names, prefix), len(self._names)):
+            name = self._names[i]
+            if not name.startswith(prefix):
+                break
+            if fnmatch.fnmatchcase(name, pattern):
+                matches.append(name)
+        return matches
+
+    def find(self, row: ClipRow, templates: Sequence[str]) -> Path:
+        """The one file of this folder that the first matching template gives for `row`.
+
+        Templates are tried in order and the first that matches any file decides. No match ->
+        FileNotFoundError naming the clip key and the patterns tried; several files for one template ->
+        DatasetError naming them (pass --name-template); a bad template (unknown field, bad format spec) ->
+        DatasetError listing the fields.
+        """
+        if not templates:
+            raise DatasetError("no video name templates given; pass --name-template")
+        fields = {
+            "ytid": glob.escape(row.ytid),
+            "start": row.start_s,
+            "end": row.end_s,
+            "start_s": int(row.start_s),
+            "end_s": int(row.end_s),
+            "start_ms": round(row.start_s * 1000),
+            "end_ms": round(row.end_s * 1000),
+        }
+        tried = []
+        for template in templates:
+            pattern = _format_template(template, fields)
+            tried.append(pattern)
+            matches = self._glob(pattern)
+            if len(matches) > 1:
+                raise DatasetError(
+                    f"clip {row.key}: {len(matches)} files in {self.folder} match {pattern!r}: "
+                    f"{', '.join(matches)}; pass --name-template with a pattern that picks one"
+                )
+            if matches:
+                return self.folder / matches[0]
+        raise FileNotFoundError(f"clip {row.key}: no file in {self.folder} matches any of {', '.join(tried)}")
+
+
+def _format_template(template: str, fields: dict[str, object]) -> str:
+    """template.format(**fields); an unknown field or a bad format spec -> DatasetError listing the fields."""
+    try:
+        return template.format(**fields)
+    except (KeyError, IndexError, AttributeError, ValueError, TypeError) as e:
+        raise DatasetError(
+            f"name template {template!r} does not format ({type(e).__name__}: {e}); "
+            f"its fields can be {', '.join('{' + name + '}' for name in fields)}"
+        ) from e

@@ -1,0 +1,366 @@
+"""The shard job: dataset rows → decoded clips → WebDataset shards + manifest, parallel and resumable.
+
+Plan: the rows are shuffled once with `seed` and cut into shards of about `shard_size` rows; shard k always
+holds the same rows, whatever happens. Clips are decoded by a process pool in plan order; the parent writes
+each shard when its last clip is in (tar + index under temporary names, renamed when complete), then its record
+`_state/shard-k.json`. A shard is done exactly when its record exists, so a job killed at any moment (SIGKILL
+included) and run again redoes only the shards without a record: every clip ends up in the output once.
+When all records exist the split's `manifest.json` and `failures.csv` are written from them.
+"""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import io
+import json
+import math
+import multiprocessing
+import os
+import signal
+import time
+from collections import Counter
+from collections.abc import Iterator, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from tqdm import tqdm
+
+from preprocess.atomic import remove_stale_tmp, write_bytes_atomic
+from preprocess.datasets import ClipRow, DatasetError, VideoIndex
+from preprocess.decode import DecodeError, decode_clip, require_ffmpeg
+from preprocess.features import compute_logmel
+from preprocess.schema import (
+    FAILURES_NAME,
+    MANIFEST_NAME,
+    SCHEMA_VERSION,
+    SHARD_PATTERN,
+    FeatureParams,
+    LogmelStats,
+    Manifest,
+    Sample,
+    ShardInfo,
+    encode_sample,
+    split_member_name,
+)
+from preprocess.shard_writer import ShardWriter
+
+STATE_DIR = "_state"
+JOB_FILE = "job.json"
+FAILURE_FIELDS = ("key", "source", "file", "reason", "message")
+
+
+class JobError(RuntimeError):
+    """The job cannot run as asked (conflicting output folder, nothing to do, no ffmpeg); says what to do."""
+
+
+@dataclass
+class JobSpec:
+    """Everything that decides a split's shards, plus how to run the job (`workers`, `progress`)."""
+
+    dataset: str
+    split: str
+    rows: list[ClipRow]
+    classes: list[dict[str, Any]]
+    multi_label: bool
+    videos_dir: Path
+    out_dir: Path
+    name_templates: Sequence[str]
+    params: FeatureParams = field(default_factory=FeatureParams)
+    shard_size: int = 512
+    seed: int = 0
+    full_videos: bool = False
+    require_audio: bool = False
+    workers: int | None = None
+    progress: bool = True
+    inputs: dict[str, Any] = field(default_factory=dict)
+
+    def identity(self) -> dict[str, Any]:
+        """What the output depends on; a rerun into the same folder must match it."""
+        rows_hash = hashlib.sha256()
+        for row in self.rows:
+            rows_hash.update(f"{row.key},{row.start_s!r},{row.end_s!r},{list(row.labels)}\n".encode())
+        return {
+            "schema_version": SCHEMA_VERSION,
+            "dataset": self.dataset,
+            "split": self.split,
+            "num_rows": len(self.rows),
+            "rows_sha256": rows_hash.hexdigest(),
+            "classes_sha256": hashlib.sha256(json.dumps(self.classes, sort_keys=True).encode()).hexdigest(),
+            "features": self.params.to_dict(),
+            "shard_size": self.shard_size,
+            "seed": self.seed,
+            "full_videos": self.full_videos,
+            "require_audio": self.require_audio,
+            "name_templates": list(self.name_templates),
+            "videos_dir": str(Path(self.videos_dir).resolve()),
+            "inputs": self.inputs,
+        }
+
+
+@dataclass
+class JobSummary:
+    """What a run did: clips written and skipped (by reason) over the whole split, and this run's work."""
+
+    out_dir: Path
+    num_samples: int
+    num_shards: int
+    skipped: Counter[str]
+    clips_processed: int
+    shards_written: int
+    seconds: float
+    already_done: bool
+
+    def describe(self) -> str:
+        if self.already_done:
+            return (
+                f"nothing to do: {self.out_dir} is complete ({self.num_samples} samples in {self.num_shards} shards, "
+                f"{sum(self.skipped.values())} skipped); delete it to shard again"
+            )
+        skipped = ", ".join(f"{n} {reason}" for reason, n in sorted(self.skipped.items())) or "none"
+        rate = self.clips_processed / self.seconds if self.seconds > 0 else 0.0
+        return (
+            f"{self.out_dir}: {self.num_samples} samples in {self.num_shards} shards; skipped: {skipped} "
+            f"(see {FAILURES_NAME}); this run: {self.clips_processed} clips, {self.shards_written} shards "
+            f"in {self.seconds:.1f} s ({rate:.1f} clips/s)"
+        )
+
+
+def plan_shards(num_rows: int, shard_size: int, seed: int) -> list[np.ndarray]:
+    """Row indices of each shard: a seeded permutation cut into ceil(n / shard_size) near-equal parts."""
+    if shard_size < 1:
+        raise JobError(f"--shard-size must be at least 1, got {shard_size}")
+    order = np.random.default_rng(seed).permutation(num_rows)
+    return [part for part in np.array_split(order, math.ceil(num_rows / shard_size)) if part.size]
+
+
+@dataclass(frozen=True)
+class ClipTask:
+    """One clip for a worker: where to read it and what to store with it."""
+
+    row: ClipRow
+    path: str | None
+    missing: str | None
+    start_s: float
+    duration_s: float
+
+
+def _failure(task: ClipTask, reason: str, message: str) -> dict[str, str]:
+    return {
+        "key": task.row.key,
+        "source": task.row.source,
+        "file": Path(task.path).name if task.path else "",
+        "reason": reason,
+        "message": message,
+    }
+
+
+def process_clip(task: ClipTask, params: FeatureParams, require_audio: bool) -> tuple[list | None, Any]:
+    """Decode and featurize one clip: (tar members, LogmelStats) or (None, failure record). Never raises for
+    a bad clip: a batch job records it and goes on."""
+    if task.path is None:
+        return None, _failure(task, "missing_file", task.missing or "no file")
+    try:
+        clip = decode_clip(task.path, task.start_s, task.duration_s, params)
+    except DecodeError as err:
+        return None, _failure(task, err.reason, str(err))
+    streams = clip.streams
+    has_audio = streams.has_audio and clip.waveform.size > 0
+    if require_audio and not has_audio:
+        return None, _failure(task, "no_audio", "no audio stream (--require-audio)")
+    waveform = clip.waveform if has_audio else np.zeros(round(task.duration_s * params.sample_rate_hz), np.float32)
+    logmel = compute_logmel(waveform, params)
+    meta = {
+        "key": task.row.key,
+        "ytid": task.row.ytid,
+        "source": task.row.source,
+        "file": Path(task.path).name,
+        "segment_s": [task.row.start_s, task.row.end_s],
+        "decode_start_s": task.start_s,
+        "decode_duration_s": clip.duration_s,
+        "labels": list(task.row.labels),
+        "streams": streams.to_dict(),
+        "has_audio": has_audio,
+        "audio_decoded_s": clip.waveform.size / params.sample_rate_hz,
+        "frames_decoded": clip.frames_decoded,
+        "frames_repeated": params.num_frames - clip.frames_decoded,
+        "frame_times_s": [round(t, 6) for t in clip.frame_times_s],
+        "fbank_frames_computed": logmel.frames_computed,
+        "fbank_pad_frames": logmel.pad_frames,
+        "fbank_cut_frames": logmel.cut_frames,
+    }
+    sample = Sample(
+        key=task.row.key,
+        frames=clip.frames,
+        logmel=logmel.values,
+        labels=np.asarray(task.row.labels, dtype=np.int32),
+        meta=meta,
+    )
+    stats = logmel.stats() if has_audio else LogmelStats()
+    return encode_sample(sample, params), stats
+
+
+_WORKER_ARGS: tuple[FeatureParams, bool] | None = None
+
+
+def _init_worker(params: FeatureParams, require_audio: bool) -> None:
+    import torch
+
+    global _WORKER_ARGS
+    _WORKER_ARGS = (params, require_audio)
+    torch.set_num_threads(1)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # the parent handles Ctrl-C and stops the pool
+
+
+def _run_task(task: ClipTask) -> tuple[list | None, Any]:
+    assert _WORKER_ARGS is not None
+    return process_clip(task, *_WORKER_ARGS)
+
+
+def _shard_name(index: int) -> str:
+    return SHARD_PATTERN.format(index)
+
+
+def _record_path(out_dir: Path, index: int) -> Path:
+    return out_dir / STATE_DIR / (_shard_name(index).removesuffix(".tar") + ".json")
+
+
+def _load_record(out_dir: Path, index: int) -> dict[str, Any] | None:
+    path = _record_path(out_dir, index)
+    if not path.is_file():
+        return None
+    record = json.loads(path.read_text())
+    shard = record.get("shard")
+    if shard and (
+        not (out_dir / shard["name"]).is_file() or (out_dir / shard["name"]).stat().st_size != shard["bytes"]
+    ):
+        return None  # the shard itself went missing or changed: redo it
+    return record
+
+
+def _check_identity(out_dir: Path, identity: dict[str, Any]) -> None:
+    path = out_dir / STATE_DIR / JOB_FILE
+    if path.is_file():
+        previous = json.loads(path.read_text())
+        changed = sorted(k for k in set(previous) | set(identity) if previous.get(k) != identity.get(k))
+        if changed:
+            raise JobError(
+                f"{out_dir} holds shards made with other inputs or arguments (differs in: {', '.join(changed)}); "
+                "rerun with the original arguments to resume, or use another --out (or delete the folder)"
+            )
+    elif (out_dir / MANIFEST_NAME).exists() or any(out_dir.glob("shard-*.tar")):
+        raise JobError(f"{out_dir} holds shards of an unknown job; use another --out or delete the folder")
+    else:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        write_bytes_atomic(path, (json.dumps(identity, indent=1, sort_keys=True) + "\n").encode())
+
+
+def _tasks(spec: JobSpec, rows: np.ndarray, index: VideoIndex) -> Iterator[ClipTask]:
+    for i in rows:
+        row = spec.rows[int(i)]
+        try:
+            path, missing = str(index.find(row, spec.name_templates)), None
+        except (FileNotFoundError, DatasetError) as err:
+            path, missing = None, str(err)
+        segment_s = min(row.end_s - row.start_s, spec.params.segment_s)
+        start_s = row.start_s if spec.full_videos else 0.0
+        yield ClipTask(row=row, path=path, missing=missing, start_s=start_s, duration_s=segment_s)
+
+
+def _write_shard(out_dir: Path, index: int, results: list[tuple[list | None, Any]]) -> dict[str, Any]:
+    failures = [info for members, info in results if members is None]
+    stats = sum((info for members, info in results if members is not None), LogmelStats())
+    shard = None
+    if len(failures) < len(results):
+        with ShardWriter(out_dir / _shard_name(index)) as writer:
+            for members, _ in results:
+                if members is not None:
+                    writer.add(split_member_name(members[0][0])[0], members)
+            shard = asdict(writer.close())
+    record = {"index": index, "shard": shard, "logmel": stats.to_dict(), "failures": failures}
+    write_bytes_atomic(_record_path(out_dir, index), (json.dumps(record, sort_keys=True) + "\n").encode())
+    return record
+
+
+def _write_failures_csv(out_dir: Path, failures: list[dict[str, str]]) -> None:
+    buffer = io.StringIO()
+    writer = csv.DictWriter(buffer, fieldnames=FAILURE_FIELDS, lineterminator="\n")
+    writer.writeheader()
+    writer.writerows(failures)
+    write_bytes_atomic(out_dir / FAILURES_NAME, buffer.getvalue().encode())
+
+
+def _finish(spec: JobSpec, records: list[dict[str, Any]], identity: dict[str, Any]) -> Manifest:
+    failures = sorted((f for r in records for f in r["failures"]), key=lambda f: f["key"])
+    manifest = Manifest(
+        dataset=spec.dataset,
+        split=spec.split,
+        features=spec.params,
+        classes=spec.classes,
+        multi_label=spec.multi_label,
+        shards=[ShardInfo(**r["shard"]) for r in records if r["shard"]],
+        logmel=sum((LogmelStats.from_dict(r["logmel"]) for r in records), LogmelStats()),
+        failures=failures,
+        job=identity,
+    )
+    _write_failures_csv(spec.out_dir, failures)
+    manifest.write(spec.out_dir)
+    return manifest
+
+
+def _summary(
+    spec: JobSpec, records: list[dict[str, Any]], processed: int, written: int, t0: float, done: bool
+) -> JobSummary:
+    return JobSummary(
+        out_dir=spec.out_dir,
+        num_samples=sum(r["shard"]["num_samples"] for r in records if r["shard"]),
+        num_shards=sum(1 for r in records if r["shard"]),
+        skipped=Counter(f["reason"] for r in records for f in r["failures"]),
+        clips_processed=processed,
+        shards_written=written,
+        seconds=time.monotonic() - t0,
+        already_done=done,
+    )
+
+
+def run_job(spec: JobSpec) -> JobSummary:
+    """Shard `spec.rows` into `spec.out_dir`, resuming whatever an earlier run with the same spec left."""
+    t0 = time.monotonic()
+    if not spec.rows:
+        raise JobError(f"no rows to shard for {spec.dataset}/{spec.split}; check the CSV and --split/--limit")
+    spec.params.validate()
+    spec.out_dir.mkdir(parents=True, exist_ok=True)
+    identity = spec.identity()
+    _check_identity(spec.out_dir, identity)
+    plan = plan_shards(len(spec.rows), spec.shard_size, spec.seed)
+    records: list[dict[str, Any] | None] = [_load_record(spec.out_dir, k) for k in range(len(plan))]
+    pending = [k for k, record in enumerate(records) if record is None]
+    if not pending and (spec.out_dir / MANIFEST_NAME).is_file():
+        return _summary(spec, records, 0, 0, t0, done=True)  # type: ignore[arg-type]
+    remove_stale_tmp(spec.out_dir)
+    remove_stale_tmp(spec.out_dir / STATE_DIR)
+    processed = 0
+    if pending:
+        require_ffmpeg()
+        index = VideoIndex(spec.videos_dir)
+        tasks = (task for k in pending for task in _tasks(spec, plan[k], index))
+        workers = spec.workers or len(os.sched_getaffinity(0))
+        total = sum(plan[k].size for k in pending)
+        context = multiprocessing.get_context("fork")
+        with (
+            context.Pool(workers, initializer=_init_worker, initargs=(spec.params, spec.require_audio)) as pool,
+            tqdm(total=total, unit="clip", disable=not spec.progress, desc=f"{spec.dataset}/{spec.split}") as bar,
+        ):
+            results_iter = pool.imap(_run_task, tasks, chunksize=1)
+            for k in pending:
+                results = []
+                for _ in range(plan[k].size):
+                    results.append(next(results_iter))
+                    bar.update(1)
+                records[k] = _write_shard(spec.out_dir, k, results)
+                processed += len(results)
+    done_records: list[dict[str, Any]] = [r for r in records if r is not None]
+    _finish(spec, done_records, identity)
+    return _summary(spec, done_records, processed, len(pending), t0, done=False)

@@ -1,0 +1,142 @@
+"""Writes one WebDataset shard: a plain ustar tar of `{key}.{ext}` members plus its DALI index file.
+
+The tar is written member by member with deterministic headers (mtime 0, root owner, mode 0644), so the same
+samples always give the same bytes and sha256. The index is DALI's wds2idx format (`v1.2 N`, then per sample
+`ext data_offset size name` for each member), built from the offsets while writing: no second pass, no DALI.
+Both files are written under temporary names and renamed when complete.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import tarfile
+from collections.abc import Iterable, Iterator
+from pathlib import Path
+
+from preprocess.atomic import commit, tmp_path_for
+from preprocess.schema import INDEX_SUFFIX, WDS_INDEX_VERSION, SchemaError, ShardInfo, split_member_name
+
+BLOCK = tarfile.BLOCKSIZE
+_END_OF_ARCHIVE = b"\0" * (2 * BLOCK)
+
+
+def _header(name: str, size: int) -> bytes:
+    info = tarfile.TarInfo(name)
+    info.size = size
+    info.mtime = 0
+    info.mode = 0o644
+    info.uname = info.gname = ""
+    try:
+        return info.tobuf(format=tarfile.USTAR_FORMAT, encoding="ascii", errors="strict")
+    except (ValueError, UnicodeEncodeError) as err:
+        raise SchemaError(f"member name {name!r} does not fit a ustar header ({err})") from err
+
+
+def format_index(samples: Iterable[list[tuple[str, int, int, str]]]) -> str:
+    """wds2idx text for samples given as lists of (ext, data_offset, size, name)."""
+    rows = [" ".join(f"{ext} {offset} {size} {name}" for ext, offset, size, name in sample) for sample in samples]
+    return f"{WDS_INDEX_VERSION} {len(rows)}\n" + "".join(row + "\n" for row in rows)
+
+
+def index_from_tar(path: Path) -> str:
+    """wds2idx text computed by reading the tar at `path` (regular files only, grouped by consecutive key)."""
+    samples: list[list[tuple[str, int, int, str]]] = []
+    last_key = None
+    with tarfile.open(path, "r:") as tar:
+        for member in tar:
+            if not member.isreg():
+                continue
+            key, ext = split_member_name(member.name)
+            entry = (ext, member.offset_data, member.size, member.name)
+            if key != last_key:
+                samples.append([entry])
+                last_key = key
+            else:
+                samples[-1].append(entry)
+    return format_index(samples)
+
+
+class ShardWriter:
+    """Appends samples to `path` (written as `path.tmp` until `close()` renames it) and indexes them.
+
+    Use as a context manager; leaving the block on an exception removes the temporary file.
+    """
+
+    def __init__(self, path: Path) -> None:
+        self.path = Path(path)
+        self.index_path = self.path.with_suffix(INDEX_SUFFIX)
+        self._tmp = tmp_path_for(self.path)
+        self._file: io.BufferedWriter | None = open(self._tmp, "wb")  # noqa: SIM115 - closed in close()/abort()
+        self._sha = hashlib.sha256()
+        self._offset = 0
+        self._index: list[list[tuple[str, int, int, str]]] = []
+        self.keys: list[str] = []
+
+    def __enter__(self) -> ShardWriter:
+        return self
+
+    def __exit__(self, exc_type: object, exc: object, tb: object) -> None:
+        if exc_type is not None:
+            self.abort()
+
+    def _write(self, data: bytes) -> None:
+        assert self._file is not None, "shard already closed"
+        self._file.write(data)
+        self._sha.update(data)
+        self._offset += len(data)
+
+    def add(self, key: str, members: list[tuple[str, bytes]]) -> None:
+        """Append one sample; `members` are (name, payload) pairs whose names all start with `key.`."""
+        entries = []
+        for name, payload in members:
+            if split_member_name(name)[0] != key:
+                raise SchemaError(f"member {name!r} does not belong to sample {key!r}")
+            self._write(_header(name, len(payload)))
+            entries.append((split_member_name(name)[1], self._offset, len(payload), name))
+            self._write(payload)
+            self._write(b"\0" * (-len(payload) % BLOCK))
+        self._index.append(entries)
+        self.keys.append(key)
+
+    def close(self) -> ShardInfo:
+        """Finish the tar, write the index, rename both into place; returns what the manifest lists."""
+        self._write(_END_OF_ARCHIVE)
+        assert self._file is not None
+        self._file.close()
+        self._file = None
+        index_tmp = tmp_path_for(self.index_path)
+        index_tmp.write_text(format_index(self._index))
+        commit(index_tmp, self.index_path)
+        commit(self._tmp, self.path)
+        return ShardInfo(
+            name=self.path.name, num_samples=len(self.keys), bytes=self._offset, sha256=self._sha.hexdigest()
+        )
+
+    def abort(self) -> None:
+        """Drop the unfinished shard."""
+        if self._file is not None:
+            self._file.close()
+            self._file = None
+        self._tmp.unlink(missing_ok=True)
+
+
+def iter_tar_samples(path: Path) -> Iterator[tuple[str, dict[str, bytes]]]:
+    """(key, {ext: payload}) for each sample of the tar at `path`, in order; members of a key must be adjacent."""
+    key, members = None, {}
+    with tarfile.open(path, "r:") as tar:
+        for member in tar:
+            if not member.isreg():
+                continue
+            member_key, ext = split_member_name(member.name)
+            if member_key != key:
+                if key is not None:
+                    yield key, members
+                key, members = member_key, {}
+            if ext in members:
+                raise SchemaError(f"{path.name}: sample {member_key} has member {ext} twice")
+            handle = tar.extractfile(member)
+            assert handle is not None
+            members[ext] = handle.read()
+    if key is not None:
+        yield key, members

@@ -1,0 +1,43 @@
+"""Shard a VGGSound split: vggsound.csv + downloaded clips → WebDataset shards under shards/vggsound/<split>/."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from preprocess.cli import add_job_arguments, apply_limit, run_tool, spec_options
+from preprocess.datasets import VGGSOUND_NAME_TEMPLATES, read_class_list, read_vggsound
+from preprocess.job import JobSpec
+
+
+def build_spec(args: argparse.Namespace) -> JobSpec:
+    given = read_class_list(args.classes) if args.classes else None
+    classes, rows = read_vggsound(args.csv, args.split, given)
+    return JobSpec(
+        dataset="vggsound",
+        split=args.split,
+        rows=apply_limit(rows, args.limit),
+        classes=[{"index": i, "id": name, "name": name} for i, name in enumerate(classes)],
+        multi_label=False,
+        videos_dir=args.videos,
+        out_dir=args.out or Path("shards", "vggsound", args.split),
+        name_templates=args.name_template or VGGSOUND_NAME_TEMPLATES,
+        inputs={"csv": Path(args.csv).name, "classes": args.classes and Path(args.classes).name, "limit": args.limit},
+        **spec_options(args),
+    )
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--csv", type=Path, required=True, help="vggsound.csv (no header: YTID,start,label,split)")
+    parser.add_argument("--split", choices=["train", "test"], required=True, help="rows of this split")
+    parser.add_argument(
+        "--classes", type=Path, help="class list, one name per line (default: sorted labels of the CSV)"
+    )
+    add_job_arguments(parser)
+    return run_tool(build_spec, parser.parse_args(argv))
+
+
+if __name__ == "__main__":
+    sys.exit(main())
