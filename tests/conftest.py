@@ -1,0 +1,43 @@
+"""Shared fixtures: a small demo dataset made by ffmpeg once per test session, and the tools' entry points."""
+
+from __future__ import annotations
+
+import importlib.util
+import sys
+from pathlib import Path
+from types import ModuleType
+
+import pytest
+
+from preprocess.demo_data import DemoDataset, make_demo_dataset
+
+REPO = Path(__file__).resolve().parents[1]
+DEMO_SECONDS = 2.0
+
+
+def load_tool(name: str) -> ModuleType:
+    """tools/<name>.py as a module, so that tests call its main() in-process."""
+    spec = importlib.util.spec_from_file_location(f"tool_{name}", REPO / "tools" / f"{name}.py")
+    assert spec and spec.loader
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def tool_command(name: str, *args: str) -> list[str]:
+    """The command line that runs tools/<name>.py with this interpreter."""
+    return [sys.executable, str(REPO / "tools" / f"{name}.py"), *args]
+
+
+@pytest.fixture(scope="session")
+def demo(tmp_path_factory: pytest.TempPathFactory) -> DemoDataset:
+    """12 clips of 2 s (9 train, 3 eval) in AudioSet layout."""
+    return make_demo_dataset(tmp_path_factory.mktemp("demo"), clips=12, seconds=DEMO_SECONDS, workers=2)
+
+
+def audioset_args(demo: DemoDataset, out: Path, *extra: str) -> list[str]:
+    """shard_audioset.py arguments for the demo's train split into `out`."""
+    return [
+        "--segments", str(demo.train_csv), "--labels", str(demo.class_labels_csv), "--videos", str(demo.videos_dir),
+        "--out", str(out), "--segment-seconds", str(DEMO_SECONDS), "--quiet", *extra,
+    ]  # fmt: skip
