@@ -94,9 +94,7 @@ def read_audioset_classes(path: str | os.PathLike) -> list[tuple[str, str]]:
     rows = _csv_rows(path)
     header_source, header = next(rows, (os.fspath(path), None))
     if header != ["index", "mid", "display_name"]:
-        raise DatasetError(
-            f"{header_source}: expected the header 'index,mid,display_name' of class_labels_indices.csv"
-        )
+        raise DatasetError(f"{header_source}: expected the header 'index,mid,display_name' of class_labels_indices.csv")
     classes: list[tuple[str, str]] = []
     first_line_of_mid: dict[str, str] = {}
     for source, fields in rows:
@@ -144,8 +142,7 @@ def read_audioset_segments(
     for source, fields in _csv_rows(path, skip_comments=True):
         if len(fields) != 4:
             raise DatasetError(
-                f"{source}: expected 4 columns YTID, start_seconds, end_seconds, positive_labels, "
-                f"got {len(fields)}"
+                f"{source}: expected 4 columns YTID, start_seconds, end_seconds, positive_labels, got {len(fields)}"
             )
         ytid, start_text, end_text, mids_text = fields
         _check_ytid(ytid, source)
@@ -206,9 +203,7 @@ def read_vggsound(
     parsed: list[tuple[str, str, int, str, str]] = []
     for source, fields in _csv_rows(path):
         if len(fields) != 4:
-            raise DatasetError(
-                f"{source}: expected 4 columns YTID,start_seconds,label,split, got {len(fields)}"
-            )
+            raise DatasetError(f"{source}: expected 4 columns YTID,start_seconds,label,split, got {len(fields)}")
         ytid, start_text, label, row_split = fields
         _check_ytid(ytid, source)
         if not _WHOLE_SECONDS_RE.fullmatch(start_text):
@@ -232,9 +227,7 @@ def read_vggsound(
         if key in source_of_key:
             raise DatasetError(f"{source}: clip {key} already listed at {source_of_key[key]}")
         source_of_key[key] = source
-        rows.append(
-            ClipRow(key, ytid, float(start_s), start_s + VGGSOUND_SEGMENT_S, (class_of_name[label],), source)
-        )
+        rows.append(ClipRow(key, ytid, float(start_s), start_s + VGGSOUND_SEGMENT_S, (class_of_name[label],), source))
     return class_names, rows
 
 

@@ -190,8 +190,13 @@ def _write_if_changed(path: Path, text: str) -> None:
         write_bytes_atomic(path, data)
 
 
-def _ffmpeg_command(ffmpeg: str, clip: DemoClip, seconds: float, size: tuple[int, int], out: Path) -> list[str]:
-    """The one ffmpeg command (argument list) that renders ``clip`` as mp4 into the absolute path ``out``."""
+def _ffmpeg_command(
+    ffmpeg: str, clip: DemoClip, seconds: float, size: tuple[int, int], out: Path, grain: int = 0
+) -> list[str]:
+    """The one ffmpeg command (argument list) that renders ``clip`` as mp4 into the absolute path ``out``.
+
+    ``grain`` > 0 adds temporal noise of that strength, so that bitrate and decode cost resemble real footage.
+    """
     width, height = size
     box_px = max(2, height // 4 // 2 * 2)
     sr = clip.sample_rate_hz
@@ -202,6 +207,8 @@ def _ffmpeg_command(ffmpeg: str, clip: DemoClip, seconds: float, size: tuple[int
             f"[bg];color=c=white:s={box_px}x{box_px}:r={FPS}:d={duration}[box];"
             f"[bg][box]overlay=x='mod(t/{BOX_SWEEP_S},1)*(W+w)-w':y='(H-h)/2':eval=frame"
         )
+    if grain:
+        video += f",noise=alls={grain}:allf=t"
     gate = f"*lt(mod(t,{BEEP_PERIOD_S}),{BEEP_PERIOD_S / 2})" if clip.beeping else ""
     # 10 ms audio frames so that the per-frame volume gate switches on time.
     audio = (
@@ -225,7 +232,9 @@ def _ffmpeg_command(ffmpeg: str, clip: DemoClip, seconds: float, size: tuple[int
     ]  # fmt: skip
 
 
-def _render_clip(ffmpeg: str, clip: DemoClip, seconds: float, size: tuple[int, int], videos: Path) -> bool:
+def _render_clip(
+    ffmpeg: str, clip: DemoClip, seconds: float, size: tuple[int, int], videos: Path, grain: int = 0
+) -> bool:
     """Render ``videos/{ytid}.mp4`` unless it exists; returns whether it was rendered.
 
     The file only ever appears complete: ffmpeg writes it under a temporary name, which is then renamed.
@@ -234,7 +243,7 @@ def _render_clip(ffmpeg: str, clip: DemoClip, seconds: float, size: tuple[int, i
     if final.is_file():
         return False
     tmp = tmp_path_for(final)
-    result = subprocess.run(_ffmpeg_command(ffmpeg, clip, seconds, size, tmp), capture_output=True, text=True)
+    result = subprocess.run(_ffmpeg_command(ffmpeg, clip, seconds, size, tmp, grain), capture_output=True, text=True)
     if result.returncode != 0:
         tmp.unlink(missing_ok=True)
         raise RuntimeError(f"ffmpeg failed on clip {clip.ytid}: {result.stderr.strip()}")
@@ -250,6 +259,7 @@ def make_demo_dataset(
     seed: int = 0,
     size: tuple[int, int] = (160, 120),
     workers: int | None = None,
+    grain: int = 0,
 ) -> DemoDataset:
     """Generate (or complete) the demo dataset under ``out`` and return its paths.
 
@@ -257,6 +267,7 @@ def make_demo_dataset(
     CSVs that already exist with the right content are left untouched, so a rerun after an interruption only
     renders what is missing. Videos are keyed by YTID alone: use a fresh ``out`` when changing ``seconds`` or
     ``size``.
+    ``grain`` > 0 adds film grain (the benchmark's realistic clips).
     ``workers`` ffmpeg processes run at once (default: all cores). Raises FFmpegNotFoundError without ffmpeg,
     ValueError on bad arguments, RuntimeError when ffmpeg fails.
     """
@@ -278,7 +289,7 @@ def make_demo_dataset(
     remove_stale_tmp(videos)  # left by a killed run; their names would match the `{ytid}.*` video lookup
     # ffmpeg does the work in its own process; threads only wait on it.
     with ThreadPoolExecutor(max_workers=workers or os.cpu_count()) as pool:
-        rendered = list(pool.map(lambda clip: _render_clip(ffmpeg, clip, seconds, size, videos), drawn))
+        rendered = list(pool.map(lambda clip: _render_clip(ffmpeg, clip, seconds, size, videos, grain), drawn))
 
     dataset = DemoDataset(
         class_labels_csv=out / CLASS_LABELS_CSV,

@@ -223,20 +223,24 @@ def _shard_name(index: int) -> str:
     return SHARD_PATTERN.format(index)
 
 
-def _record_path(out_dir: Path, index: int) -> Path:
+def record_path(out_dir: Path, index: int) -> Path:
+    """`_state/shard-NNNNNN.json`: written last, its presence is what marks shard `index` done."""
     return out_dir / STATE_DIR / (_shard_name(index).removesuffix(".tar") + ".json")
 
 
 def _load_record(out_dir: Path, index: int) -> dict[str, Any] | None:
-    path = _record_path(out_dir, index)
-    if not path.is_file():
+    """The record of a finished shard, or None when the shard must be (re)done: no record, an unreadable one,
+    or a shard/index file gone or of another size than recorded (a full re-hash is verify_shards' job)."""
+    path = record_path(out_dir, index)
+    try:
+        record = json.loads(path.read_text())
+        shard = record["shard"]
+    except (FileNotFoundError, json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError):
         return None
-    record = json.loads(path.read_text())
-    shard = record.get("shard")
-    if shard and (
-        not (out_dir / shard["name"]).is_file() or (out_dir / shard["name"]).stat().st_size != shard["bytes"]
-    ):
-        return None  # the shard itself went missing or changed: redo it
+    if shard:
+        tar = out_dir / shard["name"]
+        if not tar.is_file() or tar.stat().st_size != shard["bytes"] or not tar.with_suffix(".idx").is_file():
+            return None
     return record
 
 
@@ -280,7 +284,7 @@ def _write_shard(out_dir: Path, index: int, results: list[tuple[list | None, Any
                     writer.add(split_member_name(members[0][0])[0], members)
             shard = asdict(writer.close())
     record = {"index": index, "shard": shard, "logmel": stats.to_dict(), "failures": failures}
-    write_bytes_atomic(_record_path(out_dir, index), (json.dumps(record, sort_keys=True) + "\n").encode())
+    write_bytes_atomic(record_path(out_dir, index), (json.dumps(record, sort_keys=True) + "\n").encode())
     return record
 
 

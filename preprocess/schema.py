@@ -285,6 +285,8 @@ def load_manifest(folder: str | Path) -> Manifest:
         data = json.loads(path.read_text())
     except (UnicodeDecodeError, json.JSONDecodeError) as err:
         raise SchemaError(f"{path}: not valid JSON ({err}); re-run the shard job to rewrite it") from err
+    if not isinstance(data, dict):
+        raise SchemaError(f"{path}: not a manifest (a JSON {type(data).__name__}); re-run the shard job to rewrite it")
     version = data.get("schema_version")
     if version != SCHEMA_VERSION:
         raise SchemaError(
@@ -303,5 +305,5 @@ def load_manifest(folder: str | Path) -> Manifest:
             failures=list(data["failures"]),
             job=dict(data["job"]),
         )
-    except (KeyError, TypeError) as err:
-        raise SchemaError(f"{path}: missing or malformed field {err}; re-run the shard job to rewrite it") from err
+    except (KeyError, TypeError, ValueError, AttributeError) as err:
+        raise SchemaError(f"{path}: missing or malformed field ({err!r}); re-run the shard job to rewrite it") from err

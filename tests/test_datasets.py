@@ -54,9 +54,7 @@ def write(path: Path, text: str) -> Path:
 
 @pytest.fixture
 def class_mids(tmp_path: Path) -> list[str]:
-    return [
-        mid for mid, _ in read_audioset_classes(write(tmp_path / "class_labels_indices.csv", CLASSES_CSV))
-    ]
+    return [mid for mid, _ in read_audioset_classes(write(tmp_path / "class_labels_indices.csv", CLASSES_CSV))]
 
 
 def test_audioset_classes_keep_quoted_names_with_commas(tmp_path: Path) -> None:
@@ -135,9 +133,7 @@ def test_audioset_row_left_without_labels_is_kept(tmp_path: Path, class_mids: li
         ('-abc, 0.000, 10.000, "/m/09x0r\n', "malformed CSV"),
     ],
 )
-def test_audioset_malformed_row_names_line(
-    tmp_path: Path, class_mids: list[str], row: str, message: str
-) -> None:
+def test_audioset_malformed_row_names_line(tmp_path: Path, class_mids: list[str], row: str, message: str) -> None:
     path = write(tmp_path / "eval_segments.csv", SEGMENTS_HEADER + row)
     with pytest.raises(DatasetError, match=message) as error:
         read_audioset_segments(path, class_mids)
@@ -312,9 +308,7 @@ def test_glob_characters_in_id_match_literally(tmp_path: Path) -> None:
 
 def test_first_matching_template_decides(tmp_path: Path) -> None:
     folder = make_folder(tmp_path, ["abc.mkv", "abc_30.mp4"])
-    assert (
-        VideoIndex(folder).find(audioset_row(), ["{ytid}_{start_s}.*", "{ytid}.*"]) == folder / "abc_30.mp4"
-    )
+    assert VideoIndex(folder).find(audioset_row(), ["{ytid}_{start_s}.*", "{ytid}.*"]) == folder / "abc_30.mp4"
 
 
 def test_ambiguous_match_names_files_and_flag(tmp_path: Path) -> None:

@@ -1,0 +1,114 @@
+"""Benchmark the shard job against bare ffmpeg decoding of the same clips, in one run.
+
+Measures, on the same clips and the same number of processes:
+  bare    ffmpeg decoding alone: the job's own decode command (same frames, scale and audio resampling) with
+          its outputs sent to ffmpeg's null muxer: the floor for any job that decodes with ffmpeg;
+  job     the whole shard job (decode, JPEG, log-mel, tar + index, manifest) with --workers W;
+  job_1w  the shard job with one worker, for the parallel speed-up.
+Each is run --repeats times and the fastest run counts. Goals: job_vs_ffmpeg <= 1.2, speedup_2w >= 1.8.
+The last line is name=value pairs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+from preprocess.datasets import AUDIOSET_NAME_TEMPLATES, VideoIndex, read_audioset_classes, read_audioset_segments
+from preprocess.decode import decode_command, require_ffmpeg
+from preprocess.demo_data import make_demo_dataset
+from preprocess.job import JobSpec, run_job
+from preprocess.schema import FeatureParams
+
+
+def bare_decode_seconds(paths: list[Path], segment_s: float, params: FeatureParams, workers: int) -> float:
+    """Wall time of decoding every clip with ffmpeg (outputs discarded), `workers` ffmpeg processes at once."""
+
+    def decode(path: Path) -> None:
+        subprocess.run(decode_command(path, 0.0, segment_s, params, "", null_outputs=True), capture_output=True)
+
+    start = time.perf_counter()
+    with ThreadPoolExecutor(workers) as pool:  # each thread only waits on its ffmpeg process
+        list(pool.map(decode, paths))
+    return time.perf_counter() - start
+
+
+def job_seconds(spec_kwargs: dict, workers: int, scratch: Path) -> float:
+    """Wall time of the whole shard job into a fresh folder."""
+    out = Path(tempfile.mkdtemp(dir=scratch))
+    start = time.perf_counter()
+    run_job(JobSpec(out_dir=out, workers=workers, progress=False, **spec_kwargs))
+    seconds = time.perf_counter() - start
+    shutil.rmtree(out)
+    return seconds
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument(
+        "--data",
+        type=Path,
+        default=Path(tempfile.gettempdir(), "mbt-bench-clips"),
+        help="where the generated clips are kept between runs (default %(default)s)",
+    )
+    parser.add_argument("--segments", type=Path, help="bench your own clips: an AudioSet segment CSV ...")
+    parser.add_argument("--labels", type=Path, help="... its class_labels_indices.csv ...")
+    parser.add_argument("--videos", type=Path, help="... and the folder of videos")
+    parser.add_argument("--clips", type=int, default=24, help="generated clips (default %(default)s)")
+    parser.add_argument("--seconds", type=float, default=10.0, help="length of generated clips (default %(default)s)")
+    parser.add_argument("--size", default="480x360", help="size of generated clips (default %(default)s)")
+    parser.add_argument("--grain", type=int, default=10, help="film grain of generated clips (default %(default)s)")
+    parser.add_argument("--workers", type=int, default=len(os.sched_getaffinity(0)), help="default: all cores")
+    parser.add_argument("--repeats", type=int, default=2, help="runs of each measurement; the fastest counts")
+    args = parser.parse_args(argv)
+    require_ffmpeg()
+
+    if args.videos:
+        labels, videos, segment_files = args.labels, args.videos, [args.segments]
+    else:
+        width, height = (int(x) for x in args.size.split("x"))
+        demo = make_demo_dataset(args.data, clips=args.clips, seconds=args.seconds, size=(width, height),
+                                 grain=args.grain)  # fmt: skip
+        labels, videos, segment_files = demo.class_labels_csv, demo.videos_dir, [demo.train_csv, demo.eval_csv]
+    classes = read_audioset_classes(labels)
+    rows = [row for path in segment_files for row in read_audioset_segments(path, [mid for mid, _ in classes])]
+    params = FeatureParams(segment_s=min(args.seconds, 10.0) if not args.videos else 10.0)
+    index = VideoIndex(videos)
+    paths = [index.find(row, AUDIOSET_NAME_TEMPLATES) for row in rows]
+    spec = {
+        "dataset": "bench", "split": "train", "rows": rows, "multi_label": True, "videos_dir": videos,
+        "classes": [{"index": i, "id": mid, "name": name} for i, (mid, name) in enumerate(classes)],
+        "name_templates": AUDIOSET_NAME_TEMPLATES, "params": params,
+    }  # fmt: skip
+    scratch = Path(tempfile.mkdtemp(prefix="mbt-bench-"))
+    try:
+        bare_decode_seconds(paths[:2], params.segment_s, params, args.workers)  # warm the page cache
+        bare, job, job_1w = [], [], []
+        for _ in range(args.repeats):  # interleaved, so that drift in the machine's speed hits all alike
+            bare.append(bare_decode_seconds(paths, params.segment_s, params, args.workers))
+            job.append(job_seconds(spec, args.workers, scratch))
+            job_1w.append(job_seconds(spec, 1, scratch))
+    finally:
+        shutil.rmtree(scratch)
+    n, cores = len(rows), len(os.sched_getaffinity(0))
+    bare_s, job_s, job_1w_s = min(bare), min(job), min(job_1w)
+    print(f"clips={n} segment_s={params.segment_s} workers={args.workers} cores={cores} repeats={args.repeats}")
+    print(f"bare ffmpeg decode, {args.workers} processes: {bare_s:7.2f} s  {n / bare_s:6.2f} clips/s")
+    print(f"shard job, {args.workers} workers:           {job_s:7.2f} s  {n / job_s:6.2f} clips/s")
+    print(f"shard job, 1 worker:             {job_1w_s:7.2f} s  {n / job_1w_s:6.2f} clips/s")
+    print(
+        f"job_vs_ffmpeg={job_s / bare_s:.3f} speedup_2w={job_1w_s / job_s:.3f} clips_per_s={n / job_s:.2f} "
+        f"clips_per_s_per_core={n / job_s / min(args.workers, cores):.2f} bare_clips_per_s={n / bare_s:.2f}"
+    )
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
