@@ -77,7 +77,7 @@ class FeatureParams:
 
     num_frames: int = 8
     short_side_px: int = 256
-    jpeg_qscale: int = 2
+    jpeg_qscale: int = 2  # ffmpeg mjpeg; measured to match libjpeg quality 90 in size and PSNR
     sample_rate_hz: int = 16000
     num_mel_bins: int = 128
     frame_length_ms: float = 25.0

@@ -173,7 +173,7 @@ def test_vggsound_split_end_to_end(demo, tmp_path):
         assert len(sample.labels) == 1 and key.endswith(f"_{int(key.rsplit('_', 1)[1]):06d}")
 
 
-@pytest.mark.parametrize("tool", ["shard_audioset", "shard_vggsound", "make_demo_data"])
+@pytest.mark.parametrize("tool", ["shard_audioset", "shard_vggsound", "make_demo_data", "bench_preprocess"])
 def test_tools_have_help_and_usage_errors(tool):
     help_run = subprocess.run(tool_command(tool, "--help"), capture_output=True, text=True)
     assert help_run.returncode == 0 and "usage:" in help_run.stdout

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import shutil
 import subprocess
@@ -10,11 +9,11 @@ import sys
 import tarfile
 from collections.abc import Callable
 from pathlib import Path
-from types import ModuleType
 
 import numpy as np
 import pytest
 import torch
+from conftest import load_tool
 from torchvision.io import encode_jpeg
 
 from preprocess import verify
@@ -39,14 +38,6 @@ BLOCK = tarfile.BLOCKSIZE
 Samples = list[tuple[str, dict[str, bytes]]]
 
 
-def _load_tool(name: str) -> ModuleType:
-    spec = importlib.util.spec_from_file_location(name, REPO / "tools" / f"{name}.py")
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
 @pytest.fixture(scope="module")
 def clean(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A sound split: 6 training clips of the demo dataset in two shards of 3."""
@@ -54,7 +45,7 @@ def clean(tmp_path_factory: pytest.TempPathFactory) -> Path:
     out = tmp_path_factory.mktemp("shards") / "train"
     argv = ["--segments", str(demo.train_csv), "--labels", str(demo.class_labels_csv)]
     argv += ["--videos", str(demo.videos_dir), "--out", str(out), "--segment-seconds", "2", "--shard-size", "3"]
-    assert _load_tool("shard_audioset").main([*argv, "--quiet"]) == 0
+    assert load_tool("shard_audioset").main([*argv, "--quiet"]) == 0
     return out
 
 
@@ -317,7 +308,7 @@ def test_cli(clean: Path, split: Path) -> None:
 
 
 def test_cli_usage(capsys: pytest.CaptureFixture[str]) -> None:
-    main = _load_tool("verify_shards").main
+    main = load_tool("verify_shards").main
     with pytest.raises(SystemExit) as exit_info:
         main(["--help"])
     assert exit_info.value.code == 0
