@@ -41,3 +41,24 @@ def audioset_args(demo: DemoDataset, out: Path, *extra: str) -> list[str]:
         "--segments", str(demo.train_csv), "--labels", str(demo.class_labels_csv), "--videos", str(demo.videos_dir),
         "--out", str(out), "--segment-seconds", str(DEMO_SECONDS), "--quiet", *extra,
     ]  # fmt: skip
+
+
+def shard_demo_split(demo: DemoDataset, out: Path, split: str = "train", shard_size: int = 2) -> Path:
+    """Shard the demo's `split` ('train': 9 clips, 'eval': 3) into `out` with `shard_size` samples per shard."""
+    csv = demo.train_csv if split == "train" else demo.eval_csv
+    args = audioset_args(demo, out, "--shard-size", str(shard_size))
+    args[1] = str(csv)
+    assert load_tool("shard_audioset").main(args) == 0
+    return out
+
+
+@pytest.fixture(scope="session")
+def train_shards(demo: DemoDataset, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The demo's 9 training clips in 5 uneven shards (2, 2, 2, 2, 1)."""
+    return shard_demo_split(demo, tmp_path_factory.mktemp("shards") / "train", "train", shard_size=2)
+
+
+@pytest.fixture(scope="session")
+def eval_shards(demo: DemoDataset, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The demo's 3 evaluation clips in 2 shards (2, 1)."""
+    return shard_demo_split(demo, tmp_path_factory.mktemp("shards") / "eval", "eval", shard_size=2)
