@@ -31,18 +31,18 @@ def resolve_loader(loader: str) -> str:
 def build_loader(folder: str | Path, train: bool, batch_size: int, loader: str = "auto", **kwargs: Any) -> Any:
     """The loader of `folder` (a split of shards) for this rank: a TorchLoader or a DaliLoader, same interface.
 
-    `kwargs` go to the loader (num_workers, rank, world_size, seed, augment, skip_bad_samples, ...); DALI takes
-    `device` ('gpu' when CUDA is available, else 'cpu') and ignores `num_workers` (it uses `num_threads`).
+    `kwargs` go to the loader (num_workers, rank, world_size, seed, augment, skip_bad_samples, device, ...);
+    DALI's `device` is 'gpu' (default when CUDA is available) or 'cpu', and it takes `num_threads`.
     """
     kind = resolve_loader(loader)
     if kind == "dali":
         from pipelines.dali_loader import DaliLoader
 
         kwargs.setdefault("device", "gpu" if torch.cuda.is_available() else "cpu")
-        kwargs.pop("pin_memory", None)
         return DaliLoader(folder, train=train, batch_size=batch_size, **kwargs)
     from pipelines.torch_loader import TorchLoader
 
-    kwargs.pop("device", None)
     kwargs.pop("num_threads", None)
+    if kwargs.get("device") == "gpu":  # DALI's name for it
+        kwargs["device"] = "cuda"
     return TorchLoader(folder, train=train, batch_size=batch_size, **kwargs)

@@ -10,6 +10,7 @@ the epoch), so a batch is the same whether it was built before or after a resume
 
 from __future__ import annotations
 
+import ctypes
 import logging
 import os
 from collections.abc import Iterator
@@ -18,8 +19,7 @@ from typing import Any
 
 import numpy as np
 import torch
-import torchvision.transforms.v2.functional as TF
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, Dataset, get_worker_info
 from torchvision.io import ImageReadMode, decode_jpeg
 
 from pipelines.config import VIDEO_MEAN, VIDEO_STD, AugmentConfig, centre_crop_box, eval_resize_shape, eval_windows
@@ -35,6 +35,22 @@ from pipelines.split import (
 from preprocess.schema import LABELS_DTYPE, LABELS_EXT, LOGMEL_DTYPE, LOGMEL_EXT, Manifest, frame_ext
 
 log = logging.getLogger(__name__)
+
+
+def keep_freed_memory() -> None:
+    """Let glibc keep freed memory for reuse instead of returning it to the system at once.
+
+    A batch is tens of MB; with glibc's defaults each one is a fresh mmap whose zero-filled pages fault in on
+    first touch, which measured 2.4x slower normalization (25.8 ms vs 10.7 ms per batch of 8 clips). The cost:
+    the process keeps its peak heap. No-op where glibc's mallopt is not available.
+    """
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+    except OSError:
+        return
+    m_trim_threshold, m_mmap_threshold = -1, -3
+    libc.mallopt(m_mmap_threshold, 2**30)
+    libc.mallopt(m_trim_threshold, 2**31 - 1)
 
 
 def dist_rank_world(rank: int | None = None, world_size: int | None = None) -> tuple[int, int]:
@@ -73,18 +89,25 @@ class SampleReader:
 
 
 def decode_frames(jpegs: list[bytes]) -> torch.Tensor:
-    """uint8 (F, 3, H, W) from F JPEG payloads."""
-    tensors = [torch.frombuffer(bytearray(data), dtype=torch.uint8) for data in jpegs]
-    return torch.stack(decode_jpeg(tensors, mode=ImageReadMode.RGB))
+    """uint8 (F, 3, H, W) in channels-last memory (one copy, and the layout the uint8 resize is fast on)."""
+    decoded = [
+        decode_jpeg(torch.frombuffer(bytearray(data), dtype=torch.uint8), mode=ImageReadMode.RGB) for data in jpegs
+    ]
+    return torch.stack([image.permute(1, 2, 0) for image in decoded]).permute(0, 3, 1, 2)
 
 
-_MEAN = torch.tensor(VIDEO_MEAN).view(1, 3, 1, 1) * 255
-_STD = torch.tensor(VIDEO_STD).view(1, 3, 1, 1) * 255
+_MEAN = torch.tensor(VIDEO_MEAN) * 255
+_INV_STD = 1 / (torch.tensor(VIDEO_STD) * 255)
 
 
-def normalize_video(frames: torch.Tensor) -> torch.Tensor:
-    """float32 (..., 3, H, W): uint8 RGB scaled to [0, 1], minus VIDEO_MEAN, over VIDEO_STD."""
-    return (frames.float() - _MEAN) / _STD
+def normalize_video(frames_hwc: torch.Tensor) -> torch.Tensor:
+    """float32 (..., 3, H, W) from uint8 (..., H, W, 3) RGB: scaled to [0, 1], minus VIDEO_MEAN, over VIDEO_STD.
+
+    Done once per batch by the consumer (on its device), so that workers pass uint8, 4x less to move; on the
+    contiguous channels-last buffer, which is 5x faster than on the (..., 3, H, W) view.
+    """
+    video = frames_hwc.float().sub_(_MEAN.to(frames_hwc.device)).mul_(_INV_STD.to(frames_hwc.device))
+    return video.movedim(-1, -3)
 
 
 def random_resized_crop_box(height: int, width: int, aug: AugmentConfig, rng: np.random.Generator) -> tuple[int, ...]:
@@ -105,21 +128,20 @@ def random_resized_crop_box(height: int, width: int, aug: AugmentConfig, rng: np
 
 
 def train_video(frames: torch.Tensor, aug: AugmentConfig, rng: np.random.Generator) -> torch.Tensor:
-    """float32 (F, 3, crop, crop): one random resized crop and one flip decision for all frames of the clip."""
+    """uint8 (F, 3, crop, crop): one random resized crop (bilinear, antialiased) and one flip for all frames."""
     top, left, h, w = random_resized_crop_box(frames.shape[-2], frames.shape[-1], aug, rng)
-    out = TF.resized_crop(frames, top, left, h, w, [aug.crop_px, aug.crop_px], antialias=True)
-    if rng.random() < aug.flip_prob:
-        out = out.flip(-1)
-    return normalize_video(out)
+    region = frames[..., top : top + h, left : left + w]
+    out = torch.nn.functional.interpolate(region, size=(aug.crop_px, aug.crop_px), mode="bilinear", antialias=True)
+    return out.flip(-1) if rng.random() < aug.flip_prob else out
 
 
 def eval_video(frames: torch.Tensor, aug: AugmentConfig) -> torch.Tensor:
-    """float32 (F, 3, crop, crop): short side resized to eval_short_side_px (if it is not already), centre crop."""
+    """uint8 (F, 3, crop, crop): short side resized to eval_short_side_px (if it is not already), centre crop."""
     height, width = eval_resize_shape(frames.shape[-2], frames.shape[-1], aug.eval_short_side_px)
     if (height, width) != tuple(frames.shape[-2:]):
-        frames = TF.resize(frames, [height, width], antialias=True)
+        frames = torch.nn.functional.interpolate(frames, size=(height, width), mode="bilinear", antialias=True)
     top, left = centre_crop_box(height, width, aug.crop_px)
-    return normalize_video(frames[..., top : top + aug.crop_px, left : left + aug.crop_px])
+    return frames[..., top : top + aug.crop_px, left : left + aug.crop_px]
 
 
 def audio_window(logmel: np.ndarray, start: int, frames: int) -> np.ndarray:
@@ -222,14 +244,14 @@ class BatchDataset(Dataset):
         needed = sorted({int(i) for ids, _ in windows for i in ids})
         raw = self.reader.read(ref, [frame_ext(i) for i in needed] + [LOGMEL_EXT, LABELS_EXT])
         try:
-            decoded = dict(zip(needed, decode_frames([raw[frame_ext(i)] for i in needed]), strict=True))
+            decoded = decode_frames([raw[frame_ext(i)] for i in needed])
         except RuntimeError as err:
             raise LoaderError(f"{self.index.shard_paths[ref.shard].name}: sample {ref.key}: bad JPEG ({err})") from err
         logmel = self._logmel(raw[LOGMEL_EXT], ref)
         labels = self._labels(raw[LABELS_EXT])
         videos, audios = [], []
         for ids, audio_start in windows:
-            frames = torch.stack([decoded[int(i)] for i in ids])
+            frames = decoded if len(ids) == len(needed) else decoded[np.searchsorted(needed, ids)]
             audio = torch.from_numpy((audio_window(logmel, audio_start, aug.audio_frames) - self.mean) / self.std)[None]
             if self.train:
                 videos.append(train_video(frames, aug, rng))
@@ -237,12 +259,13 @@ class BatchDataset(Dataset):
             else:
                 videos.append(eval_video(frames, aug))
                 audios.append(audio)
+        rows = len(windows)
         return {
-            "video": torch.stack(videos),
+            "video": videos,
             "audio": torch.stack(audios),
-            "labels": torch.stack([labels] * len(windows)),
-            "key": [ref.key] * len(windows),
-            "clip_index": torch.arange(len(windows), dtype=torch.int64)
+            "labels": torch.stack([labels] * rows),
+            "key": [ref.key] * rows,
+            "clip_index": torch.arange(rows, dtype=torch.int64)
             if not self.train
             else torch.zeros(1, dtype=torch.int64),
         }
@@ -250,7 +273,11 @@ class BatchDataset(Dataset):
     def _time_frames(self) -> int:
         return self.index.manifest.features.fbank_frames
 
-    def __getitem__(self, batch: int) -> dict[str, Any]:
+    def __getitem__(self, item: tuple[int, int]) -> dict[str, Any]:
+        """Batch `batch` of epoch `epoch`, for item (epoch, batch): persistent workers follow the epochs."""
+        epoch, batch = item
+        if epoch != self.epoch:
+            self.set_epoch(epoch)
         positions = range(batch * self.batch_size, min((batch + 1) * self.batch_size, len(self.order)))
         rows, skipped = [], []
         for position in positions:
@@ -272,11 +299,22 @@ class BatchDataset(Dataset):
 
 
 def collate(rows: list[dict[str, Any]], skipped: list[str]) -> dict[str, Any]:
-    """One batch from per-sample rows; `skipped` carries the errors of samples left out."""
+    """One batch from per-sample rows; `skipped` carries the errors of samples left out.
+
+    The uint8 video is one (R, F, H, W, 3) buffer (the loader normalizes it into the contract's (R, F, 3, H, W)
+    float): the frames come out of the resize channels-last, so each copy into it is a plain memcpy.
+    """
     if not rows:
         return {"video": None, "audio": None, "labels": None, "key": [], "clip_index": None, "skipped": skipped}
+    clips = [clip for r in rows for clip in r["video"]]
+    frames, _, height, width = clips[0].shape
+    video = torch.empty((len(clips), frames, height, width, 3), dtype=torch.uint8)
+    if get_worker_info() is not None:  # built in shared memory: the DataLoader hands it over without a copy
+        video.share_memory_()
+    for i, clip in enumerate(clips):
+        video[i].copy_(clip.permute(0, 2, 3, 1))
     return {
-        "video": torch.cat([r["video"] for r in rows]),
+        "video": video,
         "audio": torch.cat([r["audio"] for r in rows]),
         "labels": torch.cat([r["labels"] for r in rows]),
         "key": [k for r in rows for k in r["key"]],
@@ -285,11 +323,18 @@ def collate(rows: list[dict[str, Any]], skipped: list[str]) -> dict[str, Any]:
     }
 
 
+def _init_worker(worker_id: int) -> None:
+    del worker_id
+    keep_freed_memory()
+
+
 class TorchLoader:
     """Batches of one split for this rank: `for batch in loader` runs the rest of the current epoch.
 
     `state_dict()` is the stream position (epoch, batches consumed); `load_state_dict()` makes the next
     iteration start there. In evaluation the epoch is irrelevant and each iteration is the whole rank's part.
+    Workers hand over uint8 video; the batch is moved to `device` (from pinned memory on CUDA) and normalized
+    there, so a GPU consumer gets its float video without the CPU ever writing it.
     """
 
     def __init__(
@@ -303,13 +348,14 @@ class TorchLoader:
         seed: int = 0,
         augment: AugmentConfig | None = None,
         skip_bad_samples: bool = False,
-        pin_memory: bool = False,
+        device: str | torch.device = "cpu",
     ) -> None:
         if batch_size < 1:
             raise LoaderError(f"batch_size must be at least 1, got {batch_size}")
         self.index = folder if isinstance(folder, SplitIndex) else SplitIndex(folder)
         self.rank, self.world_size = dist_rank_world(rank, world_size)
-        self.train, self.batch_size, self.num_workers, self.pin_memory = train, batch_size, num_workers, pin_memory
+        self.train, self.batch_size, self.num_workers = train, batch_size, num_workers
+        self.device = torch.device(device)
         self.dataset = BatchDataset(
             self.index, train, batch_size, self.rank, self.world_size, seed, augment or AugmentConfig(),
             skip_bad_samples,
@@ -317,6 +363,10 @@ class TorchLoader:
         self.epoch = 0
         self.position = 0
         self.skipped: list[str] = []
+        # One DataLoader for the loader's life (persistent workers); each pass reads the (epoch, batch) items
+        # listed here when it starts.
+        self._items: list[tuple[int, int]] = []
+        self._loader: DataLoader | None = None
 
     @property
     def manifest(self) -> Manifest:
@@ -337,17 +387,25 @@ class TorchLoader:
         self.epoch, self.position = int(state["epoch"]), int(state["batches"])
 
     def __iter__(self) -> Iterator[dict[str, Any]]:
-        self.dataset.set_epoch(self.epoch)
         start = self.position if self.train else 0
-        loader = DataLoader(
-            self.dataset,
-            batch_size=None,
-            sampler=range(start, len(self.dataset)),
-            num_workers=self.num_workers,
-            pin_memory=self.pin_memory,
-            prefetch_factor=4 if self.num_workers else None,
-        )
-        for batch in loader:
+        self._items[:] = [(self.epoch, b) for b in range(start, len(self.dataset))]
+        if self._loader is None:
+            keep_freed_memory()
+            self._loader = DataLoader(
+                self.dataset,
+                batch_size=None,
+                sampler=self._items,
+                num_workers=self.num_workers,
+                pin_memory=self.device.type == "cuda",
+                prefetch_factor=4 if self.num_workers else None,
+                persistent_workers=self.num_workers > 0,
+                worker_init_fn=_init_worker,
+            )
+        for batch in self._loader:
+            if batch["video"] is not None:
+                for name in ("video", "audio", "labels", "clip_index"):
+                    batch[name] = batch[name].to(self.device, non_blocking=True)
+                batch["video"] = normalize_video(batch["video"])
             skipped = batch.pop("skipped")
             if skipped:
                 self.skipped += skipped

@@ -1,0 +1,238 @@
+"""Benchmark the loaders against the JPEG decode bound and a naive on-the-fly ffmpeg loader, in one run.
+
+On the same shards and the same number of cores (--cores, default all), in training mode at --batch-size:
+  bound      decoding the same JPEG frames with torchvision.io.decode_jpeg and nothing else (bytes preloaded),
+             one process per core: no loader can beat it on CPU;
+  torch      the PyTorch loader (pipelines.torch_loader), --cores workers, after its first batch: float32
+             normalized video as the contract says, on the CPU;
+  torch_u8   its workers alone: uint8 video, before the normalization a GPU consumer does on the GPU;
+  dali_cpu   the DALI loader on CPU (--cores threads), when nvidia-dali is installed;
+  dali_gpu   the DALI loader on the GPU, when one is present;
+  naive      what on-the-fly video datasets do: every clip's mp4 decoded by ffmpeg when it is loaded
+             (same frames, log-mel, augmentation), --cores workers;
+  first_batch_s  seconds from building the torch loader to its first batch.
+Without --shards it makes its own: clips of natural content (a window panning over scikit-learn's sample
+photographs, 10 s, 480x360 25 fps, H.264 + AAC) sharded by the offline stage, kept in --data between runs.
+Goals on CPU: torch_vs_bound >= 0.8, torch_vs_naive >= 10, first_batch_s <= 3. The last line is name=value pairs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import multiprocessing
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import sklearn.datasets
+import torch
+from torch.utils.data import DataLoader, Dataset
+from torchvision.io import ImageReadMode, decode_jpeg
+
+from pipelines import dali_available
+from pipelines.config import AugmentConfig
+from pipelines.split import SplitIndex
+from pipelines.torch_loader import SampleReader, TorchLoader, decode_frames, spec_augment, train_video
+from preprocess.datasets import AUDIOSET_NAME_TEMPLATES, ClipRow, VideoIndex
+from preprocess.decode import decode_clip
+from preprocess.features import compute_logmel
+from preprocess.job import JobSpec, run_job
+from preprocess.schema import FeatureParams, frame_ext
+
+_JPEGS: list[list[bytes]] = []
+
+
+PHOTOS = ("china.jpg", "flower.jpg")  # the natural photographs scikit-learn ships
+
+
+def make_photo_clips(videos: Path, clips: int) -> list[ClipRow]:
+    """`clips` 10 s clips of natural content: a 480x360 window panning over one of scikit-learn's sample photos
+    (640x427) with light film grain, 25 fps H.264 + AAC tone; frames that cost what real footage costs to
+    decode (the synthetic demo clips are flat colours). Kept between runs."""
+    photo_dir = Path(sklearn.datasets.__file__).parent / "images"
+    videos.mkdir(parents=True, exist_ok=True)
+    rows = []
+    for i in range(clips):
+        ytid = f"photo{i:04d}"
+        out = videos / f"{ytid}.mp4"
+        if not out.exists():
+            phase = 2 * np.pi * i / clips
+            pan = (
+                f"crop=480:360:x='(iw-480)*(0.5+0.5*sin(2*PI*t/10+{phase:.3f}))'"
+                f":y='(ih-360)*(0.5+0.5*cos(2*PI*t/10+{phase:.3f}))',noise=alls=4:allf=t"
+            )
+            subprocess.run(
+                ["ffmpeg", "-nostdin", "-loglevel", "error", "-y", "-loop", "1", "-framerate", "25", "-t", "10",
+                 "-i", str(photo_dir / PHOTOS[i % 2]), "-f", "lavfi", "-i", f"sine=f={300 + 50 * i}:d=10",
+                 "-vf", pan, "-c:v", "libx264", "-preset", "veryfast", "-crf", "23", "-pix_fmt", "yuv420p",
+                 "-c:a", "aac", "-shortest", f"{out}.tmp.mp4"],
+                check=True,
+            )  # fmt: skip
+            Path(f"{out}.tmp.mp4").rename(out)
+        rows.append(ClipRow(key=f"{ytid}_0", ytid=ytid, start_s=0.0, end_s=10.0, labels=(i % 2,), source="bench"))
+    return rows
+
+
+def make_shards(data: Path, clips: int) -> tuple[Path, Path]:
+    """(split folder, videos folder) of `clips` photo clips sharded by the offline stage, kept in `data`."""
+    videos = data / "videos"
+    rows = make_photo_clips(videos, clips)
+    out = data / "shards"
+    run_job(
+        JobSpec(
+            dataset="bench", split="train", rows=rows, multi_label=True, videos_dir=videos, out_dir=out,
+            classes=[{"index": i, "id": name, "name": name} for i, name in enumerate(PHOTOS)],
+            name_templates=AUDIOSET_NAME_TEMPLATES, shard_size=32, progress=False,
+        )
+    )  # fmt: skip
+    return out, videos
+
+
+def _decode_range(bounds: tuple[int, int]) -> int:
+    torch.set_num_threads(1)
+    for jpegs in _JPEGS[bounds[0] : bounds[1]]:
+        for data in jpegs:
+            decode_jpeg(torch.frombuffer(bytearray(data), dtype=torch.uint8), mode=ImageReadMode.RGB)
+    return bounds[1] - bounds[0]
+
+
+def bound_clips_per_s(index: SplitIndex, cores: int, repeats: int) -> float:
+    """Clips/s of decoding every clip's stored frames with decode_jpeg, `cores` processes, bytes in memory."""
+    reader = SampleReader(index)
+    frames = [frame_ext(i) for i in range(index.manifest.features.num_frames)]
+    _JPEGS[:] = [list(reader.read(ref, frames).values()) for ref in index.samples]
+    n = len(_JPEGS)
+    chunks = [(n * i // cores, n * (i + 1) // cores) for i in range(cores)]
+    with multiprocessing.get_context("fork").Pool(cores) as pool:
+        pool.map(_decode_range, [(0, 1)] * cores)  # warm: workers started, libraries loaded
+        start = time.perf_counter()
+        for _ in range(repeats):
+            pool.map(_decode_range, chunks)
+        return n * repeats / (time.perf_counter() - start)
+
+
+def loader_clips_per_s(make_loader: Any, epochs: int) -> tuple[float, float]:
+    """(clips/s after the first batch, seconds to the first batch) over `epochs` epochs of a fresh loader."""
+    start = time.perf_counter()
+    loader = make_loader()
+    first_batch_s, clips, steady_start = 0.0, 0, 0.0
+    for epoch in range(epochs):
+        loader.set_epoch(epoch)
+        for batch in loader:
+            if not first_batch_s:
+                first_batch_s = time.perf_counter() - start
+                steady_start = time.perf_counter()
+                continue
+            clips += len(batch["key"])
+    return clips / (time.perf_counter() - steady_start), first_batch_s
+
+
+def worker_stage_clips_per_s(index: SplitIndex, cores: int, batch_size: int, aug: AugmentConfig, epochs: int) -> float:
+    """Clips/s of the torch loader's workers alone: uint8 batches, before the consumer-side normalization."""
+    dataset = TorchLoader(index, True, batch_size, num_workers=0, augment=aug).dataset
+    items = [(epoch, b) for epoch in range(epochs) for b in range(len(dataset))]
+    loader = DataLoader(dataset, batch_size=None, sampler=items, num_workers=cores, prefetch_factor=4)
+    start, clips = time.perf_counter(), 0
+    for batch in loader:
+        clips += len(batch["key"])
+    return clips / (time.perf_counter() - start)
+
+
+class NaiveClips(Dataset):
+    """What on-the-fly video datasets do: ffmpeg decodes the clip's mp4 each time it is loaded."""
+
+    def __init__(self, index: SplitIndex, videos: Path, aug: AugmentConfig) -> None:
+        self.index, self.aug = index, aug
+        classes = [c["id"] for c in index.manifest.classes]
+        self.paths = [VideoIndex(videos).find(_row(ref.key, classes), AUDIOSET_NAME_TEMPLATES) for ref in index.samples]
+        self.params: FeatureParams = index.manifest.features
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def __getitem__(self, i: int) -> dict[str, Any]:
+        torch.set_num_threads(1)
+        rng = np.random.default_rng(i)
+        clip = decode_clip(self.paths[i], 0.0, self.params.segment_s, self.params)
+        logmel = compute_logmel(clip.waveform, self.params).values[: self.aug.audio_frames]
+        audio = torch.from_numpy((logmel - self.index.manifest.logmel.mean) / self.index.manifest.logmel.std)[None]
+        return {
+            "video": train_video(decode_frames(clip.frames), self.aug, rng),
+            "audio": spec_augment(audio, self.aug, rng),
+        }
+
+
+def _row(key: str, classes: list[str]) -> Any:
+    ytid, start_ms = key.rsplit("_", 1)
+    return ClipRow(key=key, ytid=ytid, start_s=int(start_ms) / 1000, end_s=int(start_ms) / 1000 + 10.0, labels=(),
+                   source="bench")  # fmt: skip
+
+
+def naive_clips_per_s(index: SplitIndex, videos: Path, aug: AugmentConfig, cores: int, batch_size: int) -> float:
+    loader = DataLoader(NaiveClips(index, videos, aug), batch_size=batch_size, num_workers=cores, shuffle=True)
+    start, clips = time.perf_counter(), 0
+    for batch in loader:
+        clips += batch["video"].shape[0]
+    return clips / (time.perf_counter() - start)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--shards", type=Path, help="a split folder to read (default: make one in --data)")
+    parser.add_argument("--videos", type=Path, help="the videos of --shards, for the naive loader")
+    parser.add_argument("--data", type=Path, default=Path(tempfile.gettempdir(), "mbt-bench-pipeline"))
+    parser.add_argument("--clips", type=int, default=64, help="clips to generate (default %(default)s)")
+    parser.add_argument("--batch-size", type=int, default=8)
+    parser.add_argument("--cores", type=int, default=len(os.sched_getaffinity(0)))
+    parser.add_argument("--epochs", type=int, default=3, help="epochs of each loader (default %(default)s)")
+    parser.add_argument("--no-dali", action="store_true", help="leave the DALI loaders out")
+    args = parser.parse_args(argv)
+
+    shards, videos = (args.shards, args.videos) if args.shards else make_shards(args.data, args.clips)
+    index = SplitIndex(shards)
+    aug = AugmentConfig()
+    n, cores = len(index), args.cores
+    results: dict[str, float] = {}
+    results["bound"] = bound_clips_per_s(index, cores, repeats=args.epochs)
+    results["torch"], results["first_batch_s"] = loader_clips_per_s(
+        lambda: TorchLoader(index, True, args.batch_size, num_workers=cores, augment=aug), args.epochs
+    )
+    results["torch_u8"] = worker_stage_clips_per_s(index, cores, args.batch_size, aug, args.epochs)
+    if dali_available() and not args.no_dali:
+        from pipelines.dali_loader import DaliLoader
+
+        devices = ["cpu", "gpu"] if torch.cuda.is_available() else ["cpu"]
+        for device in devices:
+            results[f"dali_{device}"], _ = loader_clips_per_s(
+                lambda d=device: DaliLoader(shards, True, args.batch_size, device=d, num_threads=cores, augment=aug),
+                args.epochs,
+            )
+    if videos:
+        results["naive"] = naive_clips_per_s(index, videos, aug, cores, args.batch_size)
+
+    print(f"clips={n} batch={args.batch_size} cores={cores} epochs={args.epochs} shards={shards}")
+    for name in ("bound", "torch", "torch_u8", "dali_cpu", "dali_gpu", "naive"):
+        if name in results:
+            print(f"{name:>9}: {results[name]:8.1f} clips/s")
+    print(f"first batch (torch): {results['first_batch_s']:.2f} s")
+    pairs = [
+        f"torch_vs_bound={results['torch'] / results['bound']:.3f}",
+        f"torch_u8_vs_bound={results['torch_u8'] / results['bound']:.3f}",
+    ]
+    if "naive" in results:
+        pairs.append(f"torch_vs_naive={results['torch'] / results['naive']:.1f}")
+    for device in ("cpu", "gpu"):
+        if f"dali_{device}" in results:
+            pairs.append(f"dali_{device}_vs_torch={results[f'dali_{device}'] / results['torch']:.3f}")
+    pairs += [f"first_batch_s={results['first_batch_s']:.2f}", f"torch_clips_per_s={results['torch']:.1f}"]
+    print(" ".join(pairs))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
