@@ -260,6 +260,21 @@ def dali_cause(message: str) -> str:
     return f"{operator}: {reason}" if operator else reason
 
 
+def dali_device(device: str | torch.device) -> tuple[str, int | None]:
+    """("cpu", None) or ("gpu", CUDA device id) for "cpu", "gpu", "cuda", "cuda:1" or a torch.device."""
+    try:
+        parsed = torch.device("cuda" if device == "gpu" else device)
+    except (RuntimeError, TypeError):
+        parsed = None
+    if parsed is None or parsed.type not in ("cpu", "cuda"):
+        raise LoaderError(f"device must be 'cpu', 'gpu' or a CUDA device, got {device!r}")
+    if parsed.type == "cpu":
+        return "cpu", None
+    if not torch.cuda.is_available():
+        raise LoaderError(f"device {device!r} needs CUDA; use device='cpu' or the torch loader")
+    return "gpu", torch.cuda.current_device() if parsed.index is None else parsed.index
+
+
 def key_of_source(source: np.ndarray) -> str:
     """The sample key from a reader's zero-padded source info, `<tar path>:<offset>:<key>.<ext>`."""
     member = source.tobytes().rstrip(b"\0").decode().rsplit(":", 1)[-1]
@@ -272,9 +287,10 @@ class DaliLoader:
     `for batch in loader` runs the rest of the current epoch (training) or the whole rank's part (evaluation).
     `state_dict()` is the stream position: epoch, batches consumed and, in training, DALI's pipeline checkpoint of
     this rank; `load_state_dict()` makes the next iteration continue there. `num_threads` is DALI's CPU thread
-    count (default: `num_workers`, at least 1); `device="gpu"` runs on the current CUDA device (torchrun scripts
-    call `torch.cuda.set_device(local_rank)` first) and returns CUDA tensors, so `pin_memory` is not used.
-    Bad samples cannot be skipped inside a DALI pipeline: `skip_bad_samples=True` is refused.
+    count (default: `num_workers`, at least 1). `device` "cpu" runs the graph on the CPU; "gpu", "cuda" or a CUDA
+    torch.device runs it on that CUDA device (without an index: the current one, which torchrun scripts set with
+    `torch.cuda.set_device(local_rank)`) and returns the batch's tensors there. Bad samples cannot be skipped inside
+    a DALI pipeline: `skip_bad_samples=True` is refused.
     """
 
     def __init__(
@@ -288,18 +304,13 @@ class DaliLoader:
         seed: int = 0,
         augment: AugmentConfig | None = None,
         skip_bad_samples: bool = False,
-        pin_memory: bool = False,
-        device: str = "cpu",
+        device: str | torch.device = "cpu",
         num_threads: int | None = None,
     ) -> None:
         if _DALI_IMPORT_ERROR is not None:
             raise LoaderError("nvidia-dali not installed: pip install -e '.[dali]'") from _DALI_IMPORT_ERROR
         if batch_size < 1:
             raise LoaderError(f"batch_size must be at least 1, got {batch_size}")
-        if device not in ("cpu", "gpu"):
-            raise LoaderError(f"device must be 'cpu' or 'gpu', got {device!r}")
-        if device == "gpu" and not torch.cuda.is_available():
-            raise LoaderError("device='gpu' needs CUDA; use device='cpu' or the torch loader")
         if skip_bad_samples:
             raise LoaderError(
                 "the DALI loader cannot skip bad samples: run tools/verify_shards.py and re-shard, "
@@ -307,9 +318,9 @@ class DaliLoader:
             )
         self.index = folder if isinstance(folder, SplitIndex) else SplitIndex(folder)
         self.rank, self.world_size = dist_rank_world(rank, world_size)
-        self.train, self.batch_size, self.seed, self.device = train, batch_size, seed, device
+        self.train, self.batch_size, self.seed = train, batch_size, seed
+        self.device, self.device_id = dali_device(device)
         self.num_threads = num_threads or max(num_workers, 1)
-        self.pin_memory = pin_memory
         self.augment = augment or AugmentConfig()
         self.spec = self._graph_spec()
         self.epoch = 0
@@ -396,7 +407,7 @@ class DaliLoader:
         pipe = mbt_pipeline(
             self.spec, self.train, self.device,
             batch_size=self.batch_size, num_threads=self.num_threads,
-            device_id=torch.cuda.current_device() if self.device == "gpu" else None,
+            device_id=self.device_id,
             seed=self._stream_seed, enable_checkpointing=self.train, checkpoint=self._checkpoint,
         )  # fmt: skip
         try:
@@ -447,7 +458,7 @@ class DaliLoader:
         if self.train:
             return {
                 "video": video, "audio": audio, "labels": labels, "key": keys,
-                "clip_index": torch.zeros(len(keys), dtype=torch.int64),
+                "clip_index": torch.zeros(len(keys), dtype=torch.int64, device=video.device),
             }  # fmt: skip
         clips = self.augment.num_test_clips
         return {
@@ -455,7 +466,7 @@ class DaliLoader:
             "audio": audio.flatten(0, 1),
             "labels": labels.repeat_interleave(clips, dim=0),
             "key": [key for key in keys for _ in range(clips)],
-            "clip_index": torch.arange(clips, dtype=torch.int64).repeat(len(keys)),
+            "clip_index": torch.arange(clips, dtype=torch.int64, device=video.device).repeat(len(keys)),
         }
 
     def __iter__(self) -> Iterator[dict[str, Any]]:
