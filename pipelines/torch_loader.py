@@ -63,26 +63,26 @@ def dist_rank_world(rank: int | None = None, world_size: int | None = None) -> t
 
 
 class SampleReader:
-    """Reads members of samples by their index offsets; opens each shard once per process."""
+    """Reads members of samples at their index offsets with pread: one descriptor per shard and process,
+    safe to share between threads (no seek position)."""
 
     def __init__(self, index: SplitIndex) -> None:
         self.index = index
-        self._files: dict[int, Any] = {}
+        self._fds: dict[int, int] = {}
         self._pid = os.getpid()
 
     def read(self, ref: SampleRef, exts: list[str]) -> dict[str, bytes]:
-        if self._pid != os.getpid():  # a forked worker must not share the parent's file offsets
-            self._files, self._pid = {}, os.getpid()
-        handle = self._files.get(ref.shard)
-        if handle is None:
-            handle = self._files[ref.shard] = open(self.index.shard_paths[ref.shard], "rb")  # noqa: SIM115
+        if self._pid != os.getpid():  # a forked worker opens its own descriptors
+            self._fds, self._pid = {}, os.getpid()
+        fd = self._fds.get(ref.shard)
+        if fd is None:
+            fd = self._fds[ref.shard] = os.open(self.index.shard_paths[ref.shard], os.O_RDONLY)
         out = {}
         for ext in exts:
             if ext not in ref.members:
                 raise LoaderError(f"{self.index.shard_paths[ref.shard].name}: sample {ref.key} has no member {ext}")
             offset, size = ref.members[ext]
-            handle.seek(offset)
-            out[ext] = handle.read(size)
+            out[ext] = os.pread(fd, size, offset)
             if len(out[ext]) != size:
                 raise LoaderError(f"{self.index.shard_paths[ref.shard].name}: sample {ref.key}: {ext} is truncated")
         return out

@@ -6,6 +6,7 @@ On the same shards and the same number of cores (--cores, default all), in train
   torch      the PyTorch loader (pipelines.torch_loader), --cores workers, after its first batch: float32
              normalized video as the contract says, on the CPU;
   torch_u8   its workers alone: uint8 video, before the normalization a GPU consumer does on the GPU;
+  torch_gpu  the PyTorch loader delivering to the GPU (uint8 copied from pinned memory, normalized there);
   dali_cpu   the DALI loader on CPU (--cores threads), when nvidia-dali is installed;
   dali_gpu   the DALI loader on the GPU, when one is present;
   naive      what on-the-fly video datasets do: every clip's mp4 decoded by ffmpeg when it is loaded
@@ -21,6 +22,7 @@ from __future__ import annotations
 import argparse
 import multiprocessing
 import os
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -39,9 +41,6 @@ from pipelines.config import AugmentConfig
 from pipelines.split import SplitIndex
 from pipelines.torch_loader import SampleReader, TorchLoader, decode_frames, spec_augment, train_video
 from preprocess.datasets import AUDIOSET_NAME_TEMPLATES, ClipRow, VideoIndex
-from preprocess.decode import decode_clip
-from preprocess.features import compute_logmel
-from preprocess.job import JobSpec, run_job
 from preprocess.schema import FeatureParams, frame_ext
 
 _JPEGS: list[list[bytes]] = []
@@ -80,6 +79,8 @@ def make_photo_clips(videos: Path, clips: int) -> list[ClipRow]:
 
 def make_shards(data: Path, clips: int) -> tuple[Path, Path]:
     """(split folder, videos folder) of `clips` photo clips sharded by the offline stage, kept in `data`."""
+    from preprocess.job import JobSpec, run_job  # the offline stage (ffmpeg) only where shards are made
+
     videos = data / "videos"
     rows = make_photo_clips(videos, clips)
     out = data / "shards"
@@ -129,6 +130,8 @@ def loader_clips_per_s(make_loader: Any, epochs: int) -> tuple[float, float]:
                 steady_start = time.perf_counter()
                 continue
             clips += len(batch["key"])
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()  # GPU-side work of the last batches is part of the time
     return clips / (time.perf_counter() - steady_start), first_batch_s
 
 
@@ -137,8 +140,10 @@ def worker_stage_clips_per_s(index: SplitIndex, cores: int, batch_size: int, aug
     dataset = TorchLoader(index, True, batch_size, num_workers=0, augment=aug).dataset
     items = [(epoch, b) for epoch in range(epochs) for b in range(len(dataset))]
     loader = DataLoader(dataset, batch_size=None, sampler=items, num_workers=cores, prefetch_factor=4)
+    batches = iter(loader)
+    next(batches)  # workers started: from here on it is steady state, as for the other loaders
     start, clips = time.perf_counter(), 0
-    for batch in loader:
+    for batch in batches:
         clips += len(batch["key"])
     return clips / (time.perf_counter() - start)
 
@@ -156,6 +161,9 @@ class NaiveClips(Dataset):
         return len(self.paths)
 
     def __getitem__(self, i: int) -> dict[str, Any]:
+        from preprocess.decode import decode_clip
+        from preprocess.features import compute_logmel
+
         torch.set_num_threads(1)
         rng = np.random.default_rng(i)
         clip = decode_clip(self.paths[i], 0.0, self.params.segment_s, self.params)
@@ -189,7 +197,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--clips", type=int, default=64, help="clips to generate (default %(default)s)")
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--cores", type=int, default=len(os.sched_getaffinity(0)))
-    parser.add_argument("--epochs", type=int, default=3, help="epochs of each loader (default %(default)s)")
+    parser.add_argument("--epochs", type=int, default=10, help="epochs of each loader (default %(default)s)")
     parser.add_argument("--no-dali", action="store_true", help="leave the DALI loaders out")
     args = parser.parse_args(argv)
 
@@ -203,6 +211,11 @@ def main(argv: list[str] | None = None) -> int:
         lambda: TorchLoader(index, True, args.batch_size, num_workers=cores, augment=aug), args.epochs
     )
     results["torch_u8"] = worker_stage_clips_per_s(index, cores, args.batch_size, aug, args.epochs)
+    if torch.cuda.is_available():
+        results["torch_gpu"], _ = loader_clips_per_s(
+            lambda: TorchLoader(index, True, args.batch_size, num_workers=cores, augment=aug, device="cuda"),
+            args.epochs,
+        )
     if dali_available() and not args.no_dali:
         from pipelines.dali_loader import DaliLoader
 
@@ -212,11 +225,11 @@ def main(argv: list[str] | None = None) -> int:
                 lambda d=device: DaliLoader(shards, True, args.batch_size, device=d, num_threads=cores, augment=aug),
                 args.epochs,
             )
-    if videos:
+    if videos and shutil.which("ffmpeg"):
         results["naive"] = naive_clips_per_s(index, videos, aug, cores, args.batch_size)
 
     print(f"clips={n} batch={args.batch_size} cores={cores} epochs={args.epochs} shards={shards}")
-    for name in ("bound", "torch", "torch_u8", "dali_cpu", "dali_gpu", "naive"):
+    for name in ("bound", "torch", "torch_u8", "torch_gpu", "dali_cpu", "dali_gpu", "naive"):
         if name in results:
             print(f"{name:>9}: {results[name]:8.1f} clips/s")
     print(f"first batch (torch): {results['first_batch_s']:.2f} s")
@@ -224,6 +237,8 @@ def main(argv: list[str] | None = None) -> int:
         f"torch_vs_bound={results['torch'] / results['bound']:.3f}",
         f"torch_u8_vs_bound={results['torch_u8'] / results['bound']:.3f}",
     ]
+    if "torch_gpu" in results:
+        pairs.append(f"torch_gpu_vs_bound={results['torch_gpu'] / results['bound']:.3f}")
     if "naive" in results:
         pairs.append(f"torch_vs_naive={results['torch'] / results['naive']:.1f}")
     for device in ("cpu", "gpu"):
