@@ -244,7 +244,7 @@ def vit_to_tower(vit: dict[str, torch.Tensor], tower: Tower) -> dict[str, torch.
             continue
         if key == "patch_embed.proj.weight" and value.shape[1] != target[key].shape[1]:
             value = value.sum(dim=1, keepdim=True)
-        if key == "pos_embed":
+        if key == "pos_embed" and value.shape != target[key].shape:
             old = value.shape[1] - 1
             side = round(old**0.5)
             value = resample_abs_pos_embed(value, list(tower.grid_size), old_size=[side, side], num_prefix_tokens=1)
@@ -257,7 +257,8 @@ def vit_to_tower(vit: dict[str, torch.Tensor], tower: Tower) -> dict[str, torch.
     if missing or mismatched:
         raise CheckpointError(
             f"the checkpoint does not fit the {tower.modality} tower (is it a ViT of the same width and depth?): "
-            f"missing {missing[:12]}{' ...' if len(missing) > 12 else ''}; shape mismatch {mismatched[:12]}"
+            f"{len(missing)} keys missing {missing[:12]}{' ...' if len(missing) > 12 else ''}; "
+            f"{len(mismatched)} of another shape {mismatched[:12]}{' ...' if len(mismatched) > 12 else ''}"
         )
     return out
 
