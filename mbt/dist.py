@@ -1,0 +1,89 @@
+"""Distributed set-up from torchrun's environment, and the few collectives that training and evaluation use.
+
+Under torchrun (RANK, WORLD_SIZE, LOCAL_RANK set) `init_distributed` joins the process group through `env://`:
+NCCL with one GPU per process when CUDA is available, gloo on CPU. Run as a plain process it creates no group and
+is rank 0 of 1; the helpers below then act on this process alone, so callers need no branch for it.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.distributed as torch_dist
+
+
+@dataclass(frozen=True)
+class DistInfo:
+    """Where this process stands: its global and node-local rank, the world size and the device it computes on."""
+
+    rank: int
+    local_rank: int
+    world_size: int
+    device: torch.device
+
+    @property
+    def is_main(self) -> bool:
+        """Rank 0: the process that logs, writes files and computes gathered metrics."""
+        return self.rank == 0
+
+
+def launched_by_torchrun() -> bool:
+    """Whether torchrun's environment variables are set."""
+    return all(name in os.environ for name in ("RANK", "WORLD_SIZE", "LOCAL_RANK"))
+
+
+def init_distributed() -> DistInfo:
+    """Join torchrun's process group (NCCL on CUDA, gloo otherwise), or describe a single process without one."""
+    if not launched_by_torchrun():
+        return DistInfo(0, 0, 1, torch.device("cuda" if torch.cuda.is_available() else "cpu"))
+    rank, world_size, local_rank = (int(os.environ[n]) for n in ("RANK", "WORLD_SIZE", "LOCAL_RANK"))
+    if torch.cuda.is_available():
+        torch.cuda.set_device(local_rank)  # before the group exists, so NCCL binds this process to its own GPU
+        device, backend = torch.device("cuda", local_rank), "nccl"
+    else:
+        device, backend = torch.device("cpu"), "gloo"
+    if not torch_dist.is_initialized():
+        torch_dist.init_process_group(backend, init_method="env://", rank=rank, world_size=world_size)
+    return DistInfo(rank, local_rank, world_size, device)
+
+
+def is_distributed() -> bool:
+    """Whether a process group is up."""
+    return torch_dist.is_available() and torch_dist.is_initialized()
+
+
+def cleanup() -> None:
+    """Leave the process group, if one is up."""
+    if is_distributed():
+        torch_dist.destroy_process_group()
+
+
+def barrier() -> None:
+    """Wait for every rank (a no-op in a single process)."""
+    if not is_distributed():
+        return
+    if torch_dist.get_backend() == "nccl":
+        torch_dist.barrier(device_ids=[torch.cuda.current_device()])
+    else:
+        torch_dist.barrier()
+
+
+def all_gather_objects(obj: Any) -> list[Any]:
+    """Every rank's picklable `obj`, in rank order, on every rank (`[obj]` in a single process)."""
+    if not is_distributed():
+        return [obj]
+    gathered: list[Any] = [None] * torch_dist.get_world_size()
+    torch_dist.all_gather_object(gathered, obj)
+    return gathered
+
+
+def broadcast_object(obj: Any, src: int = 0) -> Any:
+    """Rank `src`'s picklable `obj` on every rank (the other ranks' `obj` is ignored); `obj` in a single process."""
+    if not is_distributed():
+        return obj
+    box = [obj]
+    torch_dist.broadcast_object_list(box, src=src)
+    return box[0]

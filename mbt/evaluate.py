@@ -1,0 +1,275 @@
+"""Sharded evaluation whose numbers do not depend on world size, batch size or loader workers.
+
+Each rank runs the evaluation batches the loader gives it (every (sample, clip) pair exactly once across ranks),
+keeps each row's logits in float32 on the CPU and averages the `num_test_clips` rows of a sample in clip order, so
+a sample's prediction is the same however its rows were batched. Rank 0 gathers the per-sample predictions, sorts
+them by clip id, computes the metrics and writes them.
+
+    python -m mbt.evaluate --checkpoint run/last.pt --shards shards/audioset/eval --out run/eval
+    torchrun --nproc_per_node=8 -m mbt.evaluate --checkpoint run/last.pt --shards shards/audioset/eval --out run/eval
+
+writes `metrics.json` (`num_samples` and `mAP`, `mAUC`, `d_prime`, or `top1`, `top5`), `predictions.npz` (`keys`,
+`logits`, `labels`, sorted by key) and, for multi-label splits, `per_class_ap.csv`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import dataclasses
+import json
+import sys
+from collections.abc import Iterable, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+from torch.nn.modules.utils import consume_prefix_in_state_dict_if_present
+from torch.nn.parallel import DistributedDataParallel
+from tqdm import tqdm
+
+from mbt.dist import DistInfo, all_gather_objects, cleanup, init_distributed
+from mbt.metrics import average_precision_per_class, compute_metrics
+from mbt.model import MBT, MBTConfig
+from pipelines import LOADERS, build_loader
+from pipelines.config import AugmentConfig
+from pipelines.split import LoaderError, SplitIndex
+from preprocess.schema import Manifest
+
+METRICS_FILE = "metrics.json"
+PREDICTIONS_FILE = "predictions.npz"
+PER_CLASS_AP_FILE = "per_class_ap.csv"
+
+Predictions = dict[str, tuple[np.ndarray, np.ndarray]]  # key → (clip-averaged logits (C,), label (C,) or ())
+
+
+class EvaluationError(RuntimeError):
+    """The checkpoint or the shards cannot be evaluated as asked; the message says what to change."""
+
+
+def _rank_predictions(
+    model: nn.Module, batches: Iterable[dict[str, Any]], device: torch.device, num_classes: int, amp_bf16: bool
+) -> Predictions:
+    """This rank's clip-averaged predictions. Rows are kept per (key, clip_index) and averaged in clip order."""
+    clip_logits: dict[str, dict[int, np.ndarray]] = {}
+    labels: dict[str, np.ndarray] = {}
+    autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=amp_bf16 and device.type == "cuda")
+    with torch.no_grad():
+        for batch in batches:
+            video = batch["video"].to(device, non_blocking=True)
+            audio = batch["audio"].to(device, non_blocking=True)
+            with autocast:
+                logits = model(video, audio)
+            if logits.shape[1] != num_classes:
+                raise EvaluationError(f"the model gives {logits.shape[1]} logits, the data has {num_classes} classes")
+            rows = logits.float().cpu().numpy()
+            batch_labels = batch["labels"].cpu().numpy()
+            for i, (key, clip) in enumerate(zip(batch["key"], batch["clip_index"].tolist(), strict=True)):
+                clips = clip_logits.setdefault(key, {})
+                if clip in clips:
+                    raise EvaluationError(f"{key}: clip {clip} was given twice on one rank (loader contract broken)")
+                clips[clip] = rows[i]
+                labels.setdefault(key, batch_labels[i])
+    return {
+        key: (np.stack([clips[c] for c in sorted(clips)]).mean(axis=0), labels[key])
+        for key, clips in clip_logits.items()
+    }
+
+
+def merge_predictions(parts: Sequence[Predictions]) -> Predictions:
+    """One dict of the ranks' predictions; raises if a key was evaluated by more than one rank."""
+    merged: Predictions = {}
+    owner: dict[str, int] = {}
+    for rank, part in enumerate(parts):
+        for key, prediction in part.items():
+            if key in owner:
+                raise EvaluationError(f"{key} was evaluated by ranks {owner[key]} and {rank} (loader contract broken)")
+            merged[key], owner[key] = prediction, rank
+    return merged
+
+
+def write_results(
+    out_dir: Path,
+    metrics: Mapping[str, Any],
+    keys: Sequence[str],
+    logits: np.ndarray,
+    labels: np.ndarray,
+    per_class_ap: np.ndarray | None,
+    class_names: Sequence[str] | None = None,
+) -> None:
+    """Write metrics.json, predictions.npz (keys (N,), logits (N, C), labels) and, when `per_class_ap` (C,) is
+    given, per_class_ap.csv into `out_dir`."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / METRICS_FILE).write_text(json.dumps(dict(metrics), indent=2) + "\n")
+    np.savez(out_dir / PREDICTIONS_FILE, keys=np.asarray(keys, dtype=str), logits=logits, labels=labels)
+    if per_class_ap is not None:
+        with (out_dir / PER_CLASS_AP_FILE).open("w", newline="") as f:
+            writer = csv.writer(f)
+            writer.writerow(["class_index", "class_name", "ap"])
+            for c, ap in enumerate(per_class_ap):
+                writer.writerow([c, class_names[c] if class_names else "", f"{ap:.6f}"])
+
+
+def evaluate(
+    model: nn.Module,
+    loader: Iterable[dict[str, Any]],
+    dist: DistInfo,
+    multi_label: bool,
+    num_classes: int,
+    out_dir: Path | None = None,
+    amp_bf16: bool = False,
+    class_names: Sequence[str] | None = None,
+    progress: bool = False,
+) -> dict[str, Any] | None:
+    """Evaluate `model` on this rank's part of `loader` (batches with rows = samples x num_test_clips) and gather.
+
+    Every rank must call this (it gathers). The model runs in eval mode under no_grad (bf16 autocast on CUDA when
+    `amp_bf16`) and its training mode is restored after; a DDP wrapper is unwrapped, since ranks run different
+    numbers of batches. On rank 0: the metrics (`mbt.metrics.compute_metrics`), written with the predictions under
+    `out_dir` if given (`class_names` label the per-class AP rows); None on the other ranks.
+    """
+    module = model.module if isinstance(model, DistributedDataParallel) else model
+    was_training = module.training
+    module.eval()
+    try:
+        batches = tqdm(loader, desc="evaluate", disable=not (progress and dist.is_main))
+        local = _rank_predictions(module, batches, dist.device, num_classes, amp_bf16)
+    finally:
+        module.train(was_training)
+    predictions = merge_predictions(all_gather_objects(local))
+    if not dist.is_main:
+        return None
+    if not predictions:
+        raise EvaluationError("the loader gave no samples on any rank")
+    keys = sorted(predictions)
+    logits = np.stack([predictions[k][0] for k in keys])
+    labels = np.stack([predictions[k][1] for k in keys])
+    metrics = compute_metrics(logits, labels, multi_label)
+    if out_dir is not None:
+        per_class_ap = average_precision_per_class(logits, labels) if multi_label else None
+        write_results(Path(out_dir), metrics, keys, logits, labels, per_class_ap, class_names)
+    return metrics
+
+
+# The command line: a checkpoint alone, as a user would evaluate it after training.
+
+
+def dataclass_from_dict(cls: type, values: Mapping[str, Any], what: str) -> Any:
+    """`cls(**values)` with JSON/YAML lists turned back into the tuples the dataclass defaults are."""
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    unknown = sorted(set(values) - set(fields))
+    if unknown:
+        raise EvaluationError(f"the checkpoint's {what} config has unknown fields {unknown}; is it from this version?")
+    kwargs = {
+        name: tuple(v) if isinstance(v, list) and isinstance(fields[name].default, tuple) else v
+        for name, v in values.items()
+    }
+    try:
+        return cls(**kwargs)
+    except (TypeError, ValueError) as err:
+        raise EvaluationError(f"the checkpoint's {what} config is invalid: {err}") from None
+
+
+def load_checkpoint(path: Path) -> tuple[dict[str, torch.Tensor], MBTConfig, AugmentConfig]:
+    """The model state dict and the model and augmentation configs of a training checkpoint."""
+    if not path.is_file():
+        raise EvaluationError(f"{path}: no such checkpoint file")
+    try:
+        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:  # torch.load raises anything from pickle, zip and its weights-only unpickler
+        raise EvaluationError(f"{path}: cannot be loaded as a checkpoint: {err}") from None
+    config = checkpoint.get("config") if isinstance(checkpoint, dict) else None
+    if not isinstance(config, dict) or "model" not in checkpoint or not {"model", "augment"} <= set(config):
+        raise EvaluationError(
+            f"{path}: not a training checkpoint (a dict with 'model' and a 'config' holding 'model' and 'augment')"
+        )
+    state = dict(checkpoint["model"])
+    for prefix in ("module.", "_orig_mod."):  # saved from a DDP or torch.compile wrapper
+        consume_prefix_in_state_dict_if_present(state, prefix)
+    model_cfg = dataclass_from_dict(MBTConfig, config["model"], "model")
+    augment = dataclass_from_dict(AugmentConfig, config["augment"], "augment")
+    return state, model_cfg, augment
+
+
+def check_inputs(cfg: MBTConfig, augment: AugmentConfig, manifest: Manifest, shards: Path) -> None:
+    """Raise if the split's classes or the evaluation crops do not fit the model."""
+    problems = []
+    if manifest.num_classes != cfg.num_classes:
+        problems.append(f"the shards have {manifest.num_classes} classes, the model {cfg.num_classes}")
+    if "video" in cfg.modalities:
+        frames = augment.frames_used or manifest.features.num_frames
+        if frames != cfg.num_frames:
+            problems.append(f"the loader gives {frames} frames per clip, the model {cfg.num_frames}")
+        if augment.crop_px != cfg.img_size:
+            problems.append(f"the loader crops {augment.crop_px} px, the model {cfg.img_size} px")
+    if "audio" in cfg.modalities:
+        if augment.audio_frames != cfg.audio_frames:
+            problems.append(f"the loader gives {augment.audio_frames} log-mel frames, the model {cfg.audio_frames}")
+        if manifest.features.num_mel_bins != cfg.num_mel_bins:
+            problems.append(f"the shards have {manifest.features.num_mel_bins} mel bins, the model {cfg.num_mel_bins}")
+    if problems:
+        raise EvaluationError(f"{shards} does not fit the checkpoint: " + "; ".join(problems))
+
+
+def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="mbt.evaluate", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--checkpoint", type=Path, required=True, help="training checkpoint (.pt)")
+    parser.add_argument("--shards", type=Path, required=True, help="folder of one split's shards (manifest.json)")
+    parser.add_argument("--out", type=Path, required=True, help="folder for metrics.json and predictions.npz")
+    parser.add_argument("--loader", choices=LOADERS, default="auto", help="auto: DALI on CUDA when installed")
+    parser.add_argument("--batch-size", type=int, default=8, help="samples per batch and rank (x num_test_clips rows)")
+    parser.add_argument("--num-workers", type=int, default=2, help="loader workers (DALI: threads) per rank")
+    parser.add_argument("--bf16", action="store_true", help="bf16 autocast on CUDA")
+    args = parser.parse_args(argv)
+    if args.batch_size < 1 or args.num_workers < 0:
+        parser.error("--batch-size must be at least 1 and --num-workers at least 0")
+    return args
+
+
+def run(args: argparse.Namespace) -> int:
+    """Check the checkpoint against the shards, then evaluate on this rank and (rank 0) report."""
+    state, model_cfg, augment = load_checkpoint(args.checkpoint)
+    index = SplitIndex(args.shards)
+    manifest = index.manifest
+    check_inputs(model_cfg, augment, manifest, args.shards)
+    model = MBT(model_cfg)
+    try:
+        model.load_state_dict(state)
+    except RuntimeError as err:
+        raise EvaluationError(f"{args.checkpoint}: the weights do not fit its model config: {err}") from None
+    info = init_distributed()
+    model.to(info.device)
+    loader = build_loader(
+        index, train=False, batch_size=args.batch_size, loader=args.loader, num_workers=args.num_workers,
+        rank=info.rank, world_size=info.world_size, augment=augment,
+    )  # fmt: skip
+    metrics = evaluate(
+        model, loader, info, manifest.multi_label, manifest.num_classes, out_dir=args.out, amp_bf16=args.bf16,
+        class_names=[c["name"] for c in manifest.classes], progress=sys.stderr.isatty(),
+    )  # fmt: skip
+    if metrics is not None:
+        summary = " ".join(f"{name}={value:.4f}" for name, value in metrics.items() if name != "num_samples")
+        print(
+            f"evaluated {metrics['num_samples']} samples x {augment.num_test_clips} clips of {args.shards} "
+            f"on {info.world_size} process(es): {summary}"
+        )
+        written = [METRICS_FILE, PREDICTIONS_FILE] + ([PER_CLASS_AP_FILE] if manifest.multi_label else [])
+        print("wrote " + ", ".join(str(args.out / name) for name in written))
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = parse_args(argv)
+    try:
+        return run(args)
+    except (EvaluationError, LoaderError) as err:
+        print(f"mbt.evaluate: error: {err}", file=sys.stderr)
+        return 1
+    finally:
+        cleanup()
+
+
+if __name__ == "__main__":
+    sys.exit(main())
