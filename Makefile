@@ -1,4 +1,5 @@
-# The two commands of the README: `make demo` and `make test`. Each does all set-up on a fresh Debian machine:
+# The two commands of the README: `make demo` (demo data → shards → train and evaluate three MBT variants → a table)
+# and `make test`. Each does all set-up on a fresh Debian machine:
 # the virtual environment .venv, the project with its DALI and dev extras, and ffmpeg (apt, when root).
 SHELL := /bin/bash
 PYTHON ?= python3
@@ -53,3 +54,4 @@ demo-shards: demo-data
 	$(PY) tools/verify_shards.py $(DEMO_SHARDS)/eval
 
 demo: demo-shards
+	$(PY) -m mbt.demo --shards $(DEMO_SHARDS) --out runs/demo

@@ -203,6 +203,7 @@ def train(cfg: TrainConfig, dist: DistInfo) -> dict[str, Any]:
             }, keep=cfg.keep_checkpoints)  # fmt: skip
         barrier()
 
+    finished_before = step >= total_steps  # resumed a finished run: only its final evaluation is run again
     while step < total_steps:
         epoch = step // steps_per_epoch
         loader.set_epoch(epoch)
@@ -211,7 +212,8 @@ def train(cfg: TrainConfig, dist: DistInfo) -> dict[str, Any]:
             ddp.train()
             losses = []
             for micro in range(cfg.grad_accum):
-                data = next(batches)
+                with torch.random.fork_rng(devices=[]):  # loaders draw seeds from torch: keep dropout's stream
+                    data = next(batches)  # apart, so that a resumed run draws the same masks
                 rng = np.random.default_rng([cfg.seed, step, dist.rank, micro])
                 data = mixup(data, cfg.augment.mixup_alpha, num_classes, rng)
                 targets = soft_targets(data["labels"], num_classes, cfg.label_smoothing)
@@ -224,8 +226,8 @@ def train(cfg: TrainConfig, dist: DistInfo) -> dict[str, Any]:
             loss_value = torch.stack(losses).mean().item()
             if not math.isfinite(loss_value):
                 raise TrainingError(
-                    f"non-finite loss {loss_value} at step {step} (epoch {epoch}): lower --lr, check the shards with "
-                    "tools/verify_shards.py, or resume from the last checkpoint with other settings"
+                    f"non-finite loss {loss_value} at step {step + 1} (epoch {epoch}): lower --lr, check the shards "
+                    "with tools/verify_shards.py, or resume from the last checkpoint with other settings"
                 )
             if cfg.clip_grad_norm:
                 torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.clip_grad_norm)
@@ -247,12 +249,15 @@ def train(cfg: TrainConfig, dist: DistInfo) -> dict[str, Any]:
                 break
         final = step >= total_steps
         if final or (step // steps_per_epoch) % cfg.eval_every_epochs == 0:
-            metrics = run_evaluation(cfg, model, dist, run_dir / "eval" if final else None)
+            with torch.random.fork_rng(devices=[]):  # nor may evaluation's loader move it
+                metrics = run_evaluation(cfg, model, dist, run_dir / "eval" if final else None)
             if dist.is_main and metrics is not None:
                 name = "mAP" if multi_label else "top1"
                 log.write({"step": step, "epoch": epoch, "eval_metric": metrics[name], "eval_metric_name": name,
                            **{f"eval_{k}": v for k, v in metrics.items()}})  # fmt: skip
                 bar.write(f"step {step} epoch {epoch}: " + " ".join(f"{k}={v:.4g}" for k, v in metrics.items()))
+    if finished_before:  # the same on every rank (metrics is None on all but rank 0)
+        metrics = run_evaluation(cfg, model, dist, run_dir / "eval")
     bar.close()
     log.close()
     if dist.is_main and log.path.is_file():
