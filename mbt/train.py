@@ -248,7 +248,7 @@ def train(cfg: TrainConfig, dist: DistInfo) -> dict[str, Any]:
             if step >= total_steps:
                 break
         final = step >= total_steps
-        if final or (step // steps_per_epoch) % cfg.eval_every_epochs == 0:
+        if cfg.eval_shards and (final or (step // steps_per_epoch) % cfg.eval_every_epochs == 0):  # '': no eval
             with torch.random.fork_rng(devices=[]):  # nor may evaluation's loader move it
                 metrics = run_evaluation(cfg, model, dist, run_dir / "eval" if final else None)
             if dist.is_main and metrics is not None:
@@ -256,7 +256,7 @@ def train(cfg: TrainConfig, dist: DistInfo) -> dict[str, Any]:
                 log.write({"step": step, "epoch": epoch, "eval_metric": metrics[name], "eval_metric_name": name,
                            **{f"eval_{k}": v for k, v in metrics.items()}})  # fmt: skip
                 bar.write(f"step {step} epoch {epoch}: " + " ".join(f"{k}={v:.4g}" for k, v in metrics.items()))
-    if finished_before:  # the same on every rank (metrics is None on all but rank 0)
+    if finished_before and cfg.eval_shards:  # the same on every rank (metrics is None on all but rank 0)
         metrics = run_evaluation(cfg, model, dist, run_dir / "eval")
     bar.close()
     log.close()
