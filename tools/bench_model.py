@@ -104,6 +104,16 @@ def bench(
     return result
 
 
+def require_peak_tflops(parser: argparse.ArgumentParser, given: float | None) -> float:
+    """`given`, or the dense bf16 peak of this CUDA device known by its name; a usage error when unknown."""
+    if given is not None:
+        return given
+    peak = peak_tflops(torch.cuda.get_device_name())
+    if peak is None:
+        parser.error(f"unknown peak of {torch.cuda.get_device_name()!r}: give --peak-tflops")
+    return peak
+
+
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--size", choices=list(SIZES), help="model size (default: small on CPU, base on CUDA)")
@@ -121,10 +131,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     for key, value in (CUDA_DEFAULTS if cuda else CPU_DEFAULTS).items():
         if getattr(args, key) is None:
             setattr(args, key, value)
-    if cuda and args.peak_tflops is None:
-        args.peak_tflops = peak_tflops(torch.cuda.get_device_name())
-        if args.peak_tflops is None:
-            parser.error(f"unknown peak of {torch.cuda.get_device_name()!r}: give --peak-tflops")
+    if cuda:
+        args.peak_tflops = require_peak_tflops(parser, args.peak_tflops)
     return args
 
 

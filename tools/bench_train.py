@@ -55,7 +55,7 @@ from pipelines.mixup import mixup
 from preprocess.schema import Manifest, load_manifest
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # tools/ is no package: its siblings
-from bench_model import peak_tflops
+from bench_model import require_peak_tflops
 from model_report import SIZES, count_flops, describe, size_config
 
 REPO = Path(__file__).resolve().parents[1]
@@ -210,10 +210,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         args.shards = DEFAULT_SHARDS
     if args.workers is None:
         args.workers = max(len(os.sched_getaffinity(0)) - 1, 1)
-    if cuda and args.peak_tflops is None:
-        args.peak_tflops = peak_tflops(torch.cuda.get_device_name())
-        if args.peak_tflops is None:
-            parser.error(f"unknown peak of {torch.cuda.get_device_name()!r}: give --peak-tflops")
+    if cuda:
+        args.peak_tflops = require_peak_tflops(parser, args.peak_tflops)
     return args
 
 
