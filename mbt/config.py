@@ -9,6 +9,7 @@ message that says what to change. `config_to_dict` / `config_from_dict` round-tr
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import difflib
 import sys
@@ -454,10 +455,8 @@ def _coerce(key: str, value: Any, hint: Any) -> Any:
         if isinstance(value, int) or (hint is float and isinstance(value, float)):
             return hint(value)
         if isinstance(value, str):
-            try:
+            with contextlib.suppress(ValueError):  # not a number: the error below says what was expected
                 return hint(value.strip())
-            except ValueError:
-                pass
     elif hint is str and isinstance(value, str):
         return value
     raise ConfigError(f"{key}: expected {_type_name(hint)}, got {value!r}")

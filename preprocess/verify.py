@@ -113,8 +113,7 @@ def tar_end_error(path: Path) -> str | None:
     """None if the tar at `path` has the end-of-archive marker (two zero blocks) right after its last member;
     otherwise what is wrong. Python's tarfile ends silently at a truncated or corrupt header: this catches it."""
     with tarfile.open(path, "r:") as tar:
-        for _ in tar:
-            pass
+        tar.getmembers()  # reads every header, to where the members end
         end = tar.offset
     with open(path, "rb") as f:
         f.seek(end)
