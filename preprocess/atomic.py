@@ -27,8 +27,8 @@ def commit(tmp: Path, path: Path) -> Path:
 
 
 def write_bytes_atomic(path: Path, data: bytes) -> Path:
-    """Write `data` to `path` atomically."""
-    tmp = tmp_path_for(path)
+    """Write `data` to `path` atomically; safe when several processes write the same file (the last rename wins)."""
+    tmp = path.with_name(f"{path.name}.{os.getpid()}{TMP_SUFFIX}")
     tmp.write_bytes(data)
     return commit(tmp, path)
 

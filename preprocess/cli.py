@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from pathlib import Path
 
 from preprocess.datasets import DatasetError
@@ -47,13 +48,41 @@ def add_job_arguments(parser: argparse.ArgumentParser) -> None:
         help="file name pattern of a row's video, str.format fields {ytid} {start} {end} {start_s} {end_s} "
         "{start_ms} {end_ms} plus glob wildcards, e.g. '{ytid}_{start_s:06d}.*'; repeat to try several",
     )
+    parser.add_argument(
+        "--num-jobs",
+        type=int,
+        default=None,
+        help="split the work into N jobs run anywhere, in any order, into the same --out "
+        "(default: SLURM_ARRAY_TASK_COUNT in a SLURM job array, else 1)",
+    )
+    parser.add_argument(
+        "--job-index",
+        type=int,
+        default=None,
+        help="which of the N jobs this is, 0..N-1 (default: SLURM_ARRAY_TASK_ID - SLURM_ARRAY_TASK_MIN, else 0)",
+    )
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
+
+
+def partition(num_jobs: int | None, job_index: int | None, env: Mapping[str, str] = os.environ) -> tuple[int, int]:
+    """(N, i) from --num-jobs/--job-index, else from a SLURM job array (task ids may start above 0), else (1, 0)."""
+    if num_jobs is None and "SLURM_ARRAY_TASK_COUNT" in env:
+        num_jobs = int(env["SLURM_ARRAY_TASK_COUNT"])
+    if job_index is None and "SLURM_ARRAY_TASK_ID" in env:
+        job_index = int(env["SLURM_ARRAY_TASK_ID"]) - int(env.get("SLURM_ARRAY_TASK_MIN", 0))
+    num_jobs, job_index = num_jobs or 1, job_index or 0
+    if num_jobs < 1 or not 0 <= job_index < num_jobs:
+        raise JobError(f"job index {job_index} is not in 0..{num_jobs - 1}: check --num-jobs/--job-index or the array")
+    return num_jobs, job_index
 
 
 def spec_options(args: argparse.Namespace) -> dict:
     """JobSpec keyword arguments that come from the common options."""
     params = FeatureParams(num_frames=args.frames, short_side_px=args.short_side, segment_s=args.segment_seconds)
+    num_jobs, job_index = partition(args.num_jobs, args.job_index)
     return {
+        "num_jobs": num_jobs,
+        "job_index": job_index,
         "params": params.validate(),
         "shard_size": args.shard_size,
         "seed": args.seed,

@@ -28,7 +28,7 @@ from typing import Any
 import numpy as np
 from tqdm import tqdm
 
-from preprocess.atomic import remove_stale_tmp, write_bytes_atomic
+from preprocess.atomic import write_bytes_atomic
 from preprocess.datasets import ClipRow, DatasetError, VideoIndex
 from preprocess.decode import DecodeError, decode_clip, require_ffmpeg
 from preprocess.features import compute_logmel
@@ -49,6 +49,7 @@ from preprocess.shard_writer import ShardWriter
 
 STATE_DIR = "_state"
 JOB_FILE = "job.json"
+PARTITION_FILE = "partition.json"
 FAILURE_FIELDS = ("key", "source", "file", "reason", "message")
 
 
@@ -75,6 +76,8 @@ class JobSpec:
     require_audio: bool = False
     workers: int | None = None
     progress: bool = True
+    num_jobs: int = 1  # partitioned runs: this job makes shards k with k % num_jobs == job_index
+    job_index: int = 0
     inputs: dict[str, Any] = field(default_factory=dict)
 
     def identity(self) -> dict[str, Any]:
@@ -88,7 +91,8 @@ class JobSpec:
             "split": self.split,
             "num_rows": len(self.rows),
             "rows_sha256": rows_hash.hexdigest(),
-            "classes_sha256": hashlib.sha256(json.dumps(self.classes, sort_keys=True).encode()).hexdigest(),
+            "classes": self.classes,
+            "multi_label": self.multi_label,
             "features": self.params.to_dict(),
             "shard_size": self.shard_size,
             "seed": self.seed,
@@ -112,12 +116,19 @@ class JobSummary:
     shards_written: int
     seconds: float
     already_done: bool
+    missing_parts: list[int] = field(default_factory=list)  # partitioned runs: parts whose shards are not done
 
     def describe(self) -> str:
         if self.already_done:
             return (
                 f"nothing to do: {self.out_dir} is complete ({self.num_samples} samples in {self.num_shards} shards, "
                 f"{sum(self.skipped.values())} skipped); delete it to shard again"
+            )
+        if self.missing_parts:
+            return (
+                f"{self.out_dir}: this part is done ({self.clips_processed} clips, {self.shards_written} shards in "
+                f"{self.seconds:.1f} s); waiting for parts {self.missing_parts}: the last part to finish writes the "
+                "manifest (or run tools/merge_manifests.py on the folder)"
             )
         skipped = ", ".join(f"{n} {reason}" for reason, n in sorted(self.skipped.items())) or "none"
         rate = self.clips_processed / self.seconds if self.seconds > 0 else 0.0
@@ -296,22 +307,38 @@ def _write_failures_csv(out_dir: Path, failures: list[dict[str, str]]) -> None:
     write_bytes_atomic(out_dir / FAILURES_NAME, buffer.getvalue().encode())
 
 
-def _finish(spec: JobSpec, records: list[dict[str, Any]], identity: dict[str, Any]) -> Manifest:
+def _finish(out_dir: Path, identity: dict[str, Any], records: list[dict[str, Any]]) -> Manifest:
+    """Write the split's manifest and failures.csv from the job's identity and every shard's record."""
     failures = sorted((f for r in records for f in r["failures"]), key=lambda f: f["key"])
     manifest = Manifest(
-        dataset=spec.dataset,
-        split=spec.split,
-        features=spec.params,
-        classes=spec.classes,
-        multi_label=spec.multi_label,
+        dataset=identity["dataset"],
+        split=identity["split"],
+        features=FeatureParams.from_dict(identity["features"]),
+        classes=identity["classes"],
+        multi_label=identity["multi_label"],
         shards=[ShardInfo(**r["shard"]) for r in records if r["shard"]],
         logmel=sum((LogmelStats.from_dict(r["logmel"]) for r in records), LogmelStats()),
         failures=failures,
-        job=identity,
+        job={k: v for k, v in identity.items() if k != "classes"},
     )
-    _write_failures_csv(spec.out_dir, failures)
-    manifest.write(spec.out_dir)
+    _write_failures_csv(out_dir, failures)
+    manifest.write(out_dir)
     return manifest
+
+
+def merge(out_dir: Path) -> tuple[Manifest | None, list[int]]:
+    """(the manifest, []) once every shard of the split's plan has its record, written now; else (None, the shard
+    numbers still missing). Reads only `_state/`: the parts of a partitioned job may have run anywhere."""
+    identity_path = out_dir / STATE_DIR / JOB_FILE
+    if not identity_path.is_file():
+        raise JobError(f"{out_dir}: no {STATE_DIR}/{JOB_FILE}; not the output folder of a shard job")
+    identity = json.loads(identity_path.read_text())
+    num_shards = len(plan_shards(identity["num_rows"], identity["shard_size"], identity["seed"]))
+    records = [_load_record(out_dir, k) for k in range(num_shards)]
+    missing = [k for k, r in enumerate(records) if r is None]
+    if missing:
+        return None, missing
+    return _finish(out_dir, identity, records), []  # type: ignore[arg-type]
 
 
 def _summary(
@@ -329,22 +356,47 @@ def _summary(
     )
 
 
+def _check_partition(out_dir: Path, num_jobs: int) -> None:
+    """All parts of a split must cut it the same way: the first part records N, the others must agree."""
+    path = out_dir / STATE_DIR / PARTITION_FILE
+    if path.is_file():
+        recorded = json.loads(path.read_text())["num_jobs"]
+        if recorded != num_jobs:
+            raise JobError(
+                f"{out_dir} is being sharded as {recorded} jobs, this job says {num_jobs} (--num-jobs or "
+                f"SLURM_ARRAY_TASK_COUNT); run every part with the same number, or use another --out"
+            )
+    else:
+        write_bytes_atomic(path, (json.dumps({"num_jobs": num_jobs}) + "\n").encode())
+
+
+def _remove_stale_tmp(out_dir: Path, shards: list[int]) -> None:
+    """Temporary files a killed run of this job left for its own shards (other parts may be writing theirs)."""
+    for k in shards:
+        stem = _shard_name(k).removesuffix(".tar")
+        for stale in [*out_dir.glob(f"{stem}.*.tmp"), *(out_dir / STATE_DIR).glob(f"{stem}.*.tmp")]:
+            stale.unlink(missing_ok=True)
+
+
 def run_job(spec: JobSpec) -> JobSummary:
-    """Shard `spec.rows` into `spec.out_dir`, resuming whatever an earlier run with the same spec left."""
+    """Shard this job's part of `spec.rows` into `spec.out_dir`, resuming whatever an earlier run left; the job
+    that completes the split's last part writes the manifest."""
     t0 = time.monotonic()
     if not spec.rows:
         raise JobError(f"no rows to shard for {spec.dataset}/{spec.split}; check the CSV and --split/--limit")
+    if not 0 <= spec.job_index < spec.num_jobs:
+        raise JobError(f"--job-index must be in 0..{spec.num_jobs - 1} for --num-jobs {spec.num_jobs}")
     spec.params.validate()
     spec.out_dir.mkdir(parents=True, exist_ok=True)
     identity = spec.identity()
     _check_identity(spec.out_dir, identity)
+    _check_partition(spec.out_dir, spec.num_jobs)
     plan = plan_shards(len(spec.rows), spec.shard_size, spec.seed)
-    records: list[dict[str, Any] | None] = [_load_record(spec.out_dir, k) for k in range(len(plan))]
-    pending = [k for k, record in enumerate(records) if record is None]
+    mine = [k for k in range(len(plan)) if k % spec.num_jobs == spec.job_index]
+    pending = [k for k in mine if _load_record(spec.out_dir, k) is None]
     if not pending and (spec.out_dir / MANIFEST_NAME).is_file():
-        return _summary(spec, records, 0, 0, t0, done=True)  # type: ignore[arg-type]
-    remove_stale_tmp(spec.out_dir)
-    remove_stale_tmp(spec.out_dir / STATE_DIR)
+        return _summary(spec, _done_records(spec.out_dir, len(plan)), 0, 0, t0, done=True)
+    _remove_stale_tmp(spec.out_dir, pending)
     processed = 0
     if pending:
         require_ffmpeg()
@@ -352,10 +404,11 @@ def run_job(spec: JobSpec) -> JobSummary:
         tasks = (task for k in pending for task in _tasks(spec, plan[k], index))
         workers = spec.workers or len(os.sched_getaffinity(0))
         total = sum(plan[k].size for k in pending)
+        part = f" part {spec.job_index + 1}/{spec.num_jobs}" if spec.num_jobs > 1 else ""
         context = multiprocessing.get_context("fork")
         with (
             context.Pool(workers, initializer=_init_worker, initargs=(spec.params, spec.require_audio)) as pool,
-            tqdm(total=total, unit="clip", disable=not spec.progress, desc=f"{spec.dataset}/{spec.split}") as bar,
+            tqdm(total=total, unit="clip", disable=not spec.progress, desc=f"{spec.dataset}/{spec.split}{part}") as bar,
         ):
             results_iter = pool.imap(_run_task, tasks, chunksize=1)
             for k in pending:
@@ -363,8 +416,13 @@ def run_job(spec: JobSpec) -> JobSummary:
                 for _ in range(plan[k].size):
                     results.append(next(results_iter))
                     bar.update(1)
-                records[k] = _write_shard(spec.out_dir, k, results)
+                _write_shard(spec.out_dir, k, results)
                 processed += len(results)
-    done_records: list[dict[str, Any]] = [r for r in records if r is not None]
-    _finish(spec, done_records, identity)
-    return _summary(spec, done_records, processed, len(pending), t0, done=False)
+    _, missing = merge(spec.out_dir)
+    summary = _summary(spec, _done_records(spec.out_dir, len(plan)), processed, len(pending), t0, done=False)
+    summary.missing_parts = sorted({k % spec.num_jobs for k in missing})
+    return summary
+
+
+def _done_records(out_dir: Path, num_shards: int) -> list[dict[str, Any]]:
+    return [r for r in (_load_record(out_dir, k) for k in range(num_shards)) if r is not None]

@@ -1,0 +1,42 @@
+"""Write a split's manifest.json once every part of a partitioned shard job is done, or say which parts are missing.
+
+The part that finishes last does this by itself; run this by hand after resuming a failed array task elsewhere,
+or to see how far a split is: `python tools/merge_manifests.py shards/audioset/unbalanced_train`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from preprocess.job import PARTITION_FILE, STATE_DIR, JobError, merge
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("folder", type=Path, help="the output folder of the shard job (--out)")
+    args = parser.parse_args(argv)
+    try:
+        manifest, missing = merge(args.folder)
+    except JobError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 1
+    if manifest is not None:
+        print(f"{args.folder}: manifest written: {manifest.num_samples} samples in {len(manifest.shards)} shards, "
+              f"{len(manifest.failures)} failures")  # fmt: skip
+        return 0
+    partition = args.folder / STATE_DIR / PARTITION_FILE
+    num_jobs = json.loads(partition.read_text())["num_jobs"] if partition.is_file() else 1
+    parts = sorted({k % num_jobs for k in missing})
+    print(
+        f"{args.folder}: {len(missing)} shards not done, of parts {parts} (job indices of {num_jobs}); "
+        "rerun those parts with the same arguments (they resume), then this",
+        file=sys.stderr,
+    )
+    return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
