@@ -4,7 +4,9 @@ Measures, on the same clips and the same number of processes:
   bare    ffmpeg decoding alone: the job's own decode command (same frames, scale and audio resampling) with
           its outputs sent to ffmpeg's null muxer: the floor for any job that decodes with ffmpeg;
   job     the whole shard job (decode, JPEG, log-mel, tar + index, manifest) with --workers W;
-  job_1w  the shard job with one worker, for the parallel speed-up.
+  job_1w  the shard job with one worker, for the parallel speed-up;
+  jobs_2  two partitioned jobs at once with one worker each (--num-jobs 2), for the N-job scaling.
+It also projects the core-hours to shard AudioSet-2M and VGGSound at the measured clips/s per core.
 Each is run --repeats times and the fastest run counts. Goals: job_vs_ffmpeg <= 1.2, speedup_2w >= 1.8.
 The last line is name=value pairs.
 """
@@ -12,6 +14,7 @@ The last line is name=value pairs.
 from __future__ import annotations
 
 import argparse
+import multiprocessing
 import os
 import shutil
 import subprocess
@@ -40,11 +43,27 @@ def bare_decode_seconds(paths: list[Path], segment_s: float, params: FeaturePara
     return time.perf_counter() - start
 
 
-def job_seconds(spec_kwargs: dict, workers: int, scratch: Path) -> float:
-    """Wall time of the whole shard job into a fresh folder."""
+AUDIOSET_2M_SEGMENTS = 2_041_789  # unbalanced_train_segments.csv
+VGGSOUND_SEGMENTS = 200_000  # about: vggsound.csv lists ~200k clips
+
+
+def job_seconds(spec_kwargs: dict, workers: int, scratch: Path, num_jobs: int = 1) -> float:
+    """Wall time of the whole shard job into a fresh folder: `num_jobs` partitioned jobs at once (as a job
+    array would run them), each with `workers` workers, until the last one has merged the manifest."""
     out = Path(tempfile.mkdtemp(dir=scratch))
+    specs = [JobSpec(out_dir=out, workers=workers, progress=False, num_jobs=num_jobs, job_index=i, **spec_kwargs)
+             for i in range(num_jobs)]  # fmt: skip
     start = time.perf_counter()
-    run_job(JobSpec(out_dir=out, workers=workers, progress=False, **spec_kwargs))
+    if num_jobs == 1:
+        run_job(specs[0])
+    else:
+        jobs = [multiprocessing.get_context("fork").Process(target=run_job, args=(spec,)) for spec in specs]
+        for job in jobs:
+            job.start()
+        for job in jobs:
+            job.join()
+        if any(job.exitcode for job in jobs) or not (out / "manifest.json").is_file():
+            raise RuntimeError("a partitioned job failed")
     seconds = time.perf_counter() - start
     shutil.rmtree(out)
     return seconds
@@ -86,26 +105,37 @@ def main(argv: list[str] | None = None) -> int:
         "dataset": "bench", "split": "train", "rows": rows, "multi_label": True, "videos_dir": videos,
         "classes": [{"index": i, "id": mid, "name": name} for i, (mid, name) in enumerate(classes)],
         "name_templates": AUDIOSET_NAME_TEMPLATES, "params": params,
+        "shard_size": 4,  # 6 shards of the 24 clips: partitioned jobs split the work by shard
     }  # fmt: skip
     scratch = Path(tempfile.mkdtemp(prefix="mbt-bench-"))
     try:
         bare_decode_seconds(paths[:2], params.segment_s, params, args.workers)  # warm the page cache
-        bare, job, job_1w = [], [], []
+        bare, job, job_1w, jobs_2 = [], [], [], []
         for _ in range(args.repeats):  # interleaved, so that drift in the machine's speed hits all alike
             bare.append(bare_decode_seconds(paths, params.segment_s, params, args.workers))
             job.append(job_seconds(spec, args.workers, scratch))
             job_1w.append(job_seconds(spec, 1, scratch))
+            jobs_2.append(job_seconds(spec, 1, scratch, num_jobs=2))
     finally:
         shutil.rmtree(scratch)
     n, cores = len(rows), len(os.sched_getaffinity(0))
-    bare_s, job_s, job_1w_s = min(bare), min(job), min(job_1w)
+    bare_s, job_s, job_1w_s, jobs_2_s = min(bare), min(job), min(job_1w), min(jobs_2)
+    per_core = n / job_s / min(args.workers, cores)
+    audioset_core_h = AUDIOSET_2M_SEGMENTS / per_core / 3600
+    vggsound_core_h = VGGSOUND_SEGMENTS / per_core / 3600
     print(f"clips={n} segment_s={params.segment_s} workers={args.workers} cores={cores} repeats={args.repeats}")
     print(f"bare ffmpeg decode, {args.workers} processes: {bare_s:7.2f} s  {n / bare_s:6.2f} clips/s")
     print(f"shard job, {args.workers} workers:           {job_s:7.2f} s  {n / job_s:6.2f} clips/s")
     print(f"shard job, 1 worker:             {job_1w_s:7.2f} s  {n / job_1w_s:6.2f} clips/s")
+    print(f"2 partitioned jobs, 1 worker each: {jobs_2_s:7.2f} s  {n / jobs_2_s:6.2f} clips/s")
     print(
-        f"job_vs_ffmpeg={job_s / bare_s:.3f} speedup_2w={job_1w_s / job_s:.3f} clips_per_s={n / job_s:.2f} "
-        f"clips_per_s_per_core={n / job_s / min(args.workers, cores):.2f} bare_clips_per_s={n / bare_s:.2f}"
+        f"projected: AudioSet-2M ({AUDIOSET_2M_SEGMENTS:,} segments) {audioset_core_h:,.0f} core-hours, "
+        f"VGGSound (~{VGGSOUND_SEGMENTS:,}) {vggsound_core_h:,.0f} core-hours, at {per_core:.2f} clips/s per core"
+    )
+    print(
+        f"job_vs_ffmpeg={job_s / bare_s:.3f} speedup_2w={job_1w_s / job_s:.3f} speedup_2jobs={job_1w_s / jobs_2_s:.3f} "
+        f"clips_per_s={n / job_s:.2f} clips_per_s_per_core={per_core:.2f} bare_clips_per_s={n / bare_s:.2f} "
+        f"audioset_core_hours={audioset_core_h:.0f} vggsound_core_hours={vggsound_core_h:.0f}"
     )
     return 0
 
