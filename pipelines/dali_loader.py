@@ -343,7 +343,7 @@ class DaliLoader:
             shard_id, num_shards = n * self.rank // self.world_size, n
         return GraphSpec(
             shard_paths=tuple(str(p.resolve()) for p in self.index.shard_paths),
-            index_paths=tuple(str((self.index.folder / s.index_name).resolve()) for s in manifest.shards),
+            index_paths=tuple(str(p.resolve()) for p in self.index.index_paths),
             shard_id=shard_id,
             num_shards=num_shards,
             shuffle_buffer=min(SHUFFLE_BUFFER_SAMPLES, len(eval_range(n, shard_id, num_shards))),

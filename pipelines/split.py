@@ -11,13 +11,17 @@ a dataset over `num_shards`; every sample is read exactly once across ranks.
 
 from __future__ import annotations
 
+import dataclasses
 import math
+import re
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+from braceexpand import braceexpand
 
-from preprocess.schema import WDS_INDEX_VERSION, Manifest, SchemaError, load_manifest
+from preprocess.schema import WDS_INDEX_VERSION, LogmelStats, Manifest, SchemaError, load_manifest
 
 
 class LoaderError(RuntimeError):
@@ -61,21 +65,77 @@ def parse_index(path: Path, shard_name: str) -> list[SampleRef]:
     return refs
 
 
-class SplitIndex:
-    """A checked split: manifest, shard paths and every sample's member offsets, in shard order."""
+def expand_sources(source: str | Path | Sequence[str | Path]) -> list[tuple[Path, set[str] | None]]:
+    """(folder, shard names or None for all) for a split given as a folder, a list of folders, shard files or
+    brace patterns of them (`shards/as/train/shard-{000000..000123}.tar`), local paths or `file:` URLs.
 
-    def __init__(self, folder: str | Path) -> None:
-        self.folder = Path(folder)
-        try:
-            self.manifest: Manifest = load_manifest(self.folder)
-        except SchemaError as err:
-            raise LoaderError(str(err)) from None
-        if not self.manifest.shards:
+    The manifest and index files are read from each shard's folder. Other URLs (`pipe:`, `s3:`, ...) are refused
+    with what to do: both loaders read shards by offset (the DALI index), which needs a local or mounted file.
+    """
+    items = [source] if isinstance(source, str | Path) else list(source)
+    if not items:
+        raise LoaderError("no shards given: pass a split folder, shard files or a brace pattern")
+    out: dict[Path, set[str] | None] = {}
+    for item in items:
+        for text in braceexpand(str(item)):
+            if text.startswith("file:"):
+                text = text.removeprefix("file:").removeprefix("//")
+            elif re.match(r"^[A-Za-z][A-Za-z0-9+.-]*:", text):
+                raise LoaderError(
+                    f"{text}: the loaders read shards by offset from local or mounted files; mount the bucket "
+                    "(e.g. s3fs, gcsfuse, NFS) or copy the split, then pass its folder"
+                )
+            path = Path(text)
+            if path.is_dir():
+                out[path] = None
+            elif path.suffix == ".tar":
+                names = out.setdefault(path.parent, set())
+                if names is not None:
+                    names.add(path.name)
+            else:
+                raise LoaderError(f"{path}: neither a split folder nor a .tar shard")
+    return list(out.items())
+
+
+class SplitIndex:
+    """A checked split: manifest, shard and index paths and every sample's member offsets, in shard order.
+
+    `source` is anything `expand_sources` takes; several folders must hold shards of the same schema, features and
+    classes, and are read as one split (log-mel statistics combined exactly from the manifests' sums).
+    """
+
+    def __init__(self, source: str | Path | Sequence[str | Path]) -> None:
+        selected = []
+        manifests = []
+        for folder, names in expand_sources(source):
+            try:
+                manifest = load_manifest(folder)
+            except SchemaError as err:
+                raise LoaderError(str(err)) from None
+            known = {s.name for s in manifest.shards}
+            if names is not None and names - known:
+                raise LoaderError(f"{folder}: {sorted(names - known)} not in its manifest; check the pattern")
+            selected += [(folder, s) for s in manifest.shards if names is None or s.name in names]
+            manifests.append((folder, manifest))
+        self.folder = manifests[0][0]
+        first = manifests[0][1]
+        for folder, manifest in manifests[1:]:
+            same = (manifest.features, manifest.classes, manifest.multi_label) == (
+                first.features, first.classes, first.multi_label)  # fmt: skip
+            if not same:
+                raise LoaderError(f"{folder} and {self.folder} hold shards of different features or classes")
+        self.manifest: Manifest = dataclasses.replace(
+            first,
+            shards=[s for _, s in selected],
+            logmel=sum((m.logmel for _, m in manifests), LogmelStats()),
+        )
+        if not selected:
             raise LoaderError(f"{self.folder}: the manifest lists no shards (every clip failed?); see failures.csv")
         self.shard_paths: list[Path] = []
+        self.index_paths: list[Path] = []
         self.samples: list[SampleRef] = []
-        for number, shard in enumerate(self.manifest.shards):
-            path = self.folder / shard.name
+        for number, (folder, shard) in enumerate(selected):
+            path = folder / shard.name
             if not path.is_file():
                 raise LoaderError(f"{path}: shard listed in the manifest is missing; re-run the shard job")
             size = path.stat().st_size
@@ -84,13 +144,14 @@ class SplitIndex:
                     f"{path}: {size} bytes, the manifest says {shard.bytes} (truncated or replaced); "
                     "run tools/verify_shards.py on the folder and re-run the shard job"
                 )
-            refs = parse_index(self.folder / shard.index_name, shard.name)
+            refs = parse_index(folder / shard.index_name, shard.name)
             if len(refs) != shard.num_samples:
                 raise LoaderError(
-                    f"{self.folder / shard.index_name}: {len(refs)} samples, the manifest says {shard.num_samples} "
+                    f"{folder / shard.index_name}: {len(refs)} samples, the manifest says {shard.num_samples} "
                     f"for {shard.name}; the manifest does not match the shards: re-run the shard job"
                 )
             self.shard_paths.append(path)
+            self.index_paths.append(folder / shard.index_name)
             self.samples += [SampleRef(shard=number, key=r.key, members=r.members) for r in refs]
 
     def __len__(self) -> int:

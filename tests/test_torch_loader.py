@@ -238,3 +238,34 @@ def test_shards_of_another_schema_version(damaged):
     (damaged / "manifest.json").write_text(json.dumps(data))
     with pytest.raises(LoaderError, match=r"schema version 99.*re-shard"):
         loader(damaged, False)
+
+
+# Where shards come from: folders, lists of folders, shard files, brace patterns, file: URLs.
+
+
+def test_brace_pattern_selects_shards(train_shards):
+    pattern = str(train_shards / "shard-{000001..000002}.tar")
+    index = SplitIndex(pattern)
+    whole = SplitIndex(train_shards)
+    assert [p.name for p in index.shard_paths] == ["shard-000001.tar", "shard-000002.tar"]
+    assert {s.key for s in index.samples} < {s.key for s in whole.samples} and len(index) == 4
+    assert index.manifest.logmel == whole.manifest.logmel  # the split's normalization, not the subset's
+    rows = rows_by_key(loader(f"file:{pattern}", False, batch_size=3))
+    assert {k for k, _ in rows} == {s.key for s in index.samples}
+
+
+def test_list_of_folders_is_one_split(train_shards, eval_shards):
+    index = SplitIndex([train_shards, eval_shards])
+    assert len(index) == 9 + 3 and len(index.index_paths) == 5 + 2
+    train, evaluation = load_manifest(train_shards).logmel, load_manifest(eval_shards).logmel
+    assert index.manifest.logmel == train + evaluation
+    assert len(list(loader([train_shards, eval_shards], True, batch_size=4))) == 3
+
+
+def test_remote_urls_and_bad_sources_say_what_to_do(train_shards):
+    with pytest.raises(LoaderError, match="mount the bucket"):
+        SplitIndex("pipe:aws s3 cp s3://bucket/shard-000000.tar -")
+    with pytest.raises(LoaderError, match=r"\['shard-000099\.tar'\] not in its manifest"):
+        SplitIndex(str(train_shards / "shard-000099.tar"))
+    with pytest.raises(LoaderError, match="no shards given"):
+        SplitIndex([])
