@@ -35,19 +35,25 @@ def launched_by_torchrun() -> bool:
     return all(name in os.environ for name in ("RANK", "WORLD_SIZE", "LOCAL_RANK"))
 
 
-def init_distributed() -> DistInfo:
-    """Join torchrun's process group (NCCL on CUDA, gloo otherwise), or describe a single process without one."""
+def init_distributed(device: str = "auto") -> DistInfo:
+    """Join torchrun's process group (NCCL on CUDA, gloo on CPU), or describe a single process without one.
+
+    `device`: "auto" (CUDA when available), "cuda" (an error without it) or "cpu" (even where CUDA is present).
+    """
+    if device == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError("--device cuda, but torch sees no CUDA device; use --device cpu or auto")
+    cuda = device == "cuda" or (device == "auto" and torch.cuda.is_available())
     if not launched_by_torchrun():
-        return DistInfo(0, 0, 1, torch.device("cuda" if torch.cuda.is_available() else "cpu"))
+        return DistInfo(0, 0, 1, torch.device("cuda" if cuda else "cpu"))
     rank, world_size, local_rank = (int(os.environ[n]) for n in ("RANK", "WORLD_SIZE", "LOCAL_RANK"))
-    if torch.cuda.is_available():
+    if cuda:
         torch.cuda.set_device(local_rank)  # before the group exists, so NCCL binds this process to its own GPU
-        device, backend = torch.device("cuda", local_rank), "nccl"
+        dev, backend = torch.device("cuda", local_rank), "nccl"
     else:
-        device, backend = torch.device("cpu"), "gloo"
+        dev, backend = torch.device("cpu"), "gloo"
     if not torch_dist.is_initialized():
         torch_dist.init_process_group(backend, init_method="env://", rank=rank, world_size=world_size)
-    return DistInfo(rank, local_rank, world_size, device)
+    return DistInfo(rank, local_rank, world_size, dev)
 
 
 def is_distributed() -> bool:

@@ -271,7 +271,11 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
-    dist = init_distributed()
+    try:
+        dist = init_distributed(cfg.device)
+    except RuntimeError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
     try:
         cfg = validate(cfg, dist.world_size)
         metrics = train(cfg, dist)

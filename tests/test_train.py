@@ -217,6 +217,15 @@ def test_invalid_configs_are_refused_before_any_work(
     assert not out.exists()
 
 
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message of a machine without CUDA")
+def test_device_cuda_without_cuda_is_refused(
+    train_shards: Path, eval_shards: Path, tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    out = tmp_path / "run"
+    assert main(train_args(train_shards, eval_shards, out, "--device", "cuda")) == 2
+    assert "torch sees no CUDA device" in capsys.readouterr().err and not out.exists()
+
+
 def test_batch_must_divide_over_world_size(train_shards: Path, eval_shards: Path, tmp_path: Path) -> None:
     cfg = load_config(train_args(train_shards, eval_shards, tmp_path / "run", "--batch_size", "3"))
     validate(cfg, world_size=1)
