@@ -26,7 +26,7 @@ from tqdm import tqdm
 
 from mbt.checkpoint import latest_checkpoint, load_checkpoint, rng_state, save_checkpoint, set_rng_state
 from mbt.config import ConfigError, TrainConfig, config_to_dict, load_config, per_rank_batch, save_config, validate
-from mbt.dist import DistInfo, barrier, cleanup, init_distributed
+from mbt.dist import DistInfo, all_gather_objects, barrier, cleanup, init_distributed
 from mbt.evaluate import evaluate
 from mbt.model import MBT, init_from_vit
 from pipelines import build_loader
@@ -177,7 +177,7 @@ def train(cfg: TrainConfig, dist: DistInfo) -> dict[str, Any]:
         model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
         schedule.load_state_dict(state["schedule"])
-        loader.load_state_dict(state["loader"])
+        loader.load_state_dict(state["loader"][min(dist.rank, len(state["loader"]) - 1)])
         set_rng_state(state["rng"][min(dist.rank, len(state["rng"]) - 1)])
         step = int(state["step"])
         if dist.is_main:
@@ -190,15 +190,12 @@ def train(cfg: TrainConfig, dist: DistInfo) -> dict[str, Any]:
     clips_seen, t_last = 0, time.perf_counter()
 
     def save(at_step: int) -> None:
-        states = [None] * dist.world_size
-        if dist.world_size > 1:
-            torch.distributed.all_gather_object(states, rng_state())
-        else:
-            states = [rng_state()]
+        # Every rank's RNG and stream position (the DALI loader's pipeline checkpoint differs per rank).
+        states, positions = all_gather_objects(rng_state()), all_gather_objects(loader.state_dict())
         if dist.is_main:
             save_checkpoint(run_dir, at_step, {
                 "model": model.state_dict(), "optimizer": optimizer.state_dict(), "schedule": schedule.state_dict(),
-                "step": at_step, "epoch": at_step // steps_per_epoch, "loader": loader.state_dict(),
+                "step": at_step, "epoch": at_step // steps_per_epoch, "loader": positions,
                 "rng": states, "config": config_to_dict(cfg),
             }, keep=cfg.keep_checkpoints)  # fmt: skip
         barrier()
