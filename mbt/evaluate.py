@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import argparse
 import csv
-import dataclasses
 import json
 import sys
 from collections.abc import Iterable, Mapping, Sequence
@@ -30,6 +29,8 @@ from torch.nn.modules.utils import consume_prefix_in_state_dict_if_present
 from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
+from mbt import checkpoint as checkpoint_io
+from mbt.config import ConfigError, config_from_dict
 from mbt.dist import DistInfo, all_gather_objects, cleanup, init_distributed
 from mbt.metrics import average_precision_per_class, compute_metrics
 from mbt.model import MBT, MBTConfig
@@ -156,30 +157,14 @@ def evaluate(
 # The command line: a checkpoint alone, as a user would evaluate it after training.
 
 
-def dataclass_from_dict(cls: type, values: Mapping[str, Any], what: str) -> Any:
-    """`cls(**values)` with JSON/YAML lists turned back into the tuples the dataclass defaults are."""
-    fields = {f.name: f for f in dataclasses.fields(cls)}
-    unknown = sorted(set(values) - set(fields))
-    if unknown:
-        raise EvaluationError(f"the checkpoint's {what} config has unknown fields {unknown}; is it from this version?")
-    kwargs = {
-        name: tuple(v) if isinstance(v, list) and isinstance(fields[name].default, tuple) else v
-        for name, v in values.items()
-    }
-    try:
-        return cls(**kwargs)
-    except (TypeError, ValueError) as err:
-        raise EvaluationError(f"the checkpoint's {what} config is invalid: {err}") from None
-
-
 def load_checkpoint(path: Path) -> tuple[dict[str, torch.Tensor], MBTConfig, AugmentConfig]:
     """The model state dict and the model and augmentation configs of a training checkpoint."""
-    if not path.is_file():
-        raise EvaluationError(f"{path}: no such checkpoint file")
     try:
-        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as err:  # torch.load raises anything from pickle, zip and its weights-only unpickler
-        raise EvaluationError(f"{path}: cannot be loaded as a checkpoint: {err}") from None
+        checkpoint = checkpoint_io.load_checkpoint(path)
+    except FileNotFoundError:
+        raise EvaluationError(f"{path}: no such checkpoint file") from None
+    except RuntimeError as err:
+        raise EvaluationError(str(err)) from None
     config = checkpoint.get("config") if isinstance(checkpoint, dict) else None
     if not isinstance(config, dict) or "model" not in checkpoint or not {"model", "augment"} <= set(config):
         raise EvaluationError(
@@ -188,9 +173,11 @@ def load_checkpoint(path: Path) -> tuple[dict[str, torch.Tensor], MBTConfig, Aug
     state = dict(checkpoint["model"])
     for prefix in ("module.", "_orig_mod."):  # saved from a DDP or torch.compile wrapper
         consume_prefix_in_state_dict_if_present(state, prefix)
-    model_cfg = dataclass_from_dict(MBTConfig, config["model"], "model")
-    augment = dataclass_from_dict(AugmentConfig, config["augment"], "augment")
-    return state, model_cfg, augment
+    try:
+        train_cfg = config_from_dict(config)  # the training config as the trainer saved it (lists back to tuples)
+    except ConfigError as err:
+        raise EvaluationError(f"{path}: the checkpoint's config does not fit this version: {err}") from None
+    return state, train_cfg.model, train_cfg.augment
 
 
 def check_inputs(cfg: MBTConfig, augment: AugmentConfig, manifest: Manifest, shards: Path) -> None:
