@@ -21,6 +21,7 @@ import sys
 import time
 from contextlib import nullcontext
 from pathlib import Path
+from typing import Any
 
 import torch
 import torch._inductor.config as inductor_config
@@ -114,6 +115,21 @@ def require_peak_tflops(parser: argparse.ArgumentParser, given: float | None) ->
     return peak
 
 
+def resolve_device_args(
+    parser: argparse.ArgumentParser, args: argparse.Namespace, cpu: dict[str, Any], cuda: dict[str, Any]
+) -> argparse.Namespace:
+    """`args` with --device checked, options left unset given the device's defaults, and on CUDA the peak."""
+    on_cuda = args.device == "cuda"
+    if on_cuda and not torch.cuda.is_available():
+        parser.error("--device cuda: no CUDA device")
+    for key, value in (cuda if on_cuda else cpu).items():
+        if getattr(args, key) is None:
+            setattr(args, key, value)
+    if on_cuda:
+        args.peak_tflops = require_peak_tflops(parser, args.peak_tflops)
+    return args
+
+
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--size", choices=list(SIZES), help="model size (default: small on CPU, base on CUDA)")
@@ -125,15 +141,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--compile", action="store_true", help="torch.compile each model")
     parser.add_argument("--peak-tflops", type=float, help="dense bf16 peak of the GPU (needed if not known by name)")
     args = parser.parse_args(argv)
-    cuda = args.device == "cuda"
-    if cuda and not torch.cuda.is_available():
-        parser.error("--device cuda: no CUDA device")
-    for key, value in (CUDA_DEFAULTS if cuda else CPU_DEFAULTS).items():
-        if getattr(args, key) is None:
-            setattr(args, key, value)
-    if cuda:
-        args.peak_tflops = require_peak_tflops(parser, args.peak_tflops)
-    return args
+    return resolve_device_args(parser, args, CPU_DEFAULTS, CUDA_DEFAULTS)
 
 
 def main(argv: list[str] | None = None) -> int:

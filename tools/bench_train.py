@@ -55,7 +55,7 @@ from pipelines.mixup import mixup
 from preprocess.schema import Manifest, load_manifest
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # tools/ is no package: its siblings
-from bench_model import require_peak_tflops
+from bench_model import resolve_device_args
 from model_report import SIZES, count_flops, describe, size_config
 
 REPO = Path(__file__).resolve().parents[1]
@@ -198,20 +198,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--device", choices=("cpu", "cuda"), default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--peak-tflops", type=float, help="dense bf16 peak of the GPU (needed if not known by name)")
     args = parser.parse_args(argv)
-    cuda = args.device == "cuda"
-    if cuda and not torch.cuda.is_available():
-        parser.error("--device cuda: no CUDA device")
-    for key, value in (CUDA_DEFAULTS if cuda else CPU_DEFAULTS).items():
-        if getattr(args, key) is None:
-            setattr(args, key, value)
+    resolve_device_args(parser, args, CPU_DEFAULTS, CUDA_DEFAULTS)
     if args.shards is None:
         if not (DEFAULT_SHARDS / "manifest.json").is_file():
             parser.error(f"no shards in {DEFAULT_SHARDS}: run `make demo-shards` first, or give --shards")
         args.shards = DEFAULT_SHARDS
     if args.workers is None:
         args.workers = max(len(os.sched_getaffinity(0)) - 1, 1)
-    if cuda:
-        args.peak_tflops = require_peak_tflops(parser, args.peak_tflops)
     return args
 
 
