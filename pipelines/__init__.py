@@ -9,7 +9,8 @@ from typing import Any
 
 import torch
 
-from pipelines.split import LoaderError
+from pipelines.split import LoaderError, SplitIndex
+from pipelines.stream import StreamSplit, open_split
 
 LOADERS = ("auto", "dali", "torch")
 
@@ -28,21 +29,32 @@ def resolve_loader(loader: str) -> str:
     return loader
 
 
-def build_loader(folder: str | Path, train: bool, batch_size: int, loader: str = "auto", **kwargs: Any) -> Any:
-    """The loader of `folder` (a split of shards) for this rank: a TorchLoader or a DaliLoader, same interface.
+def build_loader(
+    folder: str | Path | SplitIndex | StreamSplit, train: bool, batch_size: int, loader: str = "auto", **kwargs: Any
+) -> Any:
+    """The loader of `folder` (a split of shards, see `pipelines.stream.open_split`) for this rank: a TorchLoader or
+    a DaliLoader, same interface. Streamed splits (`pipe:` URLs) are read by the PyTorch loader.
 
     `kwargs` go to the loader (num_workers, rank, world_size, seed, augment, skip_bad_samples, device, ...);
     DALI's `device` is 'gpu' (default when CUDA is available) or 'cpu', and it takes `num_threads`.
     """
     kind = resolve_loader(loader)
+    split = open_split(folder)
+    if isinstance(split, StreamSplit):
+        if loader == "dali":
+            raise LoaderError(
+                f"{split.folder}: DALI's webdataset reader reads local files only; stream pipe: URLs with "
+                "--loader torch (or auto), or mount the storage and pass the split's folder"
+            )
+        kind = "torch"
     if kind == "dali":
         from pipelines.dali_loader import DaliLoader
 
         kwargs.setdefault("device", "gpu" if torch.cuda.is_available() else "cpu")
-        return DaliLoader(folder, train=train, batch_size=batch_size, **kwargs)
+        return DaliLoader(split, train=train, batch_size=batch_size, **kwargs)
     from pipelines.torch_loader import TorchLoader
 
     kwargs.pop("num_threads", None)
     if kwargs.get("device") == "gpu":  # DALI's name for it
         kwargs["device"] = "cuda"
-    return TorchLoader(folder, train=train, batch_size=batch_size, **kwargs)
+    return TorchLoader(split, train=train, batch_size=batch_size, **kwargs)

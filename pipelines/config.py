@@ -22,6 +22,10 @@ VIDEO_STD = (0.5, 0.5, 0.5)
 
 BATCH_KEYS = ("video", "audio", "labels", "key", "clip_index")
 
+# Training shuffle buffer of a rank, in samples, where the order is a stream (the DALI reader; streamed pipe: splits,
+# shared by the workers): about 0.4 GB of encoded samples at the default 8 frames of 256 px and 1000 log-mel frames.
+SHUFFLE_BUFFER_SAMPLES = 1024
+
 
 @dataclass(frozen=True)
 class AugmentConfig:

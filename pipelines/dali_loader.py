@@ -9,8 +9,9 @@ is read once across ranks; each sample becomes `num_test_clips` rows with the to
 normalization (the JPEG decoder is DALI's: see tests/test_dali_loader.py for the measured difference).
 
 Training is one endless stream per rank: the reader shuffles rank r's block through a buffer of up to
-SHUFFLE_BUFFER_SAMPLES samples and wraps around at the block's end, so a rank never runs dry whatever the shard
-sizes; an epoch is the next `train_batches(N, batch_size, W)` batches of that stream, the same count on every rank.
+`shuffle_buffer` samples (default SHUFFLE_BUFFER_SAMPLES) and wraps around at the block's end, so a rank never runs
+dry whatever the shard sizes; an epoch is the next `train_batches(N, batch_size, W)` batches of that stream, the same
+count on every rank.
 Blocks are disjoint, so no sample is read by two ranks; within a rank the buffer shuffle is approximate (a sample may
 come twice in an epoch and another not at all), as with any DALI reader. The stream position is saved with DALI's
 pipeline checkpoint (reader position, shuffle and augmentation random states), so a restored loader continues the
@@ -29,8 +30,9 @@ from typing import Any
 import numpy as np
 import torch
 
-from pipelines.config import VIDEO_MEAN, VIDEO_STD, AugmentConfig, eval_windows
+from pipelines.config import SHUFFLE_BUFFER_SAMPLES, VIDEO_MEAN, VIDEO_STD, AugmentConfig, eval_windows
 from pipelines.split import LoaderError, SplitIndex, eval_batches, eval_range, train_batches
+from pipelines.stream import is_stream_source
 from pipelines.torch_loader import SampleReader, decode_frames, dist_rank_world
 from preprocess.schema import LABELS_DTYPE, LABELS_EXT, LOGMEL_EXT, Manifest, frame_ext, split_member_name
 
@@ -52,8 +54,6 @@ log = logging.getLogger(__name__)
 
 READER_NAME = "reader"
 OUTPUT_NAMES = ["video", "audio", "labels", "source"]
-# Shuffle buffer per rank: about 0.4 GB of encoded samples at the default 8 frames of 256 px and 1000 log-mel frames.
-SHUFFLE_BUFFER_SAMPLES = 1024
 # DALI's errors do not name the sample: after one, at most this many samples of the rank's block are checked on the
 # CPU, in reading order, to name it (a few seconds at 8 frames per sample).
 SCAN_LIMIT_SAMPLES = 1024
@@ -306,6 +306,7 @@ class DaliLoader:
         skip_bad_samples: bool = False,
         device: str | torch.device = "cpu",
         num_threads: int | None = None,
+        shuffle_buffer: int = SHUFFLE_BUFFER_SAMPLES,
     ) -> None:
         if _DALI_IMPORT_ERROR is not None:
             raise LoaderError("nvidia-dali not installed: pip install -e '.[dali]'") from _DALI_IMPORT_ERROR
@@ -316,13 +317,20 @@ class DaliLoader:
                 "the DALI loader cannot skip bad samples: run tools/verify_shards.py and re-shard, "
                 "or use --loader torch"
             )
+        if not isinstance(folder, SplitIndex) and is_stream_source(folder):
+            raise LoaderError(
+                "DALI's webdataset reader reads local files only: stream pipe: URLs with the PyTorch loader, "
+                "or mount the storage and pass the split's folder"
+            )
         self.index = folder if isinstance(folder, SplitIndex) else SplitIndex(folder)
         self.rank, self.world_size = dist_rank_world(rank, world_size)
         self.train, self.batch_size, self.seed = train, batch_size, seed
         self.device, self.device_id = dali_device(device)
         self.num_threads = num_threads or max(num_workers, 1)
         self.augment = augment or AugmentConfig()
-        self.spec = self._graph_spec()
+        if shuffle_buffer < 1:
+            raise LoaderError(f"shuffle_buffer must be at least 1, got {shuffle_buffer}")
+        self.spec = self._graph_spec(shuffle_buffer)
         self.epoch = 0
         self.position = 0
         self.skipped: list[str] = []  # always empty: the interface of TorchLoader, which can skip bad samples
@@ -332,7 +340,7 @@ class DaliLoader:
         self._pass_open = False
         self._batches_read = 0
 
-    def _graph_spec(self) -> GraphSpec:
+    def _graph_spec(self, shuffle_buffer: int) -> GraphSpec:
         manifest, n = self.index.manifest, len(self.index)
         features = manifest.features
         frames_used = self.augment.frames_used or features.num_frames
@@ -346,7 +354,7 @@ class DaliLoader:
             index_paths=tuple(str(p.resolve()) for p in self.index.index_paths),
             shard_id=shard_id,
             num_shards=num_shards,
-            shuffle_buffer=min(SHUFFLE_BUFFER_SAMPLES, len(eval_range(n, shard_id, num_shards))),
+            shuffle_buffer=min(shuffle_buffer, len(eval_range(n, shard_id, num_shards))),
             frames_stored=features.num_frames,
             frames_used=frames_used,
             frame_short_side_px=features.short_side_px,

@@ -69,8 +69,9 @@ def expand_sources(source: str | Path | Sequence[str | Path]) -> list[tuple[Path
     """(folder, shard names or None for all) for a split given as a folder, a list of folders, shard files or
     brace patterns of them (`shards/as/train/shard-{000000..000123}.tar`), local paths or `file:` URLs.
 
-    The manifest and index files are read from each shard's folder. Other URLs (`pipe:`, `s3:`, ...) are refused
-    with what to do: both loaders read shards by offset (the DALI index), which needs a local or mounted file.
+    The manifest and index files are read from each shard's folder. Other URLs (`s3:`, `pipe:`, ...) are refused
+    with what to do: this index reads shards by offset, which needs a local or mounted file (`pipe:` URLs are
+    streamed by `pipelines.stream` instead).
     """
     items = [source] if isinstance(source, str | Path) else list(source)
     if not items:
@@ -82,8 +83,9 @@ def expand_sources(source: str | Path | Sequence[str | Path]) -> list[tuple[Path
                 text = text.removeprefix("file:").removeprefix("//")
             elif re.match(r"^[A-Za-z][A-Za-z0-9+.-]*:", text):
                 raise LoaderError(
-                    f"{text}: the loaders read shards by offset from local or mounted files; mount the bucket "
-                    "(e.g. s3fs, gcsfuse, NFS) or copy the split, then pass its folder"
+                    f"{text}: not a local path; stream shards with a pipe: URL that writes them to standard output "
+                    "(e.g. 'pipe:aws s3 cp s3://bucket/as/train/shard-{000000..000099}.tar -', PyTorch loader), or "
+                    "mount the bucket (s3fs, gcsfuse, NFS) and pass the split's folder"
                 )
             path = Path(text)
             if path.is_dir():

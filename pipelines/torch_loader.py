@@ -6,23 +6,37 @@ sample's members straight from the tar at the offsets of the shard's DALI index 
 needs (the sampled frames, the log-mel, the labels), decodes the JPEGs with `torchvision.io.decode_jpeg` and
 augments as `pipelines.config` says. Random parameters come from a generator seeded by (seed, epoch, position in
 the epoch), so a batch is the same whether it was built before or after a resume, by any worker.
+
+Streamed splits (`pipe:` URLs, `pipelines.stream`) have no random access: each worker streams its own shards
+(`StreamBatches`, an IterableDataset) and makes every workers-th batch of the rank's epoch from them, with the same
+sample decoding and augmentation (`SampleBuilder`).
 """
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import logging
+import math
 import os
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
-from torch.utils.data import DataLoader, Dataset, get_worker_info
+from torch.utils.data import DataLoader, Dataset, IterableDataset, get_worker_info
 from torchvision.io import ImageReadMode, decode_jpeg
 
-from pipelines.config import VIDEO_MEAN, VIDEO_STD, AugmentConfig, centre_crop_box, eval_resize_shape, eval_windows
+from pipelines.config import (
+    SHUFFLE_BUFFER_SAMPLES,
+    VIDEO_MEAN,
+    VIDEO_STD,
+    AugmentConfig,
+    centre_crop_box,
+    eval_resize_shape,
+    eval_windows,
+)
 from pipelines.split import (
     LoaderError,
     SampleRef,
@@ -31,6 +45,14 @@ from pipelines.split import (
     eval_range,
     train_batches,
     train_order,
+)
+from pipelines.stream import (
+    StreamSplit,
+    open_split,
+    range_samples,
+    reader_buffer,
+    reader_samples,
+    train_units,
 )
 from preprocess.schema import LABELS_DTYPE, LABELS_EXT, LOGMEL_DTYPE, LOGMEL_EXT, Manifest, frame_ext
 
@@ -166,6 +188,111 @@ def spec_augment(audio: torch.Tensor, aug: AugmentConfig, rng: np.random.Generat
     return audio
 
 
+def sample_rng(seed: int, epoch: int, position: int) -> np.random.Generator:
+    """The augmentation generator of the sample at `position` of the epoch's global order (rank r's positions
+    follow rank r-1's), so no two ranks draw the same crops."""
+    return np.random.default_rng([seed, epoch, position])
+
+
+class SampleBuilder:
+    """Rows of one sample from its raw members: frame choice, JPEG decode, crops, log-mel windows, labels (the
+    contract of `pipelines.config`); 1 augmented row in training, `num_test_clips` rows in evaluation."""
+
+    def __init__(self, manifest: Manifest, train: bool, augment: AugmentConfig) -> None:
+        self.train, self.aug = train, augment
+        features = manifest.features
+        self.frames_stored = features.num_frames
+        self.frames_used = augment.frames_used or features.num_frames
+        if not 1 <= self.frames_used <= self.frames_stored:
+            raise LoaderError(f"frames_used={self.frames_used}, but the shards hold {self.frames_stored} frames")
+        self.time_frames = features.fbank_frames
+        self.logmel_shape = features.logmel_shape
+        self.mean, self.std = manifest.logmel.mean, manifest.logmel.std
+        self.multi_label = manifest.multi_label
+        self.num_classes = manifest.num_classes
+
+    def windows(self, rng: np.random.Generator | None) -> list[tuple[np.ndarray, int]]:
+        """(frame ids, log-mel start) of each row: random in training (`rng`), evenly spaced in evaluation."""
+        aug = self.aug
+        if self.train:
+            assert rng is not None
+            frame_ids = np.arange(self.frames_stored)
+            if self.frames_used < self.frames_stored:
+                frame_ids = np.sort(rng.choice(self.frames_stored, self.frames_used, replace=False))
+            return [(frame_ids, int(rng.integers(0, max(self.time_frames - aug.audio_frames, 0) + 1)))]
+        video_starts = eval_windows(self.frames_stored, self.frames_used, aug.num_test_clips)
+        audio_starts = eval_windows(self.time_frames, aug.audio_frames, aug.num_test_clips)
+        return [(np.arange(v, v + self.frames_used), a) for v, a in zip(video_starts, audio_starts, strict=True)]
+
+    @staticmethod
+    def member_exts(windows: list[tuple[np.ndarray, int]]) -> list[str]:
+        """The members the rows read: the frames the windows use, the log-mel and the labels."""
+        frames = sorted({int(i) for ids, _ in windows for i in ids})
+        return [frame_ext(i) for i in frames] + [LOGMEL_EXT, LABELS_EXT]
+
+    def stream_exts(self) -> frozenset[str]:
+        """The members a stream keeps: every frame in training (which are used is drawn later), else the ones the
+        evaluation windows use."""
+        if self.train:
+            return frozenset([frame_ext(i) for i in range(self.frames_stored)] + [LOGMEL_EXT, LABELS_EXT])
+        return frozenset(self.member_exts(self.windows(None)))
+
+    def _labels(self, raw: bytes) -> torch.Tensor:
+        labels = np.frombuffer(raw, dtype=LABELS_DTYPE)
+        if self.multi_label:
+            hot = torch.zeros(self.num_classes, dtype=torch.float32)
+            hot[torch.from_numpy(labels.astype(np.int64))] = 1.0
+            return hot
+        return torch.tensor(int(labels[0]), dtype=torch.int64)
+
+    def _logmel(self, raw: bytes, where: str) -> np.ndarray:
+        rows, bins = self.logmel_shape
+        if len(raw) != rows * bins * LOGMEL_DTYPE.itemsize:
+            raise LoaderError(f"{where}: log-mel of {len(raw)} bytes")
+        return np.frombuffer(raw, dtype=LOGMEL_DTYPE).reshape(rows, bins).astype(np.float32)
+
+    def rows(
+        self,
+        shard_name: str,
+        key: str,
+        raw: dict[str, bytes],
+        windows: list[tuple[np.ndarray, int]],
+        rng: np.random.Generator | None,
+    ) -> dict[str, Any]:
+        """The sample's rows from its members `raw` (at least `member_exts(windows)`); LoaderError naming the shard
+        and key if a member is missing or cannot be decoded."""
+        where = f"{shard_name}: sample {key}"
+        exts = self.member_exts(windows)
+        if missing := [ext for ext in exts if ext not in raw]:
+            raise LoaderError(f"{where}: no member {', '.join(missing)}")
+        needed = sorted({int(i) for ids, _ in windows for i in ids})
+        try:
+            decoded = decode_frames([raw[frame_ext(i)] for i in needed])
+        except RuntimeError as err:
+            raise LoaderError(f"{where}: bad JPEG ({err})") from err
+        logmel = self._logmel(raw[LOGMEL_EXT], where)
+        labels = self._labels(raw[LABELS_EXT])
+        aug = self.aug
+        videos, audios = [], []
+        for ids, audio_start in windows:
+            frames = decoded if len(ids) == len(needed) else decoded[np.searchsorted(needed, ids)]
+            audio = torch.from_numpy((audio_window(logmel, audio_start, aug.audio_frames) - self.mean) / self.std)[None]
+            if self.train:
+                videos.append(train_video(frames, aug, rng))
+                audios.append(spec_augment(audio, aug, rng))
+            else:
+                videos.append(eval_video(frames, aug))
+                audios.append(audio)
+        count = len(windows)
+        return {
+            "video": videos,
+            "audio": torch.stack(audios),
+            "labels": torch.stack([labels] * count),
+            "key": [key] * count,
+            "clip_index": torch.zeros(1, dtype=torch.int64) if self.train else torch.arange(count, dtype=torch.int64),
+        }
+
+
 class BatchDataset(Dataset):
     """Item b is batch b of this rank's order for the current epoch (a dict as in pipelines.config)."""
 
@@ -181,17 +308,10 @@ class BatchDataset(Dataset):
         skip_bad_samples: bool,
     ) -> None:
         self.index, self.train, self.batch_size = index, train, batch_size
-        self.rank, self.world_size, self.seed, self.aug = rank, world_size, seed, augment
+        self.rank, self.world_size, self.seed = rank, world_size, seed
         self.skip_bad_samples = skip_bad_samples
         self.reader = SampleReader(index)
-        features = index.manifest.features
-        self.frames_stored = features.num_frames
-        self.frames_used = augment.frames_used or features.num_frames
-        if not 1 <= self.frames_used <= self.frames_stored:
-            raise LoaderError(f"frames_used={self.frames_used}, but the shards hold {self.frames_stored} frames")
-        self.mean, self.std = index.manifest.logmel.mean, index.manifest.logmel.std
-        self.multi_label = index.manifest.multi_label
-        self.num_classes = index.manifest.num_classes
+        self.builder = SampleBuilder(index.manifest, train, augment)
         self.epoch = 0
         self.order = np.zeros(0, dtype=np.int64)
         self.set_epoch(0)
@@ -210,68 +330,13 @@ class BatchDataset(Dataset):
             return train_batches(n, self.batch_size, self.world_size)
         return eval_batches(n, self.batch_size, self.rank, self.world_size)
 
-    def _labels(self, raw: bytes) -> torch.Tensor:
-        labels = np.frombuffer(raw, dtype=LABELS_DTYPE)
-        if self.multi_label:
-            hot = torch.zeros(self.num_classes, dtype=torch.float32)
-            hot[torch.from_numpy(labels.astype(np.int64))] = 1.0
-            return hot
-        return torch.tensor(int(labels[0]), dtype=torch.int64)
-
-    def _logmel(self, raw: bytes, ref: SampleRef) -> np.ndarray:
-        shape = self.index.manifest.features.logmel_shape
-        if len(raw) != shape[0] * shape[1] * LOGMEL_DTYPE.itemsize:
-            raise LoaderError(
-                f"{self.index.shard_paths[ref.shard].name}: sample {ref.key}: log-mel of {len(raw)} bytes"
-            )
-        return np.frombuffer(raw, dtype=LOGMEL_DTYPE).reshape(shape).astype(np.float32)
-
     def load_sample(self, position: int, sample: int) -> dict[str, Any]:
         """Rows of one sample: 1 in training (augmented), num_test_clips in evaluation."""
         ref = self.index.samples[sample]
-        aug = self.aug
-        if self.train:
-            rng = np.random.default_rng([self.seed, self.epoch, position])
-            frame_ids = np.arange(self.frames_stored)
-            if self.frames_used < self.frames_stored:
-                frame_ids = np.sort(rng.choice(self.frames_stored, self.frames_used, replace=False))
-            windows = [(frame_ids, int(rng.integers(0, max(self._time_frames() - aug.audio_frames, 0) + 1)))]
-        else:
-            rng = None
-            video_starts = eval_windows(self.frames_stored, self.frames_used, aug.num_test_clips)
-            audio_starts = eval_windows(self._time_frames(), aug.audio_frames, aug.num_test_clips)
-            windows = [(np.arange(v, v + self.frames_used), a) for v, a in zip(video_starts, audio_starts, strict=True)]
-        needed = sorted({int(i) for ids, _ in windows for i in ids})
-        raw = self.reader.read(ref, [frame_ext(i) for i in needed] + [LOGMEL_EXT, LABELS_EXT])
-        try:
-            decoded = decode_frames([raw[frame_ext(i)] for i in needed])
-        except RuntimeError as err:
-            raise LoaderError(f"{self.index.shard_paths[ref.shard].name}: sample {ref.key}: bad JPEG ({err})") from err
-        logmel = self._logmel(raw[LOGMEL_EXT], ref)
-        labels = self._labels(raw[LABELS_EXT])
-        videos, audios = [], []
-        for ids, audio_start in windows:
-            frames = decoded if len(ids) == len(needed) else decoded[np.searchsorted(needed, ids)]
-            audio = torch.from_numpy((audio_window(logmel, audio_start, aug.audio_frames) - self.mean) / self.std)[None]
-            if self.train:
-                videos.append(train_video(frames, aug, rng))
-                audios.append(spec_augment(audio, aug, rng))
-            else:
-                videos.append(eval_video(frames, aug))
-                audios.append(audio)
-        rows = len(windows)
-        return {
-            "video": videos,
-            "audio": torch.stack(audios),
-            "labels": torch.stack([labels] * rows),
-            "key": [ref.key] * rows,
-            "clip_index": torch.arange(rows, dtype=torch.int64)
-            if not self.train
-            else torch.zeros(1, dtype=torch.int64),
-        }
-
-    def _time_frames(self) -> int:
-        return self.index.manifest.features.fbank_frames
+        rng = sample_rng(self.seed, self.epoch, self.rank * len(self.order) + position) if self.train else None
+        windows = self.builder.windows(rng)
+        raw = self.reader.read(ref, self.builder.member_exts(windows))
+        return self.builder.rows(self.index.shard_paths[ref.shard].name, ref.key, raw, windows, rng)
 
     def __getitem__(self, item: tuple[int, int]) -> dict[str, Any]:
         """Batch `batch` of epoch `epoch`, for item (epoch, batch): persistent workers follow the epochs.
@@ -307,6 +372,115 @@ class BatchDataset(Dataset):
         return collate(rows, skipped)
 
 
+class StreamBatches(IterableDataset):
+    """This rank's batches of a streamed split (`pipelines.stream`) for the epoch and first batch set before a
+    pass: worker w of K makes batches w, w+K, ... (the order a DataLoader hands them on in), in training from the
+    units `train_units` deals it, through a shuffle buffer of `shuffle_buffer / K` samples; in evaluation from its
+    contiguous part of the rank's block (batches are then handed on worker by worker, the rows are the same).
+
+    Resuming at batch b replays the streams up to b without decoding: the same batches follow, as long as the
+    world size and worker count are the same (bad samples skipped before b are not replayed).
+    """
+
+    def __init__(
+        self,
+        split: StreamSplit,
+        train: bool,
+        batch_size: int,
+        rank: int,
+        world_size: int,
+        seed: int,
+        augment: AugmentConfig,
+        skip_bad_samples: bool,
+        shuffle_buffer: int,
+    ) -> None:
+        self.split, self.train, self.batch_size = split, train, batch_size
+        self.rank, self.world_size, self.seed = rank, world_size, seed
+        self.skip_bad_samples, self.shuffle_buffer = skip_bad_samples, shuffle_buffer
+        self.builder = SampleBuilder(split.manifest, train, augment)
+        self.exts = self.builder.stream_exts()
+        # (epoch, first batch) of the next pass, in shared memory: persistent workers read it when a pass starts.
+        self._pass = torch.zeros(2, dtype=torch.int64).share_memory_()
+
+    def set_pass(self, epoch: int, start: int) -> None:
+        """Make the next pass (`iter`) read `epoch` from batch `start` on (training)."""
+        self._pass[0], self._pass[1] = epoch, start
+
+    def __len__(self) -> int:
+        n = len(self.split)
+        if self.train:
+            return train_batches(n, self.batch_size, self.world_size)
+        return eval_batches(n, self.batch_size, self.rank, self.world_size)
+
+    def __iter__(self) -> Iterator[dict[str, Any]]:
+        info = get_worker_info()
+        worker, workers = (info.id, info.num_workers) if info is not None else (0, 1)
+        epoch, start = (int(x) for x in self._pass)
+        if self.train:  # the DataLoader takes batches from its workers in turn from worker 0: it must own `start`
+            worker = (worker + start) % workers
+        try:
+            yield from self._train(worker, workers, epoch, start) if self.train else self._eval(worker, workers)
+        except LoaderError as err:
+            yield {"error": str(err)}
+
+    def _train(self, worker: int, workers: int, epoch: int, start: int) -> Iterator[dict[str, Any]]:
+        sizes = [s.num_samples for s in self.split.manifest.shards]
+        batches = len(self)
+        reader, readers = self.rank * workers + worker, self.world_size * workers
+        quotas = [len(range(r % workers, batches, workers)) * self.batch_size for r in range(readers)]
+        units = train_units(sizes, quotas, self.seed, epoch)[reader]
+        if not units:  # fewer batches than workers: this one makes none
+            return
+        buffer = reader_buffer(units, sizes, math.ceil(self.shuffle_buffer / workers))
+        rng = np.random.default_rng([self.seed, epoch, reader, readers])
+        with contextlib.closing(reader_samples(self.split, units, self.exts, buffer, rng)) as samples:
+            for batch in range(worker, batches, workers):
+                if batch < start:
+                    for _ in range(self.batch_size):
+                        next(samples)
+                    continue
+                first = (self.rank * batches + batch) * self.batch_size
+                yield self._train_batch(samples, epoch, first)
+
+    def _train_batch(
+        self, samples: Iterator[tuple[str, str, dict[str, bytes]]], epoch: int, first: int
+    ) -> dict[str, Any]:
+        rows, skipped = [], []
+        while len(rows) < self.batch_size:
+            shard_name, key, raw = next(samples)
+            rng = sample_rng(self.seed, epoch, first + len(rows))
+            try:
+                rows.append(self.builder.rows(shard_name, key, raw, self.builder.windows(rng), rng))
+            except LoaderError as err:
+                if not self.skip_bad_samples:
+                    raise LoaderError(f"{err} (pass --skip-bad-samples to skip such samples)") from None
+                skipped.append(str(err))  # the next sample of the stream takes its place
+                if len(skipped) > len(self.split):
+                    raise LoaderError(f"{self.split.folder}: no sample of the split can be read") from None
+        return collate(rows, skipped)
+
+    def _eval(self, worker: int, workers: int) -> Iterator[dict[str, Any]]:
+        block = eval_range(len(self.split), self.rank, self.world_size)
+        batches = eval_batches(len(self.split), self.batch_size, self.rank, self.world_size)
+        first, last = batches * worker // workers, batches * (worker + 1) // workers
+        start, stop = block.start + first * self.batch_size, min(block.start + last * self.batch_size, block.stop)
+        windows = self.builder.windows(None)
+        rows, skipped, count = [], [], 0
+        for shard_name, key, raw in range_samples(self.split, start, stop, self.exts):
+            count += 1
+            try:
+                rows.append(self.builder.rows(shard_name, key, raw, windows, None))
+            except LoaderError as err:
+                if not self.skip_bad_samples:
+                    raise LoaderError(f"{err} (pass --skip-bad-samples to skip such samples)") from None
+                skipped.append(str(err))  # evaluation: dropped (and counted), never replaced
+            if count == self.batch_size:
+                yield collate(rows, skipped)
+                rows, skipped, count = [], [], 0
+        if count:
+            yield collate(rows, skipped)
+
+
 def collate(rows: list[dict[str, Any]], skipped: list[str]) -> dict[str, Any]:
     """One batch from per-sample rows; `skipped` carries the errors of samples left out.
 
@@ -340,6 +514,9 @@ def _init_worker(worker_id: int) -> None:
 class TorchLoader:
     """Batches of one split for this rank: `for batch in loader` runs the rest of the current epoch.
 
+    `folder` is a split as `pipelines.stream.open_split` takes it: local shards are read at their index offsets,
+    `pipe:` URLs are streamed (see `StreamBatches`; `shuffle_buffer` is the rank's shuffle buffer in samples, shared
+    by its workers).
     `state_dict()` is the stream position (epoch, batches consumed); `load_state_dict()` makes the next
     iteration start there. In evaluation the epoch is irrelevant and each iteration is the whole rank's part.
     Workers hand over uint8 video; the batch is moved to `device` (from pinned memory on CUDA) and normalized
@@ -348,7 +525,7 @@ class TorchLoader:
 
     def __init__(
         self,
-        folder: str | Path,
+        folder: str | Path | Sequence[str | Path] | SplitIndex | StreamSplit,
         train: bool,
         batch_size: int,
         num_workers: int = 2,
@@ -358,22 +535,33 @@ class TorchLoader:
         augment: AugmentConfig | None = None,
         skip_bad_samples: bool = False,
         device: str | torch.device = "cpu",
+        shuffle_buffer: int = SHUFFLE_BUFFER_SAMPLES,
     ) -> None:
         if batch_size < 1:
             raise LoaderError(f"batch_size must be at least 1, got {batch_size}")
-        self.index = folder if isinstance(folder, SplitIndex) else SplitIndex(folder)
+        if shuffle_buffer < 1:
+            raise LoaderError(f"shuffle_buffer must be at least 1, got {shuffle_buffer}")
+        self.index = open_split(folder)
         self.rank, self.world_size = dist_rank_world(rank, world_size)
         self.train, self.batch_size, self.num_workers = train, batch_size, num_workers
         self.device = torch.device(device)
-        self.dataset = BatchDataset(
-            self.index, train, batch_size, self.rank, self.world_size, seed, augment or AugmentConfig(),
-            skip_bad_samples,
-        )  # fmt: skip
+        augment = augment or AugmentConfig()
+        self.streamed = isinstance(self.index, StreamSplit)
+        self.dataset: BatchDataset | StreamBatches
+        if isinstance(self.index, StreamSplit):
+            self.dataset = StreamBatches(
+                self.index, train, batch_size, self.rank, self.world_size, seed, augment, skip_bad_samples,
+                shuffle_buffer,
+            )  # fmt: skip
+        else:
+            self.dataset = BatchDataset(
+                self.index, train, batch_size, self.rank, self.world_size, seed, augment, skip_bad_samples
+            )
         self.epoch = 0
         self.position = 0
         self.skipped: list[str] = []
-        # One DataLoader for the loader's life (persistent workers); each pass reads the (epoch, batch) items
-        # listed here when it starts.
+        # One DataLoader for the loader's life (persistent workers). Each pass of an indexed split reads the
+        # (epoch, batch) items listed here when it starts; a streamed split's workers read the pass from the dataset.
         self._items: list[tuple[int, int]] = []
         self._loader: DataLoader | None = None
 
@@ -390,27 +578,44 @@ class TorchLoader:
             self.epoch, self.position = epoch, 0
 
     def state_dict(self) -> dict[str, int]:
-        return {"epoch": self.epoch, "batches": self.position}
+        state = {"epoch": self.epoch, "batches": self.position}
+        if self.streamed:  # a streamed epoch's order depends on how many readers share it
+            state["readers"] = self.world_size * max(self.num_workers, 1)
+        return state
 
     def load_state_dict(self, state: dict[str, int]) -> None:
         self.epoch, self.position = int(state["epoch"]), int(state["batches"])
+        readers = self.world_size * max(self.num_workers, 1)
+        if self.streamed and self.train and self.position and state.get("readers", readers) != readers:
+            log.warning(
+                "the stream was read by %s readers (ranks x workers), now by %d: epoch %d goes on at batch %d with "
+                "another order, so some of its samples may be seen twice or not at all",
+                state.get("readers"), readers, self.epoch, self.position,
+            )  # fmt: skip
 
-    def __iter__(self) -> Iterator[dict[str, Any]]:
+    def _pass_loader(self) -> DataLoader:
+        """The DataLoader of this pass, from `self.position` on in training."""
         start = self.position if self.train else 0
-        self._items[:] = [(self.epoch, b) for b in range(start, len(self.dataset))]
+        if isinstance(self.dataset, StreamBatches):
+            self.dataset.set_pass(self.epoch, start)
+        else:
+            self._items[:] = [(self.epoch, b) for b in range(start, len(self.dataset))]
         if self._loader is None:
             keep_freed_memory()
             self._loader = DataLoader(
                 self.dataset,
                 batch_size=None,
-                sampler=self._items,
+                sampler=None if self.streamed else self._items,
                 num_workers=self.num_workers,
                 pin_memory=self.device.type == "cuda",
                 prefetch_factor=4 if self.num_workers else None,
                 persistent_workers=self.num_workers > 0,
                 worker_init_fn=_init_worker,
             )
-        for batch in self._loader:
+        return self._loader
+
+    def __iter__(self) -> Iterator[dict[str, Any]]:
+        for batch in self._pass_loader():
             if "error" in batch:
                 raise LoaderError(batch["error"])
             if batch["video"] is not None:

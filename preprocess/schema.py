@@ -281,16 +281,22 @@ def load_manifest(folder: str | Path) -> Manifest:
     path = Path(folder) / MANIFEST_NAME
     if not path.is_file():
         raise SchemaError(f"{path}: no manifest; shard the split first (tools/shard_audioset.py, shard_vggsound.py)")
+    return parse_manifest(path.read_bytes(), str(path))
+
+
+def parse_manifest(text: str | bytes, where: str) -> Manifest:
+    """A manifest from its JSON text, read from `where` (a path or URL that errors name); SchemaError if it is
+    invalid or of another schema version."""
     try:
-        data = json.loads(path.read_text())
+        data = json.loads(text)
     except (UnicodeDecodeError, json.JSONDecodeError) as err:
-        raise SchemaError(f"{path}: not valid JSON ({err}); re-run the shard job to rewrite it") from err
+        raise SchemaError(f"{where}: not valid JSON ({err}); re-run the shard job to rewrite it") from err
     if not isinstance(data, dict):
-        raise SchemaError(f"{path}: not a manifest (a JSON {type(data).__name__}); re-run the shard job to rewrite it")
+        raise SchemaError(f"{where}: not a manifest (a JSON {type(data).__name__}); re-run the shard job to rewrite it")
     version = data.get("schema_version")
     if version != SCHEMA_VERSION:
         raise SchemaError(
-            f"{path}: schema version {version}, this code reads version {SCHEMA_VERSION}; "
+            f"{where}: schema version {version}, this code reads version {SCHEMA_VERSION}; "
             "re-shard the split with this version of tools/shard_*.py"
         )
     try:
@@ -306,4 +312,4 @@ def load_manifest(folder: str | Path) -> Manifest:
             job=dict(data["job"]),
         )
     except (KeyError, TypeError, ValueError, AttributeError) as err:
-        raise SchemaError(f"{path}: missing or malformed field ({err!r}); re-run the shard job to rewrite it") from err
+        raise SchemaError(f"{where}: missing or malformed field ({err!r}); re-run the shard job to rewrite it") from err

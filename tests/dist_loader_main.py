@@ -1,5 +1,6 @@
 """Run under torchrun by tests/test_dist_loader.py: every rank reads one training epoch and the evaluation split
-with the loader named on the command line; rank 0 writes what each rank saw as JSON."""
+with the loader named on the command line (streamed through pipe:cat with --stream); rank 0 writes what each rank
+saw as JSON."""
 
 from __future__ import annotations
 
@@ -18,7 +19,10 @@ def main() -> None:
     parser.add_argument("eval_dir")
     parser.add_argument("out")
     parser.add_argument("--loader", default="torch")
+    parser.add_argument("--stream", action="store_true", help="read the splits as pipe:cat URLs")
     args = parser.parse_args()
+    if args.stream:
+        args.train_dir, args.eval_dir = (f"pipe:cat {d}/manifest.json" for d in (args.train_dir, args.eval_dir))
     dist.init_process_group("gloo")
     kw = {"loader": args.loader, "augment": SMALL_AUG, "num_workers": 2}
     train = build_loader(args.train_dir, True, 2, **kw)

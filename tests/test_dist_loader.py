@@ -1,4 +1,5 @@
-"""The loaders under torchrun with gloo on CPU: 2 processes on one node, and 2 "nodes" on localhost."""
+"""The loaders under torchrun with gloo on CPU: 2 processes on one node (indexed, streamed through pipe:cat, DALI), and
+2 "nodes" on localhost."""
 
 from __future__ import annotations
 
@@ -36,13 +37,14 @@ def check_ranks(result: Path, train_dir: Path, eval_dir: Path) -> None:
     assert len(rows) == len(set(rows)) and set(rows) == expected
 
 
-@pytest.mark.parametrize("loader", ["torch", pytest.param("dali", marks=pytest.mark.dali)])
+@pytest.mark.parametrize("loader", ["torch", "stream", pytest.param("dali", marks=pytest.mark.dali)])
 def test_two_processes_one_node(train_shards, eval_shards, tmp_path, loader):
     if loader == "dali":
         pytest.importorskip("nvidia.dali")
     out = tmp_path / "seen.json"
+    flags = ["--stream"] if loader == "stream" else ["--loader", loader]
     cmd = torchrun("--standalone", "--nproc_per_node=2", str(SCRIPT), str(train_shards), str(eval_shards), str(out),
-                   "--loader", loader)  # fmt: skip
+                   *flags)  # fmt: skip
     run = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
     assert run.returncode == 0, run.stderr[-3000:]
     check_ranks(out, train_shards, eval_shards)
