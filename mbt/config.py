@@ -23,13 +23,15 @@ from typing import Any
 import yaml
 
 from mbt.model import MBTConfig
-from pipelines.config import AugmentConfig
+from pipelines import LOADERS
+from pipelines.config import SHUFFLE_BUFFER_SAMPLES, AugmentConfig
+from pipelines.split import LoaderError
+from pipelines.stream import is_plain_path, split_manifest
 from preprocess.atomic import write_bytes_atomic
-from preprocess.schema import MANIFEST_NAME, SchemaError, load_manifest
+from preprocess.schema import MANIFEST_NAME
 
 PRESETS = ("audioset", "vggsound", "demo")
 OPTIMIZERS = ("sgd", "adamw")
-LOADERS = ("auto", "dali", "torch")
 DEVICES = ("auto", "cpu", "cuda")
 _TRUE = ("true", "1", "yes", "on")
 _FALSE = ("false", "0", "no", "off")
@@ -50,8 +52,11 @@ class TrainConfig:
     model: MBTConfig = field(default_factory=lambda: MBTConfig(drop_path_rate=0.3))
     augment: AugmentConfig = field(default_factory=lambda: AugmentConfig(mixup_alpha=0.5))
     # data
-    train_shards: str = ""  # folder holding manifest.json and the tar shards of the training split
+    # The training split: its folder (manifest.json and the tar shards), a brace pattern of folders or shards, or
+    # pipe: URLs of its shards or manifest.json (streamed, e.g. 'pipe:aws s3 cp s3://b/as/train/manifest.json -').
+    train_shards: str = ""
     eval_shards: str = ""  # ... of the evaluation split; "" for no evaluation during training
+    shuffle_buffer: int = SHUFFLE_BUFFER_SAMPLES  # training, per rank: the DALI reader's and streamed splits'
     loader: str = "auto"  # auto: DALI on CUDA when it imports, else the PyTorch WebDataset loader
     num_workers: int = 2
     batch_size: int = 64  # global: over all ranks and gradient accumulation steps
@@ -222,6 +227,7 @@ def validate(cfg: TrainConfig, world_size: int = 1, *, train: bool = True) -> Tr
         (cfg.grad_accum >= 1, f"--grad_accum must be at least 1, got {cfg.grad_accum}"),
         (cfg.eval_batch_size >= 1, f"--eval_batch_size must be at least 1, got {cfg.eval_batch_size}"),
         (cfg.num_workers >= 0, f"--num_workers must be 0 or more, got {cfg.num_workers}"),
+        (cfg.shuffle_buffer >= 1, f"--shuffle_buffer must be at least 1, got {cfg.shuffle_buffer}"),
         (cfg.optimizer in OPTIMIZERS, f"--optimizer {cfg.optimizer!r} is not one of {', '.join(OPTIMIZERS)}"),
         (cfg.loader in LOADERS, f"--loader {cfg.loader!r} is not one of {', '.join(LOADERS)}"),
         (cfg.device in DEVICES, f"--device {cfg.device!r} is not one of {', '.join(DEVICES)}"),
@@ -295,15 +301,14 @@ def _batch_problem(cfg: TrainConfig, world_size: int) -> str | None:
 
 def _shard_problems(cfg: TrainConfig, key: str, folder: str) -> list[str]:
     """What keeps `cfg` from reading the split in `folder` (given as --key)."""
-    path = Path(folder)
-    if not (path / MANIFEST_NAME).is_file():
+    if is_plain_path(folder) and not (Path(folder) / MANIFEST_NAME).is_file():
         return [
             f"--{key} {folder}: no {MANIFEST_NAME} there; shard the split first (tools/shard_audioset.py or "
             f"tools/shard_vggsound.py; `make demo-shards` makes the demo's) or point --{key} at a sharded split"
         ]
     try:
-        manifest = load_manifest(path)
-    except SchemaError as err:
+        manifest = split_manifest(folder)
+    except LoaderError as err:
         return [f"--{key}: {err}"]
     model, aug, features = cfg.model, cfg.augment, manifest.features
     stored, where = features.num_frames, f"the shards in {folder}"

@@ -36,7 +36,8 @@ from mbt.metrics import average_precision_per_class, compute_metrics
 from mbt.model import MBT, MBTConfig
 from pipelines import LOADERS, build_loader
 from pipelines.config import AugmentConfig
-from pipelines.split import LoaderError, SplitIndex
+from pipelines.split import LoaderError
+from pipelines.stream import open_split
 from preprocess.schema import Manifest
 
 METRICS_FILE = "metrics.json"
@@ -180,7 +181,7 @@ def load_checkpoint(path: Path) -> tuple[dict[str, torch.Tensor], MBTConfig, Aug
     return state, train_cfg.model, train_cfg.augment
 
 
-def check_inputs(cfg: MBTConfig, augment: AugmentConfig, manifest: Manifest, shards: Path) -> None:
+def check_inputs(cfg: MBTConfig, augment: AugmentConfig, manifest: Manifest, shards: str | Path) -> None:
     """Raise if the split's classes or the evaluation crops do not fit the model."""
     problems = []
     if manifest.num_classes != cfg.num_classes:
@@ -203,7 +204,10 @@ def check_inputs(cfg: MBTConfig, augment: AugmentConfig, manifest: Manifest, sha
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="mbt.evaluate", description=__doc__.split("\n\n")[0])
     parser.add_argument("--checkpoint", type=Path, required=True, help="training checkpoint (.pt)")
-    parser.add_argument("--shards", type=Path, required=True, help="folder of one split's shards (manifest.json)")
+    parser.add_argument(
+        "--shards", required=True,
+        help="the split: its folder, shard files or a brace pattern of them, file: or pipe: URLs (streamed)",
+    )  # fmt: skip
     parser.add_argument("--out", type=Path, required=True, help="folder for metrics.json and predictions.npz")
     parser.add_argument("--loader", choices=LOADERS, default="auto", help="auto: DALI on CUDA when installed")
     parser.add_argument("--batch-size", type=int, default=8, help="samples per batch and rank (x num_test_clips rows)")
@@ -218,7 +222,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
 def run(args: argparse.Namespace) -> int:
     """Check the checkpoint against the shards, then evaluate on this rank and (rank 0) report."""
     state, model_cfg, augment = load_checkpoint(args.checkpoint)
-    index = SplitIndex(args.shards)
+    index = open_split(args.shards)
     manifest = index.manifest
     check_inputs(model_cfg, augment, manifest, args.shards)
     model = MBT(model_cfg)

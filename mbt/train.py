@@ -31,7 +31,7 @@ from mbt.evaluate import evaluate
 from mbt.model import MBT, init_from_vit
 from pipelines import build_loader
 from pipelines.mixup import mixup
-from preprocess.schema import load_manifest
+from pipelines.stream import open_split
 
 
 class TrainingError(RuntimeError):
@@ -124,9 +124,10 @@ def plot_curves(jsonl: Path, png: Path) -> None:
 
 def run_evaluation(cfg: TrainConfig, model: torch.nn.Module, dist: DistInfo, out_dir: Path | None) -> dict | None:
     """Sharded evaluation of `model` on cfg.eval_shards (every sample once across ranks); metrics on rank 0."""
-    manifest = load_manifest(cfg.eval_shards)
+    split = open_split(cfg.eval_shards)
+    manifest = split.manifest
     loader = build_loader(
-        cfg.eval_shards, train=False, batch_size=cfg.eval_batch_size, loader=cfg.loader, num_workers=cfg.num_workers,
+        split, train=False, batch_size=cfg.eval_batch_size, loader=cfg.loader, num_workers=cfg.num_workers,
         rank=dist.rank, world_size=dist.world_size, augment=cfg.augment, device=dist.device,
     )  # fmt: skip
     bf16 = cfg.bf16 and dist.device.type == "cuda"
@@ -139,8 +140,8 @@ def train(cfg: TrainConfig, dist: DistInfo) -> dict[str, Any]:
     if dist.is_main:
         run_dir.mkdir(parents=True, exist_ok=True)
         save_config(cfg, run_dir / "config.yaml")
-    manifest = load_manifest(cfg.train_shards)
-    multi_label, num_classes = manifest.multi_label, manifest.num_classes
+    split = open_split(cfg.train_shards)
+    multi_label, num_classes = split.manifest.multi_label, split.manifest.num_classes
     device = dist.device
 
     torch.manual_seed(cfg.seed)  # the same initial weights on every rank
@@ -156,9 +157,9 @@ def train(cfg: TrainConfig, dist: DistInfo) -> dict[str, Any]:
 
     batch = per_rank_batch(cfg, dist.world_size)
     loader = build_loader(
-        cfg.train_shards, train=True, batch_size=batch, loader=cfg.loader, num_workers=cfg.num_workers,
+        split, train=True, batch_size=batch, loader=cfg.loader, num_workers=cfg.num_workers,
         rank=dist.rank, world_size=dist.world_size, seed=cfg.seed, augment=cfg.augment,
-        skip_bad_samples=cfg.skip_bad_samples, device=device,
+        skip_bad_samples=cfg.skip_bad_samples, device=device, shuffle_buffer=cfg.shuffle_buffer,
     )  # fmt: skip
     steps_per_epoch = max(len(loader) // cfg.grad_accum, 1)
     total_steps = cfg.epochs * steps_per_epoch if cfg.max_steps is None else cfg.max_steps

@@ -495,3 +495,17 @@ def test_real_demo_shards(train_shards: Path) -> None:
         validate(cfg)
     short = cfg.replace(model=cfg.model.replace(audio_frames=192), augment=cfg.augment.replace(audio_frames=192))
     assert validate(short) is short
+
+
+def test_streamed_and_patterned_splits_are_checked_against_the_model(demo_cfg: TrainConfig, tmp_path: Path) -> None:
+    other = write_manifest(tmp_path / "other", num_classes=10)
+    data = json.loads((other / "manifest.json").read_text())
+    data["shards"] = [{"name": f"shard-00000{i}.tar", "num_samples": 1, "bytes": 1, "sha256": ""} for i in range(2)]
+    (other / "manifest.json").write_text(json.dumps(data))  # validation reads the manifest, not the shards
+    for source in (f"pipe:cat {other}/manifest.json", f"{other}/shard-{{000000..000001}}.tar"):
+        with pytest.raises(ConfigError, match=r"--model.num_classes 8, but the shards in .* have 10 classes"):
+            validate(demo_cfg.replace(train_shards=source))
+    with pytest.raises(ConfigError, match=r"--eval_shards: pipe:cat /nowhere/manifest.json: the command exited"):
+        validate(demo_cfg.replace(eval_shards="pipe:cat /nowhere/manifest.json"))
+    with pytest.raises(ConfigError, match="--shuffle_buffer must be at least 1"):
+        validate(demo_cfg.replace(shuffle_buffer=0))

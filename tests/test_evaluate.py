@@ -140,6 +140,12 @@ def test_cli_same_for_any_batch_size_and_workers(request, evaluated, split):
     assert_same(one_by_one, evaluated(shards, 4, 2))
 
 
+def test_cli_streamed_split_equals_its_folder(eval_shards, evaluated, checkpoint, tmp_path):
+    out = tmp_path / "eval"
+    assert main(cli_args(checkpoint, f"pipe:cat {eval_shards}/manifest.json", out, batch_size=2, num_workers=2)) == 0
+    assert_same(evaluated(eval_shards, 1, 0), read_results(out))
+
+
 def test_cli_same_on_two_processes(train_shards, evaluated, checkpoint, tmp_path):
     out = tmp_path / "eval"
     cmd = torchrun("-m", "mbt.evaluate", *cli_args(checkpoint, train_shards, out, batch_size=2, num_workers=1))

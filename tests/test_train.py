@@ -21,6 +21,7 @@ import yaml
 
 from mbt.checkpoint import checkpoint_path, latest_checkpoint, list_checkpoints, load_checkpoint
 from mbt.config import ConfigError, config_from_dict, load_config, validate
+from mbt.evaluate import main as evaluate_main
 from mbt.train import main
 
 REPO = Path(__file__).resolve().parents[1]
@@ -180,6 +181,31 @@ def test_resume_with_grad_accum_equals_uninterrupted(train_shards: Path, eval_sh
     for step in again:
         assert again[step] == pytest.approx(reference[step], rel=0, abs=1e-6), f"step {step}"
     assert_same_weights(checkpoint_path(whole, 8), checkpoint_path(resumed, 8))
+
+
+def test_streamed_shards_train_resume_and_evaluate(train_shards: Path, eval_shards: Path, tmp_path: Path) -> None:
+    """Both splits as pipe: URLs, 2 loader workers: resuming mid-epoch gives the uninterrupted losses, and the
+    streamed evaluation during training equals mbt.evaluate of the same checkpoint over the shard folder."""
+    piped_train, piped_eval = (f"pipe:cat {folder}/manifest.json" for folder in (train_shards, eval_shards))
+    run = ["--epochs", "2", "--checkpoint_every_steps", "1", "--keep_checkpoints", "20", "--num_workers", "2", *RANDOM]
+    whole = tmp_path / "whole"
+    assert main(train_args(piped_train, piped_eval, whole, *run)) == 0
+    assert load_checkpoint(checkpoint_path(whole, 3))["loader"] == [{"epoch": 0, "batches": 3, "readers": 2}]
+    resumed = tmp_path / "resumed"
+    checkpoint_path(resumed, 3).parent.mkdir(parents=True)
+    shutil.copy(checkpoint_path(whole, 3), checkpoint_path(resumed, 3))  # as if the run had died after step 3
+    assert main(train_args(piped_train, piped_eval, resumed, *run)) == 0
+    reference, again = losses_by_step(whole), losses_by_step(resumed)
+    assert sorted(again) == [4, 5, 6, 7, 8]
+    for step in again:
+        assert again[step] == pytest.approx(reference[step], rel=0, abs=1e-6), f"step {step}"
+    assert_same_weights(checkpoint_path(whole, 8), checkpoint_path(resumed, 8))
+
+    streamed = json.loads((whole / "eval" / "metrics.json").read_text())
+    out = tmp_path / "indexed-eval"
+    evaluate = ["--checkpoint", str(checkpoint_path(whole, 8)), "--shards", str(eval_shards), "--out", str(out)]
+    assert evaluate_main([*evaluate, "--loader", "torch", "--batch-size", "2"]) == 0
+    assert json.loads((out / "metrics.json").read_text()) == pytest.approx(streamed, rel=0, abs=1e-6)
 
 
 def test_empty_eval_shards_trains_without_evaluation(train_shards: Path, tmp_path: Path) -> None:
