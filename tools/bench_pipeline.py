@@ -6,6 +6,8 @@ On the same shards and the same number of cores (--cores, default all), in train
   torch      the PyTorch loader (pipelines.torch_loader), --cores workers, after its first batch: float32
              normalized video as the contract says, on the CPU;
   torch_u8   its workers alone: uint8 video, before the normalization a GPU consumer does on the GPU;
+  stream     the PyTorch loader over the same shards as `pipe:cat` URLs (streamed front to back through a
+             shuffle buffer, no index), --cores workers: what streaming from object storage costs on top;
   torch_gpu  the PyTorch loader delivering to the GPU (uint8 copied from pinned memory, normalized there);
   dali_cpu   the DALI loader on CPU (--cores threads), when nvidia-dali is installed;
   dali_gpu   the DALI loader on the GPU, when one is present;
@@ -41,7 +43,7 @@ from pipelines.config import AugmentConfig
 from pipelines.split import SplitIndex
 from pipelines.torch_loader import SampleReader, TorchLoader, decode_frames, spec_augment, train_video
 from preprocess.datasets import AUDIOSET_NAME_TEMPLATES, ClipRow, VideoIndex
-from preprocess.schema import FeatureParams, frame_ext
+from preprocess.schema import MANIFEST_NAME, FeatureParams, frame_ext
 
 _JPEGS: list[list[bytes]] = []
 
@@ -211,6 +213,10 @@ def main(argv: list[str] | None = None) -> int:
         lambda: TorchLoader(index, True, args.batch_size, num_workers=cores, augment=aug), args.epochs
     )
     results["torch_u8"] = worker_stage_clips_per_s(index, cores, args.batch_size, aug, args.epochs)
+    streamed = f"pipe:cat {shards.resolve()}/{MANIFEST_NAME}"
+    results["stream"], results["stream_first_batch_s"] = loader_clips_per_s(
+        lambda: TorchLoader(streamed, True, args.batch_size, num_workers=cores, augment=aug), args.epochs
+    )
     if torch.cuda.is_available():
         results["torch_gpu"], _ = loader_clips_per_s(
             lambda: TorchLoader(index, True, args.batch_size, num_workers=cores, augment=aug, device="cuda"),
@@ -229,13 +235,14 @@ def main(argv: list[str] | None = None) -> int:
         results["naive"] = naive_clips_per_s(index, videos, aug, cores, args.batch_size)
 
     print(f"clips={n} batch={args.batch_size} cores={cores} epochs={args.epochs} shards={shards}")
-    for name in ("bound", "torch", "torch_u8", "torch_gpu", "dali_cpu", "dali_gpu", "naive"):
+    for name in ("bound", "torch", "torch_u8", "stream", "torch_gpu", "dali_cpu", "dali_gpu", "naive"):
         if name in results:
             print(f"{name:>9}: {results[name]:8.1f} clips/s")
-    print(f"first batch (torch): {results['first_batch_s']:.2f} s")
+    print(f"first batch (torch): {results['first_batch_s']:.2f} s, (stream): {results['stream_first_batch_s']:.2f} s")
     pairs = [
         f"torch_vs_bound={results['torch'] / results['bound']:.3f}",
         f"torch_u8_vs_bound={results['torch_u8'] / results['bound']:.3f}",
+        f"stream_vs_torch={results['stream'] / results['torch']:.3f}",
     ]
     if "torch_gpu" in results:
         pairs.append(f"torch_gpu_vs_bound={results['torch_gpu'] / results['bound']:.3f}")
@@ -244,7 +251,11 @@ def main(argv: list[str] | None = None) -> int:
     for device in ("cpu", "gpu"):
         if f"dali_{device}" in results:
             pairs.append(f"dali_{device}_vs_torch={results[f'dali_{device}'] / results['torch']:.3f}")
-    pairs += [f"first_batch_s={results['first_batch_s']:.2f}", f"torch_clips_per_s={results['torch']:.1f}"]
+    pairs += [
+        f"first_batch_s={results['first_batch_s']:.2f}",
+        f"stream_first_batch_s={results['stream_first_batch_s']:.2f}",
+        f"torch_clips_per_s={results['torch']:.1f}",
+    ]
     print(" ".join(pairs))
     return 0
 
