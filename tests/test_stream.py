@@ -211,6 +211,18 @@ def test_streamed_resume_continues_the_stream(train_shards, num_workers):
             assert torch.equal(got[name], want[name])
 
 
+def test_a_pass_left_half_way_does_not_disturb_the_next(train_shards):
+    run = loader(piped(train_shards), True, batch_size=1, num_workers=2)
+    stream = iter(run)
+    for _ in range(2):
+        next(stream)
+    del stream  # as training does when an epoch's last batches are not needed (grad_accum)
+    run.set_epoch(1)
+    fresh = loader(piped(train_shards), True, batch_size=1, num_workers=2)
+    fresh.set_epoch(1)
+    assert [b["key"] for b in run] == [b["key"] for b in fresh]
+
+
 def test_resume_with_other_readers_warns(train_shards, caplog):
     run = loader(piped(train_shards), True, batch_size=1)
     with caplog.at_level(logging.WARNING):
