@@ -293,12 +293,13 @@ class SampleBuilder:
         }
 
 
-class BatchDataset(Dataset):
-    """Item b is batch b of this rank's order for the current epoch (a dict as in pipelines.config)."""
+class RankBatches:
+    """What both datasets share: this rank's part of a split (training or evaluation, batch size, rank of world
+    size, seed), the sample builder, and the number of batches per epoch."""
 
     def __init__(
         self,
-        index: SplitIndex,
+        split: SplitIndex | StreamSplit,
         train: bool,
         batch_size: int,
         rank: int,
@@ -307,11 +308,25 @@ class BatchDataset(Dataset):
         augment: AugmentConfig,
         skip_bad_samples: bool,
     ) -> None:
-        self.index, self.train, self.batch_size = index, train, batch_size
+        self.train, self.batch_size = train, batch_size
         self.rank, self.world_size, self.seed = rank, world_size, seed
         self.skip_bad_samples = skip_bad_samples
+        self.num_samples = len(split)
+        self.builder = SampleBuilder(split.manifest, train, augment)
+
+    def __len__(self) -> int:
+        if self.train:
+            return train_batches(self.num_samples, self.batch_size, self.world_size)
+        return eval_batches(self.num_samples, self.batch_size, self.rank, self.world_size)
+
+
+class BatchDataset(RankBatches, Dataset):
+    """Item b is batch b of this rank's order for the current epoch (a dict as in pipelines.config)."""
+
+    def __init__(self, index: SplitIndex, *args: Any) -> None:
+        super().__init__(index, *args)
+        self.index = index
         self.reader = SampleReader(index)
-        self.builder = SampleBuilder(index.manifest, train, augment)
         self.epoch = 0
         self.order = np.zeros(0, dtype=np.int64)
         self.set_epoch(0)
@@ -323,12 +338,6 @@ class BatchDataset(Dataset):
             self.order = train_order(n, self.batch_size, self.rank, self.world_size, self.seed, epoch)
         else:
             self.order = np.asarray(eval_range(n, self.rank, self.world_size), dtype=np.int64)
-
-    def __len__(self) -> int:
-        n = len(self.index)
-        if self.train:
-            return train_batches(n, self.batch_size, self.world_size)
-        return eval_batches(n, self.batch_size, self.rank, self.world_size)
 
     def load_sample(self, position: int, sample: int) -> dict[str, Any]:
         """Rows of one sample: 1 in training (augmented), num_test_clips in evaluation."""
@@ -372,7 +381,7 @@ class BatchDataset(Dataset):
         return collate(rows, skipped)
 
 
-class StreamBatches(IterableDataset):
+class StreamBatches(RankBatches, IterableDataset):
     """This rank's batches of a streamed split (`pipelines.stream`) for the epoch and first batch set before a
     pass: worker w of K makes batches w, w+K, ... (the order a DataLoader hands them on in), in training from the
     units `train_units` deals it, through a shuffle buffer of `shuffle_buffer / K` samples; in evaluation from its
@@ -382,22 +391,9 @@ class StreamBatches(IterableDataset):
     world size and worker count are the same (bad samples skipped before b are not replayed).
     """
 
-    def __init__(
-        self,
-        split: StreamSplit,
-        train: bool,
-        batch_size: int,
-        rank: int,
-        world_size: int,
-        seed: int,
-        augment: AugmentConfig,
-        skip_bad_samples: bool,
-        shuffle_buffer: int,
-    ) -> None:
-        self.split, self.train, self.batch_size = split, train, batch_size
-        self.rank, self.world_size, self.seed = rank, world_size, seed
-        self.skip_bad_samples, self.shuffle_buffer = skip_bad_samples, shuffle_buffer
-        self.builder = SampleBuilder(split.manifest, train, augment)
+    def __init__(self, split: StreamSplit, *args: Any, shuffle_buffer: int) -> None:
+        super().__init__(split, *args)
+        self.split, self.shuffle_buffer = split, shuffle_buffer
         self.exts = self.builder.stream_exts()
         # (epoch, first batch) of the next pass, in shared memory: persistent workers read it when a pass starts.
         self._pass = torch.zeros(2, dtype=torch.int64).share_memory_()
@@ -405,12 +401,6 @@ class StreamBatches(IterableDataset):
     def set_pass(self, epoch: int, start: int) -> None:
         """Make the next pass (`iter`) read `epoch` from batch `start` on (training)."""
         self._pass[0], self._pass[1] = epoch, start
-
-    def __len__(self) -> int:
-        n = len(self.split)
-        if self.train:
-            return train_batches(n, self.batch_size, self.world_size)
-        return eval_batches(n, self.batch_size, self.rank, self.world_size)
 
     def __iter__(self) -> Iterator[dict[str, Any]]:
         info = get_worker_info()
@@ -548,15 +538,11 @@ class TorchLoader:
         augment = augment or AugmentConfig()
         self.streamed = isinstance(self.index, StreamSplit)
         self.dataset: BatchDataset | StreamBatches
+        part = (train, batch_size, self.rank, self.world_size, seed, augment, skip_bad_samples)
         if isinstance(self.index, StreamSplit):
-            self.dataset = StreamBatches(
-                self.index, train, batch_size, self.rank, self.world_size, seed, augment, skip_bad_samples,
-                shuffle_buffer,
-            )  # fmt: skip
+            self.dataset = StreamBatches(self.index, *part, shuffle_buffer=shuffle_buffer)
         else:
-            self.dataset = BatchDataset(
-                self.index, train, batch_size, self.rank, self.world_size, seed, augment, skip_bad_samples
-            )
+            self.dataset = BatchDataset(self.index, *part)
         self.epoch = 0
         self.position = 0
         self.skipped: list[str] = []

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -21,3 +23,24 @@ def rows_by_key(loader: Any) -> dict[tuple[str, int], dict[str, torch.Tensor]]:
             assert ident not in rows, f"{ident} seen twice"
             rows[ident] = {name: batch[name][i] for name in ("video", "audio", "labels")}
     return rows
+
+
+def stopped_and_resumed(make_loader: Callable[[], Any], stop_after: int) -> tuple[list[dict], dict, Any]:
+    """An epoch read by a training loader stopped after `stop_after` batches and then by a new one resumed from its
+    state (through JSON, as a checkpoint keeps it): (all the batches, the state, the resumed loader)."""
+    first = make_loader()
+    stream = iter(first)
+    head = [next(stream) for _ in range(stop_after)]
+    state = first.state_dict()
+    resumed = make_loader()
+    resumed.load_state_dict(json.loads(json.dumps(state)))
+    return head + list(resumed), state, resumed
+
+
+def assert_same_batches(got: list[dict], want: list[dict]) -> None:
+    """The same keys and the same video, audio and labels, batch by batch."""
+    assert len(got) == len(want)
+    for a, b in zip(got, want, strict=True):
+        assert a["key"] == b["key"]
+        for name in ("video", "audio", "labels"):
+            assert torch.equal(a[name], b[name]), name

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import contextlib
 import io
-import json
 import logging
 import shutil
 import tarfile
@@ -17,7 +16,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from loader_checks import SMALL_AUG, rows_by_key
+from loader_checks import SMALL_AUG, assert_same_batches, rows_by_key, stopped_and_resumed
 
 from pipelines import build_loader
 from pipelines.split import LoaderError, SplitIndex, train_batches
@@ -196,19 +195,9 @@ def test_streamed_training_is_seeded_and_reshuffles(train_shards):
 def test_streamed_resume_continues_the_stream(train_shards, num_workers):
     kw = {"batch_size": 1, "num_workers": num_workers}
     uninterrupted = list(loader(piped(train_shards), True, **kw))
-    first = loader(piped(train_shards), True, **kw)
-    stream = iter(first)
-    head = [next(stream) for _ in range(3)]
-    state = first.state_dict()
+    batches, state, _ = stopped_and_resumed(lambda: loader(piped(train_shards), True, **kw), 3)
     assert state == {"epoch": 0, "batches": 3, "readers": max(num_workers, 1)}
-    resumed = loader(piped(train_shards), True, **kw)
-    resumed.load_state_dict(json.loads(json.dumps(state)))
-    tail = list(resumed)
-    assert len(head) + len(tail) == len(uninterrupted)
-    for got, want in zip(head + tail, uninterrupted, strict=True):
-        assert got["key"] == want["key"]
-        for name in ("video", "audio", "labels"):
-            assert torch.equal(got[name], want[name])
+    assert_same_batches(batches, uninterrupted)
 
 
 def test_a_pass_left_half_way_does_not_disturb_the_next(train_shards):

@@ -9,7 +9,7 @@ import shutil
 import numpy as np
 import pytest
 import torch
-from loader_checks import SMALL_AUG, rows_by_key
+from loader_checks import SMALL_AUG, assert_same_batches, rows_by_key, stopped_and_resumed
 
 from pipelines import build_loader, resolve_loader
 from pipelines.config import AugmentConfig, eval_windows
@@ -109,19 +109,9 @@ def test_evaluation_clips_are_evenly_spaced_windows(eval_shards):
 def test_resume_continues_the_stream(train_shards):
     kw = {"batch_size": 1, "num_workers": 2}
     uninterrupted = list(loader(train_shards, True, **kw))
-    first = loader(train_shards, True, **kw)
-    stream = iter(first)
-    head = [next(stream) for _ in range(4)]
-    state = first.state_dict()
+    batches, state, resumed = stopped_and_resumed(lambda: loader(train_shards, True, **kw), 4)
     assert state == {"epoch": 0, "batches": 4}
-    resumed = loader(train_shards, True, **kw)
-    resumed.load_state_dict(json.loads(json.dumps(state)))
-    tail = list(resumed)
-    assert len(head) + len(tail) == len(uninterrupted)
-    for got, want in zip(head + tail, uninterrupted, strict=True):
-        assert got["key"] == want["key"]
-        for name in ("video", "audio", "labels"):
-            assert torch.equal(got[name], want[name])
+    assert_same_batches(batches, uninterrupted)
     assert resumed.state_dict() == {"epoch": 1, "batches": 0}
 
 

@@ -63,6 +63,20 @@ def assert_same_weights(a: Path, b: Path) -> None:
         torch.testing.assert_close(wb[name], wa[name], rtol=0, atol=1e-6, msg=f"{name} differs")
 
 
+def assert_resumed_at_step_3_equals(args: list[str], whole: Path, resumed: Path) -> None:
+    """A run of `args` (2 epochs of 4 steps, a checkpoint every step) in `resumed` that starts from `whole`'s step-3
+    checkpoint logs `whole`'s losses for steps 4 to 8 and ends with its weights."""
+    checkpoint_path(resumed, 3).parent.mkdir(parents=True)
+    shutil.copy(checkpoint_path(whole, 3), checkpoint_path(resumed, 3))  # as if the run had died after step 3
+    out = args.index("--out_dir") + 1
+    assert main([*args[:out], str(resumed), *args[out + 1 :]]) == 0
+    reference, again = losses_by_step(whole), losses_by_step(resumed)
+    assert sorted(again) == [4, 5, 6, 7, 8]
+    for step in again:
+        assert again[step] == pytest.approx(reference[step], rel=0, abs=1e-6), f"step {step}"
+    assert_same_weights(checkpoint_path(whole, 8), checkpoint_path(resumed, 8))
+
+
 @pytest.fixture(scope="module")
 def reference_run(train_shards: Path, eval_shards: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     """An uninterrupted run of RUN."""
@@ -170,17 +184,9 @@ def test_rerunning_a_finished_run_only_evaluates(
 def test_resume_with_grad_accum_equals_uninterrupted(train_shards: Path, eval_shards: Path, tmp_path: Path) -> None:
     # Per-rank batch 1 and 2 micro-batches a step: 4 steps per epoch, 8 in all; resume mid-epoch from step 3.
     run = ["--epochs", "2", "--grad_accum", "2", "--checkpoint_every_steps", "1", "--keep_checkpoints", "20", *RANDOM]
-    whole = tmp_path / "whole"
-    assert main(train_args(train_shards, eval_shards, whole, *run)) == 0
-    resumed = tmp_path / "resumed"
-    checkpoint_path(resumed, 3).parent.mkdir(parents=True)
-    shutil.copy(checkpoint_path(whole, 3), checkpoint_path(resumed, 3))  # as if the run had died after step 3
-    assert main(train_args(train_shards, eval_shards, resumed, *run)) == 0
-    reference, again = losses_by_step(whole), losses_by_step(resumed)
-    assert sorted(again) == [4, 5, 6, 7, 8]
-    for step in again:
-        assert again[step] == pytest.approx(reference[step], rel=0, abs=1e-6), f"step {step}"
-    assert_same_weights(checkpoint_path(whole, 8), checkpoint_path(resumed, 8))
+    args = train_args(train_shards, eval_shards, tmp_path / "whole", *run)
+    assert main(args) == 0
+    assert_resumed_at_step_3_equals(args, tmp_path / "whole", tmp_path / "resumed")
 
 
 def test_streamed_shards_train_resume_and_evaluate(train_shards: Path, eval_shards: Path, tmp_path: Path) -> None:
@@ -189,17 +195,10 @@ def test_streamed_shards_train_resume_and_evaluate(train_shards: Path, eval_shar
     piped_train, piped_eval = (f"pipe:cat {folder}/manifest.json" for folder in (train_shards, eval_shards))
     run = ["--epochs", "2", "--checkpoint_every_steps", "1", "--keep_checkpoints", "20", "--num_workers", "2", *RANDOM]
     whole = tmp_path / "whole"
-    assert main(train_args(piped_train, piped_eval, whole, *run)) == 0
+    args = train_args(piped_train, piped_eval, whole, *run)
+    assert main(args) == 0
     assert load_checkpoint(checkpoint_path(whole, 3))["loader"] == [{"epoch": 0, "batches": 3, "readers": 2}]
-    resumed = tmp_path / "resumed"
-    checkpoint_path(resumed, 3).parent.mkdir(parents=True)
-    shutil.copy(checkpoint_path(whole, 3), checkpoint_path(resumed, 3))  # as if the run had died after step 3
-    assert main(train_args(piped_train, piped_eval, resumed, *run)) == 0
-    reference, again = losses_by_step(whole), losses_by_step(resumed)
-    assert sorted(again) == [4, 5, 6, 7, 8]
-    for step in again:
-        assert again[step] == pytest.approx(reference[step], rel=0, abs=1e-6), f"step {step}"
-    assert_same_weights(checkpoint_path(whole, 8), checkpoint_path(resumed, 8))
+    assert_resumed_at_step_3_equals(args, whole, tmp_path / "resumed")
 
     streamed = json.loads((whole / "eval" / "metrics.json").read_text())
     out = tmp_path / "indexed-eval"
