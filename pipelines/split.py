@@ -83,9 +83,10 @@ def expand_sources(source: str | Path | Sequence[str | Path]) -> list[tuple[Path
                 text = text.removeprefix("file:").removeprefix("//")
             elif re.match(r"^[A-Za-z][A-Za-z0-9+.-]*:", text):
                 raise LoaderError(
-                    f"{text}: not a local path; stream shards with a pipe: URL that writes them to standard output "
-                    "(e.g. 'pipe:aws s3 cp s3://bucket/as/train/shard-{000000..000099}.tar -', PyTorch loader), or "
-                    "mount the bucket (s3fs, gcsfuse, NFS) and pass the split's folder"
+                    f"{text}: not a local path; stream shards with a pipe: URL whose command writes them to standard "
+                    "output (e.g. 'pipe:aws s3 cp s3://bucket/as/train/shard-{000000..000099}.tar -'; http(s), s3 "
+                    "and gs URLs are streamed too; PyTorch loader), or mount the bucket (s3fs, gcsfuse, NFS) and "
+                    "pass the split's folder"
                 )
             path = Path(text)
             if path.is_dir():

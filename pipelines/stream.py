@@ -1,9 +1,9 @@
 """Shards read as streams: `pipe:` URLs (`pipe:aws s3 cp s3://bucket/as/train/shard-000000.tar -`) whose standard
-output is the tar, read front to back with no index and no local copy. The stages here are small and torch-free:
-where a split's manifest is (`StreamSplit`), one shard's samples (`shard_samples`, checked against the manifest,
-retried on a failed command), which shards a reader streams in an epoch (`train_units`), its samples through a
-shuffle buffer (`reader_samples`, `shuffled`), and a rank's evaluation block (`range_samples`).
-`pipelines.torch_loader` builds batches from them.
+output is the tar, read front to back with no index and no local copy (http(s), s3 and gs URLs become such
+commands). The stages here are small and torch-free: where a split's manifest is (`StreamSplit`), one shard's
+samples (`shard_samples`, checked against the manifest, retried on a failed command), which shards a reader streams
+in an epoch (`train_units`), its samples through a shuffle buffer (`reader_samples`, `shuffled`), and a rank's
+evaluation block (`range_samples`). `pipelines.torch_loader` builds batches from them.
 
 A `pipe:` URL names one shard file (`….tar`) or the split's `manifest.json` (all of its shards). A shard's siblings
 (the manifest) are read by the same command with the file name replaced: the shard name is the last word of the
@@ -29,6 +29,7 @@ import logging
 import math
 import os
 import re
+import shlex
 import signal
 import subprocess
 import tarfile
@@ -59,6 +60,13 @@ PIPE = "pipe:"
 # A stream that fails (the command exits non-zero, the tar is cut short) is opened again this many times; the
 # samples already delivered are skipped, so the output is the same as without the failure.
 STREAM_RETRIES = 2
+# URLs streamed by a command, as webdataset's gopen does (its `pipe:` form is what they become).
+_STREAM_COMMANDS = {
+    "http://": "curl -fsSL --retry 3 {}",
+    "https://": "curl -fsSL --retry 3 {}",
+    "s3://": "aws s3 cp {} -",
+    "gs://": "gsutil cat {}",
+}
 _READ_CHUNK = 1 << 20
 _STDERR_TAIL = 2000
 # The file name a pipe: command reads: the last word ending in .tar (or manifest.json), after a '/' or ':' or alone.
@@ -169,12 +177,22 @@ def read_url(url: str) -> bytes:
     return b"".join(chunks)
 
 
+def as_pipe(url: str) -> str:
+    """`url` as a pipe: URL: http(s), s3 and gs URLs become the command that streams them (curl, the AWS CLI,
+    gsutil, which must be installed where the loader runs); pipe: URLs stay as they are."""
+    for scheme, command in _STREAM_COMMANDS.items():
+        if url.startswith(scheme):
+            return PIPE + command.format(shlex.quote(url))
+    return url
+
+
 def is_stream_source(source: str | Path | Sequence[str | Path]) -> bool:
-    """Whether `source` names streamed shards (`pipe:` URLs); mixing them with local shards is refused."""
+    """Whether `source` names streamed shards (`pipe:`, http(s), s3 or gs URLs); mixing them with local shards is
+    refused."""
     items = [source] if isinstance(source, str | Path) else list(source)
-    piped = [isinstance(item, str) and item.startswith(PIPE) for item in items]
+    piped = [isinstance(item, str) and as_pipe(item).startswith(PIPE) for item in items]
     if any(piped) and not all(piped):
-        raise LoaderError("a split is pipe: URLs or local shards, not both: give the local ones as pipe:cat URLs")
+        raise LoaderError("a split is streamed URLs or local shards, not both: give the local ones as pipe:cat URLs")
     return bool(items) and all(piped)
 
 
@@ -182,14 +200,15 @@ class StreamSplit:
     """A split read as streams: manifests fetched with the URLs' own commands, shard URLs in split order.
 
     `source` is a `pipe:` URL or a list of them, brace patterns expanded (`…/shard-{000000..000123}.tar -`); each
-    names a shard or a split's manifest.json (all of its shards). Shards of several folders must have the same
+    names a shard or a split's manifest.json (all of its shards). http(s), s3 and gs URLs are streamed with the
+    command `as_pipe` gives them. Shards of several folders must have the same
     features and classes, and are read as one split (log-mel statistics combined exactly). The interface of
     `SplitIndex` that the loaders use: `manifest` (its shards: the ones selected), `folder` (for messages), len().
     """
 
     def __init__(self, source: str | Sequence[str]) -> None:
         items = [source] if isinstance(source, str) else list(source)
-        urls = [PipeURL.parse(text) for item in items for text in braceexpand(str(item))]
+        urls = [PipeURL.parse(as_pipe(text)) for item in items for text in braceexpand(str(item))]
         if not urls:
             raise LoaderError("no shards given: pass pipe: URLs of shards or of a split's manifest.json")
         folders: dict[tuple[str, str], set[str] | None] = {}

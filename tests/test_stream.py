@@ -5,12 +5,15 @@ bad samples."""
 from __future__ import annotations
 
 import contextlib
+import functools
 import io
 import logging
 import shutil
 import tarfile
+import threading
 import time
 from collections import Counter
+from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import numpy as np
@@ -25,6 +28,7 @@ from pipelines.stream import (
     StreamError,
     StreamSplit,
     StreamUnit,
+    as_pipe,
     is_stream_source,
     open_split,
     shard_samples,
@@ -149,6 +153,32 @@ def test_streamed_evaluation_equals_the_indexed_loader(eval_shards, train_shards
         for ident, row in indexed.items():
             for name in ("video", "audio", "labels"):
                 assert torch.equal(row[name], streamed[ident][name]), (ident, name)
+
+
+@pytest.fixture
+def http_server(eval_shards):
+    """The evaluation split served over HTTP on the loopback address, for the test's length."""
+    handler = functools.partial(SimpleHTTPRequestHandler, directory=str(eval_shards))
+    handler.log_message = lambda *args: None  # type: ignore[method-assign]
+    with ThreadingHTTPServer(("127.0.0.1", 0), handler) as server:
+        thread = threading.Thread(target=server.serve_forever, daemon=True)
+        thread.start()
+        yield f"http://127.0.0.1:{server.server_address[1]}"
+        server.shutdown()
+        thread.join(timeout=10)
+
+
+@pytest.mark.skipif(shutil.which("curl") is None, reason="http(s) URLs are streamed with curl")
+def test_http_urls_are_streamed_with_curl(eval_shards, http_server):
+    assert as_pipe(f"{http_server}/manifest.json") == f"pipe:curl -fsSL --retry 3 {http_server}/manifest.json"
+    assert as_pipe("s3://b/x y/shard-000001.tar") == "pipe:aws s3 cp 's3://b/x y/shard-000001.tar' -"
+    streamed = rows_by_key(loader(f"{http_server}/manifest.json", False, 2, num_workers=2))
+    indexed = rows_by_key(loader(eval_shards, False, 2))
+    assert set(streamed) == set(indexed)
+    assert all(torch.equal(streamed[i]["video"], indexed[i]["video"]) for i in indexed)
+    assert len(StreamSplit(f"{http_server}/shard-{{000000..000001}}.tar")) == 3
+    with pytest.raises(LoaderError, match=r"/missing/manifest.json: the command exited with status 22: .*404"):
+        StreamSplit(f"{http_server}/missing/manifest.json")
 
 
 def test_brace_pattern_of_shard_urls(train_shards):
