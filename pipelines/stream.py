@@ -69,8 +69,9 @@ _STREAM_COMMANDS = {
 }
 _READ_CHUNK = 1 << 20
 _STDERR_TAIL = 2000
-# The file name a pipe: command reads: the last word ending in .tar (or manifest.json), after a '/' or ':' or alone.
-_NAME_RE = re.compile(r"(?:(?<=[\s/:'\"=])|^)([^\s/:'\"=]+\.tar|manifest\.json)(?=$|[\s'\"])")
+# The file name a pipe: command reads: the last word ending in .tar (or manifest.json), after a '/' or ':' or alone,
+# before a space, quote or shell operator.
+_NAME_RE = re.compile(r"(?:(?<=[\s/:'\"=])|^)([^\s/:'\"=;|&()]+\.tar|manifest\.json)(?=$|[\s'\";|&)])")
 
 T = TypeVar("T")
 
@@ -163,18 +164,28 @@ class PipeStream:
         self.close()
 
 
-def read_url(url: str) -> bytes:
-    """All the output of a `pipe:` URL (a manifest); LoaderError with the command's message if it fails."""
-    try:
+def read_url(url: str, retries: int = STREAM_RETRIES) -> bytes:
+    """All the output of a `pipe:` URL (a manifest), read again up to `retries` times if the command fails; then a
+    LoaderError with the command's message."""
+
+    def read_all() -> bytes:
         with PipeStream(url) as stream:
             chunks = []
             while chunk := stream.read(_READ_CHUNK):
                 chunks.append(chunk)
             stream.finish()
+        return b"".join(chunks)
+
+    for _ in range(retries):
+        try:
+            return read_all()
+        except StreamError as err:
+            log.warning("reading it again: %s", err)
+    try:
+        return read_all()
     except StreamError as err:
         hint = "check that the command runs in a shell and writes the file to its standard output"
-        raise LoaderError(f"{err}\n{hint}") from None
-    return b"".join(chunks)
+        raise LoaderError(f"{err}\nread {retries + 1} times; {hint}") from None
 
 
 def as_pipe(url: str) -> str:
@@ -200,10 +211,10 @@ class StreamSplit:
     """A split read as streams: manifests fetched with the URLs' own commands, shard URLs in split order.
 
     `source` is a `pipe:` URL or a list of them, brace patterns expanded (`…/shard-{000000..000123}.tar -`); each
-    names a shard or a split's manifest.json (all of its shards). http(s), s3 and gs URLs are streamed with the
-    command `as_pipe` gives them. Shards of several folders must have the same
-    features and classes, and are read as one split (log-mel statistics combined exactly). The interface of
-    `SplitIndex` that the loaders use: `manifest` (its shards: the ones selected), `folder` (for messages), len().
+    names a shard or a split's manifest.json (all of its shards); http(s), s3 and gs URLs are streamed with the
+    command `as_pipe` gives them. Shards of several folders must have the same features and classes, and are read
+    as one split (log-mel statistics combined exactly). The interface of `SplitIndex` that the loaders use:
+    `manifest` (its shards: the ones selected), `folder` (for messages), len().
     """
 
     def __init__(self, source: str | Sequence[str]) -> None:

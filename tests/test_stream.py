@@ -265,13 +265,22 @@ def test_split_manifest_reads_streamed_and_local_splits(train_shards):
 
 
 def test_manifest_command_that_fails(train_shards, tmp_path):
-    with pytest.raises(LoaderError, match=r"/nowhere/manifest.json: the command exited with status 1: .*No such"):
+    failed = r"(?s)/nowhere/manifest.json: the command exited with status 1: .*No such.*read 3 times"
+    with pytest.raises(LoaderError, match=failed):
         StreamSplit("pipe:cat /nowhere/manifest.json")
     with pytest.raises(LoaderError, match=r"\['shard-000099.tar'\] not in this manifest"):
         StreamSplit(piped(train_shards, "shard-000099.tar"))
     (tmp_path / "manifest.json").write_text("{")
     with pytest.raises(LoaderError, match="not valid JSON"):
         StreamSplit(piped(tmp_path))
+
+
+def test_a_manifest_command_that_fails_once_is_run_again(train_shards, tmp_path, caplog):
+    marker = tmp_path / "failed-once"
+    flaky = f"pipe:if [ -e {marker} ]; then cat {train_shards}/manifest.json; else touch {marker}; exit 1; fi"
+    with caplog.at_level(logging.WARNING):
+        assert len(StreamSplit(flaky)) == 9
+    assert "reading it again" in caplog.text
 
 
 def test_cut_stream_is_read_again_then_named(eval_shards, caplog):
