@@ -40,12 +40,7 @@ def build_loader(
     """
     kind = resolve_loader(loader)
     split = open_split(folder)
-    if isinstance(split, StreamSplit):
-        if loader == "dali":
-            raise LoaderError(
-                f"{split.folder}: DALI's webdataset reader reads local files only; stream pipe: URLs with "
-                "--loader torch (or auto), or mount the storage and pass the split's folder"
-            )
+    if loader == "auto" and isinstance(split, StreamSplit):
         kind = "torch"
     if kind == "dali":
         from pipelines.dali_loader import DaliLoader

@@ -32,7 +32,7 @@ import torch
 
 from pipelines.config import SHUFFLE_BUFFER_SAMPLES, VIDEO_MEAN, VIDEO_STD, AugmentConfig, eval_windows
 from pipelines.split import LoaderError, SplitIndex, eval_batches, eval_range, train_batches
-from pipelines.stream import is_stream_source
+from pipelines.stream import StreamSplit, is_stream_source
 from pipelines.torch_loader import SampleReader, decode_frames, dist_rank_world
 from preprocess.schema import LABELS_DTYPE, LABELS_EXT, LOGMEL_EXT, Manifest, frame_ext, split_member_name
 
@@ -295,7 +295,7 @@ class DaliLoader:
 
     def __init__(
         self,
-        folder: str | Path | SplitIndex,
+        folder: str | Path | SplitIndex | StreamSplit,
         train: bool,
         batch_size: int,
         num_workers: int = 2,
@@ -317,10 +317,10 @@ class DaliLoader:
                 "the DALI loader cannot skip bad samples: run tools/verify_shards.py and re-shard, "
                 "or use --loader torch"
             )
-        if not isinstance(folder, SplitIndex) and is_stream_source(folder):
+        if is_stream_source(folder):
             raise LoaderError(
-                "DALI's webdataset reader reads local files only: stream pipe: URLs with the PyTorch loader, "
-                "or mount the storage and pass the split's folder"
+                "DALI's webdataset reader reads local files only: stream pipe: URLs with the PyTorch loader "
+                "(--loader torch or auto), or mount the storage and pass the split's folder"
             )
         self.index = folder if isinstance(folder, SplitIndex) else SplitIndex(folder)
         self.rank, self.world_size = dist_rank_world(rank, world_size)

@@ -21,7 +21,7 @@ from pathlib import Path
 import numpy as np
 from braceexpand import braceexpand
 
-from preprocess.schema import WDS_INDEX_VERSION, LogmelStats, Manifest, SchemaError, load_manifest
+from preprocess.schema import WDS_INDEX_VERSION, LogmelStats, Manifest, SchemaError, ShardInfo, load_manifest
 
 
 class LoaderError(RuntimeError):
@@ -100,6 +100,21 @@ def expand_sources(source: str | Path | Sequence[str | Path]) -> list[tuple[Path
     return list(out.items())
 
 
+def combine_manifests(manifests: Sequence[tuple[str | Path, Manifest]], shards: list[ShardInfo]) -> Manifest:
+    """One manifest for the `shards` selected from several folders' manifests (`(where, manifest)`, in order): the
+    first's features and classes, which every other must have too, and the log-mel statistics of all of them
+    (combined exactly from their sums). LoaderError if they differ or no shard is selected."""
+    where, first = manifests[0]
+    for other, manifest in manifests[1:]:
+        same = (manifest.features, manifest.classes, manifest.multi_label) == (
+            first.features, first.classes, first.multi_label)  # fmt: skip
+        if not same:
+            raise LoaderError(f"{other} and {where} hold shards of different features or classes")
+    if not shards:
+        raise LoaderError(f"{where}: the manifest lists no shards (every clip failed?); see failures.csv")
+    return dataclasses.replace(first, shards=shards, logmel=sum((m.logmel for _, m in manifests), LogmelStats()))
+
+
 class SplitIndex:
     """A checked split: manifest, shard and index paths and every sample's member offsets, in shard order.
 
@@ -121,19 +136,7 @@ class SplitIndex:
             selected += [(folder, s) for s in manifest.shards if names is None or s.name in names]
             manifests.append((folder, manifest))
         self.folder = manifests[0][0]
-        first = manifests[0][1]
-        for folder, manifest in manifests[1:]:
-            same = (manifest.features, manifest.classes, manifest.multi_label) == (
-                first.features, first.classes, first.multi_label)  # fmt: skip
-            if not same:
-                raise LoaderError(f"{folder} and {self.folder} hold shards of different features or classes")
-        self.manifest: Manifest = dataclasses.replace(
-            first,
-            shards=[s for _, s in selected],
-            logmel=sum((m.logmel for _, m in manifests), LogmelStats()),
-        )
-        if not selected:
-            raise LoaderError(f"{self.folder}: the manifest lists no shards (every clip failed?); see failures.csv")
+        self.manifest = combine_manifests(manifests, [s for _, s in selected])
         self.shard_paths: list[Path] = []
         self.index_paths: list[Path] = []
         self.samples: list[SampleRef] = []

@@ -23,7 +23,6 @@ the shards under its part of the block: every sample is evaluated exactly once, 
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import heapq
 import logging
 import math
@@ -34,7 +33,7 @@ import signal
 import subprocess
 import tarfile
 import tempfile
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, TypeVar
@@ -42,10 +41,9 @@ from typing import IO, TypeVar
 import numpy as np
 from braceexpand import braceexpand
 
-from pipelines.split import LoaderError, SplitIndex, expand_sources
+from pipelines.split import LoaderError, SplitIndex, combine_manifests, expand_sources
 from preprocess.schema import (
     MANIFEST_NAME,
-    LogmelStats,
     Manifest,
     SchemaError,
     ShardInfo,
@@ -139,8 +137,9 @@ class PipeStream:
 
     def finish(self) -> None:
         """Read what is left, wait for the command, StreamError if it exited non-zero."""
-        while self.read(_READ_CHUNK):
-            pass
+        left = self.read(_READ_CHUNK)
+        while left:  # counted in bytes_read: more than the manifest's bytes means another file
+            left = self.read(_READ_CHUNK)
         status = self._proc.wait()
         if status != 0:
             raise StreamError(f"{self.url}: the command exited with status {status}: {self.stderr_tail() or '-'}")
@@ -197,9 +196,11 @@ def as_pipe(url: str) -> str:
     return url
 
 
-def is_stream_source(source: str | Path | Sequence[str | Path]) -> bool:
-    """Whether `source` names streamed shards (`pipe:`, http(s), s3 or gs URLs); mixing them with local shards is
-    refused."""
+def is_stream_source(source: str | Path | Sequence[str | Path] | SplitIndex | StreamSplit) -> bool:
+    """Whether `source` names streamed shards (`pipe:`, http(s), s3 or gs URLs, or a StreamSplit); mixing them with
+    local shards is refused."""
+    if isinstance(source, SplitIndex | StreamSplit):
+        return isinstance(source, StreamSplit)
     items = [source] if isinstance(source, str | Path) else list(source)
     piped = [isinstance(item, str) and as_pipe(item).startswith(PIPE) for item in items]
     if any(piped) and not all(piped):
@@ -222,16 +223,18 @@ class StreamSplit:
         urls = [PipeURL.parse(as_pipe(text)) for item in items for text in braceexpand(str(item))]
         if not urls:
             raise LoaderError("no shards given: pass pipe: URLs of shards or of a split's manifest.json")
-        folders: dict[tuple[str, str], set[str] | None] = {}
+        # One manifest per folder (the command around the file name), with the shards named (None: all of them).
+        folders: dict[tuple[str, str], tuple[PipeURL, set[str] | None]] = {}
         for url in urls:
+            names = folders.setdefault(url.folder, (url, set()))[1]
             if url.name == MANIFEST_NAME:
-                folders[url.folder] = None
-            elif (names := folders.setdefault(url.folder, set())) is not None:
+                folders[url.folder] = (url, None)
+            elif names is not None:
                 names.add(url.name)
         selected: list[tuple[str, ShardInfo]] = []
         manifests: list[tuple[str, Manifest]] = []
-        for (head, tail), names in folders.items():
-            where = f"{head}{MANIFEST_NAME}{tail}"
+        for url, names in folders.values():
+            where = url.sibling(MANIFEST_NAME)
             try:
                 manifest = parse_manifest(read_url(where), where)
             except SchemaError as err:
@@ -239,20 +242,11 @@ class StreamSplit:
             known = {s.name for s in manifest.shards}
             if names is not None and names - known:
                 raise LoaderError(f"{where}: {sorted(names - known)} not in this manifest; check the pattern")
-            selected += [(f"{head}{s.name}{tail}", s) for s in manifest.shards if names is None or s.name in names]
+            selected += [(url.sibling(s.name), s) for s in manifest.shards if names is None or s.name in names]
             manifests.append((where, manifest))
         self.folder = manifests[0][0]
-        first = manifests[0][1]
-        for where, manifest in manifests[1:]:
-            if (manifest.features, manifest.classes, manifest.multi_label) != (
-                first.features, first.classes, first.multi_label):  # fmt: skip
-                raise LoaderError(f"{where} and {self.folder} list shards of different features or classes")
-        if not selected:
-            raise LoaderError(f"{self.folder}: the manifest lists no shards (every clip failed?); see failures.csv")
-        self.urls = [url for url, _ in selected]
-        self.manifest: Manifest = dataclasses.replace(
-            first, shards=[s for _, s in selected], logmel=sum((m.logmel for _, m in manifests), LogmelStats())
-        )
+        self.manifest = combine_manifests(manifests, [s for _, s in selected])
+        self.urls = [shard_url for shard_url, _ in selected]
 
     def __len__(self) -> int:
         return self.manifest.num_samples
@@ -306,8 +300,9 @@ def _pax_records(data: bytes) -> dict[str, str]:
     return records
 
 
-def tar_members(fileobj: IO[bytes], keep: Callable[[str], bool]) -> Iterator[tuple[str, bytes | None]]:
-    """(name, payload) of each regular file of a tar read front to back, payload None where `keep(name)` is false.
+def tar_members(fileobj: IO[bytes], exts: frozenset[str] | None) -> Iterator[tuple[str, str, bytes | None]]:
+    """(key, ext, payload) of each regular file of a tar read front to back, its name split as the schema splits
+    member names; payload None where `exts` (None: all) leaves the member out.
 
     Reads ustar headers (the shard writer's), pax and GNU long names, checks each header's checksum, and raises
     StreamError if the stream ends before the end-of-archive marker. About 10x less CPU than `tarfile`'s stream mode,
@@ -348,21 +343,21 @@ def tar_members(fileobj: IO[bytes], keep: Callable[[str], bool]) -> Iterator[tup
         if kind not in (b"0", b"\0"):  # directories, links, devices: nothing to read
             _read_exactly(fileobj, size + -size % tarfile.BLOCKSIZE, what)
             continue
-        if keep(name):
+        key, ext = split_member_name(name)
+        if exts is None or ext in exts:
             payload = _read_exactly(fileobj, size, what)
             _read_exactly(fileobj, -size % tarfile.BLOCKSIZE, what)
-            yield name, payload
+            yield key, ext, payload
         else:
             _read_exactly(fileobj, size + -size % tarfile.BLOCKSIZE, what)
-            yield name, None
+            yield key, ext, None
 
 
 def tar_samples(fileobj: IO[bytes], exts: frozenset[str] | None = None) -> Iterator[tuple[str, dict[str, bytes]]]:
     """(key, {ext: payload}) of each sample of a tar read front to back; members grouped by key as DALI and
     webdataset group them (the key is the name up to the first dot). `exts`: the members to keep (None: all)."""
     key, members, seen = None, {}, set()
-    for name, payload in tar_members(fileobj, lambda n: exts is None or split_member_name(n)[1] in exts):
-        sample, ext = split_member_name(name)
+    for sample, ext, payload in tar_members(fileobj, exts):
         if sample != key:
             if key is not None:
                 yield key, members
@@ -500,7 +495,3 @@ def reader_buffer(units: Sequence[StreamUnit], shard_sizes: Sequence[int], per_r
     """The shuffle buffer of a reader: `per_reader`, but no more than its units hold (a cycled stream would fill
     it with repeats)."""
     return max(1, min(per_reader, sum(u.size(shard_sizes) for u in units)))
-
-
-def shard_sizes(split: StreamSplit) -> list[int]:
-    return [s.num_samples for s in split.manifest.shards]

@@ -319,6 +319,12 @@ class RankBatches:
             return train_batches(self.num_samples, self.batch_size, self.world_size)
         return eval_batches(self.num_samples, self.batch_size, self.rank, self.world_size)
 
+    def bad_sample(self, err: LoaderError, skipped: list[str]) -> None:
+        """Count a sample that cannot be read in `skipped`, or raise if bad samples are not to be skipped."""
+        if not self.skip_bad_samples:
+            raise LoaderError(f"{err} (pass --skip-bad-samples to skip such samples)") from None
+        skipped.append(str(err))
+
 
 class BatchDataset(RankBatches, Dataset):
     """Item b is batch b of this rank's order for the current epoch (a dict as in pipelines.config)."""
@@ -370,9 +376,7 @@ class BatchDataset(RankBatches, Dataset):
                     rows.append(self.load_sample(position, sample))
                     break
                 except LoaderError as err:
-                    if not self.skip_bad_samples:
-                        raise LoaderError(f"{err} (pass --skip-bad-samples to skip such samples)") from None
-                    skipped.append(str(err))
+                    self.bad_sample(err, skipped)
                     if not self.train:
                         break  # evaluation: the sample is dropped (and counted), never replaced
                     sample = (sample + 1) % len(self.index)  # training: the next sample takes its place
@@ -442,16 +446,14 @@ class StreamBatches(RankBatches, IterableDataset):
             try:
                 rows.append(self.builder.rows(shard_name, key, raw, self.builder.windows(rng), rng))
             except LoaderError as err:
-                if not self.skip_bad_samples:
-                    raise LoaderError(f"{err} (pass --skip-bad-samples to skip such samples)") from None
-                skipped.append(str(err))  # the next sample of the stream takes its place
+                self.bad_sample(err, skipped)  # the next sample of the stream takes its place
                 if len(skipped) > len(self.split):
                     raise LoaderError(f"{self.split.folder}: no sample of the split can be read") from None
         return collate(rows, skipped)
 
     def _eval(self, worker: int, workers: int) -> Iterator[dict[str, Any]]:
         block = eval_range(len(self.split), self.rank, self.world_size)
-        batches = eval_batches(len(self.split), self.batch_size, self.rank, self.world_size)
+        batches = len(self)
         first, last = batches * worker // workers, batches * (worker + 1) // workers
         start, stop = block.start + first * self.batch_size, min(block.start + last * self.batch_size, block.stop)
         windows = self.builder.windows(None)
@@ -461,9 +463,7 @@ class StreamBatches(RankBatches, IterableDataset):
             try:
                 rows.append(self.builder.rows(shard_name, key, raw, windows, None))
             except LoaderError as err:
-                if not self.skip_bad_samples:
-                    raise LoaderError(f"{err} (pass --skip-bad-samples to skip such samples)") from None
-                skipped.append(str(err))  # evaluation: dropped (and counted), never replaced
+                self.bad_sample(err, skipped)  # evaluation: dropped (and counted), never replaced
             if count == self.batch_size:
                 yield collate(rows, skipped)
                 rows, skipped, count = [], [], 0
