@@ -10,12 +10,14 @@ from __future__ import annotations
 
 import hashlib
 import io
+import os
 import tarfile
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 
-from preprocess.atomic import commit, tmp_path_for
+from preprocess.atomic import commit, naming_errors, tmp_path_for
 from preprocess.schema import INDEX_SUFFIX, WDS_INDEX_VERSION, SchemaError, ShardInfo, split_member_name
+from preprocess.tar_reader import tar_members, tar_samples
 
 BLOCK = tarfile.BLOCKSIZE
 _END_OF_ARCHIVE = b"\0" * (2 * BLOCK)
@@ -40,18 +42,16 @@ def format_index(samples: Iterable[list[tuple[str, int, int, str]]]) -> str:
 
 
 def index_from_tar(path: Path) -> str:
-    """wds2idx text computed by reading the tar at `path` (regular files only, grouped by consecutive key)."""
+    """wds2idx text computed by reading the tar at `path` (regular files only, grouped by consecutive key);
+    TarReadError if it is not a sound tar."""
     samples: list[list[tuple[str, int, int, str]]] = []
     last_key = None
-    with tarfile.open(path, "r:") as tar:
-        for member in tar:
-            if not member.isreg():
-                continue
-            key, ext = split_member_name(member.name)
-            entry = (ext, member.offset_data, member.size, member.name)
-            if key != last_key:
+    with open(path, "rb") as f:
+        for member in tar_members(f, os.fstat(f.fileno()).st_size, exts=frozenset()):
+            entry = (member.ext, member.offset, member.size, f"{member.key}.{member.ext}")
+            if member.key != last_key:
                 samples.append([entry])
-                last_key = key
+                last_key = member.key
             else:
                 samples[-1].append(entry)
     return format_index(samples)
@@ -82,7 +82,8 @@ class ShardWriter:
 
     def _write(self, data: bytes) -> None:
         assert self._file is not None, "shard already closed"
-        self._file.write(data)
+        with naming_errors(self._tmp):
+            self._file.write(data)
         self._sha.update(data)
         self._offset += len(data)
 
@@ -100,14 +101,21 @@ class ShardWriter:
         self.keys.append(key)
 
     def close(self) -> ShardInfo:
-        """Finish the tar, write the index, rename both into place; returns what the manifest lists."""
+        """Finish the tar, write the index, rename both into place; returns what the manifest lists. On an OSError
+        (a full disk) no temporary file is left once the `with` block is left."""
         self._write(_END_OF_ARCHIVE)
         assert self._file is not None
-        self._file.close()
+        with naming_errors(self._tmp):
+            self._file.close()
         self._file = None
         index_tmp = tmp_path_for(self.index_path)
-        index_tmp.write_text(format_index(self._index))
-        commit(index_tmp, self.index_path)
+        try:
+            with naming_errors(index_tmp):
+                index_tmp.write_text(format_index(self._index))
+            commit(index_tmp, self.index_path)
+        except BaseException:
+            index_tmp.unlink(missing_ok=True)
+            raise
         commit(self._tmp, self.path)
         return ShardInfo(
             name=self.path.name, num_samples=len(self.keys), bytes=self._offset, sha256=self._sha.hexdigest()
@@ -122,21 +130,7 @@ class ShardWriter:
 
 
 def iter_tar_samples(path: Path) -> Iterator[tuple[str, dict[str, bytes]]]:
-    """(key, {ext: payload}) for each sample of the tar at `path`, in order; members of a key must be adjacent."""
-    key, members = None, {}
-    with tarfile.open(path, "r:") as tar:
-        for member in tar:
-            if not member.isreg():
-                continue
-            member_key, ext = split_member_name(member.name)
-            if member_key != key:
-                if key is not None:
-                    yield key, members
-                key, members = member_key, {}
-            if ext in members:
-                raise SchemaError(f"{path.name}: sample {member_key} has member {ext} twice")
-            handle = tar.extractfile(member)
-            assert handle is not None
-            members[ext] = handle.read()
-    if key is not None:
-        yield key, members
+    """(key, {ext: payload}) for each sample of the tar at `path`, in order, read by the strict reader (members of a
+    key adjacent, at most the file's size allocated); TarReadError if it is not a sound tar."""
+    with open(path, "rb") as f:
+        yield from tar_samples(f, os.fstat(f.fileno()).st_size)

@@ -13,21 +13,18 @@ from __future__ import annotations
 import hashlib
 import json
 import multiprocessing
-import tarfile
+import os
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
 
-import numpy as np
 import torch
 from torchvision.io import decode_jpeg as torch_decode_jpeg
 
 from preprocess.job import STATE_DIR
 from preprocess.schema import (
     INDEX_SUFFIX,
-    LABELS_EXT,
-    LOGMEL_EXT,
     MANIFEST_NAME,
     Manifest,
     SchemaError,
@@ -35,9 +32,11 @@ from preprocess.schema import (
     decode_sample,
     frame_ext,
     load_manifest,
+    sample_exts,
     split_member_name,
 )
-from preprocess.shard_writer import index_from_tar, iter_tar_samples
+from preprocess.shard_writer import index_from_tar
+from preprocess.tar_reader import TarReadError, tar_members
 
 HASH_CHUNK_BYTES = 1 << 20
 # A shard whose every sample is bad would otherwise print thousands of lines saying the same thing.
@@ -109,18 +108,23 @@ def file_size_sha256(path: Path) -> tuple[int, str]:
     return size, digest.hexdigest()
 
 
-def tar_end_error(path: Path) -> str | None:
-    """None if the tar at `path` has the end-of-archive marker (two zero blocks) right after its last member;
-    otherwise what is wrong. Python's tarfile ends silently at a truncated or corrupt header: this catches it."""
-    with tarfile.open(path, "r:") as tar:
-        tar.getmembers()  # reads every header, to where the members end
-        end = tar.offset
-    with open(path, "rb") as f:
-        f.seek(end)
-        marker = f.read(2 * tarfile.BLOCKSIZE)
-    if len(marker) == 2 * tarfile.BLOCKSIZE and not marker.strip(b"\0"):
-        return None
-    return f"no end-of-archive marker at byte {end}, where its members stop"
+def read_samples(path: Path, exts: list[str]) -> tuple[list[tuple[str, dict[str, bytes]]], str | None]:
+    """The samples of the tar at `path` read by the strict reader until it ends or fails, and why it failed (None:
+    read to its end-of-archive marker). A sample cut off by the failure is kept when all its `exts` were read."""
+    samples: list[tuple[str, dict[str, bytes]]] = []
+    try:
+        with open(path, "rb") as f:
+            for member in tar_members(f, os.fstat(f.fileno()).st_size):
+                if not samples or samples[-1][0] != member.key:
+                    samples.append((member.key, {}))
+                if member.ext in samples[-1][1]:
+                    raise TarReadError(f"sample {member.key}: member {member.ext} twice")
+                samples[-1][1][member.ext] = member.payload or b""
+    except (OSError, SchemaError) as err:  # TarReadError: not a whole, sound tar
+        if samples and set(samples[-1][1]) != set(exts):
+            samples.pop()  # the sample being read when the tar failed
+        return samples, str(err)
+    return samples, None
 
 
 def check_frames(key: str, frames: list[bytes], short_side_px: int) -> list[str]:
@@ -146,24 +150,15 @@ def check_frames(key: str, frames: list[bytes], short_side_px: int) -> list[str]
 
 
 def check_sample(key: str, members: dict[str, bytes], manifest: Manifest, decode_jpeg: bool) -> list[str]:
-    """Errors (prefixed with `key`) of one sample: schema, finite log-mel, one label for single-label
-    datasets and, with `decode_jpeg`, its frames (see `check_frames`); empty when the sample is sound."""
+    """Errors (prefixed with `key`) of one sample: schema (sizes, finite log-mel, labels, declared frame sizes) and,
+    with `decode_jpeg`, its decoded frames (see `check_frames`); empty when the sample is sound."""
     try:
-        sample = decode_sample(key, members, manifest.features, manifest.num_classes)
+        sample = decode_sample(key, members, manifest.features, manifest.num_classes, manifest.multi_label)
     except SchemaError as err:
         return [str(err)]
-    errors = []
-    bad_values = int(np.count_nonzero(~np.isfinite(sample.logmel)))
-    if bad_values:
-        errors.append(f"{key}: {LOGMEL_EXT} holds {bad_values} NaN or infinite values")
-    if not manifest.multi_label and sample.labels.size != 1:
-        errors.append(
-            f"{key}: {LABELS_EXT} holds {sample.labels.tolist()} but {manifest.dataset} is single-label "
-            "(one class index per clip)"
-        )
     if decode_jpeg:
-        errors.extend(check_frames(key, sample.frames, manifest.features.short_side_px))
-    return errors
+        return check_frames(key, sample.frames, manifest.features.short_side_px)
+    return []
 
 
 def _index_error(index_path: Path, tar_name: str, actual: bytes, expected: str) -> str | None:
@@ -211,16 +206,13 @@ def verify_shard(folder: Path, info: ShardInfo, manifest: Manifest, decode_jpeg:
         )
 
     sample_errors: list[str] = []
-    try:
-        for key, members in iter_tar_samples(tar_path):
-            check.keys.append(key)
-            errors = check_sample(key, members, manifest, decode_jpeg)
-            if not errors and decode_jpeg:
-                check.frames_decoded += manifest.features.num_frames
-            sample_errors.extend(errors)
-        read_error = tar_end_error(tar_path)
-    except (tarfile.TarError, EOFError, OSError, SchemaError) as err:
-        read_error = str(err)
+    samples, read_error = read_samples(tar_path, sample_exts(manifest.features.num_frames))
+    for key, members in samples:
+        check.keys.append(key)
+        errors = check_sample(key, members, manifest, decode_jpeg)
+        if not errors and decode_jpeg:
+            check.frames_decoded += manifest.features.num_frames
+        sample_errors.extend(errors)
     readable = read_error is None
     if read_error is not None:
         after = f"after sample {check.keys[-1]}" if check.keys else "before its first sample"
