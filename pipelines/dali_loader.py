@@ -34,7 +34,18 @@ from pipelines.config import SHUFFLE_BUFFER_SAMPLES, VIDEO_MEAN, VIDEO_STD, Augm
 from pipelines.split import LoaderError, SplitIndex, eval_batches, eval_range, train_batches
 from pipelines.stream import StreamSplit, is_stream_source
 from pipelines.torch_loader import SampleReader, decode_frames, dist_rank_world
-from preprocess.schema import LABELS_DTYPE, LABELS_EXT, LOGMEL_EXT, Manifest, frame_ext, split_member_name
+from preprocess.schema import (
+    LABELS_DTYPE,
+    LABELS_EXT,
+    LOGMEL_EXT,
+    Manifest,
+    SchemaError,
+    frame_ext,
+    frame_size_problem,
+    parse_labels,
+    parse_logmel,
+    split_member_name,
+)
 
 try:
     from nvidia.dali import fn, pipeline_def, types
@@ -53,7 +64,7 @@ except ImportError as _err:  # the module stays importable; DaliLoader() says ho
 log = logging.getLogger(__name__)
 
 READER_NAME = "reader"
-OUTPUT_NAMES = ["video", "audio", "labels", "source"]
+OUTPUT_NAMES = ["video", "audio", "labels", "source", "label_ids", "label_count"]
 # DALI's errors do not name the sample: after one, at most this many samples of the rank's block are checked on the
 # CPU, in reading order, to name it (a few seconds at 8 frames per sample).
 SCAN_LIMIT_SAMPLES = 1024
@@ -91,7 +102,8 @@ class GraphSpec:
 
 @pipeline_def
 def mbt_pipeline(spec: GraphSpec, train: bool, device: str) -> tuple[Any, ...]:
-    """Per sample: video, audio, labels and the reader's source info of the labels member (uint8, zero-padded).
+    """Per sample: video, audio, labels, the reader's source info of the labels member (uint8, zero-padded), and the
+    stored class indices (int32, zero-padded) with their count.
 
     Training: video float32 (F, 3, crop, crop), audio float32 (1, audio_frames, mel_bins).
     Evaluation: video float32 (N, F, 3, crop, crop), audio float32 (N, 1, audio_frames, mel_bins), N test clips.
@@ -130,7 +142,8 @@ def mbt_pipeline(spec: GraphSpec, train: bool, device: str) -> tuple[Any, ...]:
     if device == "gpu":
         targets = targets.gpu()
     source = fn.pad(fn.get_property(labels, key="source_info"), fill_value=0)
-    return video, audio, targets, source
+    # The stored class indices and their count, checked on the host: DALI would one-hot -1 or 527 silently.
+    return video, audio, targets, source, fn.pad(labels, fill_value=0), labels.shape()
 
 
 def random_int(high: Any) -> Any:
@@ -234,21 +247,48 @@ def find_bad_sample(index: SplitIndex, samples: list[int], frame_ids: list[int])
     """What is wrong with the first of `samples` (indices into `index`) that cannot be read, decoded or shaped as the
     schema says, named as the torch loader names it (shard, key); None when they all read."""
     reader = SampleReader(index)
-    logmel_bytes = index.manifest.features.logmel_bytes
-    for sample in samples:
-        ref = index.samples[sample]
-        where = f"{index.shard_paths[ref.shard].name}: sample {ref.key}"
+    try:
+        return next(filter(None, (_sample_problem(index, reader, sample, frame_ids) for sample in samples)), None)
+    finally:
+        reader.close()
+
+
+def _sample_problem(index: SplitIndex, reader: SampleReader, sample: int, frame_ids: list[int]) -> str | None:
+    manifest = index.manifest
+    features = manifest.features
+    ref = index.samples[sample]
+    where = f"{index.shard_paths[ref.shard].name}: sample {ref.key}"
+    try:
+        raw = reader.read(ref, [frame_ext(i) for i in frame_ids] + [LOGMEL_EXT, LABELS_EXT])
+        for i in frame_ids:
+            if problem := frame_size_problem(raw[frame_ext(i)], features.short_side_px, frame_ext(i)):
+                return f"{where}: bad JPEG ({problem})"
+        decode_frames([raw[frame_ext(i)] for i in frame_ids])
+        parse_logmel(raw[LOGMEL_EXT], features)
+        parse_labels(raw[LABELS_EXT], manifest.num_classes, manifest.multi_label)
+    except LoaderError as err:
+        return str(err)
+    except RuntimeError as err:
+        return f"{where}: bad JPEG ({err})"
+    except SchemaError as err:
+        return f"{where}: {err}"
+    return None
+
+
+def batch_problem(
+    keys: list[str], audio: torch.Tensor, label_ids: np.ndarray, counts: np.ndarray, manifest: Manifest
+) -> str | None:
+    """What is wrong with a batch the DALI graph made, naming the key, or None: a log-mel row that is not finite
+    (the torch loader refuses such samples before normalizing), or stored labels outside the schema's rules."""
+    finite = torch.isfinite(audio.flatten(1)).all(dim=1)
+    if not bool(finite.all()):
+        row = int((~finite).nonzero()[0, 0])
+        return f"sample {keys[row]}: {LOGMEL_EXT} holds NaN or infinite values"
+    for row, (ids, count) in enumerate(zip(label_ids, counts, strict=True)):
         try:
-            raw = reader.read(ref, [frame_ext(i) for i in frame_ids] + [LOGMEL_EXT, LABELS_EXT])
-            decode_frames([raw[frame_ext(i)] for i in frame_ids])
-        except LoaderError as err:
-            return str(err)
-        except RuntimeError as err:
-            return f"{where}: bad JPEG ({err})"
-        if len(raw[LOGMEL_EXT]) != logmel_bytes:
-            return f"{where}: log-mel of {len(raw[LOGMEL_EXT])} bytes, the manifest says {logmel_bytes}"
-        if len(raw[LABELS_EXT]) % LABELS_DTYPE.itemsize:
-            return f"{where}: labels of {len(raw[LABELS_EXT])} bytes, not whole int32"
+            parse_labels(ids[:count].astype(LABELS_DTYPE).tobytes(), manifest.num_classes, manifest.multi_label)
+        except SchemaError as err:
+            return f"sample {keys[row]}: {err}"
     return None
 
 
@@ -463,6 +503,13 @@ class DaliLoader:
     def _batch(self, outputs: dict[str, torch.Tensor]) -> dict[str, Any]:
         keys = [key_of_source(row) for row in outputs["source"].cpu().numpy()]
         video, audio, labels = outputs["video"], outputs["audio"], outputs["labels"]
+        counts = outputs["label_count"].cpu().numpy().reshape(-1)
+        problem = batch_problem(keys, audio, outputs["label_ids"].cpu().numpy(), counts, self.manifest)
+        if problem is not None:
+            raise LoaderError(
+                f"{self.index.folder}: {problem}; the DALI loader cannot skip bad samples: run "
+                f"tools/verify_shards.py {self.index.folder} and re-shard, or use --loader torch --skip-bad-samples"
+            )
         if self.train:
             return {
                 "video": video, "audio": audio, "labels": labels, "key": keys,

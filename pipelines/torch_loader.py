@@ -19,6 +19,8 @@ import ctypes
 import logging
 import math
 import os
+import threading
+from collections import OrderedDict
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
@@ -54,7 +56,16 @@ from pipelines.stream import (
     reader_samples,
     train_units,
 )
-from preprocess.schema import LABELS_DTYPE, LABELS_EXT, LOGMEL_DTYPE, LOGMEL_EXT, Manifest, frame_ext
+from preprocess.schema import (
+    LABELS_EXT,
+    LOGMEL_EXT,
+    Manifest,
+    SchemaError,
+    frame_ext,
+    frame_size_problem,
+    parse_labels,
+    parse_logmel,
+)
 
 log = logging.getLogger(__name__)
 
@@ -84,30 +95,55 @@ def dist_rank_world(rank: int | None = None, world_size: int | None = None) -> t
     return rank, world_size
 
 
-class SampleReader:
-    """Reads members of samples at their index offsets with pread: one descriptor per shard and process,
-    safe to share between threads (no seek position)."""
+# Shard files a process keeps open at once: a split may have more shards than the open-file limit (AudioSet-2M:
+# ~4,000), and each loader worker has its own.
+MAX_OPEN_SHARDS = 64
 
-    def __init__(self, index: SplitIndex) -> None:
+
+class SampleReader:
+    """Reads members of samples at their index offsets with pread: at most `max_open` shards open per process, the
+    least recently read closed first; safe to share between threads (no seek position)."""
+
+    def __init__(self, index: SplitIndex, max_open: int = MAX_OPEN_SHARDS) -> None:
         self.index = index
-        self._fds: dict[int, int] = {}
+        self.max_open = max_open
+        self._fds: OrderedDict[int, int] = OrderedDict()
         self._pid = os.getpid()
+        self._lock = threading.Lock()
+
+    def _pread(self, shard: int, size: int, offset: int) -> bytes:
+        with self._lock:
+            if self._pid != os.getpid():  # a forked worker opens its own descriptors
+                self._fds, self._pid = OrderedDict(), os.getpid()
+            fd = self._fds.get(shard)
+            if fd is None:
+                while len(self._fds) >= self.max_open:
+                    os.close(self._fds.popitem(last=False)[1])
+                fd = self._fds[shard] = os.open(self.index.shard_paths[shard], os.O_RDONLY)
+            self._fds.move_to_end(shard)
+            return os.pread(fd, size, offset)
 
     def read(self, ref: SampleRef, exts: list[str]) -> dict[str, bytes]:
-        if self._pid != os.getpid():  # a forked worker opens its own descriptors
-            self._fds, self._pid = {}, os.getpid()
-        fd = self._fds.get(ref.shard)
-        if fd is None:
-            fd = self._fds[ref.shard] = os.open(self.index.shard_paths[ref.shard], os.O_RDONLY)
+        name = self.index.shard_paths[ref.shard].name
         out = {}
         for ext in exts:
             if ext not in ref.members:
-                raise LoaderError(f"{self.index.shard_paths[ref.shard].name}: sample {ref.key} has no member {ext}")
+                raise LoaderError(f"{name}: sample {ref.key} has no member {ext}")
             offset, size = ref.members[ext]
-            out[ext] = os.pread(fd, size, offset)
+            try:
+                out[ext] = self._pread(ref.shard, size, offset)
+            except OSError as err:
+                raise LoaderError(f"{name}: sample {ref.key}: {ext} cannot be read ({err})") from err
             if len(out[ext]) != size:
-                raise LoaderError(f"{self.index.shard_paths[ref.shard].name}: sample {ref.key}: {ext} is truncated")
+                raise LoaderError(f"{name}: sample {ref.key}: {ext} is truncated")
         return out
+
+    def close(self) -> None:
+        with self._lock:
+            if self._pid == os.getpid():
+                for fd in self._fds.values():
+                    os.close(fd)
+            self._fds.clear()
 
 
 def decode_frames(jpegs: list[bytes]) -> torch.Tensor:
@@ -206,7 +242,7 @@ class SampleBuilder:
         if not 1 <= self.frames_used <= self.frames_stored:
             raise LoaderError(f"frames_used={self.frames_used}, but the shards hold {self.frames_stored} frames")
         self.time_frames = features.fbank_frames
-        self.logmel_shape = features.logmel_shape
+        self.features, self.short_side_px = features, features.short_side_px
         self.mean, self.std = manifest.logmel.mean, manifest.logmel.std
         self.multi_label = manifest.multi_label
         self.num_classes = manifest.num_classes
@@ -238,18 +274,12 @@ class SampleBuilder:
         return frozenset(self.member_exts(self.windows(None)))
 
     def _labels(self, raw: bytes) -> torch.Tensor:
-        labels = np.frombuffer(raw, dtype=LABELS_DTYPE)
+        labels = parse_labels(raw, self.num_classes, self.multi_label)
         if self.multi_label:
             hot = torch.zeros(self.num_classes, dtype=torch.float32)
             hot[torch.from_numpy(labels.astype(np.int64))] = 1.0
             return hot
         return torch.tensor(int(labels[0]), dtype=torch.int64)
-
-    def _logmel(self, raw: bytes, where: str) -> np.ndarray:
-        rows, bins = self.logmel_shape
-        if len(raw) != rows * bins * LOGMEL_DTYPE.itemsize:
-            raise LoaderError(f"{where}: log-mel of {len(raw)} bytes")
-        return np.frombuffer(raw, dtype=LOGMEL_DTYPE).reshape(rows, bins).astype(np.float32)
 
     def rows(
         self,
@@ -266,12 +296,18 @@ class SampleBuilder:
         if missing := [ext for ext in exts if ext not in raw]:
             raise LoaderError(f"{where}: no member {', '.join(missing)}")
         needed = sorted({int(i) for ids, _ in windows for i in ids})
+        for i in needed:  # a frame claiming a huge size must not be decoded
+            if problem := frame_size_problem(raw[frame_ext(i)], self.short_side_px, frame_ext(i)):
+                raise LoaderError(f"{where}: bad JPEG ({problem})")
         try:
             decoded = decode_frames([raw[frame_ext(i)] for i in needed])
         except RuntimeError as err:
             raise LoaderError(f"{where}: bad JPEG ({err})") from err
-        logmel = self._logmel(raw[LOGMEL_EXT], where)
-        labels = self._labels(raw[LABELS_EXT])
+        try:
+            logmel = parse_logmel(raw[LOGMEL_EXT], self.features).astype(np.float32)
+            labels = self._labels(raw[LABELS_EXT])
+        except SchemaError as err:
+            raise LoaderError(f"{where}: {err}") from None
         aug = self.aug
         videos, audios = [], []
         for ids, audio_start in windows:

@@ -2,13 +2,17 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import torch
 
 from pipelines.config import AugmentConfig
+from preprocess.schema import load_manifest, sample_exts
+from preprocess.shard_writer import ShardWriter, iter_tar_samples
 
 # 2 s clips: 200 log-mel frames, so 160-frame windows (4 test clips start at 0, 13, 27, 40) and smaller masks.
 SMALL_AUG = AugmentConfig(audio_frames=160, time_mask_px=40, freq_mask_px=24)
@@ -44,3 +48,19 @@ def assert_same_batches(got: list[dict], want: list[dict]) -> None:
         assert a["key"] == b["key"]
         for name in ("video", "audio", "labels"):
             assert torch.equal(a[name], b[name]), name
+
+
+def rewrite_split(source: Path, out: Path, change: Callable[[dict[str, bytes]], dict[str, bytes]]) -> Path:
+    """A copy of the split in `source` at `out`, each sample's members {ext: payload} passed through `change`
+    (written by the shard writer: the manifest and index files match the new shards)."""
+    manifest = load_manifest(source)
+    out.mkdir()
+    shards = []
+    for info in manifest.shards:
+        with ShardWriter(out / info.name) as writer:
+            for key, members in iter_tar_samples(source / info.name):
+                members = change(members)
+                writer.add(key, [(f"{key}.{ext}", members[ext]) for ext in sample_exts(manifest.features.num_frames)])
+            shards.append(writer.close())
+    dataclasses.replace(manifest, shards=shards).write(out)
+    return out

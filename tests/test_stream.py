@@ -6,10 +6,8 @@ from __future__ import annotations
 
 import contextlib
 import functools
-import io
 import logging
 import shutil
-import tarfile
 import threading
 import time
 from collections import Counter
@@ -25,7 +23,6 @@ from pipelines import build_loader
 from pipelines.split import LoaderError, SplitIndex, train_batches
 from pipelines.stream import (
     PipeURL,
-    StreamError,
     StreamSplit,
     StreamUnit,
     as_pipe,
@@ -34,7 +31,6 @@ from pipelines.stream import (
     shard_samples,
     shuffled,
     split_manifest,
-    tar_samples,
     train_units,
 )
 from pipelines.torch_loader import TorchLoader
@@ -73,37 +69,6 @@ def test_sources_are_either_streamed_or_local(train_shards):
         is_stream_source([piped(train_shards), str(train_shards)])
     assert isinstance(open_split(str(train_shards)), SplitIndex)
     assert isinstance(open_split(piped(train_shards)), StreamSplit)
-
-
-@pytest.mark.parametrize("fmt", [tarfile.USTAR_FORMAT, tarfile.PAX_FORMAT, tarfile.GNU_FORMAT])
-def test_tar_reader_reads_what_tarfile_writes(fmt):
-    long_key = "k" * 120  # beyond ustar's 100-character name: pax and GNU long names
-    names = ["a.frame00.jpg", "a.logmel.f16", "dir/b.frame00.jpg", "dir/b.labels.i32"]
-    if fmt != tarfile.USTAR_FORMAT:
-        names.append(f"{long_key}.labels.i32")
-    buffer = io.BytesIO()
-    with tarfile.open(fileobj=buffer, mode="w", format=fmt) as tar:
-        folder = tarfile.TarInfo("dir")
-        folder.type = tarfile.DIRTYPE
-        tar.addfile(folder)  # a directory entry is passed over
-        for i, name in enumerate(names):
-            info = tarfile.TarInfo(name)
-            info.size = 700 * i
-            tar.addfile(info, io.BytesIO(bytes([i]) * info.size))
-    data = buffer.getvalue()
-    got = list(tar_samples(io.BytesIO(data)))
-    want = [("a", {"frame00.jpg": b"", "logmel.f16": b"\1" * 700}),
-            ("dir/b", {"frame00.jpg": b"\2" * 1400, "labels.i32": b"\3" * 2100})]  # fmt: skip
-    if fmt != tarfile.USTAR_FORMAT:
-        want.append((long_key, {"labels.i32": b"\4" * 2800}))
-    assert got == want
-    assert list(tar_samples(io.BytesIO(data), frozenset(["labels.i32"])))[1] == ("dir/b", {"labels.i32": b"\3" * 2100})
-    with pytest.raises(StreamError, match=r"cut short in member dir/b\.frame00\.jpg"):
-        list(tar_samples(io.BytesIO(data[: data.index(b"\2" * 1400) + 100])))
-    with pytest.raises(StreamError, match="no end-of-archive marker"):
-        list(tar_samples(io.BytesIO(data[: data.rindex(b"\3" * 2100) + 2560])))
-    with pytest.raises(StreamError, match="bad checksum"):
-        list(tar_samples(io.BytesIO(b"<html>not found</html>" + bytes(1000))))
 
 
 def test_shuffle_buffer_gives_every_item_once_in_a_seeded_order():
