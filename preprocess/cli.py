@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import math
 import os
 import sys
 from collections.abc import Callable, Mapping
@@ -14,6 +15,10 @@ from preprocess.job import JobError, JobSpec, JobSummary, run_job
 from preprocess.schema import FeatureParams, SchemaError
 
 EXIT_INPUT_ERROR = 1
+MAX_SHORT_SIDE_PX = 4096
+MAX_SEGMENT_S = 3600.0
+MAX_SHARD_SIZE = 10_000  # a shard's samples are held in memory until it is written
+MAX_WORKERS = 1024
 
 
 def add_job_arguments(parser: argparse.ArgumentParser) -> None:
@@ -61,15 +66,65 @@ def add_job_arguments(parser: argparse.ArgumentParser) -> None:
         default=None,
         help="which of the N jobs this is, 0..N-1 (default: SLURM_ARRAY_TASK_ID - SLURM_ARRAY_TASK_MIN, else 0)",
     )
+    parser.add_argument(
+        "--decode-timeout",
+        type=float,
+        default=None,
+        metavar="SECONDS",
+        help="time one clip's ffmpeg decode may take before it is killed and recorded as 'timeout' "
+        "(default: 12 s per second of segment, at least 60 s)",
+    )
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
+
+
+def check_options(args: argparse.Namespace) -> None:
+    """JobError naming the first option whose value ffmpeg cannot produce or that would allocate without bound."""
+    timeout = args.decode_timeout
+    checks = [
+        ("--frames", args.frames, 1 <= args.frames <= 99, "in 1..99"),
+        (
+            "--short-side",
+            args.short_side,
+            16 <= args.short_side <= MAX_SHORT_SIDE_PX and args.short_side % 2 == 0,
+            f"an even number of pixels in 16..{MAX_SHORT_SIDE_PX} (ffmpeg scales to even sizes)",
+        ),
+        (
+            "--segment-seconds",
+            args.segment_seconds,
+            math.isfinite(args.segment_seconds) and 0.01 <= args.segment_seconds <= MAX_SEGMENT_S,
+            f"in [0.01, {MAX_SEGMENT_S:g}] seconds (at least one 10 ms log-mel hop)",
+        ),
+        ("--shard-size", args.shard_size, 1 <= args.shard_size <= MAX_SHARD_SIZE, f"in 1..{MAX_SHARD_SIZE}"),
+        ("--workers", args.workers, args.workers is None or 1 <= args.workers <= MAX_WORKERS, f"in 1..{MAX_WORKERS}"),
+        ("--limit", args.limit, args.limit is None or args.limit >= 1, "at least 1"),
+        ("--seed", args.seed, args.seed >= 0, "at least 0"),
+        ("--num-jobs", args.num_jobs, args.num_jobs is None or args.num_jobs >= 1, "at least 1"),
+        (
+            "--decode-timeout",
+            timeout,
+            timeout is None or (math.isfinite(timeout) and timeout > 0),
+            "a positive number of seconds",
+        ),
+    ]
+    for option, value, ok, rule in checks:
+        if not ok:
+            raise JobError(f"{option} must be {rule}, got {value}")
+
+
+def _env_int(env: Mapping[str, str], name: str) -> int:
+    text = env.get(name, "0")
+    try:
+        return int(text)
+    except ValueError:
+        raise JobError(f"environment variable {name}={text!r:.40} is not an integer; fix the job array") from None
 
 
 def partition(num_jobs: int | None, job_index: int | None, env: Mapping[str, str] = os.environ) -> tuple[int, int]:
     """(N, i) from --num-jobs/--job-index, else from a SLURM job array (task ids may start above 0), else (1, 0)."""
     if num_jobs is None and "SLURM_ARRAY_TASK_COUNT" in env:
-        num_jobs = int(env["SLURM_ARRAY_TASK_COUNT"])
+        num_jobs = _env_int(env, "SLURM_ARRAY_TASK_COUNT")
     if job_index is None and "SLURM_ARRAY_TASK_ID" in env:
-        job_index = int(env["SLURM_ARRAY_TASK_ID"]) - int(env.get("SLURM_ARRAY_TASK_MIN", 0))
+        job_index = _env_int(env, "SLURM_ARRAY_TASK_ID") - _env_int(env, "SLURM_ARRAY_TASK_MIN")
     num_jobs, job_index = num_jobs or 1, job_index or 0
     if num_jobs < 1 or not 0 <= job_index < num_jobs:
         raise JobError(f"job index {job_index} is not in 0..{num_jobs - 1}: check --num-jobs/--job-index or the array")
@@ -77,7 +132,8 @@ def partition(num_jobs: int | None, job_index: int | None, env: Mapping[str, str
 
 
 def spec_options(args: argparse.Namespace) -> dict:
-    """JobSpec keyword arguments that come from the common options."""
+    """JobSpec keyword arguments that come from the common options; JobError naming an option out of range."""
+    check_options(args)
     params = FeatureParams(num_frames=args.frames, short_side_px=args.short_side, segment_s=args.segment_seconds)
     num_jobs, job_index = partition(args.num_jobs, args.job_index)
     return {
@@ -90,6 +146,7 @@ def spec_options(args: argparse.Namespace) -> dict:
         "require_audio": args.require_audio,
         "workers": args.workers,
         "progress": not args.quiet,
+        "decode_timeout_s": args.decode_timeout,
     }
 
 

@@ -8,9 +8,9 @@ import bisect
 import csv
 import fnmatch
 import glob
-import math
 import os
 import re
+import string
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -30,8 +30,15 @@ VGGSOUND_SEGMENT_S = 10.0
 
 # YouTube ids are [A-Za-z0-9_-] (often starting with '-'); anything else could put a dot or a slash in a key.
 _YTID_RE = re.compile(r"[A-Za-z0-9_-]+")
+# Bounds that keep a key and its member names within a ustar header's 100-byte name (YouTube ids have 11 chars).
+MAX_YTID_CHARS = 64
+MAX_SECONDS = 1_000_000.0
+TEMPLATE_FIELDS: tuple[str, ...] = ("ytid", "start", "end", "start_s", "end_s", "start_ms", "end_ms")
+_MAX_FORMAT_WIDTH = 99  # a format spec's width/precision: '{ytid:>999999999}' would allocate a GB per row
+_SPLIT_NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*")
 _LITERAL_PREFIX_RE = re.compile(r"[^*?[]*")
 _WHOLE_SECONDS_RE = re.compile(r"[0-9]+")
+_SECONDS_RE = re.compile(r"[0-9]+(?:\.[0-9]*)?")  # float() would also take '1_0', 'nan', '1e3' and non-ASCII digits
 
 
 class DatasetError(ValueError):
@@ -81,8 +88,11 @@ def _csv_rows(path: str | os.PathLike, skip_comments: bool = False) -> Iterator[
 
 
 def _check_ytid(ytid: str, source: str) -> None:
-    if not _YTID_RE.fullmatch(ytid):
-        raise DatasetError(f"{source}: {ytid!r} is not a YouTube id (letters, digits, '_' and '-' only)")
+    if not _YTID_RE.fullmatch(ytid) or len(ytid) > MAX_YTID_CHARS:
+        raise DatasetError(
+            f"{source}: {ytid[:80]!r} is not a YouTube id (letters, digits, '_' and '-' only, "
+            f"at most {MAX_YTID_CHARS} of them)"
+        )
 
 
 def read_audioset_classes(path: str | os.PathLike) -> list[tuple[str, str]]:
@@ -115,13 +125,12 @@ def read_audioset_classes(path: str | os.PathLike) -> list[tuple[str, str]]:
 
 
 def _parse_seconds(text: str, what: str, source: str) -> float:
-    try:
-        seconds = float(text)
-    except ValueError:
-        raise DatasetError(f"{source}: {what} {text!r} is not a number of seconds") from None
-    if not math.isfinite(seconds) or seconds < 0:
-        raise DatasetError(f"{source}: {what} {text!r} must be a finite number of seconds >= 0")
-    return seconds
+    if not _SECONDS_RE.fullmatch(text) or float(text) > MAX_SECONDS:
+        raise DatasetError(
+            f"{source}: {what} {text[:40]!r} is not a number of seconds: write a finite value in "
+            f"[0, {MAX_SECONDS:.0f}] as digits with an optional decimal point"
+        )
+    return float(text)
 
 
 def read_audioset_segments(
@@ -206,8 +215,10 @@ def read_vggsound(
             raise DatasetError(f"{source}: expected 4 columns YTID,start_seconds,label,split, got {len(fields)}")
         ytid, start_text, label, row_split = fields
         _check_ytid(ytid, source)
-        if not _WHOLE_SECONDS_RE.fullmatch(start_text):
-            raise DatasetError(f"{source}: start {start_text!r} is not a whole number of seconds")
+        if not _WHOLE_SECONDS_RE.fullmatch(start_text) or int(start_text) > MAX_SECONDS:
+            raise DatasetError(
+                f"{source}: start {start_text[:40]!r} is not a whole number of seconds in [0, {MAX_SECONDS:.0f}]"
+            )
         if not label:
             raise DatasetError(f"{source}: empty label")
         if row_split not in VGGSOUND_SPLITS:
@@ -232,8 +243,18 @@ def read_vggsound(
 
 
 def split_name_from_segments(path: str | os.PathLike) -> str:
-    """The split an AudioSet segment CSV holds: 'eval_segments.csv' -> 'eval', any 'foo.csv' -> 'foo'."""
-    return Path(path).name.removesuffix(".csv").removesuffix("_segments")
+    """The split an AudioSet segment CSV holds: 'eval_segments.csv' -> 'eval', any 'foo.csv' -> 'foo'.
+
+    The name becomes a folder of the default output path: anything but letters, digits, '_', '-', '.' (not first)
+    -> DatasetError, so that '..csv' cannot send the shards to a parent folder.
+    """
+    split = Path(path).name.removesuffix(".csv").removesuffix("_segments")
+    if not _SPLIT_NAME_RE.fullmatch(split):
+        raise DatasetError(
+            f"{os.fspath(path)}: {split!r} is not a usable split name (letters, digits, '_', '-', '.', not first); "
+            "rename the file, e.g. eval_segments.csv"
+        )
+    return split
 
 
 class VideoIndex:
@@ -245,11 +266,12 @@ class VideoIndex:
     """
 
     def __init__(self, folder: str | os.PathLike) -> None:
-        """Lists the regular files (or links to them) directly in `folder`; missing folder -> DatasetError."""
+        """Lists the regular files (or links to them) directly in `folder`; missing folder -> DatasetError.
+        Links that loop or lead nowhere, folders, FIFOs and devices are left out: their clips are missing."""
         self.folder = Path(folder)
         try:
             with os.scandir(self.folder) as entries:
-                self._names = sorted(entry.name for entry in entries if entry.is_file())
+                self._names = sorted(entry.name for entry in entries if _is_file(entry))
         except OSError as e:
             raise DatasetError(f"video folder {os.fspath(folder)}: cannot list it ({e})") from e
 
@@ -275,15 +297,7 @@ class VideoIndex:
         """
         if not templates:
             raise DatasetError("no video name templates given; pass --name-template")
-        fields = {
-            "ytid": glob.escape(row.ytid),
-            "start": row.start_s,
-            "end": row.end_s,
-            "start_s": int(row.start_s),
-            "end_s": int(row.end_s),
-            "start_ms": round(row.start_s * 1000),
-            "end_ms": round(row.end_s * 1000),
-        }
+        fields = _template_fields(row)
         tried = []
         for template in templates:
             pattern = _format_template(template, fields)
@@ -299,12 +313,59 @@ class VideoIndex:
         raise FileNotFoundError(f"clip {row.key}: no file in {self.folder} matches any of {', '.join(tried)}")
 
 
+def _is_file(entry: os.DirEntry) -> bool:
+    try:
+        return entry.is_file()
+    except OSError:  # a symlink loop (ELOOP), an unreadable target: not a video we can read
+        return False
+
+
+def check_name_templates(templates: Sequence[str]) -> None:
+    """DatasetError unless every template formats with the fields of VideoIndex (no attribute or index lookup,
+    no nested field, no '/', widths up to 99): checked once before a job, not as each row fails to find its file."""
+    if not templates:
+        raise DatasetError("no video name templates given; pass --name-template")
+    sample = ClipRow("x_0", "x", 0.0, 10.0, (), "check")
+    for template in templates:
+        try:
+            parsed = list(string.Formatter().parse(template))
+        except ValueError as e:
+            raise _template_error(template, e) from e
+        if "/" in template:
+            raise _template_error(template, ValueError("a template matches file names in the folder, not paths"))
+        for _, field, spec, _ in parsed:
+            if field is None:
+                continue
+            if field not in TEMPLATE_FIELDS:
+                raise _template_error(template, KeyError(field))
+            if "{" in (spec or "") or any(int(n) > _MAX_FORMAT_WIDTH for n in re.findall(r"\d+", spec or "")):
+                rule = f"no nested fields, widths <= {_MAX_FORMAT_WIDTH}"
+                raise _template_error(template, ValueError(f"format spec {spec!r}: {rule}"))
+        _format_template(template, _template_fields(sample))
+
+
+def _template_fields(row: ClipRow) -> dict[str, object]:
+    return {
+        "ytid": glob.escape(row.ytid),
+        "start": row.start_s,
+        "end": row.end_s,
+        "start_s": int(row.start_s),
+        "end_s": int(row.end_s),
+        "start_ms": round(row.start_s * 1000),
+        "end_ms": round(row.end_s * 1000),
+    }
+
+
+def _template_error(template: str, e: Exception) -> DatasetError:
+    return DatasetError(
+        f"name template {template!r} does not format ({type(e).__name__}: {e}); "
+        f"its fields can be {', '.join('{' + name + '}' for name in TEMPLATE_FIELDS)}"
+    )
+
+
 def _format_template(template: str, fields: dict[str, object]) -> str:
     """template.format(**fields); an unknown field or a bad format spec -> DatasetError listing the fields."""
     try:
         return template.format(**fields)
     except (KeyError, IndexError, AttributeError, ValueError, TypeError) as e:
-        raise DatasetError(
-            f"name template {template!r} does not format ({type(e).__name__}: {e}); "
-            f"its fields can be {', '.join('{' + name + '}' for name in fields)}"
-        ) from e
+        raise _template_error(template, e) from e

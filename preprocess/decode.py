@@ -4,17 +4,31 @@ Commands are built with ffmpeg-python and run as argument lists, never through a
 given as `file:/absolute/path`, so a name starting with '-' (YouTube ids often do) or holding ':' can never be
 read as an option or a protocol. Each ffmpeg runs single-threaded: the batch job parallelises over clips.
 
+Files come from the open web, so each decode is fenced in: the clip is opened here and must be a regular file,
+and ffmpeg reads that open file as `/dev/fd/N` (the file checked, under a name that is always text); ffmpeg may
+use the file protocol only and only the usual video containers (a playlist or concat list cannot send it to
+other files, FIFOs or devices); it runs in its own process group, killed at a deadline and when its parent dies;
+every file it writes (frames, audio, its log) is capped in size by RLIMIT_FSIZE, its memory by RLIMIT_AS.
+
 The streams are probed by the same ffmpeg run that decodes (its `Input #0` report, read at log level info):
 a separate ffprobe process per clip would cost a third of the decode time of a small clip.
 """
 
 from __future__ import annotations
 
+import contextlib
+import ctypes
+import functools
 import os
 import re
+import resource
 import shutil
+import signal
+import stat
 import subprocess
 import tempfile
+import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -33,6 +47,21 @@ class DecodeError(RuntimeError):
         self.reason = reason
 
 
+# Demuxers of downloaded videos (ffmpeg matches a name within a demuxer's alias list: "mov" is mov,mp4,m4a,3gp,...).
+MEDIA_DEMUXERS: tuple[str, ...] = (
+    "mov", "matroska", "avi", "flv", "mpegts", "mpeg", "ogg", "wav", "mp3", "aac", "flac", "asf",
+)  # fmt: skip
+# ffmpeg writes at most a few frames, the segment's audio and its log; anything near this is hostile input.
+OUTPUT_FILE_BASE_BYTES = 16 << 20
+# ffmpeg's address space: a 4K decode needs ~0.1 GiB; a header claiming 16384x16384 frames would take many GiB.
+FFMPEG_MEMORY_BYTES = 4 << 30
+LOG_KEEP_BYTES = 1 << 20  # ffmpeg's log is read as its first and last MiB
+SCRATCH_PREFIX = "mbt-frames-"  # then the decoding process's pid: remove_stale_scratch knows whose it is
+_SCRATCH_RE = re.compile(re.escape(SCRATCH_PREFIX) + r"([0-9]+)-\w+")
+_PR_SET_PDEATHSIG = 1
+_LIBC = ctypes.CDLL(None, use_errno=True)  # loaded here: a forked child must not dlopen
+
+
 class ToolMissingError(RuntimeError):
     """ffmpeg is not installed."""
 
@@ -41,6 +70,48 @@ def require_ffmpeg() -> None:
     """Raise ToolMissingError saying what to install when ffmpeg is not on PATH."""
     if shutil.which("ffmpeg") is None:
         raise ToolMissingError("ffmpeg not found on PATH; install it (Debian/Ubuntu: apt-get install -y ffmpeg)")
+
+
+def default_decode_timeout_s(segment_s: float) -> float:
+    """The time one clip's decode may take: 12 s per second of segment (120 s for 10 s), at least 60 s."""
+    return max(60.0, 12.0 * segment_s)
+
+
+def die_with_parent(parent_pid: int) -> None:
+    """Have the kernel SIGKILL this process when its parent dies (Linux PR_SET_PDEATHSIG), even by SIGKILL."""
+    if _LIBC.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0) != 0:
+        raise OSError(ctypes.get_errno(), "prctl(PR_SET_PDEATHSIG) failed")
+    if os.getppid() != parent_pid:  # the parent died before the prctl took effect
+        os.kill(os.getpid(), signal.SIGKILL)
+
+
+def _child_setup(parent_pid: int, max_file_bytes: int) -> Callable[[], None]:
+    def setup() -> None:
+        die_with_parent(parent_pid)
+        _set_limits(0, max_file_bytes)
+
+    return setup
+
+
+def _set_limits(pid: int, max_file_bytes: int) -> None:
+    """Cap the size of every file process `pid` (0: this one) writes, and its memory."""
+    resource.prlimit(pid, resource.RLIMIT_FSIZE, (max_file_bytes, max_file_bytes))
+    resource.prlimit(pid, resource.RLIMIT_AS, (FFMPEG_MEMORY_BYTES, FFMPEG_MEMORY_BYTES))
+
+
+@functools.cache
+def _pdeathsig_wrapper() -> tuple[str, ...]:
+    """util-linux's `setpriv --pdeathsig KILL --` where it exists (2.33+): ffmpeg then dies with its parent without a
+    preexec_fn, which forces a full fork of the torch-sized worker (measured: 37 ms per run, against 2 ms)."""
+    setpriv = shutil.which("setpriv")
+    if setpriv is None:
+        return ()
+    wrapper = (setpriv, "--pdeathsig", "KILL", "--")
+    try:
+        works = subprocess.run([*wrapper, "true"], capture_output=True, timeout=10).returncode == 0
+    except (OSError, subprocess.TimeoutExpired):
+        works = False
+    return wrapper if works else ()
 
 
 def file_url(path: str | os.PathLike) -> str:
@@ -67,17 +138,26 @@ class StreamInfo:
         return asdict(self)
 
 
-_DURATION_RE = re.compile(r"Duration: (\d+):(\d\d):(\d\d(?:\.\d+)?)")
-_STREAM_RE = re.compile(r"Stream #0:\d+.*?: (Video|Audio): (\w+)(.*)")
+# Anchored at ffmpeg's own indentation: a metadata tag (a title) may hold "Duration: " or "Stream #0:0: Video",
+# but ffmpeg prints tags indented deeper and indents their continuation lines without the level prefix.
+_DURATION_RE = re.compile(r"^\[info\]   Duration: (\d+):(\d\d):(\d\d(?:\.\d+)?)", re.MULTILINE)
+_STREAM_RE = re.compile(r"^\[info\]   Stream #0:\d+.*?: (Video|Audio): (\w+)(.*)", re.MULTILINE)
+_MAPPING_RE = re.compile(r"^\[info\] Stream mapping:", re.MULTILINE)
 _SIZE_RE = re.compile(r", (\d+)x(\d+)")
 _FPS_RE = re.compile(r", ([\d.]+)(k?) fps")
 _AUDIO_RE = re.compile(r", (\d+) Hz, ([^,]+)")
-_LEVEL_RE = re.compile(r"\[(panic|fatal|error)\] (.*)")
+_NOT_ALLOWED_RE = re.compile(r"^\[(\w+) @ 0x[0-9a-f]+\] \[error\] Format not on whitelist", re.MULTILINE)
+_OUT_OF_MEMORY_RE = re.compile(
+    r"^(?:\[[^\]]* @ 0x[0-9a-f]+\] )?\[(?:error|fatal|panic)\] .*(?:Cannot allocate memory|get_buffer\(\) failed)",
+    re.MULTILINE,
+)
+_LEVEL_RE = re.compile(r"^(?:\[[^\]]* @ 0x[0-9a-f]+\] )?\[(panic|fatal|error)\] (.*)")
 
 
 def parse_input_report(stderr: str) -> StreamInfo:
-    """StreamInfo from the `Input #0` part of ffmpeg's log (everything before 'Stream mapping:')."""
-    report = stderr.split("Stream mapping:", 1)[0]
+    """StreamInfo from the `Input #0` part of ffmpeg's log (everything before 'Stream mapping:'), read at log level
+    `level+info`."""
+    report = _MAPPING_RE.split(stderr, 1)[0]
     fields: dict[str, Any] = {}
     if m := _DURATION_RE.search(report):
         fields["duration_s"] = int(m[1]) * 3600 + int(m[2]) * 60 + float(m[3])
@@ -128,8 +208,30 @@ def _select_expr(times: list[float]) -> str:
     return "gt(" + "+".join(terms) + ",0)"
 
 
-def _scratch_dir() -> str | None:
-    return "/dev/shm" if os.access("/dev/shm", os.W_OK) else None
+def _scratch_dir() -> str:
+    return "/dev/shm" if os.access("/dev/shm", os.W_OK) else tempfile.gettempdir()
+
+
+def remove_stale_scratch() -> list[str]:
+    """Delete the scratch folders of decodes whose process is gone (a SIGKILLed worker leaves its frames there,
+    in RAM when that is /dev/shm); returns their paths."""
+    removed = []
+    with os.scandir(_scratch_dir()) as entries:
+        for entry in entries:
+            m = _SCRATCH_RE.fullmatch(entry.name)
+            if m and entry.is_dir(follow_symlinks=False) and not _alive(int(m[1])):
+                shutil.rmtree(entry.path, ignore_errors=True)
+                removed.append(entry.path)
+    return removed
+
+
+def _alive(pid: int) -> bool:
+    """Whether process `pid` runs (a zombie, dead but not yet reaped, does not)."""
+    try:
+        stat_line = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return False
+    return stat_line.rpartition(")")[2].split()[0] != "Z"
 
 
 def decode_command(
@@ -148,8 +250,16 @@ def decode_command(
     `short_side_px`, encoded as JPEG files `frames_target` (an image2 pattern). Audio (`with_audio`; ffmpeg
     fails on a file without an audio stream): mono float32 at `sample_rate_hz` to `audio_target`.
     With `null_outputs` both go to ffmpeg's null muxer (the bare decode that the benchmark compares against).
+    The input may use the file protocol and the MEDIA_DEMUXERS only.
     """
-    source = ffmpeg.input(file_url(path), ss=f"{start_s:.6f}", t=f"{duration_s:.6f}", threads=1)
+    source = ffmpeg.input(
+        file_url(path),
+        ss=f"{start_s:.6f}",
+        t=f"{duration_s:.6f}",
+        threads=1,
+        protocol_whitelist="file",
+        format_whitelist=",".join(MEDIA_DEMUXERS),
+    )
     video = (
         source["v:0"]
         .filter("select", _select_expr(frame_times(start_s, duration_s, params.num_frames)))
@@ -177,40 +287,136 @@ def decode_command(
     return graph.compile(cmd="ffmpeg", overwrite_output=True)
 
 
+def _read_log(path: str) -> str:
+    """ffmpeg's log: all of it, or its first and last LOG_KEEP_BYTES when longer (the report, the last errors)."""
+    with open(path, "rb") as f:
+        head = f.read(LOG_KEEP_BYTES)
+        size = f.seek(0, os.SEEK_END)
+        tail = b""
+        if size > len(head):
+            f.seek(max(size - LOG_KEEP_BYTES, len(head)))
+            tail = b"\n" + f.read(LOG_KEEP_BYTES)
+    return (head + tail).decode(errors="replace")
+
+
+def output_cap_bytes(duration_s: float, params: FeatureParams) -> int:
+    """The most bytes ffmpeg may write to any one file (a frame, the audio, its log) for a segment: twice the
+    segment's float32 audio plus OUTPUT_FILE_BASE_BYTES."""
+    return OUTPUT_FILE_BASE_BYTES + 2 * round(duration_s * params.sample_rate_hz) * 4
+
+
+def _run_ffmpeg(
+    cmd: list[str], log_path: str, deadline: float, timeout_s: float, max_file_bytes: int, input_fd: int
+) -> tuple[int, str]:
+    """Run `cmd` with its log in `log_path` until it exits or the deadline: (exit status, log). Raises DecodeError
+    'timeout', 'too_large' or 'unreadable' (killed by a signal); ffmpeg's process group is killed on every way out."""
+    wrapper = _pdeathsig_wrapper()
+    with open(log_path, "wb") as log:
+        proc = subprocess.Popen(
+            [*wrapper, *cmd],
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.DEVNULL,
+            stderr=log,
+            start_new_session=True,
+            pass_fds=(input_fd,),
+            preexec_fn=None if wrapper else _child_setup(os.getpid(), max_file_bytes),
+        )
+    try:
+        if wrapper:  # set from here: ffmpeg has not read its input yet
+            with contextlib.suppress(ProcessLookupError):
+                _set_limits(proc.pid, max_file_bytes)
+        returncode = proc.wait(timeout=max(deadline - time.monotonic(), 0.0))
+    except subprocess.TimeoutExpired:
+        message = f"ffmpeg did not finish within {timeout_s:g} s (--decode-timeout); killed"
+        raise DecodeError("timeout", message) from None
+    finally:
+        if proc.returncode is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+    stderr = _read_log(log_path)
+    if returncode == -signal.SIGXFSZ:
+        message = f"ffmpeg wrote a file over {max_file_bytes} bytes (frames, audio or log); killed"
+        raise DecodeError("too_large", message)
+    if returncode < 0:
+        raise DecodeError("unreadable", f"ffmpeg killed by signal {-returncode}: {error_lines(stderr)}")
+    return returncode, stderr
+
+
 def _run_decode(
-    path: str | os.PathLike, start_s: float, duration_s: float, params: FeatureParams
-) -> tuple[list[bytes], bytes, StreamInfo, str]:
-    with tempfile.TemporaryDirectory(prefix="mbt-frames-", dir=_scratch_dir()) as frames_dir:
-        target = os.path.join(frames_dir, "%02d.jpg")
-        proc = subprocess.run(decode_command(path, start_s, duration_s, params, target), capture_output=True)
-        stderr = proc.stderr.decode(errors="replace")
+    fd: int, start_s: float, duration_s: float, params: FeatureParams, deadline: float, timeout_s: float
+) -> tuple[list[bytes], np.ndarray, StreamInfo, str]:
+    """Decode the open file `fd`; ffmpeg reads it as /dev/fd/N: the file checked, and a name that is always text."""
+    max_file_bytes = output_cap_bytes(duration_s, params)
+    source = f"/dev/fd/{fd}"
+    with tempfile.TemporaryDirectory(prefix=f"{SCRATCH_PREFIX}{os.getpid()}-", dir=_scratch_dir()) as scratch:
+        target = os.path.join(scratch, "%02d.jpg")
+        audio_path = os.path.join(scratch, "audio.f32")
+        log_path = os.path.join(scratch, "ffmpeg.log")
+        cmd = decode_command(source, start_s, duration_s, params, target, audio_target=file_url(audio_path))
+        returncode, stderr = _run_ffmpeg(cmd, log_path, deadline, timeout_s, max_file_bytes, fd)
         streams = parse_input_report(stderr)
-        if proc.returncode != 0 and streams.has_video and not streams.has_audio:
+        with_audio = not (returncode != 0 and streams.has_video and not streams.has_audio)
+        if not with_audio:
             # No audio stream (rare): decode the video alone rather than probe every clip first.
-            cmd = decode_command(path, start_s, duration_s, params, target, with_audio=False)
-            proc = subprocess.run(cmd, capture_output=True)
-            stderr = proc.stderr.decode(errors="replace")
-        if proc.returncode != 0:
+            cmd = decode_command(source, start_s, duration_s, params, target, with_audio=False)
+            returncode, stderr = _run_ffmpeg(cmd, log_path, deadline, timeout_s, max_file_bytes, fd)
+        if _OUT_OF_MEMORY_RE.search(stderr):  # frames dropped (exit 0) or the run failed
+            limit = f"{FFMPEG_MEMORY_BYTES / 2**30:g} GiB"
+            raise DecodeError("too_large", f"ffmpeg needed more than {limit} of memory: {error_lines(stderr)}")
+        if returncode != 0:
+            if m := _NOT_ALLOWED_RE.search(stderr):
+                allowed = ", ".join(MEDIA_DEMUXERS)
+                raise DecodeError("not_media", f"a {m[1]} file, not one of the containers read: {allowed}")
             if "Input #0" in stderr and not streams.has_video:
                 raise DecodeError("no_video", f"no video stream (audio: {streams.audio_codec or 'none'})")
-            raise DecodeError("unreadable", f"ffmpeg exit {proc.returncode}: {error_lines(stderr)}")
-        frames = [Path(frames_dir, name).read_bytes() for name in sorted(os.listdir(frames_dir))]
-    return frames, proc.stdout, streams, stderr
+            raise DecodeError("unreadable", f"ffmpeg exit {returncode}: {error_lines(stderr)}")
+        frames = [Path(scratch, name).read_bytes() for name in sorted(os.listdir(scratch)) if name.endswith(".jpg")]
+        has_audio_file = with_audio and os.path.exists(audio_path)
+        audio = np.fromfile(audio_path, dtype="<f4") if has_audio_file else np.zeros(0, dtype="<f4")
+    return frames, audio, streams, stderr
 
 
-def decode_clip(path: str | os.PathLike, start_s: float, duration_s: float, params: FeatureParams) -> DecodedClip:
+def _open_regular_file(path: str | os.PathLike) -> int:
+    """`path` opened for reading (the caller closes it); DecodeError unless it is a regular file: ffmpeg would
+    block on a FIFO and read a device forever. The check is on the open file, so it cannot be swapped after it."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)  # O_NONBLOCK: opening a FIFO returns at once
+    except FileNotFoundError:
+        raise DecodeError("missing_file", f"{os.fspath(path)} does not exist (a dangling link?)") from None
+    except OSError as err:
+        raise DecodeError("unreadable", f"{os.fspath(path)}: {err.strerror}") from None
+    if not stat.S_ISREG(os.fstat(fd).st_mode):
+        os.close(fd)
+        raise DecodeError("not_a_file", f"{os.fspath(path)} is not a regular file (a FIFO, device or folder)")
+    return fd
+
+
+def decode_clip(
+    path: str | os.PathLike, start_s: float, duration_s: float, params: FeatureParams, timeout_s: float | None = None
+) -> DecodedClip:
     """Decode the segment [start_s, start_s + duration_s) of `path`; the waveform is empty without an audio stream.
 
     A file that ends inside the segment is decoded again over the part it has, so that its F frames still
-    spread over the whole of it (short files are rare: the second run costs little overall).
-    Raises DecodeError with reason 'unreadable' (not media, truncated, corrupt: ffmpeg's message),
-    'no_video' (no video stream) or 'no_frames' (the segment holds no video frame).
+    spread over the whole of it (short files are rare: the second run costs little overall). All ffmpeg runs of
+    the clip together get `timeout_s` (default: default_decode_timeout_s of the segment).
+    Raises DecodeError with reason 'unreadable' (not media, truncated, corrupt: ffmpeg's message), 'not_media' (a
+    playlist, a concat list, an image: a format outside MEDIA_DEMUXERS), 'no_video' (no video stream), 'no_frames'
+    (the segment holds no video frame), 'missing_file', 'not_a_file' (FIFO, device), 'timeout' or 'too_large' (an
+    output file over its cap).
     """
-    frames, audio, streams, stderr = _run_decode(path, start_s, duration_s, params)
-    available_s = (streams.duration_s or 0.0) - start_s
-    if len(frames) < params.num_frames and 0 < available_s < duration_s:
-        duration_s = available_s
-        frames, audio, streams, stderr = _run_decode(path, start_s, duration_s, params)
+    timeout_s = default_decode_timeout_s(duration_s) if timeout_s is None else timeout_s
+    deadline = time.monotonic() + timeout_s
+    fd = _open_regular_file(path)
+    try:
+        frames, audio, streams, stderr = _run_decode(fd, start_s, duration_s, params, deadline, timeout_s)
+        available_s = (streams.duration_s or 0.0) - start_s
+        if len(frames) < params.num_frames and 0 < available_s < duration_s:
+            duration_s = available_s
+            frames, audio, streams, stderr = _run_decode(fd, start_s, duration_s, params, deadline, timeout_s)
+    except DecodeError as err:  # ffmpeg's messages name the input /dev/fd/N: name the file instead
+        raise DecodeError(err.reason, str(err).replace(f"file:/dev/fd/{fd}", os.fspath(path))) from None
+    finally:
+        os.close(fd)
     if not frames:
         raise DecodeError(
             "no_frames",
@@ -222,7 +428,7 @@ def decode_clip(path: str | os.PathLike, start_s: float, duration_s: float, para
     times = [start_s + t for t in frame_times(start_s, duration_s, params.num_frames)]
     return DecodedClip(
         frames=frames,
-        waveform=np.frombuffer(audio, dtype="<f4"),
+        waveform=audio,
         frames_decoded=decoded,
         frame_times_s=times,
         duration_s=duration_s,

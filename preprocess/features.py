@@ -11,6 +11,10 @@ import torchaudio
 from preprocess.schema import FeatureParams, LogmelStats
 
 
+class NonFiniteAudioError(ValueError):
+    """The waveform or its log-mel holds NaN or ±inf: kept, the clip would make the split's mean/std NaN."""
+
+
 @dataclass
 class Logmel:
     """(T, num_mel_bins) float32 log-mel and what was done to reach T frames."""
@@ -31,8 +35,11 @@ def compute_logmel(waveform: np.ndarray, params: FeatureParams) -> Logmel:
 
     As in AST: the waveform mean is removed, then fbank with htk_compat, Hann window, no energy, dither 0;
     a short result is zero-padded at the end (AST's ZeroPad2d), a long one cut. A waveform shorter than one
-    window gives no frames, so all T frames are padding.
+    window gives no frames, so all T frames are padding. NonFiniteAudioError when a waveform sample is not finite
+    or the log-mel overflows (samples far beyond [-1, 1]).
     """
+    if bad := int(np.count_nonzero(~np.isfinite(waveform))):
+        raise NonFiniteAudioError(f"{bad} of {waveform.size} decoded audio samples are NaN or infinite")
     target = params.fbank_frames
     window = round(params.sample_rate_hz * params.frame_length_ms / 1000)
     if waveform.size >= window:
@@ -50,6 +57,9 @@ def compute_logmel(waveform: np.ndarray, params: FeatureParams) -> Logmel:
         ).numpy()
     else:
         fbank = np.zeros((0, params.num_mel_bins), dtype=np.float32)
+    if bad := int(np.count_nonzero(~np.isfinite(fbank))):
+        peak = float(np.abs(waveform).max())
+        raise NonFiniteAudioError(f"{bad} of {fbank.size} log-mel values are NaN or infinite (audio peak {peak:.3g})")
     computed = fbank.shape[0]
     values = np.zeros((target, params.num_mel_bins), dtype=np.float32)
     values[: min(computed, target)] = fbank[:target]

@@ -1,14 +1,18 @@
 """Edge-case media files made with ffmpeg at test time, for the decoder's tests (a helper, not a test module).
 
 Video is ``testsrc2`` (a moving pattern and a frame counter), audio a sine tone, so that decoded output can be
-checked. Every function writes the file at ``path`` and returns ``path``.
+checked. Every function that makes a file writes it at ``path`` and returns ``path``. Hostile inputs too: float
+PCM holding NaN, forged metadata, playlists that point ffmpeg at a FIFO or a device.
 """
 
 from __future__ import annotations
 
 import os
+import struct
 import subprocess
 from pathlib import Path
+
+import numpy as np
 
 FFMPEG = "ffmpeg"
 FFMPEG_FLAGS = ("-nostdin", "-hide_banner", "-loglevel", "error", "-y")
@@ -102,3 +106,71 @@ def make_not_a_video(path: Path) -> Path:
     """Text bytes under a video name (e.g. ``.mp4``): a file no demuxer recognizes."""
     Path(path).write_text("this is not a video, just text with a .mp4 name\n" * 20)
     return path
+
+
+def write_float_wav(path: Path, samples: np.ndarray, sample_rate: int = 16000) -> Path:
+    """A mono 32-bit float WAV (format tag 3, which the ``wave`` module cannot write) holding ``samples`` as they
+    are, NaN and infinities included."""
+    data = np.asarray(samples, dtype="<f4").tobytes()
+    fmt = struct.pack("<HHIIHH", 3, 1, sample_rate, sample_rate * 4, 4, 32)
+    body = b"WAVE" + b"fmt " + struct.pack("<I", len(fmt)) + fmt + b"data" + struct.pack("<I", len(data)) + data
+    Path(path).write_bytes(b"RIFF" + struct.pack("<I", len(body)) + body)
+    return path
+
+
+def mux_with_video(path: Path, audio: Path, seconds: float = 2.0, size: tuple[int, int] = (96, 64)) -> Path:
+    """A ``testsrc2`` H.264 video with ``audio``'s stream copied in unchanged (``-c:a copy``); ``path``'s extension
+    picks the container (.mkv carries float PCM)."""
+    width, height = size
+    _run_ffmpeg(
+        [
+            "-f", "lavfi", "-i", f"testsrc2=s={width}x{height}:r=25:d={seconds}", "-i", _output_path(audio),
+            "-map", "0:v", "-map", "1:a", "-c:v", "libx264", *_VIDEO_CODEC_OPTIONS["libx264"], "-pix_fmt", "yuv420p",
+            "-c:a", "copy", _output_path(path),
+        ]
+    )  # fmt: skip
+    return path
+
+
+def make_long_clip(path: Path, seconds: int, size: tuple[int, int] = (320, 180)) -> Path:
+    """A clip of about ``seconds`` made fast (a 2 s clip repeated by stream copy) that takes ffmpeg long to decode."""
+    base = make_clip(Path(path).with_name("base-" + Path(path).name), seconds=2.0, size=size)
+    _run_ffmpeg(["-stream_loop", str(max(seconds // 2 - 1, 0)), "-i", _output_path(base), "-c", "copy",
+                 _output_path(path)])  # fmt: skip
+    base.unlink()
+    return path
+
+
+def with_metadata(src: Path, dst: Path, **tags: str) -> Path:
+    """A stream copy of ``src`` with container metadata ``tags`` (values may hold newlines)."""
+    metadata = [arg for key, value in tags.items() for arg in ("-metadata", f"{key}={value}")]
+    _run_ffmpeg(["-i", _output_path(src), "-map", "0", "-c", "copy", *metadata, _output_path(dst)])
+    return dst
+
+
+def tone(seconds: float = 2.0, rate: int = 16000) -> np.ndarray:
+    """A 440 Hz sine at half scale, float32."""
+    t = np.arange(round(seconds * rate)) / rate
+    return (0.5 * np.sin(2 * np.pi * 440 * t)).astype(np.float32)
+
+
+def clip_with_audio(folder: Path, name: str, samples: np.ndarray) -> Path:
+    """An H.264 video in .mkv whose audio track is `samples` as float PCM, copied without a conversion."""
+    wav = write_float_wav(folder / f"{name}.wav", samples)
+    return mux_with_video(folder / f"{name}.mkv", wav)
+
+
+def hostile_lists(folder: Path) -> list[Path]:
+    """An HLS playlist and an ffconcat list whose entries are a FIFO and a link to /dev/zero (names and extensions
+    that ffmpeg's own safety checks accept), under names the clip lookup matches. Without the demuxer whitelist
+    ffmpeg blocks on the FIFO for ever, deaf to SIGTERM."""
+    os.mkfifo(folder / "seg.ts")
+    (folder / "zero.ts").symlink_to("/dev/zero")
+    lists = []
+    for i, entry in enumerate(["seg.ts", "zero.ts"]):
+        hls = folder / f"clip{i}.m3u8"
+        hls.write_text(f"#EXTM3U\n#EXT-X-TARGETDURATION:10\n#EXTINF:10,\n{folder / entry}\n#EXT-X-ENDLIST\n")
+        concat = folder / f"clip{i}.mp4"
+        concat.write_text(f"ffconcat version 1.0\nfile {entry}\n")
+        lists += [hls, concat]
+    return lists

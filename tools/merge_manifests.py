@@ -7,11 +7,10 @@ or to see how far a split is: `python tools/merge_manifests.py shards/audioset/u
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from pathlib import Path
 
-from preprocess.job import PARTITION_FILE, STATE_DIR, JobError, merge
+from preprocess.job import JobError, merge, read_partition
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -20,6 +19,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         manifest, missing = merge(args.folder)
+        num_jobs = read_partition(args.folder) or 1
     except JobError as err:
         print(f"error: {err}", file=sys.stderr)
         return 1
@@ -27,8 +27,6 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{args.folder}: manifest written: {manifest.num_samples} samples in {len(manifest.shards)} shards, "
               f"{len(manifest.failures)} failures")  # fmt: skip
         return 0
-    partition = args.folder / STATE_DIR / PARTITION_FILE
-    num_jobs = json.loads(partition.read_text())["num_jobs"] if partition.is_file() else 1
     parts = sorted({k % num_jobs for k in missing})
     print(
         f"{args.folder}: {len(missing)} shards not done, of parts {parts} (job indices of {num_jobs}); "
