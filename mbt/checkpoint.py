@@ -1,14 +1,18 @@
 """Training checkpoints: one dict with everything needed to resume, written atomically, the last K kept.
 
-`run_dir/checkpoints/step-00001234.pt` holds model, optimizer, schedule, step, epoch, the loader's stream position,
-RNG states and the resolved config. Writes go to a temporary name, then a rename: a killed run leaves the
-previous checkpoint whole. Loading uses `torch.load(weights_only=True)`: tensors and plain containers only.
+`run_dir/checkpoints/step-00001234.pt` holds model, optimizer, schedule, step, epoch, the loader's stream position
+and RNG state of each rank, the resolved config and the class record of the training split (`mbt.classes`). Writes
+go to a temporary name, then a rename: a killed run leaves the previous checkpoint whole. Loading uses
+`torch.load(weights_only=True)`: tensors and plain containers only; `check_resume_state` checks the parts a resume
+reads before any of them is used.
 """
 
 from __future__ import annotations
 
 import os
+import pickle
 import re
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -16,6 +20,12 @@ import torch
 
 CHECKPOINT_DIR = "checkpoints"
 _NAME = re.compile(r"^step-(\d{8})\.pt$")
+RESUME_KEYS = ("model", "optimizer", "schedule", "step", "loader", "rng", "config")
+RESUME_ADVICE = "delete it to resume from the previous checkpoint"
+
+
+class CheckpointFileError(RuntimeError):
+    """A training checkpoint is missing, unreadable or not one of this project's; the message names the file."""
 
 
 def checkpoint_path(run_dir: Path, step: int) -> Path:
@@ -27,7 +37,7 @@ def list_checkpoints(run_dir: Path) -> list[Path]:
     folder = Path(run_dir) / CHECKPOINT_DIR
     if not folder.is_dir():
         return []
-    return sorted(p for p in folder.iterdir() if _NAME.match(p.name))
+    return sorted(p for p in folder.iterdir() if _NAME.match(p.name) and p.is_file())
 
 
 def latest_checkpoint(run_dir: Path) -> Path | None:
@@ -51,15 +61,71 @@ def save_checkpoint(run_dir: Path, step: int, state: dict[str, Any], keep: int) 
 
 
 def load_checkpoint(path: Path) -> dict[str, Any]:
-    """The checkpoint at `path` (weights_only: no code is run); a clear error when it is missing or unreadable."""
+    """The checkpoint dict at `path` (weights_only: no code is run); CheckpointFileError naming the file when it is
+    missing, unreadable or not a dict."""
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"{path}: no such checkpoint")
+        raise CheckpointFileError(f"{path}: no such checkpoint file")
     try:
-        return torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as err:  # any unpickling failure means the same thing to the user
-        message = f"{path}: not a readable checkpoint ({err}); delete it to resume from the previous one"
-        raise RuntimeError(message) from err
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError:  # torch's message would suggest weights_only=False, which runs the file's code
+        raise CheckpointFileError(
+            f"{path}: not a checkpoint of tensors and plain values (it holds other objects, which are not loaded)"
+        ) from None
+    except Exception as err:  # truncated, not a zip, unreadable: the same thing to the user
+        raise CheckpointFileError(f"{path}: not a readable checkpoint ({error_summary(err)})") from None
+    if not isinstance(state, dict):
+        raise CheckpointFileError(f"{path}: holds a {type(state).__name__}, not a checkpoint dict")
+    return state
+
+
+def check_resume_state(state: Mapping[str, Any], path: Path) -> None:
+    """Raise CheckpointFileError naming `path` unless `state` holds every part a resume reads, of the right kind:
+    tensors for the weights (all finite), a step count, one loader state and one RNG state per saved rank."""
+    missing = [key for key in RESUME_KEYS if key not in state]
+    if missing:
+        raise CheckpointFileError(f"{path}: not a training checkpoint (no {', '.join(missing)}); {RESUME_ADVICE}")
+    step, loader, rng = state["step"], state["loader"], state["rng"]
+    problems = []
+    if not isinstance(state["model"], Mapping) or not all(isinstance(v, torch.Tensor) for v in state["model"].values()):
+        problems.append("'model' is not a mapping of tensors")
+    elif bad := non_finite_tensors(state["model"]):
+        problems.append(f"its weights hold NaN or infinite values ({', '.join(bad[:5])})")
+    if not all(isinstance(state[key], Mapping) for key in ("optimizer", "schedule", "config")):
+        problems.append("'optimizer', 'schedule' and 'config' are not all mappings")
+    if not isinstance(step, int) or isinstance(step, bool) or step < 0:
+        problems.append(f"'step' is {step!r:.40}, not a count of steps")
+    ranks_ok = isinstance(loader, list) and isinstance(rng, list) and 1 <= len(loader) == len(rng)
+    if not ranks_ok:
+        problems.append("'loader' and 'rng' are not lists of one state per rank, of one length")
+    elif not all(_is_loader_state(s) for s in loader):
+        problems.append("a 'loader' state is not a mapping of a non-negative epoch and batch count")
+    elif not all(isinstance(s, Mapping) and isinstance(s.get("torch"), torch.Tensor) for s in rng):
+        problems.append("an 'rng' state holds no torch generator state")
+    if problems:
+        raise CheckpointFileError(f"{path}: not a usable training checkpoint: {'; '.join(problems)}; {RESUME_ADVICE}")
+
+
+def error_summary(err: BaseException) -> str:
+    """The first sentence of a library's error message on one line (torch's run to paragraphs), or its type."""
+    text = " ".join(str(err).split())
+    return text.split(". ")[0][:300] if text else type(err).__name__
+
+
+def non_finite_tensors(state_dict: Mapping[str, torch.Tensor]) -> list[str]:
+    """The names of the floating-point tensors of `state_dict` that hold a NaN or an infinity."""
+    return [
+        name
+        for name, tensor in state_dict.items()
+        if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all())
+    ]
+
+
+def _is_loader_state(state: Any) -> bool:
+    if not isinstance(state, Mapping):
+        return False
+    counts = state.get("epoch"), state.get("batches")
+    return all(isinstance(n, int) and not isinstance(n, bool) and n >= 0 for n in counts)
 
 
 def rng_state() -> dict[str, Any]:

@@ -2,9 +2,11 @@
 
 Resolution order (later wins): `--preset NAME` (default demo), then each `--config FILE.yaml` (a mapping of the same
 fields, with nested `model:` and `augment:` mappings), then `--key value` flags (`--lr 0.1`, `--model.depth 6`,
-`--augment.resize_scale 0.5,1.0`). `validate` rejects values that cannot work before any work starts, with a
-message that says what to change. `config_to_dict` / `config_from_dict` round-trip exactly (checkpoints and
-`out_dir/config.yaml` store the resolved config).
+`--augment.resize_scale 0.5,1.0`). Config files are read as YAML without tags that construct objects (a
+`!!python/...` tag is an error) and with each key at most once. Values are bounded as they are read (`INT_LIMITS`,
+finite floats), and `validate` rejects values that cannot work before any work starts, with a message that says
+what to change. `config_to_dict` / `config_from_dict` round-trip exactly (checkpoints and `out_dir/config.yaml`
+store the resolved config).
 """
 
 from __future__ import annotations
@@ -12,6 +14,8 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import difflib
+import math
+import reprlib
 import sys
 import types
 import typing
@@ -22,6 +26,7 @@ from typing import Any
 
 import yaml
 
+from mbt.classes import ClassListError, class_record, record_difference
 from mbt.model import MBTConfig
 from pipelines import LOADERS
 from pipelines.config import SHUFFLE_BUFFER_SAMPLES, AugmentConfig
@@ -36,6 +41,44 @@ DEVICES = ("auto", "cpu", "cuda")
 _TRUE = ("true", "1", "yes", "on")
 _FALSE = ("false", "0", "no", "off")
 _NONE = ("none", "null")
+MAX_CONFIG_BYTES = 1 << 20
+# Bounds of the int settings that size an allocation or a loop: (least, most, what the value counts). The most is
+# far above any real run and far below what would exhaust a machine: a value beyond it is a typo or a hostile file.
+INT_LIMITS: dict[str, tuple[int, int, str]] = {
+    "shuffle_buffer": (1, 65_536, "samples buffered per rank"),
+    "num_workers": (0, 128, "loader processes per rank"),
+    "batch_size": (1, 65_536, "samples per optimizer step over all ranks"),
+    "eval_batch_size": (1, 4_096, "samples per rank and evaluation batch"),
+    "grad_accum": (1, 1_024, "micro-batches per step"),
+    "epochs": (1, 10_000, "passes over the training split"),
+    "max_steps": (1, 100_000_000, "optimizer steps"),
+    "seed": (0, 2**31 - 1, "torch and numpy take non-negative seeds"),
+    "eval_every_epochs": (1, 10_000, "epochs"),
+    "checkpoint_every_steps": (1, 100_000_000, "steps"),
+    "keep_checkpoints": (1, 10_000, "checkpoint files"),
+    "log_every_steps": (1, 100_000_000, "steps"),
+    "model.num_classes": (1, 100_000, "classes"),
+    "model.num_bottlenecks": (0, 1_024, "bottleneck tokens"),
+    "model.embed_dim": (1, 8_192, "channels"),
+    "model.depth": (1, 128, "blocks per tower"),
+    "model.num_heads": (1, 256, "attention heads"),
+    "model.num_frames": (1, 99, "frames per clip, the shard schema's most"),
+    "model.img_size": (1, 1_024, "pixels"),
+    "model.patch_size": (1, 256, "pixels"),
+    "model.audio_frames": (1, 10_000, "log-mel frames"),
+    "model.num_mel_bins": (1, 1_024, "mel bins"),
+    "model.audio_patch_stride": (1, 256, "log-mel frames and bins"),
+    "augment.crop_px": (1, 1_024, "pixels"),
+    "augment.frames_used": (1, 99, "frames per clip"),
+    "augment.eval_short_side_px": (1, 4_096, "pixels"),
+    "augment.audio_frames": (1, 10_000, "log-mel frames"),
+    "augment.freq_mask_px": (0, 1_024, "mel bins"),
+    "augment.time_mask_px": (0, 10_000, "log-mel frames"),
+    "augment.num_freq_masks": (0, 64, "masks per clip"),
+    "augment.num_time_masks": (0, 64, "masks per clip"),
+    "augment.num_test_clips": (1, 64, "clips per sample"),
+}
+MAX_TOKENS = 16_384  # per tower: attention's memory grows with its square (MBT-B/16: 1568 video, 400 audio tokens)
 
 
 class ConfigError(ValueError):
@@ -186,6 +229,10 @@ def load_config(argv: Sequence[str] | None = None) -> TrainConfig:
     plain = config_to_dict(preset(preset_name))
     for path in files:
         plain = _merge(plain, _read_yaml(path), str(path))
+        try:  # built after each file, so that a wrong value is blamed on the file that brought it
+            _build(TrainConfig, plain)
+        except ConfigError as err:
+            raise ConfigError(f"--config {path}: {err}") from None
     return _build(TrainConfig, _merge(plain, flags, "command line"))
 
 
@@ -216,25 +263,20 @@ def per_rank_batch(cfg: TrainConfig, world_size: int) -> int:
 def validate(cfg: TrainConfig, world_size: int = 1, *, train: bool = True) -> TrainConfig:
     """`cfg` if it can run on `world_size` processes, else ConfigError listing every problem and what to change.
 
-    Checks the values, that model and augmentation agree (crop = img_size, audio frames), and, for each shard
-    folder given, that its manifest exists and matches the model (frames, log-mel frames, mel bins, classes).
-    `train=False` (evaluation) leaves train_shards unchecked.
+    Checks the values (`INT_LIMITS`, finite floats, ranges), that model and augmentation agree (crop = img_size,
+    audio frames), and, for each shard folder given, that its manifest exists and matches the model (frames,
+    log-mel frames, mel bins, classes), and that the training and evaluation splits have the same classes.
+    `train=False` (evaluation) leaves train_shards, out_dir and the --init_* files unchecked.
     """
     aug, model = cfg.augment, cfg.model
     checks = [
         (world_size >= 1, f"world size must be at least 1, got {world_size}"),
-        (cfg.batch_size >= 1, f"--batch_size must be at least 1, got {cfg.batch_size}"),
-        (cfg.grad_accum >= 1, f"--grad_accum must be at least 1, got {cfg.grad_accum}"),
-        (cfg.eval_batch_size >= 1, f"--eval_batch_size must be at least 1, got {cfg.eval_batch_size}"),
-        (cfg.num_workers >= 0, f"--num_workers must be 0 or more, got {cfg.num_workers}"),
-        (cfg.shuffle_buffer >= 1, f"--shuffle_buffer must be at least 1, got {cfg.shuffle_buffer}"),
         (cfg.optimizer in OPTIMIZERS, f"--optimizer {cfg.optimizer!r} is not one of {', '.join(OPTIMIZERS)}"),
         (cfg.loader in LOADERS, f"--loader {cfg.loader!r} is not one of {', '.join(LOADERS)}"),
         (cfg.device in DEVICES, f"--device {cfg.device!r} is not one of {', '.join(DEVICES)}"),
         (cfg.lr > 0, f"--lr must be positive, got {cfg.lr}"),
         (0 <= cfg.momentum < 1, f"--momentum must be in [0, 1), got {cfg.momentum}"),
         (cfg.weight_decay >= 0, f"--weight_decay must be 0 or more, got {cfg.weight_decay}"),
-        (cfg.epochs >= 1, f"--epochs must be at least 1, got {cfg.epochs}"),
         (
             0 <= cfg.warmup_epochs <= cfg.epochs,
             f"--warmup_epochs must be in [0, epochs={cfg.epochs}], got {cfg.warmup_epochs}",
@@ -244,20 +286,21 @@ def validate(cfg: TrainConfig, world_size: int = 1, *, train: bool = True) -> Tr
             cfg.clip_grad_norm is None or cfg.clip_grad_norm >= 0,
             f"--clip_grad_norm must be none, 0 (off) or positive, got {cfg.clip_grad_norm}",
         ),
-        (cfg.max_steps is None or cfg.max_steps >= 1, f"--max_steps must be none or at least 1, got {cfg.max_steps}"),
-        (cfg.eval_every_epochs >= 1, f"--eval_every_epochs must be at least 1, got {cfg.eval_every_epochs}"),
-        (
-            cfg.checkpoint_every_steps >= 1,
-            f"--checkpoint_every_steps must be at least 1, got {cfg.checkpoint_every_steps}",
+        (0 < model.mlp_ratio <= 16, f"--model.mlp_ratio must be in (0, 16], got {model.mlp_ratio}"),
+        *(
+            (0 <= getattr(model, name) < 1, f"--model.{name} must be in [0, 1), got {getattr(model, name)}")
+            for name in ("drop_rate", "attn_drop_rate", "drop_path_rate")
         ),
-        (cfg.keep_checkpoints >= 1, f"--keep_checkpoints must be at least 1, got {cfg.keep_checkpoints}"),
-        (cfg.log_every_steps >= 1, f"--log_every_steps must be at least 1, got {cfg.log_every_steps}"),
+        (0 <= aug.flip_prob <= 1, f"--augment.flip_prob must be in [0, 1], got {aug.flip_prob}"),
         (
-            aug.frames_used is None or aug.frames_used >= 1,
-            f"--augment.frames_used must be none (all frames) or at least 1, got {aug.frames_used}",
+            0 < aug.resize_scale[0] <= aug.resize_scale[1] <= 1,
+            f"--augment.resize_scale must be two area fractions 0 < low <= high <= 1, got {aug.resize_scale}",
+        ),
+        (
+            0 < aug.resize_ratio[0] <= aug.resize_ratio[1] <= 100,
+            f"--augment.resize_ratio must be two aspect ratios 0 < low <= high <= 100, got {aug.resize_ratio}",
         ),
         (aug.mixup_alpha >= 0, f"--augment.mixup_alpha must be 0 (off) or positive, got {aug.mixup_alpha}"),
-        (aug.num_test_clips >= 1, f"--augment.num_test_clips must be at least 1, got {aug.num_test_clips}"),
         (
             aug.crop_px == model.img_size,
             f"--augment.crop_px {aug.crop_px} differs from --model.img_size {model.img_size}: set both to one size",
@@ -273,20 +316,65 @@ def validate(cfg: TrainConfig, world_size: int = 1, *, train: bool = True) -> Tr
             "set both to one length",
         ),
     ]
-    problems = [message for ok, message in checks if not ok]
+    problems = [problem for key, value in _leaf_values(cfg) if (problem := _leaf_problem(key, value))]
+    problems += [message for ok, message in checks if not ok]
+    problems += _token_problems(model)
     if world_size >= 1 and cfg.batch_size >= 1 and cfg.grad_accum >= 1 and (batch := _batch_problem(cfg, world_size)):
         problems.append(batch)
-    if train and not cfg.train_shards:
-        problems.append("--train_shards is empty: set it to a folder of training shards")
+    if train:
+        problems += _run_problems(cfg)
     splits = [("eval_shards", cfg.eval_shards)]
     if train:
         splits.insert(0, ("train_shards", cfg.train_shards))
+    records = {}
     for key, folder in splits:
         if folder:
-            problems += _shard_problems(cfg, key, folder)
+            found, records[key] = _shard_problems(cfg, key, folder)
+            problems += found
+    if records.get("train_shards") and records.get("eval_shards"):
+        names = f"--train_shards {cfg.train_shards}", f"--eval_shards {cfg.eval_shards}"
+        if difference := record_difference(records["train_shards"], records["eval_shards"], *names):
+            problems.append(
+                f"the training and evaluation splits have different classes: {difference}; evaluate on a split "
+                "sharded with the training split's class list"
+            )
     if problems:
         raise ConfigError("\n".join(problems))
     return cfg
+
+
+def _run_problems(cfg: TrainConfig) -> list[str]:
+    """What keeps `cfg` from starting a training: no training split, no run folder, a missing --init_* file."""
+    problems = []
+    if not cfg.train_shards:
+        problems.append("--train_shards is empty: set it to a folder of training shards")
+    if not cfg.out_dir:
+        problems.append("--out_dir is empty: name the run's folder")
+    for key, path in (("init_video", cfg.init_video), ("init_audio", cfg.init_audio)):
+        if path is not None and not Path(path).is_file():
+            problems.append(f"--{key} {path}: no such file; give a local timm ViT checkpoint or none")
+    return problems
+
+
+def _token_problems(model: MBTConfig) -> list[str]:
+    """Patches that do not fit their input, or towers of more than MAX_TOKENS tokens."""
+    if model.patch_size < 1 or model.audio_patch_stride < 1:  # reported by INT_LIMITS
+        return []
+    if model.patch_size > min(model.img_size, model.audio_frames, model.num_mel_bins):
+        return [
+            f"--model.patch_size {model.patch_size} is larger than --model.img_size {model.img_size}, "
+            f"--model.audio_frames {model.audio_frames} or --model.num_mel_bins {model.num_mel_bins}: lower it"
+        ]
+    tokens = {
+        "video": model.num_frames * (model.img_size // model.patch_size) ** 2,
+        "audio": model.audio_grid[0] * model.audio_grid[1],
+    }
+    return [
+        f"the {modality} tower would have {tokens[modality]} tokens, more than {MAX_TOKENS}: raise "
+        "--model.patch_size (or --model.audio_patch_stride) or lower the input size"
+        for modality in model.modalities
+        if tokens[modality] > MAX_TOKENS
+    ]
 
 
 def _batch_problem(cfg: TrainConfig, world_size: int) -> str | None:
@@ -299,17 +387,21 @@ def _batch_problem(cfg: TrainConfig, world_size: int) -> str | None:
     return None
 
 
-def _shard_problems(cfg: TrainConfig, key: str, folder: str) -> list[str]:
-    """What keeps `cfg` from reading the split in `folder` (given as --key)."""
+def _shard_problems(cfg: TrainConfig, key: str, folder: str) -> tuple[list[str], dict[str, Any] | None]:
+    """What keeps `cfg` from reading the split in `folder` (given as --key), and the split's class record (None
+    when it cannot be read)."""
     if is_plain_path(folder) and not (Path(folder) / MANIFEST_NAME).is_file():
         return [
             f"--{key} {folder}: no {MANIFEST_NAME} there; shard the split first (tools/shard_audioset.py or "
             f"tools/shard_vggsound.py; `make demo-shards` makes the demo's) or point --{key} at a sharded split"
-        ]
+        ], None
     try:
         manifest = split_manifest(folder)
+        record = class_record(manifest, f"--{key} {folder}")
     except LoaderError as err:
-        return [f"--{key}: {err}"]
+        return [f"--{key}: {err}"], None
+    except ClassListError as err:
+        return [str(err)], None
     model, aug, features = cfg.model, cfg.augment, manifest.features
     stored, where = features.num_frames, f"the shards in {folder}"
     problems = []
@@ -343,7 +435,7 @@ def _shard_problems(cfg: TrainConfig, key: str, folder: str) -> list[str]:
             f"--model.num_classes {model.num_classes}, but {where} have {manifest.num_classes} classes: "
             f"set --model.num_classes {manifest.num_classes}"
         )
-    return problems
+    return problems, record
 
 
 def _plain(value: Any) -> Any:
@@ -367,6 +459,32 @@ def _leaf_fields(cls: type, prefix: str = "") -> list[tuple[str, Any]]:
     return leaves
 
 
+def _leaf_values(cfg: TrainConfig) -> list[tuple[str, Any]]:
+    """(dotted key, value) of every leaf of `cfg`."""
+    values = []
+    for key, _ in _leaf_fields(TrainConfig):
+        value: Any = cfg
+        for part in key.split("."):
+            value = getattr(value, part)
+        values.append((key, value))
+    return values
+
+
+def _leaf_problem(key: str, value: Any) -> str | None:
+    """What is wrong with `value` as `key` on its own: an int outside INT_LIMITS, a float that is not finite, a
+    string with a NUL."""
+    if key in INT_LIMITS and isinstance(value, int):
+        least, most, what = INT_LIMITS[key]
+        if not least <= value <= most:
+            return f"--{key} must be in {least}..{most} ({what}), got {value}"
+    items = value if isinstance(value, tuple) else (value,)
+    if any(isinstance(item, float) and not math.isfinite(item) for item in items):
+        return f"--{key} must be a finite number, got {value}"
+    if isinstance(value, str) and "\0" in value:  # no path or URL holds one; os calls would raise on it
+        return f"--{key} holds a NUL character: {_short(value)}"
+    return None
+
+
 def _set_dotted(tree: dict[str, Any], key: str, value: str) -> None:
     """tree['model']['depth'] = value for key 'model.depth'."""
     *sections, leaf = key.split(".")
@@ -379,13 +497,48 @@ def _set_dotted(tree: dict[str, Any], key: str, value: str) -> None:
     node[leaf] = value
 
 
+class _ConfigLoader(yaml.SafeLoader):
+    """PyYAML's safe loader (plain values only: a `!!python/...` tag is an error), refusing a key given twice."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
+        seen = set()
+        for key_node, _ in node.value:
+            if key_node.tag == "tag:yaml.org,2002:merge":  # `<<: *base` may be overridden, as YAML intends
+                continue
+            key = self.construct_object(key_node, deep=deep)
+            with contextlib.suppress(TypeError):  # an unhashable key: the safe loader's own error names it
+                if key in seen:
+                    raise yaml.constructor.ConstructorError(
+                        None, None, f"key {key!r} is given twice: keep one", key_node.start_mark
+                    )
+                seen.add(key)
+        return super().construct_mapping(node, deep=deep)
+
+
 def _read_yaml(path: Path) -> Mapping[str, Any]:
-    if not path.is_file():
-        raise ConfigError(f"--config {path}: no such file")
+    """The mapping of a config file; ConfigError naming it if it is not a UTF-8 YAML mapping of at most
+    MAX_CONFIG_BYTES."""
+    if path.is_dir():
+        raise ConfigError(f"--config {path}: a folder, not a file; give its YAML file (a run's is config.yaml)")
     try:
-        data = yaml.safe_load(path.read_text())
+        with path.open("rb") as f:
+            raw = f.read(MAX_CONFIG_BYTES + 1)
+    except FileNotFoundError:
+        raise ConfigError(f"--config {path}: no such file") from None
+    except OSError as err:
+        raise ConfigError(f"--config {path}: cannot be read ({err.strerror})") from None
+    if len(raw) > MAX_CONFIG_BYTES:
+        raise ConfigError(f"--config {path}: larger than {MAX_CONFIG_BYTES} bytes; a config is a short YAML mapping")
+    try:
+        text = raw.decode("utf-8-sig")
+    except UnicodeDecodeError as err:
+        raise ConfigError(f"--config {path}: not UTF-8 text (byte {err.start}); save it as UTF-8") from None
+    try:
+        data = yaml.load(text, Loader=_ConfigLoader)  # a SafeLoader: constructs plain values only
     except yaml.YAMLError as err:
-        raise ConfigError(f"--config {path}: not valid YAML ({err})") from err
+        raise ConfigError(f"--config {path}: not valid YAML ({' '.join(str(err).split())})") from None
+    except RecursionError:
+        raise ConfigError(f"--config {path}: nested too deeply to be a config") from None
     if data is None:
         return {}
     if not isinstance(data, Mapping):
@@ -425,7 +578,12 @@ def _build(cls: type, plain: Mapping[str, Any], prefix: str = "") -> Any:
     for f in dataclasses.fields(cls):
         hint, value = hints[f.name], plain[f.name]
         key = prefix + f.name
-        values[f.name] = _build(hint, value, f"{key}.") if dataclasses.is_dataclass(hint) else _coerce(key, value, hint)
+        if dataclasses.is_dataclass(hint):
+            values[f.name] = _build(hint, value, f"{key}.")
+            continue
+        values[f.name] = _coerce(key, value, hint)
+        if problem := _leaf_problem(key, values[f.name]):  # before the dataclass: MBTConfig divides by num_heads
+            raise ConfigError(problem)
     try:
         return cls(**values)
     except ValueError as err:
@@ -457,14 +615,25 @@ def _coerce(key: str, value: Any, hint: Any) -> Any:
         if isinstance(value, int) and value in (0, 1):
             return bool(value)
     elif hint in (int, float) and not isinstance(value, bool):
-        if isinstance(value, int) or (hint is float and isinstance(value, float)):
-            return hint(value)
-        if isinstance(value, str):
-            with contextlib.suppress(ValueError):  # not a number: the error below says what was expected
-                return hint(value.strip())
+        number = None
+        with contextlib.suppress(ValueError, OverflowError):  # not a number: the error below says what was expected
+            if isinstance(value, int) or (hint is float and isinstance(value, float)):
+                number = hint(value)
+            elif isinstance(value, str):
+                number = hint(value.strip())
+        if number is not None and (hint is int or math.isfinite(number)):
+            return number
     elif hint is str and isinstance(value, str):
         return value
-    raise ConfigError(f"{key}: expected {_type_name(hint)}, got {value!r}")
+    finite = " (a finite number)" if hint is float else ""
+    raise ConfigError(f"{key}: expected {_type_name(hint)}{finite}, got {_short(value)}")
+
+
+def _short(value: Any) -> str:
+    """repr of `value`, cut short: a YAML alias bomb must not be printed in full."""
+    short = reprlib.Repr()
+    short.maxlevel, short.maxstring, short.maxother = 3, 80, 80
+    return short.repr(value)
 
 
 def _type_name(hint: Any) -> str:

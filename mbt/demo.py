@@ -17,16 +17,25 @@ import numpy as np
 
 from mbt.config import ConfigError, TrainConfig, preset, validate
 from mbt.dist import cleanup, init_distributed
-from mbt.train import train
+from mbt.evaluate import EvaluationError
+from mbt.train import EXPECTED_ERRORS, train
 from preprocess.demo_data import DEMO_CLASSES
 
 VARIANTS = (("bottleneck", "MBT, bottleneck fusion"), ("audio", "audio only"), ("video", "video only"))
 
 
 def group_ap(per_class_csv: Path) -> dict[str, float]:
-    """Mean AP of the visual and of the audible demo classes, from an evaluation's per_class_ap.csv."""
-    with open(per_class_csv) as f:
-        ap = {int(row["class_index"]): float(row["ap"]) for row in csv.DictReader(f)}
+    """Mean AP of the visual and of the audible demo classes, from an evaluation's per_class_ap.csv; EvaluationError
+    naming the file when it does not hold an AP for each demo class."""
+    try:
+        with open(per_class_csv, newline="") as f:
+            ap = {int(row["class_index"]): float(row["ap"]) for row in csv.DictReader(f)}
+    except (KeyError, TypeError, ValueError) as err:
+        raise EvaluationError(
+            f"{per_class_csv}: not a per-class AP table ({err!r:.100}); evaluate the run again"
+        ) from None
+    if missing := [c.index for c in DEMO_CLASSES if c.index not in ap]:
+        raise EvaluationError(f"{per_class_csv}: no AP of classes {missing}; evaluate the run again")
     return {
         modality: float(np.nanmean([ap[c.index] for c in DEMO_CLASSES if c.modality == modality]))
         for modality in ("visual", "audible")
@@ -78,6 +87,9 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
+    except EXPECTED_ERRORS as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 1
     num_samples = rows[0]["num_samples"]
     print(f"\nMBT demo: held-out split of {num_samples} clips, 8 classes (4 seen, 4 heard), same budget per variant")
     print(format_table(rows))

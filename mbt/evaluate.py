@@ -9,7 +9,9 @@ them by clip id, computes the metrics and writes them.
     torchrun --nproc_per_node=8 -m mbt.evaluate --checkpoint run/last.pt --shards shards/audioset/eval --out run/eval
 
 writes `metrics.json` (`num_samples` and `mAP`, `mAUC`, `d_prime`, or `top1`, `top5`), `predictions.npz` (`keys`,
-`logits`, `labels`, sorted by key) and, for multi-label splits, `per_class_ap.csv`.
+`logits`, `labels`, sorted by key) and, for multi-label splits, `per_class_ap.csv` (index, name, AP per class).
+The checkpoint must record the classes of the split (older checkpoints without a record: a warning), and no
+sample's logits may be NaN or infinite; what cannot be evaluated is printed as one `error: ...` line.
 """
 
 from __future__ import annotations
@@ -17,10 +19,11 @@ from __future__ import annotations
 import argparse
 import csv
 import json
+import logging
 import sys
 from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 import torch
@@ -30,7 +33,8 @@ from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
 from mbt import checkpoint as checkpoint_io
-from mbt.config import ConfigError, config_from_dict
+from mbt.classes import ClassListError, checked_record, class_record, record_difference
+from mbt.config import INT_LIMITS, ConfigError, config_from_dict, validate
 from mbt.dist import DistInfo, all_gather_objects, cleanup, init_distributed
 from mbt.metrics import average_precision_per_class, compute_metrics
 from mbt.model import MBT, MBTConfig
@@ -45,10 +49,22 @@ PREDICTIONS_FILE = "predictions.npz"
 PER_CLASS_AP_FILE = "per_class_ap.csv"
 
 Predictions = dict[str, tuple[np.ndarray, np.ndarray]]  # key → (clip-averaged logits (C,), label (C,) or ())
+MAX_KEYS_SHOWN = 5
+
+log = logging.getLogger(__name__)
 
 
 class EvaluationError(RuntimeError):
     """The checkpoint or the shards cannot be evaluated as asked; the message says what to change."""
+
+
+class TrainedModel(NamedTuple):
+    """What evaluation reads from a training checkpoint."""
+
+    state: dict[str, torch.Tensor]  # the model's weights, wrapper prefixes removed
+    model: MBTConfig
+    augment: AugmentConfig
+    classes: dict[str, Any] | None  # the training split's class record (mbt.classes); None in older checkpoints
 
 
 def _rank_predictions(
@@ -148,6 +164,7 @@ def evaluate(
     keys = sorted(predictions)
     logits = np.stack([predictions[k][0] for k in keys])
     labels = np.stack([predictions[k][1] for k in keys])
+    check_predictions(keys, logits, labels, multi_label)
     metrics = compute_metrics(logits, labels, multi_label)
     if out_dir is not None:
         per_class_ap = average_precision_per_class(logits, labels) if multi_label else None
@@ -155,35 +172,83 @@ def evaluate(
     return metrics
 
 
+def check_predictions(keys: Sequence[str], logits: np.ndarray, labels: np.ndarray, multi_label: bool) -> None:
+    """Raise EvaluationError naming the first keys whose logits (N, C) are NaN or infinite, or whose labels are
+    not class indices in [0, C) (single-label) or 0/1 rows of C (multi-label)."""
+    num_classes = logits.shape[1]
+    bad = ~np.isfinite(logits).all(axis=1)
+    if bad.any():
+        raise EvaluationError(
+            f"the model gave NaN or infinite logits for {int(bad.sum())} of {len(keys)} samples "
+            f"({_first_keys(keys, bad)}): the weights or these samples' inputs are not finite; check the checkpoint "
+            "and run tools/verify_shards.py on the split"
+        )
+    if multi_label:
+        bad = ~np.isin(labels, (0, 1)).all(axis=1) if labels.ndim == 2 and labels.shape[1] == num_classes else None
+    else:
+        bad = ((labels < 0) | (labels >= num_classes)) if labels.ndim == 1 else None
+    if bad is None:
+        raise EvaluationError(f"the labels have shape {labels.shape}, not that of {num_classes} classes")
+    if bad.any():
+        raise EvaluationError(
+            f"{int(bad.sum())} samples have labels outside the split's {num_classes} classes "
+            f"({_first_keys(keys, bad)}); run tools/verify_shards.py on the split"
+        )
+
+
+def _first_keys(keys: Sequence[str], bad: np.ndarray) -> str:
+    shown = [keys[i] for i in np.flatnonzero(bad)[:MAX_KEYS_SHOWN]]
+    return ", ".join(shown) + (", ..." if bad.sum() > MAX_KEYS_SHOWN else "")
+
+
 # The command line: a checkpoint alone, as a user would evaluate it after training.
 
 
-def load_checkpoint(path: Path) -> tuple[dict[str, torch.Tensor], MBTConfig, AugmentConfig]:
-    """The model state dict and the model and augmentation configs of a training checkpoint."""
+def load_checkpoint(path: Path) -> TrainedModel:
+    """The weights, model and augmentation configs and class record of a training checkpoint; EvaluationError
+    naming the file when it is not one, its config is not valid or its weights are not finite."""
     try:
         checkpoint = checkpoint_io.load_checkpoint(path)
-    except FileNotFoundError:
-        raise EvaluationError(f"{path}: no such checkpoint file") from None
-    except RuntimeError as err:
+    except checkpoint_io.CheckpointFileError as err:
         raise EvaluationError(str(err)) from None
-    config = checkpoint.get("config") if isinstance(checkpoint, dict) else None
-    if not isinstance(config, dict) or "model" not in checkpoint or not {"model", "augment"} <= set(config):
+    config, weights = checkpoint.get("config"), checkpoint.get("model")
+    if not isinstance(config, dict) or not isinstance(weights, dict) or not {"model", "augment"} <= set(config):
         raise EvaluationError(
             f"{path}: not a training checkpoint (a dict with 'model' and a 'config' holding 'model' and 'augment')"
         )
-    state = dict(checkpoint["model"])
+    if not all(isinstance(name, str) and isinstance(value, torch.Tensor) for name, value in weights.items()):
+        raise EvaluationError(f"{path}: its 'model' is not a mapping of parameter names to tensors")
+    if bad := checkpoint_io.non_finite_tensors(weights):
+        raise EvaluationError(f"{path}: its weights hold NaN or infinite values ({', '.join(bad[:MAX_KEYS_SHOWN])})")
+    state = dict(weights)
     for prefix in ("module.", "_orig_mod."):  # saved from a DDP or torch.compile wrapper
         consume_prefix_in_state_dict_if_present(state, prefix)
     try:
         train_cfg = config_from_dict(config)  # the training config as the trainer saved it (lists back to tuples)
-    except ConfigError as err:
-        raise EvaluationError(f"{path}: the checkpoint's config does not fit this version: {err}") from None
-    return state, train_cfg.model, train_cfg.augment
+        validate(train_cfg.replace(train_shards="", eval_shards=""), train=False)  # bounded model sizes
+        classes = None if "data" not in checkpoint else checked_record(checkpoint["data"], str(path))
+    except (ConfigError, ClassListError) as err:
+        problems = str(err).replace("\n", "; ")
+        raise EvaluationError(f"{path}: the checkpoint's config or class record cannot be used: {problems}") from None
+    return TrainedModel(state, train_cfg.model, train_cfg.augment, classes)
 
 
-def check_inputs(cfg: MBTConfig, augment: AugmentConfig, manifest: Manifest, shards: str | Path) -> None:
-    """Raise if the split's classes or the evaluation crops do not fit the model."""
+def check_inputs(trained: TrainedModel, manifest: Manifest, shards: str | Path, checkpoint: str | Path) -> None:
+    """Raise if the split's classes or the evaluation crops do not fit the model of the checkpoint `trained`; warn
+    when the checkpoint records no classes to compare."""
+    cfg, augment = trained.model, trained.augment
     problems = []
+    try:
+        record = class_record(manifest, str(shards))
+    except ClassListError as err:
+        raise EvaluationError(str(err)) from None
+    if trained.classes is None:
+        log.warning(
+            "warning: %s records no class list (an older checkpoint): only the number of classes of %s is checked",
+            checkpoint, shards,
+        )  # fmt: skip
+    elif difference := record_difference(trained.classes, record, f"the checkpoint {checkpoint}", str(shards)):
+        problems.append(f"the split's classes are not the model's: {difference}")
     if manifest.num_classes != cfg.num_classes:
         problems.append(f"the shards have {manifest.num_classes} classes, the model {cfg.num_classes}")
     if "video" in cfg.modalities:
@@ -214,20 +279,23 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--num-workers", type=int, default=2, help="loader workers (DALI: threads) per rank")
     parser.add_argument("--bf16", action="store_true", help="bf16 autocast on CUDA")
     args = parser.parse_args(argv)
-    if args.batch_size < 1 or args.num_workers < 0:
-        parser.error("--batch-size must be at least 1 and --num-workers at least 0")
+    for flag, key in (("batch-size", "eval_batch_size"), ("num-workers", "num_workers")):
+        least, most, what = INT_LIMITS[key]
+        if not least <= getattr(args, flag.replace("-", "_")) <= most:
+            parser.error(f"--{flag} must be in {least}..{most} ({what})")
     return args
 
 
 def run(args: argparse.Namespace) -> int:
     """Check the checkpoint against the shards, then evaluate on this rank and (rank 0) report."""
-    state, model_cfg, augment = load_checkpoint(args.checkpoint)
+    trained = load_checkpoint(args.checkpoint)
+    augment = trained.augment
     index = open_split(args.shards)
     manifest = index.manifest
-    check_inputs(model_cfg, augment, manifest, args.shards)
-    model = MBT(model_cfg)
+    check_inputs(trained, manifest, args.shards, args.checkpoint)
+    model = MBT(trained.model)
     try:
-        model.load_state_dict(state)
+        model.load_state_dict(trained.state)
     except RuntimeError as err:
         raise EvaluationError(f"{args.checkpoint}: the weights do not fit its model config: {err}") from None
     info = init_distributed()
@@ -255,7 +323,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
     try:
         return run(args)
-    except (EvaluationError, LoaderError) as err:
+    except (EvaluationError, LoaderError, OSError) as err:
         print(f"mbt.evaluate: error: {err}", file=sys.stderr)
         return 1
     finally:

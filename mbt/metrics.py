@@ -16,11 +16,27 @@ from sklearn.metrics import average_precision_score, roc_auc_score
 
 
 def _scores_targets(scores: ArrayLike, targets: ArrayLike) -> tuple[np.ndarray, np.ndarray]:
-    """Both as float64 (N, C) arrays, checked to have the same shape."""
+    """Both as float64 (N, C) arrays, checked to have the same shape, finite scores and 0/1 targets."""
     scores, targets = np.asarray(scores, dtype=np.float64), np.asarray(targets, dtype=np.float64)
     if scores.ndim != 2 or scores.shape != targets.shape:
         raise ValueError(f"scores and targets must both be (N, C), got {scores.shape} and {targets.shape}")
+    _check_finite(scores)
+    if not np.isin(targets, (0.0, 1.0)).all():
+        raise ValueError(
+            f"targets must be multi-hot (0 or 1); rows {_first_row(~np.isin(targets, (0.0, 1.0)))} are not"
+        )
     return scores, targets
+
+
+def _check_finite(scores: np.ndarray) -> None:
+    """ValueError naming the first rows with a NaN or infinite score (sklearn's own error names none)."""
+    if not np.isfinite(scores).all():
+        raise ValueError(f"scores must be finite; rows {_first_row(~np.isfinite(scores))} hold NaN or infinity")
+
+
+def _first_row(bad: np.ndarray) -> str:
+    rows = np.flatnonzero(bad.reshape(bad.shape[0], -1).any(axis=1))
+    return ", ".join(map(str, rows[:5])) + (", ..." if rows.size > 5 else "")
 
 
 def _nanmean(values: np.ndarray) -> float:
@@ -76,6 +92,7 @@ def topk_accuracy(logits: ArrayLike, targets: ArrayLike, ks: Sequence[int] = (1,
     logits, targets = np.asarray(logits, dtype=np.float64), np.asarray(targets, dtype=np.int64)
     if logits.ndim != 2 or targets.shape != (logits.shape[0],):
         raise ValueError(f"logits must be (N, C) and targets (N,), got {logits.shape} and {targets.shape}")
+    _check_finite(logits)
     if targets.size and (targets.min() < 0 or targets.max() >= logits.shape[1]):
         raise ValueError(f"targets must be class indices in [0, {logits.shape[1]})")
     target_logit = np.take_along_axis(logits, targets[:, None], axis=1)

@@ -18,6 +18,7 @@ logits averaged over the towers.
 from __future__ import annotations
 
 import dataclasses
+import pickle
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
@@ -65,7 +66,7 @@ class MBTConfig:
             raise ValueError(f"fusion_layer must be in 0..depth={self.depth}, got {self.fusion_layer}")
         if self.fusion == "bottleneck" and self.num_bottlenecks < 1:
             raise ValueError(f"bottleneck fusion needs num_bottlenecks >= 1, got {self.num_bottlenecks}")
-        if self.embed_dim % self.num_heads:
+        if self.num_heads < 1 or self.embed_dim % self.num_heads:
             raise ValueError(f"embed_dim {self.embed_dim} is not divisible by num_heads {self.num_heads}")
 
     @property
@@ -208,22 +209,33 @@ class CheckpointError(ValueError):
 
 def load_state_file(path: str | Path) -> dict[str, torch.Tensor]:
     """The tensors of a local timm ViT checkpoint: `.safetensors`, or a `.pth`/`.pt`/`.bin` state dict (possibly
-    under 'model' or 'state_dict'), loaded with weights_only=True."""
+    under 'model' or 'state_dict'), loaded with weights_only=True (no code in the file runs). CheckpointError naming
+    the file when it is missing, unreadable, or not a dict of finite tensors."""
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(
             f"{path}: no such checkpoint file (give a local timm ViT checkpoint; nothing is downloaded)"
         )
-    if path.suffix == ".safetensors":
-        from safetensors.torch import load_file
+    try:
+        if path.suffix == ".safetensors":
+            from safetensors.torch import load_file
 
-        return load_file(str(path))
-    state = torch.load(path, map_location="cpu", weights_only=True)
+            state = load_file(str(path))
+        else:
+            state = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError:  # torch's advice (weights_only=False) would run the file's code: not given
+        raise CheckpointError(f"{path}: not a ViT checkpoint of tensors (it holds other objects, not loaded)") from None
+    except Exception as err:  # torch's and safetensors' errors for a file that is no checkpoint at all
+        text = " ".join(str(err).split()).split(". ")[0][:300] or type(err).__name__
+        raise CheckpointError(f"{path}: not a readable ViT checkpoint ({text})") from None
     for key in ("model", "state_dict"):
         if isinstance(state, dict) and isinstance(state.get(key), dict):
             state = state[key]
-    if not isinstance(state, dict):
-        raise CheckpointError(f"{path}: not a state dict")
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise CheckpointError(f"{path}: not a state dict of tensors")
+    bad = [k for k, v in state.items() if v.is_floating_point() and not bool(torch.isfinite(v).all())]
+    if bad:
+        raise CheckpointError(f"{path}: its weights hold NaN or infinite values ({', '.join(bad[:5])})")
     return state
 
 
@@ -273,6 +285,6 @@ def init_from_vit(model: MBT, video: str | Path | None = None, audio: str | Path
         try:
             tower.load_state_dict(vit_to_tower(load_state_file(path), tower))
         except CheckpointError as err:
-            raise CheckpointError(f"{path}: {err}") from None
+            raise CheckpointError(err if str(err).startswith(str(path)) else f"{path}: {err}") from None
         loaded.append(f"{modality} tower <- {path}")
     return loaded

@@ -5,7 +5,9 @@ The loop reads top to bottom: config → process group → shards → model (DDP
 → for each step: batches (mixup), forward under autocast, loss, backward (accumulated), clip, step → log,
 checkpoint, evaluate. Rank 0 alone logs and saves. A run directory holds `config.yaml`, `checkpoints/`,
 `metrics.jsonl`, TensorBoard events and, at the end, `curves.png`; run the same command again and it resumes from
-the last checkpoint, with the losses an uninterrupted run would have had.
+the last checkpoint, with the losses an uninterrupted run would have had. One training writes a run directory at a
+time, and it resumes only with the settings and classes of its checkpoints (`mbt.run_dir`); what cannot run is
+printed as one `error: ...` line.
 """
 
 from __future__ import annotations
@@ -24,18 +26,37 @@ import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
-from mbt.checkpoint import latest_checkpoint, load_checkpoint, rng_state, save_checkpoint, set_rng_state
+from mbt.checkpoint import (
+    RESUME_ADVICE,
+    CheckpointFileError,
+    latest_checkpoint,
+    load_checkpoint,
+    non_finite_tensors,
+    rng_state,
+    save_checkpoint,
+)
+from mbt.classes import ClassListError, class_record
 from mbt.config import ConfigError, TrainConfig, config_to_dict, load_config, per_rank_batch, save_config, validate
 from mbt.dist import DistInfo, all_gather_objects, barrier, cleanup, init_distributed
-from mbt.evaluate import evaluate
-from mbt.model import MBT, init_from_vit
+from mbt.evaluate import EvaluationError, evaluate
+from mbt.model import MBT, CheckpointError, init_from_vit
+from mbt.run_dir import RunDirError, check_resume, locked_run_dir, restore
+from mbt.run_log import RunLog, plot_curves
 from pipelines import build_loader
 from pipelines.mixup import mixup
+from pipelines.split import LoaderError
 from pipelines.stream import open_split
 
 
 class TrainingError(RuntimeError):
-    """The run cannot go on (a non-finite loss); the message names the step and what to try."""
+    """The run cannot go on (a non-finite loss or weights); the message names the step and what to try."""
+
+
+# What main() prints as one `error: ...` line (exit status 1): bad data, files or run folders, not bugs.
+EXPECTED_ERRORS = (
+    TrainingError, CheckpointFileError, CheckpointError, ClassListError, EvaluationError, LoaderError, RunDirError,
+    OSError,
+)  # fmt: skip
 
 
 def soft_targets(labels: torch.Tensor, num_classes: int, label_smoothing: float) -> torch.Tensor:
@@ -74,54 +95,6 @@ def lr_lambda(total_steps: int, warmup_steps: int) -> Any:
     return factor
 
 
-class RunLog:
-    """Rank 0's logs: metrics.jsonl, TensorBoard, the final PNG of the curves (no-ops on other ranks)."""
-
-    def __init__(self, run_dir: Path, enabled: bool) -> None:
-        self.enabled = enabled
-        self.path = run_dir / "metrics.jsonl"
-        self.writer = None
-        if enabled:
-            from torch.utils.tensorboard import SummaryWriter
-
-            self.writer = SummaryWriter(str(run_dir / "tensorboard"))
-
-    def write(self, row: dict[str, Any]) -> None:
-        if not self.enabled:
-            return
-        with open(self.path, "a") as f:
-            f.write(json.dumps(row) + "\n")
-        for name, value in row.items():
-            if name != "step" and isinstance(value, int | float):
-                self.writer.add_scalar(name, value, row["step"])
-
-    def close(self) -> None:
-        if self.writer is not None:
-            self.writer.close()
-
-
-def plot_curves(jsonl: Path, png: Path) -> None:
-    """Loss and validation metric against step, from metrics.jsonl."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    rows = [json.loads(line) for line in jsonl.read_text().splitlines() if line.strip()]
-    train = [r for r in rows if "loss" in r]
-    evals = [r for r in rows if "eval_metric" in r]
-    fig, (ax_loss, ax_eval) = plt.subplots(1, 2, figsize=(10, 4))
-    ax_loss.plot([r["step"] for r in train], [r["loss"] for r in train])
-    ax_loss.set(xlabel="step", ylabel="training loss", title="loss")
-    if evals:
-        name = evals[0]["eval_metric_name"]
-        ax_eval.plot([r["step"] for r in evals], [r["eval_metric"] for r in evals], marker="o")
-        ax_eval.set(xlabel="step", ylabel=name, title=f"validation {name}")
-    fig.tight_layout()
-    fig.savefig(png, dpi=100)
-    plt.close(fig)
-
-
 def run_evaluation(cfg: TrainConfig, model: torch.nn.Module, dist: DistInfo, out_dir: Path | None) -> dict | None:
     """Sharded evaluation of `model` on cfg.eval_shards (every sample once across ranks); metrics on rank 0."""
     split = open_split(cfg.eval_shards)
@@ -131,22 +104,64 @@ def run_evaluation(cfg: TrainConfig, model: torch.nn.Module, dist: DistInfo, out
         rank=dist.rank, world_size=dist.world_size, augment=cfg.augment, device=dist.device,
     )  # fmt: skip
     bf16 = cfg.bf16 and dist.device.type == "cuda"
-    return evaluate(model, loader, dist, manifest.multi_label, manifest.num_classes, out_dir, amp_bf16=bf16)
+    names = [c["name"] for c in class_record(manifest, f"--eval_shards {cfg.eval_shards}")["classes"]]
+    return evaluate(
+        model, loader, dist, manifest.multi_label, manifest.num_classes, out_dir, amp_bf16=bf16, class_names=names
+    )
+
+
+def init_towers(model: MBT, cfg: TrainConfig) -> list[str]:
+    """Initialise the towers from cfg.init_video / cfg.init_audio; CheckpointError naming the flag and file when one
+    cannot be read, does not fit, or holds non-finite weights (`mbt.model.load_state_file`)."""
+    loaded = []
+    for key, path, modality in (("init_video", cfg.init_video, "video"), ("init_audio", cfg.init_audio, "audio")):
+        try:
+            loaded += init_from_vit(model, **{modality: path})
+        except CheckpointError as err:
+            raise CheckpointError(f"--{key}: {err}") from None
+    return loaded
 
 
 def train(cfg: TrainConfig, dist: DistInfo) -> dict[str, Any]:
-    """Run (or resume) the training of `cfg` on this process; returns the last evaluation's metrics on rank 0."""
+    """Run (or resume) the training of `cfg` on this process; returns the last evaluation's metrics on rank 0.
+
+    Before anything is written to the run directory it is locked, and its latest checkpoint, if any, must be a whole
+    training checkpoint of the same settings and classes (`mbt.run_dir.check_resume`) whose every part loads into
+    this run's model, optimizer, schedule and loader; then config.yaml is written.
+    """
     run_dir = Path(cfg.out_dir)
-    if dist.is_main:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        save_config(cfg, run_dir / "config.yaml")
     split = open_split(cfg.train_shards)
-    multi_label, num_classes = split.manifest.multi_label, split.manifest.num_classes
+    record = class_record(split.manifest, f"--train_shards {cfg.train_shards}")
+    with locked_run_dir(run_dir, dist):
+        resume, state = latest_checkpoint(run_dir), None
+        if resume is not None:
+            try:
+                state = load_checkpoint(resume)
+            except CheckpointFileError as err:
+                raise CheckpointFileError(f"{err}; {RESUME_ADVICE}") from None
+            for warning in check_resume(state, resume, cfg, record, dist.world_size):
+                if dist.is_main:
+                    print(f"warning: {warning}", file=sys.stderr)
+        return _train(cfg, dist, split, record, state, resume)
+
+
+def _train(
+    cfg: TrainConfig,
+    dist: DistInfo,
+    split: Any,
+    record: dict[str, Any],
+    state: dict[str, Any] | None,
+    resume: Path | None,
+) -> dict[str, Any]:
+    """The training loop of `train`, in the locked run directory, from `state` (the checked checkpoint read from
+    `resume`) when there is one."""
+    run_dir = Path(cfg.out_dir)
+    multi_label, num_classes = record["multi_label"], len(record["classes"])
     device = dist.device
 
     torch.manual_seed(cfg.seed)  # the same initial weights on every rank
     model = MBT(cfg.model)
-    for line in init_from_vit(model, cfg.init_video, cfg.init_audio):
+    for line in init_towers(model, cfg):
         if dist.is_main:
             print(f"init: {line}")
     model.to(device)
@@ -172,17 +187,13 @@ def train(cfg: TrainConfig, dist: DistInfo) -> dict[str, Any]:
     schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(total_steps, warmup))
 
     step = 0
-    resume = latest_checkpoint(run_dir)
-    if resume is not None:
-        state = load_checkpoint(resume)
-        model.load_state_dict(state["model"])
-        optimizer.load_state_dict(state["optimizer"])
-        schedule.load_state_dict(state["schedule"])
-        loader.load_state_dict(state["loader"][min(dist.rank, len(state["loader"]) - 1)])
-        set_rng_state(state["rng"][min(dist.rank, len(state["rng"]) - 1)])
-        step = int(state["step"])
+    if state is not None:
+        parts = {"model": model, "optimizer": optimizer, "schedule": schedule, "loader": loader}
+        step = restore(state, resume, parts, dist.rank, len(loader))
         if dist.is_main:
             print(f"resumed from {resume} at step {step}")
+    if dist.is_main:
+        save_config(cfg, run_dir / "config.yaml")
 
     log = RunLog(run_dir, dist.is_main)
     autocast = torch.autocast("cuda", dtype=torch.bfloat16) if cfg.bf16 and device.type == "cuda" else nullcontext()
@@ -191,13 +202,18 @@ def train(cfg: TrainConfig, dist: DistInfo) -> dict[str, Any]:
     clips_seen, t_last = 0, time.perf_counter()
 
     def save(at_step: int) -> None:
+        if bad := non_finite_tensors(model.state_dict()):  # the same weights on every rank: all raise together
+            raise TrainingError(
+                f"the weights became NaN or infinite by step {at_step} ({', '.join(bad[:5])}); not saved: lower "
+                "--lr or set --clip_grad_norm, and resume from the last checkpoint"
+            )
         # Every rank's RNG and stream position (the DALI loader's pipeline checkpoint differs per rank).
         states, positions = all_gather_objects(rng_state()), all_gather_objects(loader.state_dict())
         if dist.is_main:
             save_checkpoint(run_dir, at_step, {
                 "model": model.state_dict(), "optimizer": optimizer.state_dict(), "schedule": schedule.state_dict(),
                 "step": at_step, "epoch": at_step // steps_per_epoch, "loader": positions,
-                "rng": states, "config": config_to_dict(cfg),
+                "rng": states, "config": config_to_dict(cfg), "data": record,
             }, keep=cfg.keep_checkpoints)  # fmt: skip
         barrier()
 
@@ -258,8 +274,8 @@ def train(cfg: TrainConfig, dist: DistInfo) -> dict[str, Any]:
         metrics = run_evaluation(cfg, model, dist, run_dir / "eval")
     bar.close()
     log.close()
-    if dist.is_main and log.path.is_file():
-        plot_curves(log.path, run_dir / "curves.png")
+    if dist.is_main and log.path.is_file() and (skipped := plot_curves(log.path, run_dir / "curves.png")):
+        print(f"warning: {log.path}: {skipped} line(s) are not metrics rows and were left out of the curves")
     return metrics or {}
 
 
@@ -280,7 +296,7 @@ def main(argv: list[str] | None = None) -> int:
         if dist.is_main:
             print(json.dumps({"out_dir": cfg.out_dir, **metrics}))
         return 0
-    except (ConfigError, TrainingError) as err:
+    except (ConfigError, *EXPECTED_ERRORS) as err:
         if dist.is_main:
             print(f"error: {err}", file=sys.stderr)
         return 2 if isinstance(err, ConfigError) else 1
