@@ -36,7 +36,7 @@ from mbt import checkpoint as checkpoint_io
 from mbt.classes import ClassListError, checked_record, class_record, record_difference
 from mbt.config import INT_LIMITS, ConfigError, config_from_dict, validate
 from mbt.dist import DistInfo, all_gather_objects, cleanup, init_distributed
-from mbt.metrics import average_precision_per_class, compute_metrics
+from mbt.metrics import average_precision_per_class, compute_metrics, json_values
 from mbt.model import MBT, MBTConfig
 from pipelines import LOADERS, build_loader
 from pipelines.config import AugmentConfig
@@ -120,7 +120,7 @@ def write_results(
     """Write metrics.json, predictions.npz (keys (N,), logits (N, C), labels) and, when `per_class_ap` (C,) is
     given, per_class_ap.csv into `out_dir`."""
     out_dir.mkdir(parents=True, exist_ok=True)
-    (out_dir / METRICS_FILE).write_text(json.dumps(dict(metrics), indent=2) + "\n")
+    (out_dir / METRICS_FILE).write_text(json.dumps(json_values(dict(metrics)), indent=2, allow_nan=False) + "\n")
     np.savez(out_dir / PREDICTIONS_FILE, keys=np.asarray(keys, dtype=str), logits=logits, labels=labels)
     if per_class_ap is not None:
         with (out_dir / PER_CLASS_AP_FILE).open("w", newline="") as f:

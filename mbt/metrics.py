@@ -9,6 +9,7 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 from statistics import NormalDist
+from typing import Any
 
 import numpy as np
 from numpy.typing import ArrayLike
@@ -113,3 +114,9 @@ def compute_metrics(logits: ArrayLike, labels: ArrayLike, multi_label: bool) -> 
         top = topk_accuracy(logits, labels, ks=(1, 5))
         metrics.update(top1=top[1], top5=top[5])
     return metrics
+
+
+def json_values(row: dict[str, Any]) -> dict[str, Any]:
+    """`row` with NaN and infinite floats as None: standard JSON (d' is infinite at an AUC of 1, AP undefined for a
+    class without positives), which strict parsers (jq, JavaScript, Go) read."""
+    return {k: None if isinstance(v, float) and not math.isfinite(v) else v for k, v in row.items()}

@@ -12,6 +12,8 @@ import math
 from pathlib import Path
 from typing import Any
 
+from mbt.metrics import json_values
+
 
 class RunLog:
     """Rank 0's logs: metrics.jsonl, TensorBoard, the final PNG of the curves (no-ops on other ranks)."""
@@ -32,7 +34,7 @@ class RunLog:
         if not self.enabled:
             return
         with open(self.path, "a") as f:
-            f.write(json.dumps(row) + "\n")
+            f.write(json.dumps(json_values(row), allow_nan=False) + "\n")
         for name, value in row.items():
             if name != "step" and isinstance(value, int | float):
                 self.writer.add_scalar(name, value, row["step"])

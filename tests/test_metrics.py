@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import math
 
 import numpy as np
@@ -78,3 +79,20 @@ def test_compute_metrics():
     assert d_prime(3 / 4) == pytest.approx(0.953873, abs=1e-6)
     single = compute_metrics(SCORES, np.array([0, 1, 1, 1]), multi_label=False)
     assert single == {"num_samples": 4, "top1": 0.75, "top5": 1.0}
+
+
+def test_metrics_files_are_standard_json(tmp_path):
+    """d' is infinite at an AUC of 1: metrics.json holds null there, which strict JSON parsers read."""
+    from mbt.evaluate import METRICS_FILE, write_results
+    from mbt.metrics import json_values
+
+    assert json_values({"mAP": 1.0, "d_prime": math.inf, "x": math.nan, "n": 3}) == {
+        "mAP": 1.0, "d_prime": None, "x": None, "n": 3,
+    }  # fmt: skip
+    logits = np.array([[5.0, -5.0], [-5.0, 5.0]])
+    labels = np.array([[1.0, 0.0], [0.0, 1.0]])
+    metrics = compute_metrics(logits, labels, multi_label=True)
+    assert math.isinf(metrics["d_prime"])
+    write_results(tmp_path, metrics, ["a", "b"], logits, labels, None)
+    text = (tmp_path / METRICS_FILE).read_text()
+    assert json.loads(text, parse_constant=lambda name: pytest.fail(f"{name} in metrics.json"))["d_prime"] is None
