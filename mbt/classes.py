@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from preprocess.schema import Manifest
+from shards.manifest import Manifest
 
 
 class ClassListError(ValueError):

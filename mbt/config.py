@@ -32,8 +32,8 @@ from pipelines import LOADERS
 from pipelines.config import SHUFFLE_BUFFER_SAMPLES, AugmentConfig
 from pipelines.split import LoaderError
 from pipelines.stream import is_plain_path, split_manifest
-from preprocess.atomic import write_bytes_atomic
-from preprocess.schema import MANIFEST_NAME
+from shards.atomic import write_bytes_atomic
+from shards.schema import MANIFEST_NAME
 
 PRESETS = ("audioset", "vggsound", "demo")
 OPTIMIZERS = ("sgd", "adamw")

@@ -42,7 +42,7 @@ from pipelines import LOADERS, build_loader
 from pipelines.config import AugmentConfig
 from pipelines.split import LoaderError
 from pipelines.stream import open_split
-from preprocess.schema import Manifest
+from shards.manifest import Manifest
 
 METRICS_FILE = "metrics.json"
 PREDICTIONS_FILE = "predictions.npz"

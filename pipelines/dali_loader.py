@@ -34,11 +34,11 @@ from pipelines.config import SHUFFLE_BUFFER_SAMPLES, VIDEO_MEAN, VIDEO_STD, Augm
 from pipelines.split import LoaderError, SplitIndex, eval_batches, eval_range, train_batches
 from pipelines.stream import StreamSplit, is_stream_source
 from pipelines.torch_loader import SampleReader, decode_frames, dist_rank_world
-from preprocess.schema import (
+from shards.manifest import Manifest
+from shards.schema import (
     LABELS_DTYPE,
     LABELS_EXT,
     LOGMEL_EXT,
-    Manifest,
     SchemaError,
     frame_ext,
     frame_size_problem,

@@ -15,86 +15,18 @@ import dataclasses
 import math
 import re
 from collections.abc import Sequence
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 from braceexpand import braceexpand
 
-from preprocess.schema import (
-    WDS_INDEX_VERSION,
-    LogmelStats,
-    Manifest,
-    SchemaError,
-    ShardInfo,
-    load_manifest,
-    split_member_name,
-)
+from shards.index import SampleRef, parse_index
+from shards.manifest import LogmelStats, Manifest, ShardInfo, load_manifest
+from shards.schema import SchemaError
 
 
 class LoaderError(RuntimeError):
     """The shards cannot be read as asked; the message names the shard/key and says what to do."""
-
-
-@dataclass(frozen=True)
-class SampleRef:
-    """One sample: its shard, its key and (offset, size) of each member's payload in the tar."""
-
-    shard: int
-    key: str
-    members: dict[str, tuple[int, int]]
-
-
-# An index line's member: `ext offset size name` (ext as the schema splits names; offsets and sizes in decimal).
-_EXT_RE = re.compile(r"^[A-Za-z0-9_.\-]{1,64}$")
-_DECIMAL_RE = re.compile(r"^[0-9]{1,15}$")
-# Index files hold about 100 bytes per member; anything far larger than that is not one.
-_INDEX_BYTES_PER_SAMPLE = 64 * 1024
-
-
-def parse_index(path: Path, shard: ShardInfo) -> list[SampleRef]:
-    """The samples listed by the wds2idx index file of `shard` (`v1.2 N`, then `ext offset size name ...` per
-    sample), checked: every member lies inside the shard's bytes, names are `{key}.{ext}` of one key per line;
-    LoaderError naming the file and line otherwise."""
-    redo = "re-run the shard job to rewrite it (or DALI's wds2idx)"
-    try:
-        size = path.stat().st_size
-        if size > _INDEX_BYTES_PER_SAMPLE * (shard.num_samples + 1):
-            raise LoaderError(f"{path}: {size} bytes, far more than an index of {shard.num_samples} samples; {redo}")
-        lines = path.read_bytes().decode("ascii").splitlines()
-    except FileNotFoundError:
-        raise LoaderError(
-            f"{path}: index file missing for shard {shard.name}; re-run the shard job, or write it with "
-            f"DALI's `wds2idx {shard.name} {path.name}`"
-        ) from None
-    except (OSError, UnicodeDecodeError) as err:
-        raise LoaderError(f"{path}: cannot be read as an index file ({err}); {redo}") from None
-    header = lines[0].split() if lines else []
-    if len(header) != 2 or header[0] != WDS_INDEX_VERSION or not _DECIMAL_RE.fullmatch(header[1]):
-        raise LoaderError(f"{path}: not a {WDS_INDEX_VERSION} wds2idx index file; {redo}")
-    refs = []
-    for line_no, line in enumerate(lines[1:], start=2):
-        fields = line.split()
-        if not fields or len(fields) % 4:
-            raise LoaderError(f"{path}:{line_no}: malformed index line; {redo}")
-        members = {}
-        key = split_member_name(fields[3])[0]
-        for i in range(0, len(fields), 4):
-            ext, offset, size_text, name = fields[i : i + 4]
-            ok = _EXT_RE.fullmatch(ext) and _DECIMAL_RE.fullmatch(offset) and _DECIMAL_RE.fullmatch(size_text)
-            if not ok or name != f"{key}.{ext}" or ext in members:
-                raise LoaderError(f"{path}:{line_no}: malformed member {' '.join(fields[i : i + 4])!r:.120}; {redo}")
-            start, length = int(offset), int(size_text)
-            if start < 512 or start + length > shard.bytes:
-                raise LoaderError(
-                    f"{path}:{line_no}: member {name} at bytes {start}..{start + length} lies outside {shard.name} "
-                    f"({shard.bytes} bytes); {redo}"
-                )
-            members[ext] = (start, length)
-        refs.append(SampleRef(shard=-1, key=key, members=members))
-    if len(refs) != int(header[1]):
-        raise LoaderError(f"{path}: header says {header[1]} samples, {len(refs)} listed; {redo}")
-    return refs
 
 
 def expand_sources(source: str | Path | Sequence[str | Path]) -> list[tuple[Path, set[str] | None]]:
@@ -182,7 +114,10 @@ class SplitIndex:
                     f"{path}: {size} bytes, the manifest says {shard.bytes} (truncated or replaced); "
                     "run tools/verify_shards.py on the folder and re-run the shard job"
                 )
-            refs = parse_index(folder / shard.index_name, shard)
+            try:
+                refs = parse_index(folder / shard.index_name, shard)
+            except SchemaError as err:
+                raise LoaderError(str(err)) from None
             if len(refs) != shard.num_samples:
                 raise LoaderError(
                     f"{folder / shard.index_name}: {len(refs)} samples, the manifest says {shard.num_samples} "

@@ -42,15 +42,9 @@ import numpy as np
 from braceexpand import braceexpand
 
 from pipelines.split import LoaderError, SplitIndex, combine_manifests, expand_sources
-from preprocess.schema import (
-    MANIFEST_NAME,
-    Manifest,
-    SchemaError,
-    ShardInfo,
-    load_manifest,
-    parse_manifest,
-)
-from preprocess.tar_reader import TarReadError, tar_samples
+from shards.manifest import Manifest, ShardInfo, load_manifest, parse_manifest
+from shards.schema import MANIFEST_NAME, SchemaError
+from shards.tar import TarReadError, tar_samples
 
 log = logging.getLogger(__name__)
 

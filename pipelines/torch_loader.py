@@ -39,15 +39,7 @@ from pipelines.config import (
     eval_resize_shape,
     eval_windows,
 )
-from pipelines.split import (
-    LoaderError,
-    SampleRef,
-    SplitIndex,
-    eval_batches,
-    eval_range,
-    train_batches,
-    train_order,
-)
+from pipelines.split import LoaderError, SplitIndex, eval_batches, eval_range, train_batches, train_order
 from pipelines.stream import (
     StreamSplit,
     open_split,
@@ -56,16 +48,9 @@ from pipelines.stream import (
     reader_samples,
     train_units,
 )
-from preprocess.schema import (
-    LABELS_EXT,
-    LOGMEL_EXT,
-    Manifest,
-    SchemaError,
-    frame_ext,
-    frame_size_problem,
-    parse_labels,
-    parse_logmel,
-)
+from shards.index import SampleRef
+from shards.manifest import Manifest
+from shards.schema import LABELS_EXT, LOGMEL_EXT, SchemaError, frame_ext, frame_size_problem, parse_labels, parse_logmel
 
 log = logging.getLogger(__name__)
 

@@ -12,7 +12,7 @@ from pathlib import Path
 from preprocess.datasets import DatasetError
 from preprocess.decode import ToolMissingError
 from preprocess.job import JobError, JobSpec, JobSummary, run_job
-from preprocess.schema import FeatureParams, SchemaError
+from shards.schema import FeatureParams, SchemaError
 
 EXIT_INPUT_ERROR = 1
 MAX_SHORT_SIDE_PX = 4096

@@ -36,7 +36,7 @@ from typing import Any
 import ffmpeg
 import numpy as np
 
-from preprocess.schema import FeatureParams
+from shards.schema import FeatureParams
 
 
 class DecodeError(RuntimeError):

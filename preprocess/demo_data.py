@@ -24,7 +24,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
-from preprocess.atomic import commit, remove_stale_tmp, tmp_path_for, write_bytes_atomic
+from shards.atomic import commit, remove_stale_tmp, tmp_path_for, write_bytes_atomic
 
 CLASS_LABELS_CSV = "class_labels_indices.csv"
 TRAIN_CSV = "balanced_train_segments.csv"

@@ -8,7 +8,8 @@ import numpy as np
 import torch
 import torchaudio
 
-from preprocess.schema import FeatureParams, LogmelStats
+from shards.manifest import LogmelStats
+from shards.schema import FeatureParams
 
 
 class NonFiniteAudioError(ValueError):

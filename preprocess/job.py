@@ -40,7 +40,6 @@ from typing import Any
 import numpy as np
 from tqdm import tqdm
 
-from preprocess.atomic import LockedError, exclusive_lock, read_small_file, write_bytes_atomic
 from preprocess.datasets import ClipRow, DatasetError, VideoIndex, check_name_templates
 from preprocess.decode import (
     DecodeError,
@@ -51,24 +50,23 @@ from preprocess.decode import (
     require_ffmpeg,
 )
 from preprocess.features import NonFiniteAudioError, compute_logmel
-from preprocess.schema import (
+from shards.atomic import LockedError, exclusive_lock, read_small_file, write_bytes_atomic
+from shards.manifest import LogmelStats, Manifest, ShardInfo
+from shards.schema import (
     FAILURES_NAME,
     MANIFEST_NAME,
     SCHEMA_VERSION,
     SHARD_PATTERN,
     FeatureParams,
-    LogmelStats,
-    Manifest,
     Sample,
     SchemaError,
-    ShardInfo,
     encode_sample,
     frame_ext,
     frame_size_problem,
     jpeg_size,
     split_member_name,
 )
-from preprocess.shard_writer import ShardWriter
+from shards.writer import ShardWriter
 
 STATE_DIR = "_state"
 JOB_FILE = "job.json"

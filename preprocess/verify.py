@@ -23,20 +23,18 @@ import torch
 from torchvision.io import decode_jpeg as torch_decode_jpeg
 
 from preprocess.job import STATE_DIR
-from preprocess.schema import (
+from shards.index import index_from_tar
+from shards.manifest import Manifest, ShardInfo, load_manifest
+from shards.schema import (
     INDEX_SUFFIX,
     MANIFEST_NAME,
-    Manifest,
     SchemaError,
-    ShardInfo,
     decode_sample,
     frame_ext,
-    load_manifest,
     sample_exts,
     split_member_name,
 )
-from preprocess.shard_writer import index_from_tar
-from preprocess.tar_reader import TarReadError, tar_members
+from shards.tar import TarReadError, tar_members
 
 HASH_CHUNK_BYTES = 1 << 20
 # A shard whose every sample is bad would otherwise print thousands of lines saying the same thing.

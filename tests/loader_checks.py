@@ -11,8 +11,10 @@ from typing import Any
 import torch
 
 from pipelines.config import AugmentConfig
-from preprocess.schema import load_manifest, sample_exts
-from preprocess.shard_writer import ShardWriter, iter_tar_samples
+from shards.manifest import load_manifest
+from shards.schema import sample_exts
+from shards.tar import iter_tar_samples
+from shards.writer import ShardWriter
 
 # 2 s clips: 200 log-mel frames, so 160-frame windows (4 test clips start at 0, 13, 27, 40) and smaller masks.
 SMALL_AUG = AugmentConfig(audio_frames=160, time_mask_px=40, freq_mask_px=24)

@@ -24,7 +24,8 @@ from mbt.config import (
 )
 from mbt.model import MBTConfig
 from pipelines.config import AugmentConfig
-from preprocess.schema import FeatureParams, LogmelStats, Manifest
+from shards.manifest import LogmelStats, Manifest
+from shards.schema import FeatureParams
 
 
 def write_manifest(

@@ -18,7 +18,8 @@ from loader_checks import SMALL_AUG, rewrite_split, rows_by_key
 
 from pipelines.split import LoaderError, SplitIndex, eval_range, train_batches
 from pipelines.torch_loader import SampleReader, TorchLoader
-from preprocess.schema import LOGMEL_DTYPE, LOGMEL_EXT, frame_ext, load_manifest
+from shards.manifest import load_manifest
+from shards.schema import LOGMEL_DTYPE, LOGMEL_EXT, frame_ext
 
 pytestmark = pytest.mark.dali
 pytest.importorskip("nvidia.dali")

@@ -18,7 +18,7 @@ from preprocess.datasets import ClipRow
 from preprocess.decode import DecodeError, decode_clip, decode_command, parse_input_report
 from preprocess.features import compute_logmel
 from preprocess.job import ClipTask, process_clip
-from preprocess.schema import FeatureParams, decode_sample, split_member_name
+from shards.schema import FeatureParams, decode_sample, split_member_name
 
 PARAMS = FeatureParams(segment_s=2.0)
 

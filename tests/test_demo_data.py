@@ -16,7 +16,6 @@ import numpy as np
 import pytest
 from media import make_clip, make_not_a_video, make_vfr_clip, truncate_file
 
-from preprocess.atomic import tmp_path_for
 from preprocess.datasets import (
     AUDIOSET_NAME_TEMPLATES,
     VideoIndex,
@@ -31,6 +30,7 @@ from preprocess.demo_data import (
     draw_demo_clips,
     make_demo_dataset,
 )
+from shards.atomic import tmp_path_for
 
 pytestmark = pytest.mark.skipif(shutil.which("ffmpeg") is None, reason="needs ffmpeg (apt-get install ffmpeg)")
 

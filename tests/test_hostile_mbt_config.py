@@ -14,7 +14,8 @@ import yaml
 import mbt.config
 from mbt.config import ConfigError, TrainConfig, load_config, preset, validate
 from mbt.train import main
-from preprocess.schema import FeatureParams, LogmelStats, Manifest
+from shards.manifest import LogmelStats, Manifest
+from shards.schema import FeatureParams
 
 
 def write_split(folder: Path, names: list[str], multi_label: bool = True) -> Path:

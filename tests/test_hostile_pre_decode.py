@@ -17,7 +17,7 @@ import preprocess.decode as decode
 from preprocess.datasets import ClipRow
 from preprocess.decode import DecodeError, decode_clip
 from preprocess.job import ClipTask, process_clip
-from preprocess.schema import FeatureParams
+from shards.schema import FeatureParams
 
 PARAMS = FeatureParams(segment_s=2.0)
 

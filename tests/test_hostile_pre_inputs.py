@@ -24,7 +24,7 @@ from preprocess.datasets import (
     split_name_from_segments,
 )
 from preprocess.job import JobError
-from preprocess.schema import load_manifest
+from shards.manifest import load_manifest
 
 shard_audioset = load_tool("shard_audioset")
 

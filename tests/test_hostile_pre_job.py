@@ -21,11 +21,12 @@ from conftest import audioset_args, load_tool, tool_command
 from media import hostile_lists, make_long_clip, mux_with_video, tone, write_float_wav
 
 import preprocess.decode as decode
-import preprocess.shard_writer as shard_writer
-from preprocess.atomic import exclusive_lock
+import shards.writer as shard_writer
 from preprocess.job import STATE_DIR, record_path
-from preprocess.schema import FAILURES_NAME, load_manifest
-from preprocess.shard_writer import iter_tar_samples
+from shards.atomic import exclusive_lock
+from shards.manifest import load_manifest
+from shards.schema import FAILURES_NAME
+from shards.tar import iter_tar_samples
 
 shard_audioset = load_tool("shard_audioset")
 FINISHED_KEPT = "free space and run the same command again (finished shards are kept)"

@@ -20,9 +20,11 @@ from loader_checks import SMALL_AUG, rewrite_split, rows_by_key
 from pipelines.split import LoaderError, SplitIndex
 from pipelines.stream import PipeURL, StreamSplit, shard_samples
 from pipelines.torch_loader import SampleReader, TorchLoader
-from preprocess.schema import LABELS_DTYPE, LABELS_EXT, LOGMEL_DTYPE, LOGMEL_EXT, frame_ext, load_manifest
-from preprocess.shard_writer import ShardWriter, iter_tar_samples
 from preprocess.verify import verify_split
+from shards.manifest import load_manifest
+from shards.schema import LABELS_DTYPE, LABELS_EXT, LOGMEL_DTYPE, LOGMEL_EXT, frame_ext
+from shards.tar import iter_tar_samples
+from shards.writer import ShardWriter
 
 
 def damage_first(change: Callable[[dict[str, bytes]], dict[str, bytes]]) -> Callable[[dict[str, bytes]], dict]:

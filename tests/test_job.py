@@ -19,8 +19,10 @@ from media import make_clip, make_not_a_video
 
 from preprocess.datasets import read_audioset_classes, read_audioset_segments
 from preprocess.job import STATE_DIR, plan_shards
-from preprocess.schema import FAILURES_NAME, SchemaError, decode_sample, load_manifest
-from preprocess.shard_writer import index_from_tar, iter_tar_samples
+from shards.index import index_from_tar
+from shards.manifest import load_manifest
+from shards.schema import FAILURES_NAME, SchemaError, decode_sample
+from shards.tar import iter_tar_samples
 
 shard_audioset = load_tool("shard_audioset")
 shard_vggsound = load_tool("shard_vggsound")

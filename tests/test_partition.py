@@ -11,7 +11,7 @@ from conftest import audioset_args, load_tool, tool_command
 
 from preprocess.cli import partition
 from preprocess.job import JobError
-from preprocess.schema import load_manifest
+from shards.manifest import load_manifest
 
 shard_audioset = load_tool("shard_audioset")
 merge_manifests = load_tool("merge_manifests")

@@ -34,7 +34,7 @@ from pipelines.stream import (
     train_units,
 )
 from pipelines.torch_loader import TorchLoader
-from preprocess.schema import load_manifest
+from shards.manifest import load_manifest
 
 
 def piped(folder, name="manifest.json") -> str:

@@ -16,7 +16,7 @@ from pipelines.config import AugmentConfig, eval_windows
 from pipelines.mixup import mixup
 from pipelines.split import LoaderError, SplitIndex, train_batches
 from pipelines.torch_loader import TorchLoader, spec_augment, train_video
-from preprocess.schema import load_manifest
+from shards.manifest import load_manifest
 
 
 def loader(folder, train, batch_size=2, **kw) -> TorchLoader:

@@ -18,16 +18,10 @@ from torchvision.io import encode_jpeg
 
 from preprocess import verify
 from preprocess.demo_data import make_demo_dataset
-from preprocess.schema import (
-    LABELS_DTYPE,
-    LOGMEL_DTYPE,
-    LOGMEL_EXT,
-    MANIFEST_NAME,
-    frame_ext,
-    sample_exts,
-)
-from preprocess.shard_writer import ShardWriter, iter_tar_samples
 from preprocess.verify import VerifyReport, verify_split
+from shards.schema import LABELS_DTYPE, LOGMEL_DTYPE, LOGMEL_EXT, MANIFEST_NAME, frame_ext, sample_exts
+from shards.tar import iter_tar_samples
+from shards.writer import ShardWriter
 
 pytestmark = pytest.mark.skipif(shutil.which("ffmpeg") is None, reason="needs ffmpeg (apt-get install ffmpeg)")
 

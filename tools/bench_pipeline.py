@@ -43,7 +43,7 @@ from pipelines.config import AugmentConfig
 from pipelines.split import SplitIndex
 from pipelines.torch_loader import SampleReader, TorchLoader, decode_frames, spec_augment, train_video
 from preprocess.datasets import AUDIOSET_NAME_TEMPLATES, ClipRow, VideoIndex
-from preprocess.schema import MANIFEST_NAME, FeatureParams, frame_ext
+from shards.schema import MANIFEST_NAME, FeatureParams, frame_ext
 
 _JPEGS: list[list[bytes]] = []
 

@@ -28,7 +28,7 @@ from preprocess.datasets import AUDIOSET_NAME_TEMPLATES, VideoIndex, read_audios
 from preprocess.decode import decode_command, require_ffmpeg
 from preprocess.demo_data import make_demo_dataset
 from preprocess.job import JobSpec, run_job
-from preprocess.schema import FeatureParams
+from shards.schema import FeatureParams
 
 
 def bare_decode_seconds(paths: list[Path], segment_s: float, params: FeatureParams, workers: int) -> float:

@@ -52,7 +52,7 @@ from mbt.model import MBT, MBTConfig
 from mbt.train import loss_fn, param_groups, soft_targets
 from pipelines import build_loader, resolve_loader
 from pipelines.mixup import mixup
-from preprocess.schema import Manifest, load_manifest
+from shards.manifest import Manifest, load_manifest
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # tools/ is no package: its siblings
 from bench_model import resolve_device_args

@@ -1,4 +1,5 @@
-"""The strict tar reader, the index parser and the manifest parser on what tarfile writes and on hostile bytes.
+"""The shard format package: the strict tar reader, the index parser and the manifest parser on what tarfile writes
+and on hostile bytes.
 
 Property tests (hypothesis) feed random and mutated bytes: each parser either reads correctly or raises the project's
 own error, within bounded memory (no allocation beyond what the input may hold) and time.
@@ -16,10 +17,11 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from pipelines.split import LoaderError, parse_index
-from preprocess.schema import SchemaError, ShardInfo, parse_manifest
-from preprocess.shard_writer import ShardWriter
-from preprocess.tar_reader import TarReadError, tar_members, tar_samples
+from shards.index import IndexFileError, parse_index
+from shards.manifest import ShardInfo, parse_manifest
+from shards.schema import SchemaError
+from shards.tar import TarReadError, tar_members, tar_samples
+from shards.writer import ShardWriter
 
 PROPERTY = settings(max_examples=300, deadline=2000, suppress_health_check=[HealthCheck.function_scoped_fixture])
 
@@ -167,7 +169,7 @@ def test_damaged_index_names_the_file_and_line(shard: tuple[Path, ShardInfo], ed
     folder, info = shard
     path = folder / info.index_name
     path.write_text(edit(path.read_text()))
-    with pytest.raises(LoaderError, match=message) as raised:
+    with pytest.raises(IndexFileError, match=message) as raised:
         parse_index(path, info)
     assert str(path) in str(raised.value)
 
@@ -175,7 +177,7 @@ def test_damaged_index_names_the_file_and_line(shard: tuple[Path, ShardInfo], ed
 def test_an_index_that_is_not_text(shard: tuple[Path, ShardInfo]) -> None:
     folder, info = shard
     (folder / info.index_name).write_bytes(b"v1.2 1\n\xff\xfe\x00garbage")
-    with pytest.raises(LoaderError, match="cannot be read as an index file"):
+    with pytest.raises(IndexFileError, match="cannot be read as an index file"):
         parse_index(folder / info.index_name, info)
 
 
@@ -187,7 +189,7 @@ def test_random_index_bytes_parse_or_raise_loader_error(tmp_path_factory: pytest
     info = ShardInfo("shard-000000.tar", 1, 1 << 20, "0" * 64)
     try:
         refs = parse_index(path, info)
-    except LoaderError:
+    except IndexFileError:
         return
     assert all(o >= 0 and o + n <= info.bytes for r in refs for o, n in r.members.values())
 
@@ -205,7 +207,7 @@ def test_mutated_index_text_parses_or_raises_loader_error(
     path.write_text("".join(text))
     try:
         refs = parse_index(path, info)
-    except LoaderError:
+    except IndexFileError:
         return
     assert all(o >= 512 and o + n <= info.bytes for r in refs for o, n in r.members.values())
 

@@ -8,11 +8,13 @@ marker. About 10x less CPU than `tarfile`'s stream mode (measured: 0.71 vs 0.39 
 
 from __future__ import annotations
 
+import os
 from collections.abc import Iterator
+from pathlib import Path
 from dataclasses import dataclass
 from typing import IO
 
-from preprocess.schema import SchemaError, split_member_name
+from shards.schema import SchemaError, split_member_name
 
 BLOCK = 512
 _PAX_MAX_BYTES = 1 << 20  # a pax header holds a path or two: anything larger is not a shard's
@@ -167,3 +169,10 @@ def tar_samples(
             members[member.ext] = member.payload
     if key is not None:
         yield key, members
+
+
+def iter_tar_samples(path: Path) -> Iterator[tuple[str, dict[str, bytes]]]:
+    """(key, {ext: payload}) for each sample of the tar at `path`, in order, read by the strict reader (members of a
+    key adjacent, at most the file's size allocated); TarReadError if it is not a sound tar."""
+    with open(path, "rb") as f:
+        yield from tar_samples(f, os.fstat(f.fileno()).st_size)

@@ -15,9 +15,10 @@ import tarfile
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 
-from preprocess.atomic import commit, naming_errors, tmp_path_for
-from preprocess.schema import INDEX_SUFFIX, WDS_INDEX_VERSION, SchemaError, ShardInfo, split_member_name
-from preprocess.tar_reader import tar_members, tar_samples
+from shards.atomic import commit, naming_errors, tmp_path_for
+from shards.index import format_index
+from shards.manifest import ShardInfo
+from shards.schema import INDEX_SUFFIX, SchemaError, split_member_name
 
 BLOCK = tarfile.BLOCKSIZE
 _END_OF_ARCHIVE = b"\0" * (2 * BLOCK)
@@ -33,28 +34,6 @@ def _header(name: str, size: int) -> bytes:
         return info.tobuf(format=tarfile.USTAR_FORMAT, encoding="ascii", errors="strict")
     except (ValueError, UnicodeEncodeError) as err:
         raise SchemaError(f"member name {name!r} does not fit a ustar header ({err})") from err
-
-
-def format_index(samples: Iterable[list[tuple[str, int, int, str]]]) -> str:
-    """wds2idx text for samples given as lists of (ext, data_offset, size, name)."""
-    rows = [" ".join(f"{ext} {offset} {size} {name}" for ext, offset, size, name in sample) for sample in samples]
-    return f"{WDS_INDEX_VERSION} {len(rows)}\n" + "".join(row + "\n" for row in rows)
-
-
-def index_from_tar(path: Path) -> str:
-    """wds2idx text computed by reading the tar at `path` (regular files only, grouped by consecutive key);
-    TarReadError if it is not a sound tar."""
-    samples: list[list[tuple[str, int, int, str]]] = []
-    last_key = None
-    with open(path, "rb") as f:
-        for member in tar_members(f, os.fstat(f.fileno()).st_size, exts=frozenset()):
-            entry = (member.ext, member.offset, member.size, f"{member.key}.{member.ext}")
-            if member.key != last_key:
-                samples.append([entry])
-                last_key = member.key
-            else:
-                samples[-1].append(entry)
-    return format_index(samples)
 
 
 class ShardWriter:
@@ -127,10 +106,3 @@ class ShardWriter:
             self._file.close()
             self._file = None
         self._tmp.unlink(missing_ok=True)
-
-
-def iter_tar_samples(path: Path) -> Iterator[tuple[str, dict[str, bytes]]]:
-    """(key, {ext: payload}) for each sample of the tar at `path`, in order, read by the strict reader (members of a
-    key adjacent, at most the file's size allocated); TarReadError if it is not a sound tar."""
-    with open(path, "rb") as f:
-        yield from tar_samples(f, os.fstat(f.fileno()).st_size)

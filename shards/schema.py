@@ -1,8 +1,8 @@
-"""The shard schema: the one definition of what a shard sample and a split's manifest hold.
+"""The shard schema: the one definition of what a shard sample holds and how a split's folder is laid out.
 
-Writer (`preprocess.shard_writer`, `preprocess.job`) and readers (`preprocess.verify`, `pipelines/`) import this
-module and nothing else decides a member name, a dtype, a shape or the manifest's fields. Bump `SCHEMA_VERSION`
-on any change a reader could notice.
+The writer (`shards.writer`, `preprocess.job`) and the readers (`preprocess.verify`, `pipelines/`) import this
+package (`shards.schema`, `shards.manifest`, `shards.index`, `shards.tar`) and nothing else decides a member name, a
+dtype, a shape or the manifest's fields. Bump `SCHEMA_VERSION` on any change a reader could notice.
 
 A sample is the tar members `{key}.{ext}` for, in this order:
   frame00.jpg … frame{F-1}.jpg   F JPEG frames, evenly spaced over the segment, short side `short_side_px`
@@ -37,29 +37,19 @@ MANIFEST_NAME = "manifest.json"
 FAILURES_NAME = "failures.csv"
 SHARD_PATTERN = "shard-{:06d}.tar"
 INDEX_SUFFIX = ".idx"
-# DALI's index files (tools/wds2idx.py in DALI) start with this version tag.
-WDS_INDEX_VERSION = "v1.2"
 
 _KEY_RE = re.compile(r"^[A-Za-z0-9_\-]+$")
-# What SHARD_PATTERN writes: a manifest naming anything else (a path, `../`, a shell word) is refused.
-SHARD_NAME_RE = re.compile(r"^shard-[0-9]{6,9}\.tar$")
-_SHA256_RE = re.compile(r"^[0-9a-f]{64}$")
-# Bounds on what a manifest may claim: numbers read from data size allocations and loops.
-MAX_SHARD_SAMPLES = 10_000_000
-MAX_SHARD_BYTES = 1 << 40
-MAX_CLASSES = 1_000_000
-MAX_SHARDS = 10_000_000
 
 
 class SchemaError(ValueError):
     """A shard, sample or manifest does not follow this schema; the message names the file/key."""
 
 
-def _is_int(value: object) -> bool:
+def is_int(value: object) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
 
 
-def _finite(value: object) -> bool:
+def finite(value: object) -> bool:
     return isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
 
 
@@ -121,39 +111,39 @@ class FeatureParams:
         """`self` if every value can be produced and read (bounded sizes); SchemaError naming the field otherwise."""
         checks = [
             (
-                _is_int(self.num_frames) and 1 <= self.num_frames <= 99,
+                is_int(self.num_frames) and 1 <= self.num_frames <= 99,
                 f"num_frames must be in 1..99, got {self.num_frames}",
             ),
             (
-                _is_int(self.short_side_px) and 16 <= self.short_side_px <= 4096 and self.short_side_px % 2 == 0,
+                is_int(self.short_side_px) and 16 <= self.short_side_px <= 4096 and self.short_side_px % 2 == 0,
                 f"short_side_px must be an even number in 16..4096 (ffmpeg scales to even sizes), got "
                 f"{self.short_side_px}",
             ),
             (
-                _is_int(self.jpeg_qscale) and 1 <= self.jpeg_qscale <= 31,
+                is_int(self.jpeg_qscale) and 1 <= self.jpeg_qscale <= 31,
                 f"jpeg_qscale must be in 1..31, got {self.jpeg_qscale}",
             ),
             (
-                _finite(self.segment_s) and 0 < self.segment_s <= 3600,
+                finite(self.segment_s) and 0 < self.segment_s <= 3600,
                 f"segment_s must be in (0, 3600], got {self.segment_s}",
             ),
             (
-                _is_int(self.sample_rate_hz) and 1000 <= self.sample_rate_hz <= 192_000,
+                is_int(self.sample_rate_hz) and 1000 <= self.sample_rate_hz <= 192_000,
                 f"sample_rate_hz must be in 1000..192000, got {self.sample_rate_hz}",
             ),
             (
-                _is_int(self.num_mel_bins) and 1 <= self.num_mel_bins <= 1024,
+                is_int(self.num_mel_bins) and 1 <= self.num_mel_bins <= 1024,
                 f"num_mel_bins must be in 1..1024, got {self.num_mel_bins}",
             ),
             (
-                _finite(self.frame_shift_ms) and 1 <= self.frame_shift_ms <= 1000,
+                finite(self.frame_shift_ms) and 1 <= self.frame_shift_ms <= 1000,
                 f"frame_shift_ms must be in [1, 1000], got {self.frame_shift_ms}",
             ),
             (
-                _finite(self.frame_length_ms) and 1 <= self.frame_length_ms <= 1000,
+                finite(self.frame_length_ms) and 1 <= self.frame_length_ms <= 1000,
                 f"frame_length_ms must be in [1, 1000], got {self.frame_length_ms}",
             ),
-            (_finite(self.dither), f"dither must be a finite number, got {self.dither}"),
+            (finite(self.dither), f"dither must be a finite number, got {self.dither}"),
             (isinstance(self.window_type, str), f"window_type must be a string, got {self.window_type!r}"),
             (isinstance(self.htk_compat, bool), f"htk_compat must be true or false, got {self.htk_compat!r}"),
             (isinstance(self.use_energy, bool), f"use_energy must be true or false, got {self.use_energy!r}"),
@@ -305,191 +295,3 @@ def split_member_name(name: str) -> tuple[str, str]:
     if dot < 0:
         return name, ""
     return name[:dot], name[dot + 1 :]
-
-
-@dataclass(frozen=True)
-class ShardInfo:
-    """One shard as the manifest lists it."""
-
-    name: str
-    num_samples: int
-    bytes: int
-    sha256: str
-
-    @property
-    def index_name(self) -> str:
-        return self.name.removesuffix(".tar") + INDEX_SUFFIX
-
-    @classmethod
-    def from_dict(cls, data: object, where: str) -> ShardInfo:
-        """A manifest's shard entry, checked: a name the writer gives (never a path or a shell word), counts and
-        sizes in bounds, a sha256 in hex; SchemaError naming `where` otherwise."""
-        if not isinstance(data, Mapping) or set(data) != {"name", "num_samples", "bytes", "sha256"}:
-            raise SchemaError(
-                f"{where}: a shard entry must hold exactly name, num_samples, bytes, sha256: {data!r:.200}"
-            )
-        name, count, size, digest = data["name"], data["num_samples"], data["bytes"], data["sha256"]
-        if not isinstance(name, str) or not SHARD_NAME_RE.fullmatch(name):
-            raise SchemaError(
-                f"{where}: shard name {name!r:.100} is not one the shard writer gives (shard-NNNNNN.tar); "
-                "a manifest may name only shards of its own folder"
-            )
-        if not (_is_int(count) and 1 <= count <= MAX_SHARD_SAMPLES):
-            raise SchemaError(f"{where}: {name}: num_samples {count!r:.50} is not in 1..{MAX_SHARD_SAMPLES}")
-        if not (_is_int(size) and 2 * 512 <= size <= MAX_SHARD_BYTES and size % 512 == 0):
-            raise SchemaError(
-                f"{where}: {name}: bytes {size!r:.50} is not a tar's size (a multiple of 512 up to 1 TiB)"
-            )
-        if not isinstance(digest, str) or not _SHA256_RE.fullmatch(digest):
-            raise SchemaError(f"{where}: {name}: sha256 {digest!r:.80} is not 64 lowercase hex digits")
-        return cls(name, count, size, digest)
-
-
-@dataclass(frozen=True)
-class LogmelStats:
-    """Running sums over every real (not padded) log-mel value of clips with audio; merges exactly."""
-
-    count: int = 0
-    total: float = 0.0
-    total_sq: float = 0.0
-
-    def __add__(self, other: LogmelStats) -> LogmelStats:
-        return LogmelStats(self.count + other.count, self.total + other.total, self.total_sq + other.total_sq)
-
-    @property
-    def mean(self) -> float:
-        return self.total / self.count if self.count else 0.0
-
-    @property
-    def std(self) -> float:
-        """The standard deviation, or 1 where it is 0 (no clip with audio, all alike): normalization divides by it."""
-        if not self.count:
-            return 1.0
-        return math.sqrt(max(self.total_sq / self.count - self.mean**2, 0.0)) or 1.0
-
-    def to_dict(self) -> dict[str, float | int]:
-        return {"mean": self.mean, "std": self.std, "count": self.count, "sum": self.total, "sum_sq": self.total_sq}
-
-    @classmethod
-    def from_dict(cls, data: Mapping[str, Any]) -> LogmelStats:
-        """The sums as written by `to_dict`; SchemaError if they are not finite numbers (a NaN here would make every
-        normalized log-mel of the split NaN) or cannot be sums of squares."""
-        count, total, total_sq = data["count"], data["sum"], data["sum_sq"]
-        if not (_is_int(count) and count >= 0 and _finite(total) and _finite(total_sq) and total_sq >= 0):
-            raise SchemaError(
-                f"log-mel statistics count={count!r:.40} sum={total!r:.40} sum_sq={total_sq!r:.40} are not a count and "
-                "finite sums (a clip with NaN or infinite audio was summed?)"
-            )
-        stats = cls(count, float(total), float(total_sq))
-        if not (math.isfinite(stats.mean) and math.isfinite(stats.std)):
-            raise SchemaError(f"log-mel statistics give mean {stats.mean} and std {stats.std}, which are not finite")
-        return stats
-
-
-@dataclass
-class Manifest:
-    """`manifest.json` of one split: what a loader needs to read it and what verification checks."""
-
-    dataset: str
-    split: str
-    features: FeatureParams
-    classes: list[dict[str, Any]]
-    multi_label: bool
-    shards: list[ShardInfo]
-    logmel: LogmelStats
-    failures: list[dict[str, str]]
-    job: dict[str, Any]
-    schema_version: int = SCHEMA_VERSION
-
-    @property
-    def num_samples(self) -> int:
-        return sum(s.num_samples for s in self.shards)
-
-    @property
-    def num_classes(self) -> int:
-        return len(self.classes)
-
-    def to_dict(self) -> dict[str, Any]:
-        return {
-            "schema_version": self.schema_version,
-            "dataset": self.dataset,
-            "split": self.split,
-            "num_samples": self.num_samples,
-            "num_failures": len(self.failures),
-            "multi_label": self.multi_label,
-            "features": self.features.to_dict(),
-            "classes": self.classes,
-            "logmel": self.logmel.to_dict(),
-            "shards": [dataclasses.asdict(s) for s in self.shards],
-            "failures": self.failures,
-            "job": self.job,
-        }
-
-    def write(self, folder: Path) -> Path:
-        from preprocess.atomic import write_bytes_atomic
-
-        return write_bytes_atomic(folder / MANIFEST_NAME, (json.dumps(self.to_dict(), indent=1) + "\n").encode())
-
-
-def load_manifest(folder: str | Path) -> Manifest:
-    """The manifest of the split in `folder`; SchemaError naming the file if it is missing, invalid or of
-    another schema version."""
-    path = Path(folder) / MANIFEST_NAME
-    if not path.is_file():
-        raise SchemaError(f"{path}: no manifest; shard the split first (tools/shard_audioset.py, shard_vggsound.py)")
-    return parse_manifest(path.read_bytes(), str(path))
-
-
-def _no_json_constants(name: str) -> None:
-    raise ValueError(f"{name} is not a number JSON allows")
-
-
-def parse_manifest(text: str | bytes, where: str) -> Manifest:
-    """A manifest from its JSON text, read from `where` (a path or URL that errors name); SchemaError if it is
-    invalid, of another schema version, or claims what a manifest cannot (a shard name that is not the writer's,
-    counts or sizes out of bounds, NaN or infinite statistics)."""
-    try:
-        data = json.loads(text, parse_constant=_no_json_constants)
-    except (UnicodeDecodeError, ValueError, RecursionError) as err:
-        raise SchemaError(f"{where}: not valid JSON ({err}); re-run the shard job to rewrite it") from err
-    if not isinstance(data, dict):
-        raise SchemaError(f"{where}: not a manifest (a JSON {type(data).__name__}); re-run the shard job to rewrite it")
-    version = data.get("schema_version")
-    if version != SCHEMA_VERSION:
-        raise SchemaError(
-            f"{where}: schema version {version!r:.40}, this code reads version {SCHEMA_VERSION}; "
-            "re-shard the split with this version of tools/shard_*.py"
-        )
-    try:
-        shards, classes, failures = data["shards"], data["classes"], data["failures"]
-        if not isinstance(shards, list) or len(shards) > MAX_SHARDS:
-            raise SchemaError(f"shards must be a list of at most {MAX_SHARDS} entries")
-        if not isinstance(classes, list) or not 1 <= len(classes) <= MAX_CLASSES:
-            raise SchemaError(f"classes must be a list of 1..{MAX_CLASSES} entries")
-        if not all(isinstance(c, dict) and isinstance(c.get("name", ""), str) for c in classes):
-            raise SchemaError("each class must be a mapping whose name is a string")
-        if not isinstance(failures, list) or not all(isinstance(f, dict) for f in failures):
-            raise SchemaError("failures must be a list of mappings")
-        if not isinstance(data["multi_label"], bool):
-            raise SchemaError(f"multi_label must be true or false, got {data['multi_label']!r:.40}")
-        if not all(isinstance(data[k], str) for k in ("dataset", "split")):
-            raise SchemaError("dataset and split must be strings")
-        infos = [ShardInfo.from_dict(entry, where) for entry in shards]
-        if len({info.name for info in infos}) != len(infos):
-            raise SchemaError("a shard is listed twice")
-        return Manifest(
-            dataset=data["dataset"],
-            split=data["split"],
-            features=FeatureParams.from_dict(data["features"]),
-            classes=classes,
-            multi_label=data["multi_label"],
-            shards=infos,
-            logmel=LogmelStats.from_dict(data["logmel"]),
-            failures=failures,
-            job=dict(data["job"]),
-        )
-    except SchemaError as err:
-        message = str(err) if str(err).startswith(where) else f"{where}: {err}"
-        raise SchemaError(f"{message}; re-run the shard job to rewrite it") from None
-    except (KeyError, TypeError, ValueError, AttributeError) as err:
-        raise SchemaError(f"{where}: missing or malformed field ({err!r}); re-run the shard job to rewrite it") from err

@@ -1,0 +1,107 @@
+"""The `.idx` file beside each shard: DALI's wds2idx format (`v1.2 N`, then per sample `ext data_offset size name`
+for each member), written from the offsets while a shard is written, computed from a tar, and parsed strictly (an
+index file from a shared bucket places every member inside its shard, or is refused naming its line).
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from collections.abc import Iterable
+from dataclasses import dataclass
+from pathlib import Path
+
+from shards.manifest import ShardInfo
+from shards.schema import SchemaError, split_member_name
+from shards.tar import tar_members
+
+
+# DALI's index files (tools/wds2idx.py in DALI) start with this version tag.
+WDS_INDEX_VERSION = "v1.2"
+
+
+class IndexFileError(SchemaError):
+    """An index file that is missing, not wds2idx text, or places a member outside its shard."""
+
+
+def format_index(samples: Iterable[list[tuple[str, int, int, str]]]) -> str:
+    """wds2idx text for samples given as lists of (ext, data_offset, size, name)."""
+    rows = [" ".join(f"{ext} {offset} {size} {name}" for ext, offset, size, name in sample) for sample in samples]
+    return f"{WDS_INDEX_VERSION} {len(rows)}\n" + "".join(row + "\n" for row in rows)
+
+
+def index_from_tar(path: Path) -> str:
+    """wds2idx text computed by reading the tar at `path` (regular files only, grouped by consecutive key);
+    TarReadError if it is not a sound tar."""
+    samples: list[list[tuple[str, int, int, str]]] = []
+    last_key = None
+    with open(path, "rb") as f:
+        for member in tar_members(f, os.fstat(f.fileno()).st_size, exts=frozenset()):
+            entry = (member.ext, member.offset, member.size, f"{member.key}.{member.ext}")
+            if member.key != last_key:
+                samples.append([entry])
+                last_key = member.key
+            else:
+                samples[-1].append(entry)
+    return format_index(samples)
+
+
+@dataclass(frozen=True)
+class SampleRef:
+    """One sample: its shard, its key and (offset, size) of each member's payload in the tar."""
+
+    shard: int
+    key: str
+    members: dict[str, tuple[int, int]]
+
+
+# An index line's member: `ext offset size name` (ext as the schema splits names; offsets and sizes in decimal).
+_EXT_RE = re.compile(r"^[A-Za-z0-9_.\-]{1,64}$")
+_DECIMAL_RE = re.compile(r"^[0-9]{1,15}$")
+# Index files hold about 100 bytes per member; anything far larger than that is not one.
+_INDEX_BYTES_PER_SAMPLE = 64 * 1024
+
+
+def parse_index(path: Path, shard: ShardInfo) -> list[SampleRef]:
+    """The samples listed by the wds2idx index file of `shard` (`v1.2 N`, then `ext offset size name ...` per
+    sample), checked: every member lies inside the shard's bytes, names are `{key}.{ext}` of one key per line;
+    IndexFileError naming the file and line otherwise."""
+    redo = "re-run the shard job to rewrite it (or DALI's wds2idx)"
+    try:
+        size = path.stat().st_size
+        if size > _INDEX_BYTES_PER_SAMPLE * (shard.num_samples + 1):
+            raise IndexFileError(f"{path}: {size} bytes, far more than an index of {shard.num_samples} samples; {redo}")
+        lines = path.read_bytes().decode("ascii").splitlines()
+    except FileNotFoundError:
+        raise IndexFileError(
+            f"{path}: index file missing for shard {shard.name}; re-run the shard job, or write it with "
+            f"DALI's `wds2idx {shard.name} {path.name}`"
+        ) from None
+    except (OSError, UnicodeDecodeError) as err:
+        raise IndexFileError(f"{path}: cannot be read as an index file ({err}); {redo}") from None
+    header = lines[0].split() if lines else []
+    if len(header) != 2 or header[0] != WDS_INDEX_VERSION or not _DECIMAL_RE.fullmatch(header[1]):
+        raise IndexFileError(f"{path}: not a {WDS_INDEX_VERSION} wds2idx index file; {redo}")
+    refs = []
+    for line_no, line in enumerate(lines[1:], start=2):
+        fields = line.split()
+        if not fields or len(fields) % 4:
+            raise IndexFileError(f"{path}:{line_no}: malformed index line; {redo}")
+        members = {}
+        key = split_member_name(fields[3])[0]
+        for i in range(0, len(fields), 4):
+            ext, offset, size_text, name = fields[i : i + 4]
+            ok = _EXT_RE.fullmatch(ext) and _DECIMAL_RE.fullmatch(offset) and _DECIMAL_RE.fullmatch(size_text)
+            if not ok or name != f"{key}.{ext}" or ext in members:
+                raise IndexFileError(f"{path}:{line_no}: malformed member {' '.join(fields[i : i + 4])!r:.120}; {redo}")
+            start, length = int(offset), int(size_text)
+            if start < 512 or start + length > shard.bytes:
+                raise IndexFileError(
+                    f"{path}:{line_no}: member {name} at bytes {start}..{start + length} lies outside {shard.name} "
+                    f"({shard.bytes} bytes); {redo}"
+                )
+            members[ext] = (start, length)
+        refs.append(SampleRef(shard=-1, key=key, members=members))
+    if len(refs) != int(header[1]):
+        raise IndexFileError(f"{path}: header says {header[1]} samples, {len(refs)} listed; {redo}")
+    return refs
