@@ -49,6 +49,20 @@ class AugmentConfig:
         return dataclasses.replace(self, **changes)
 
 
+def frames_fed(augment: AugmentConfig, stored: int) -> int:
+    """Frames per clip the loaders feed from shards holding `stored` frames: `augment.frames_used`, or all of them
+    (`frames_problem` says when that cannot be)."""
+    return augment.frames_used or stored
+
+
+def frames_problem(augment: AugmentConfig, stored: int) -> str | None:
+    """Why the loaders cannot feed `augment.frames_used` frames from shards holding `stored`, or None."""
+    fed = frames_fed(augment, stored)
+    if not 1 <= fed <= stored:
+        return f"frames_used={fed}, but the shards hold {stored} frames"
+    return None
+
+
 def eval_windows(total: int, window: int, num_clips: int) -> list[int]:
     """Start offsets of `num_clips` evenly spaced windows of `window` items over `total` (all 0 if it fits once)."""
     if num_clips < 1:
