@@ -10,8 +10,9 @@ from collections.abc import Callable, Mapping
 from pathlib import Path
 
 from preprocess.datasets import DatasetError
-from preprocess.decode import ToolMissingError
-from preprocess.job import JobError, JobSpec, JobSummary, run_job
+from preprocess.ffmpeg_run import ToolMissingError
+from preprocess.job import JobSpec, JobSummary, run_job
+from preprocess.job_state import JobError
 from shards.schema import FeatureParams, SchemaError
 
 EXIT_INPUT_ERROR = 1

@@ -1,29 +1,15 @@
-"""Readers for the AudioSet and VGGSound CSV files, and the lookup of a clip's downloaded video file.
+"""Readers for the AudioSet and VGGSound CSV files (the lookup of a clip's video file is `preprocess.videos`).
 
 Every reader returns `ClipRow`s whose `key` is the shard key (no dots: DALI takes everything after the first
 dot as the extension). Bad input raises `DatasetError` naming the file and line and saying what to do.
 """
 
-import bisect
 import csv
-import fnmatch
-import glob
 import os
 import re
-import string
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-
-AUDIOSET_NAME_TEMPLATES: tuple[str, ...] = (
-    "{ytid}.*",
-    "{ytid}_{start_s}.*",
-    "{ytid}_{start_s}_{end_s}.*",
-    "{ytid}_{start_ms}.*",
-    "{ytid}_{start_ms}_{end_ms}.*",
-    "{ytid}_{start:.3f}_{end:.3f}.*",
-)
-VGGSOUND_NAME_TEMPLATES: tuple[str, ...] = ("{ytid}_{start_s:06d}.*",)
 
 VGGSOUND_SPLITS: tuple[str, ...] = ("train", "test")
 VGGSOUND_SEGMENT_S = 10.0
@@ -33,10 +19,7 @@ _YTID_RE = re.compile(r"[A-Za-z0-9_-]+")
 # Bounds that keep a key and its member names within a ustar header's 100-byte name (YouTube ids have 11 chars).
 MAX_YTID_CHARS = 64
 MAX_SECONDS = 1_000_000.0
-TEMPLATE_FIELDS: tuple[str, ...] = ("ytid", "start", "end", "start_s", "end_s", "start_ms", "end_ms")
-_MAX_FORMAT_WIDTH = 99  # a format spec's width/precision: '{ytid:>999999999}' would allocate a GB per row
 _SPLIT_NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*")
-_LITERAL_PREFIX_RE = re.compile(r"[^*?[]*")
 _WHOLE_SECONDS_RE = re.compile(r"[0-9]+")
 _SECONDS_RE = re.compile(r"[0-9]+(?:\.[0-9]*)?")  # float() would also take '1_0', 'nan', '1e3' and non-ASCII digits
 
@@ -93,6 +76,13 @@ def _check_ytid(ytid: str, source: str) -> None:
             f"{source}: {ytid[:80]!r} is not a YouTube id (letters, digits, '_' and '-' only, "
             f"at most {MAX_YTID_CHARS} of them)"
         )
+
+
+def _claim_key(key: str, source: str, source_of_key: dict[str, str]) -> None:
+    """Note that clip `key` is listed at `source`; DatasetError naming both lines when it was listed before."""
+    if key in source_of_key:
+        raise DatasetError(f"{source}: clip {key} already listed at {source_of_key[key]}")
+    source_of_key[key] = source
 
 
 def read_audioset_classes(path: str | os.PathLike) -> list[tuple[str, str]]:
@@ -168,9 +158,7 @@ def read_audioset_segments(
                     f"{source}: label {mid} is not in the class list; pass --drop-unknown-labels to drop it"
                 )
         key = f"{ytid}_{round(start_s * 1000)}"
-        if key in source_of_key:
-            raise DatasetError(f"{source}: clip {key} already listed at {source_of_key[key]}")
-        source_of_key[key] = source
+        _claim_key(key, source, source_of_key)
         rows.append(ClipRow(key, ytid, start_s, end_s, tuple(sorted(labels)), source))
     return rows
 
@@ -235,9 +223,7 @@ def read_vggsound(
         if label not in class_of_name:
             raise DatasetError(f"{source}: label {label!r} is not in the class list")
         key = f"{ytid}_{start_s:06d}"
-        if key in source_of_key:
-            raise DatasetError(f"{source}: clip {key} already listed at {source_of_key[key]}")
-        source_of_key[key] = source
+        _claim_key(key, source, source_of_key)
         rows.append(ClipRow(key, ytid, float(start_s), start_s + VGGSOUND_SEGMENT_S, (class_of_name[label],), source))
     return class_names, rows
 
@@ -255,117 +241,3 @@ def split_name_from_segments(path: str | os.PathLike) -> str:
             "rename the file, e.g. eval_segments.csv"
         )
     return split
-
-
-class VideoIndex:
-    """The file names of one folder, listed once, and the lookup of a clip's video file among them.
-
-    A name template is a str.format pattern over the fields ytid; start, end (float seconds); start_s, end_s
-    (whole seconds); start_ms, end_ms (integer milliseconds), with glob wildcards * ? [..] around the fields.
-    Field values match literally (glob characters in an id are escaped).
-    """
-
-    def __init__(self, folder: str | os.PathLike) -> None:
-        """Lists the regular files (or links to them) directly in `folder`; missing folder -> DatasetError.
-        Links that loop or lead nowhere, folders, FIFOs and devices are left out: their clips are missing."""
-        self.folder = Path(folder)
-        try:
-            with os.scandir(self.folder) as entries:
-                self._names = sorted(entry.name for entry in entries if _is_file(entry))
-        except OSError as e:
-            raise DatasetError(f"video folder {os.fspath(folder)}: cannot list it ({e})") from e
-
-    def _glob(self, pattern: str) -> list[str]:
-        """The names matching `pattern`; scans only the names that start with its literal prefix."""
-        prefix = _LITERAL_PREFIX_RE.match(pattern).group()  # the part before the first wildcard
-        matches = []
-        for i in range(bisect.bisect_left(self._names, prefix), len(self._names)):
-            name = self._names[i]
-            if not name.startswith(prefix):
-                break
-            if fnmatch.fnmatchcase(name, pattern):
-                matches.append(name)
-        return matches
-
-    def find(self, row: ClipRow, templates: Sequence[str]) -> Path:
-        """The one file of this folder that the first matching template gives for `row`.
-
-        Templates are tried in order and the first that matches any file decides. No match ->
-        FileNotFoundError naming the clip key and the patterns tried; several files for one template ->
-        DatasetError naming them (pass --name-template); a bad template (unknown field, bad format spec) ->
-        DatasetError listing the fields.
-        """
-        if not templates:
-            raise DatasetError("no video name templates given; pass --name-template")
-        fields = _template_fields(row)
-        tried = []
-        for template in templates:
-            pattern = _format_template(template, fields)
-            tried.append(pattern)
-            matches = self._glob(pattern)
-            if len(matches) > 1:
-                raise DatasetError(
-                    f"clip {row.key}: {len(matches)} files in {self.folder} match {pattern!r}: "
-                    f"{', '.join(matches)}; pass --name-template with a pattern that picks one"
-                )
-            if matches:
-                return self.folder / matches[0]
-        raise FileNotFoundError(f"clip {row.key}: no file in {self.folder} matches any of {', '.join(tried)}")
-
-
-def _is_file(entry: os.DirEntry) -> bool:
-    try:
-        return entry.is_file()
-    except OSError:  # a symlink loop (ELOOP), an unreadable target: not a video we can read
-        return False
-
-
-def check_name_templates(templates: Sequence[str]) -> None:
-    """DatasetError unless every template formats with the fields of VideoIndex (no attribute or index lookup,
-    no nested field, no '/', widths up to 99): checked once before a job, not as each row fails to find its file."""
-    if not templates:
-        raise DatasetError("no video name templates given; pass --name-template")
-    sample = ClipRow("x_0", "x", 0.0, 10.0, (), "check")
-    for template in templates:
-        try:
-            parsed = list(string.Formatter().parse(template))
-        except ValueError as e:
-            raise _template_error(template, e) from e
-        if "/" in template:
-            raise _template_error(template, ValueError("a template matches file names in the folder, not paths"))
-        for _, field, spec, _ in parsed:
-            if field is None:
-                continue
-            if field not in TEMPLATE_FIELDS:
-                raise _template_error(template, KeyError(field))
-            if "{" in (spec or "") or any(int(n) > _MAX_FORMAT_WIDTH for n in re.findall(r"\d+", spec or "")):
-                rule = f"no nested fields, widths <= {_MAX_FORMAT_WIDTH}"
-                raise _template_error(template, ValueError(f"format spec {spec!r}: {rule}"))
-        _format_template(template, _template_fields(sample))
-
-
-def _template_fields(row: ClipRow) -> dict[str, object]:
-    return {
-        "ytid": glob.escape(row.ytid),
-        "start": row.start_s,
-        "end": row.end_s,
-        "start_s": int(row.start_s),
-        "end_s": int(row.end_s),
-        "start_ms": round(row.start_s * 1000),
-        "end_ms": round(row.end_s * 1000),
-    }
-
-
-def _template_error(template: str, e: Exception) -> DatasetError:
-    return DatasetError(
-        f"name template {template!r} does not format ({type(e).__name__}: {e}); "
-        f"its fields can be {', '.join('{' + name + '}' for name in TEMPLATE_FIELDS)}"
-    )
-
-
-def _format_template(template: str, fields: dict[str, object]) -> str:
-    """template.format(**fields); an unknown field or a bad format spec -> DatasetError listing the fields."""
-    try:
-        return template.format(**fields)
-    except (KeyError, IndexError, AttributeError, ValueError, TypeError) as e:
-        raise _template_error(template, e) from e

@@ -4,11 +4,10 @@ Commands are built with ffmpeg-python and run as argument lists, never through a
 given as `file:/absolute/path`, so a name starting with '-' (YouTube ids often do) or holding ':' can never be
 read as an option or a protocol. Each ffmpeg runs single-threaded: the batch job parallelises over clips.
 
-Files come from the open web, so each decode is fenced in: the clip is opened here and must be a regular file,
-and ffmpeg reads that open file as `/dev/fd/N` (the file checked, under a name that is always text); ffmpeg may
-use the file protocol only and only the usual video containers (a playlist or concat list cannot send it to
-other files, FIFOs or devices); it runs in its own process group, killed at a deadline and when its parent dies;
-every file it writes (frames, audio, its log) is capped in size by RLIMIT_FSIZE, its memory by RLIMIT_AS.
+Files come from the open web, so each decode is fenced in (`preprocess.ffmpeg_run`: a regular file read as
+`/dev/fd/N`, a deadline, a parent-death signal, caps on output files and memory); the commands built here let
+ffmpeg use the file protocol only and only the usual video containers (a playlist or concat list cannot send it
+to other files, FIFOs or devices), and write into a scratch folder of their own.
 
 The streams are probed by the same ffmpeg run that decodes (its `Input #0` report, read at log level info):
 a separate ffprobe process per clip would cost a third of the decode time of a small clip.
@@ -16,19 +15,11 @@ a separate ffprobe process per clip would cost a third of the decode time of a s
 
 from __future__ import annotations
 
-import contextlib
-import ctypes
-import functools
 import os
 import re
-import resource
 import shutil
-import signal
-import stat
-import subprocess
 import tempfile
 import time
-from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -36,16 +27,8 @@ from typing import Any
 import ffmpeg
 import numpy as np
 
+from preprocess.ffmpeg_run import DecodeError, error_lines, open_regular_file, run_ffmpeg
 from shards.schema import FeatureParams
-
-
-class DecodeError(RuntimeError):
-    """A clip could not be decoded; `reason` is a short code for reports, the message quotes ffmpeg."""
-
-    def __init__(self, reason: str, message: str) -> None:
-        super().__init__(message)
-        self.reason = reason
-
 
 # Demuxers of downloaded videos (ffmpeg matches a name within a demuxer's alias list: "mov" is mov,mp4,m4a,3gp,...).
 MEDIA_DEMUXERS: tuple[str, ...] = (
@@ -55,63 +38,13 @@ MEDIA_DEMUXERS: tuple[str, ...] = (
 OUTPUT_FILE_BASE_BYTES = 16 << 20
 # ffmpeg's address space: a 4K decode needs ~0.1 GiB; a header claiming 16384x16384 frames would take many GiB.
 FFMPEG_MEMORY_BYTES = 4 << 30
-LOG_KEEP_BYTES = 1 << 20  # ffmpeg's log is read as its first and last MiB
 SCRATCH_PREFIX = "mbt-frames-"  # then the decoding process's pid: remove_stale_scratch knows whose it is
 _SCRATCH_RE = re.compile(re.escape(SCRATCH_PREFIX) + r"([0-9]+)-\w+")
-_PR_SET_PDEATHSIG = 1
-_LIBC = ctypes.CDLL(None, use_errno=True)  # loaded here: a forked child must not dlopen
-
-
-class ToolMissingError(RuntimeError):
-    """ffmpeg is not installed."""
-
-
-def require_ffmpeg() -> None:
-    """Raise ToolMissingError saying what to install when ffmpeg is not on PATH."""
-    if shutil.which("ffmpeg") is None:
-        raise ToolMissingError("ffmpeg not found on PATH; install it (Debian/Ubuntu: apt-get install -y ffmpeg)")
 
 
 def default_decode_timeout_s(segment_s: float) -> float:
     """The time one clip's decode may take: 12 s per second of segment (120 s for 10 s), at least 60 s."""
     return max(60.0, 12.0 * segment_s)
-
-
-def die_with_parent(parent_pid: int) -> None:
-    """Have the kernel SIGKILL this process when its parent dies (Linux PR_SET_PDEATHSIG), even by SIGKILL."""
-    if _LIBC.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0) != 0:
-        raise OSError(ctypes.get_errno(), "prctl(PR_SET_PDEATHSIG) failed")
-    if os.getppid() != parent_pid:  # the parent died before the prctl took effect
-        os.kill(os.getpid(), signal.SIGKILL)
-
-
-def _child_setup(parent_pid: int, max_file_bytes: int) -> Callable[[], None]:
-    def setup() -> None:
-        die_with_parent(parent_pid)
-        _set_limits(0, max_file_bytes)
-
-    return setup
-
-
-def _set_limits(pid: int, max_file_bytes: int) -> None:
-    """Cap the size of every file process `pid` (0: this one) writes, and its memory."""
-    resource.prlimit(pid, resource.RLIMIT_FSIZE, (max_file_bytes, max_file_bytes))
-    resource.prlimit(pid, resource.RLIMIT_AS, (FFMPEG_MEMORY_BYTES, FFMPEG_MEMORY_BYTES))
-
-
-@functools.cache
-def _pdeathsig_wrapper() -> tuple[str, ...]:
-    """util-linux's `setpriv --pdeathsig KILL --` where it exists (2.33+): ffmpeg then dies with its parent without a
-    preexec_fn, which forces a full fork of the torch-sized worker (measured: 37 ms per run, against 2 ms)."""
-    setpriv = shutil.which("setpriv")
-    if setpriv is None:
-        return ()
-    wrapper = (setpriv, "--pdeathsig", "KILL", "--")
-    try:
-        works = subprocess.run([*wrapper, "true"], capture_output=True, timeout=10).returncode == 0
-    except (OSError, subprocess.TimeoutExpired):
-        works = False
-    return wrapper if works else ()
 
 
 def file_url(path: str | os.PathLike) -> str:
@@ -151,7 +84,6 @@ _OUT_OF_MEMORY_RE = re.compile(
     r"^(?:\[[^\]]* @ 0x[0-9a-f]+\] )?\[(?:error|fatal|panic)\] .*(?:Cannot allocate memory|get_buffer\(\) failed)",
     re.MULTILINE,
 )
-_LEVEL_RE = re.compile(r"^(?:\[[^\]]* @ 0x[0-9a-f]+\] )?\[(panic|fatal|error)\] (.*)")
 
 
 def parse_input_report(stderr: str) -> StreamInfo:
@@ -174,14 +106,6 @@ def parse_input_report(stderr: str) -> StreamInfo:
             if audio := _AUDIO_RE.search(rest):
                 fields.update(sample_rate_hz=int(audio[1]), channels=audio[2].strip())
     return StreamInfo(**fields)
-
-
-def error_lines(stderr: str, n: int = 3) -> str:
-    """ffmpeg's last `n` error messages (or its last lines when it logged none), on one line."""
-    lines = [line.strip() for line in stderr.splitlines() if line.strip()]
-    errors = [m[2] if (m := _LEVEL_RE.search(line)) else None for line in lines]
-    picked = [e for e in errors if e] or lines
-    return " | ".join(picked[-n:]) or "no message from ffmpeg"
 
 
 @dataclass
@@ -287,59 +211,10 @@ def decode_command(
     return graph.compile(cmd="ffmpeg", overwrite_output=True)
 
 
-def _read_log(path: str) -> str:
-    """ffmpeg's log: all of it, or its first and last LOG_KEEP_BYTES when longer (the report, the last errors)."""
-    with open(path, "rb") as f:
-        head = f.read(LOG_KEEP_BYTES)
-        size = f.seek(0, os.SEEK_END)
-        tail = b""
-        if size > len(head):
-            f.seek(max(size - LOG_KEEP_BYTES, len(head)))
-            tail = b"\n" + f.read(LOG_KEEP_BYTES)
-    return (head + tail).decode(errors="replace")
-
-
 def output_cap_bytes(duration_s: float, params: FeatureParams) -> int:
     """The most bytes ffmpeg may write to any one file (a frame, the audio, its log) for a segment: twice the
     segment's float32 audio plus OUTPUT_FILE_BASE_BYTES."""
     return OUTPUT_FILE_BASE_BYTES + 2 * round(duration_s * params.sample_rate_hz) * 4
-
-
-def _run_ffmpeg(
-    cmd: list[str], log_path: str, deadline: float, timeout_s: float, max_file_bytes: int, input_fd: int
-) -> tuple[int, str]:
-    """Run `cmd` with its log in `log_path` until it exits or the deadline: (exit status, log). Raises DecodeError
-    'timeout', 'too_large' or 'unreadable' (killed by a signal); ffmpeg's process group is killed on every way out."""
-    wrapper = _pdeathsig_wrapper()
-    with open(log_path, "wb") as log:
-        proc = subprocess.Popen(
-            [*wrapper, *cmd],
-            stdin=subprocess.DEVNULL,
-            stdout=subprocess.DEVNULL,
-            stderr=log,
-            start_new_session=True,
-            pass_fds=(input_fd,),
-            preexec_fn=None if wrapper else _child_setup(os.getpid(), max_file_bytes),
-        )
-    try:
-        if wrapper:  # set from here: ffmpeg has not read its input yet
-            with contextlib.suppress(ProcessLookupError):
-                _set_limits(proc.pid, max_file_bytes)
-        returncode = proc.wait(timeout=max(deadline - time.monotonic(), 0.0))
-    except subprocess.TimeoutExpired:
-        message = f"ffmpeg did not finish within {timeout_s:g} s (--decode-timeout); killed"
-        raise DecodeError("timeout", message) from None
-    finally:
-        if proc.returncode is None:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
-    stderr = _read_log(log_path)
-    if returncode == -signal.SIGXFSZ:
-        message = f"ffmpeg wrote a file over {max_file_bytes} bytes (frames, audio or log); killed"
-        raise DecodeError("too_large", message)
-    if returncode < 0:
-        raise DecodeError("unreadable", f"ffmpeg killed by signal {-returncode}: {error_lines(stderr)}")
-    return returncode, stderr
 
 
 def _run_decode(
@@ -353,13 +228,13 @@ def _run_decode(
         audio_path = os.path.join(scratch, "audio.f32")
         log_path = os.path.join(scratch, "ffmpeg.log")
         cmd = decode_command(source, start_s, duration_s, params, target, audio_target=file_url(audio_path))
-        returncode, stderr = _run_ffmpeg(cmd, log_path, deadline, timeout_s, max_file_bytes, fd)
+        returncode, stderr = run_ffmpeg(cmd, log_path, deadline, timeout_s, max_file_bytes, FFMPEG_MEMORY_BYTES, fd)
         streams = parse_input_report(stderr)
         with_audio = not (returncode != 0 and streams.has_video and not streams.has_audio)
         if not with_audio:
             # No audio stream (rare): decode the video alone rather than probe every clip first.
             cmd = decode_command(source, start_s, duration_s, params, target, with_audio=False)
-            returncode, stderr = _run_ffmpeg(cmd, log_path, deadline, timeout_s, max_file_bytes, fd)
+            returncode, stderr = run_ffmpeg(cmd, log_path, deadline, timeout_s, max_file_bytes, FFMPEG_MEMORY_BYTES, fd)
         if _OUT_OF_MEMORY_RE.search(stderr):  # frames dropped (exit 0) or the run failed
             limit = f"{FFMPEG_MEMORY_BYTES / 2**30:g} GiB"
             raise DecodeError("too_large", f"ffmpeg needed more than {limit} of memory: {error_lines(stderr)}")
@@ -374,21 +249,6 @@ def _run_decode(
         has_audio_file = with_audio and os.path.exists(audio_path)
         audio = np.fromfile(audio_path, dtype="<f4") if has_audio_file else np.zeros(0, dtype="<f4")
     return frames, audio, streams, stderr
-
-
-def _open_regular_file(path: str | os.PathLike) -> int:
-    """`path` opened for reading (the caller closes it); DecodeError unless it is a regular file: ffmpeg would
-    block on a FIFO and read a device forever. The check is on the open file, so it cannot be swapped after it."""
-    try:
-        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)  # O_NONBLOCK: opening a FIFO returns at once
-    except FileNotFoundError:
-        raise DecodeError("missing_file", f"{os.fspath(path)} does not exist (a dangling link?)") from None
-    except OSError as err:
-        raise DecodeError("unreadable", f"{os.fspath(path)}: {err.strerror}") from None
-    if not stat.S_ISREG(os.fstat(fd).st_mode):
-        os.close(fd)
-        raise DecodeError("not_a_file", f"{os.fspath(path)} is not a regular file (a FIFO, device or folder)")
-    return fd
 
 
 def decode_clip(
@@ -406,7 +266,7 @@ def decode_clip(
     """
     timeout_s = default_decode_timeout_s(duration_s) if timeout_s is None else timeout_s
     deadline = time.monotonic() + timeout_s
-    fd = _open_regular_file(path)
+    fd = open_regular_file(path)
     try:
         frames, audio, streams, stderr = _run_decode(fd, start_s, duration_s, params, deadline, timeout_s)
         available_s = (streams.duration_s or 0.0) - start_s

@@ -22,7 +22,7 @@ from pathlib import Path
 import torch
 from torchvision.io import decode_jpeg as torch_decode_jpeg
 
-from preprocess.job import STATE_DIR
+from preprocess.job_state import STATE_DIR
 from shards.index import index_from_tar
 from shards.manifest import Manifest, ShardInfo, load_manifest
 from shards.schema import (

@@ -5,17 +5,15 @@ from pathlib import Path
 import pytest
 
 from preprocess.datasets import (
-    AUDIOSET_NAME_TEMPLATES,
-    VGGSOUND_NAME_TEMPLATES,
     ClipRow,
     DatasetError,
-    VideoIndex,
     read_audioset_classes,
     read_audioset_segments,
     read_class_list,
     read_vggsound,
     split_name_from_segments,
 )
+from preprocess.videos import AUDIOSET_NAME_TEMPLATES, VGGSOUND_NAME_TEMPLATES, VideoIndex
 
 CLASSES_CSV = """index,mid,display_name
 0,/m/09x0r,"Speech"

@@ -14,10 +14,11 @@ import torchaudio
 import torchvision.io
 from media import make_clip, make_not_a_video, make_vfr_clip, truncate_file
 
+from preprocess.clip import ClipTask, process_clip
 from preprocess.datasets import ClipRow
-from preprocess.decode import DecodeError, decode_clip, decode_command, parse_input_report
+from preprocess.decode import decode_clip, decode_command, parse_input_report
 from preprocess.features import compute_logmel
-from preprocess.job import ClipTask, process_clip
+from preprocess.ffmpeg_run import DecodeError
 from shards.schema import FeatureParams, decode_sample, split_member_name
 
 PARAMS = FeatureParams(segment_s=2.0)

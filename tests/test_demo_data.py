@@ -16,12 +16,7 @@ import numpy as np
 import pytest
 from media import make_clip, make_not_a_video, make_vfr_clip, truncate_file
 
-from preprocess.datasets import (
-    AUDIOSET_NAME_TEMPLATES,
-    VideoIndex,
-    read_audioset_classes,
-    read_audioset_segments,
-)
+from preprocess.datasets import read_audioset_classes, read_audioset_segments
 from preprocess.demo_data import (
     DEMO_CLASSES,
     HIGH_TONE_HZ,
@@ -30,6 +25,7 @@ from preprocess.demo_data import (
     draw_demo_clips,
     make_demo_dataset,
 )
+from preprocess.videos import AUDIOSET_NAME_TEMPLATES, VideoIndex
 from shards.atomic import tmp_path_for
 
 pytestmark = pytest.mark.skipif(shutil.which("ffmpeg") is None, reason="needs ffmpeg (apt-get install ffmpeg)")

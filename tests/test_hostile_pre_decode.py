@@ -14,9 +14,10 @@ import torchvision.io
 from media import clip_with_audio, hostile_lists, make_clip, tone, with_metadata
 
 import preprocess.decode as decode
+from preprocess.clip import ClipTask, process_clip
 from preprocess.datasets import ClipRow
-from preprocess.decode import DecodeError, decode_clip
-from preprocess.job import ClipTask, process_clip
+from preprocess.decode import decode_clip
+from preprocess.ffmpeg_run import DecodeError
 from shards.schema import FeatureParams
 
 PARAMS = FeatureParams(segment_s=2.0)

@@ -13,17 +13,9 @@ from conftest import audioset_args, load_tool
 from test_hostile_pre_job import args_with_videos, demo_ytids, keys_in
 
 from preprocess.cli import partition
-from preprocess.datasets import (
-    AUDIOSET_NAME_TEMPLATES,
-    ClipRow,
-    DatasetError,
-    VideoIndex,
-    check_name_templates,
-    read_audioset_segments,
-    read_vggsound,
-    split_name_from_segments,
-)
-from preprocess.job import JobError
+from preprocess.datasets import ClipRow, DatasetError, read_audioset_segments, read_vggsound, split_name_from_segments
+from preprocess.job_state import JobError
+from preprocess.videos import AUDIOSET_NAME_TEMPLATES, VideoIndex, check_name_templates
 from shards.manifest import load_manifest
 
 shard_audioset = load_tool("shard_audioset")

@@ -22,7 +22,7 @@ from media import hostile_lists, make_long_clip, mux_with_video, tone, write_flo
 
 import preprocess.decode as decode
 import shards.writer as shard_writer
-from preprocess.job import STATE_DIR, record_path
+from preprocess.job_state import STATE_DIR, record_path
 from shards.atomic import exclusive_lock
 from shards.manifest import load_manifest
 from shards.schema import FAILURES_NAME
@@ -333,10 +333,22 @@ def test_a_worker_killed_by_the_system_stops_the_job_instead_of_hanging(demo, tm
             os.kill(os.getpid(), signal.SIGKILL)
         return real(*args, **kwargs)
 
-    monkeypatch.setattr("preprocess.job.decode_clip", dies_on_the_fourth)
+    monkeypatch.setattr("preprocess.clip.decode_clip", dies_on_the_fourth)
     start = time.monotonic()
     assert shard_audioset.main(audioset_args(demo, out, "--shard-size", "2", "--workers", "2")) == 1
     assert "a decoding worker died" in capsys.readouterr().err and time.monotonic() - start < 120
-    monkeypatch.setattr("preprocess.job.decode_clip", real)
+    monkeypatch.setattr("preprocess.clip.decode_clip", real)
     assert shard_audioset.main(audioset_args(demo, out, "--shard-size", "2", "--workers", "2")) == 0
     assert sorted(keys_in(out).values()) == [1] * 9
+
+
+@pytest.mark.parametrize("num_rows", [0, 10**12])
+def test_a_job_file_claiming_absurd_row_counts_is_named(demo, tmp_path, capsys, num_rows):
+    out = tmp_path / "train"
+    assert shard_audioset.main(audioset_args(demo, out, "--shard-size", "4")) == 0
+    path = out / STATE_DIR / "job.json"
+    data = json.loads(path.read_text())
+    data["num_rows"] = num_rows
+    path.write_text(json.dumps(data))
+    assert load_tool("merge_manifests").main([str(out)]) == 1
+    assert f"{path} is damaged (num_rows, shard_size, seed are not counts in range)" in capsys.readouterr().err

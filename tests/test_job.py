@@ -18,7 +18,7 @@ from conftest import DEMO_SECONDS, audioset_args, load_tool, tool_command
 from media import make_clip, make_not_a_video
 
 from preprocess.datasets import read_audioset_classes, read_audioset_segments
-from preprocess.job import STATE_DIR, plan_shards
+from preprocess.job_state import STATE_DIR, plan_shards
 from shards.index import index_from_tar
 from shards.manifest import load_manifest
 from shards.schema import FAILURES_NAME, SchemaError, decode_sample

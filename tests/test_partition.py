@@ -10,7 +10,7 @@ import pytest
 from conftest import audioset_args, load_tool, tool_command
 
 from preprocess.cli import partition
-from preprocess.job import JobError
+from preprocess.job_state import JobError
 from shards.manifest import load_manifest
 
 shard_audioset = load_tool("shard_audioset")

@@ -24,10 +24,12 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-from preprocess.datasets import AUDIOSET_NAME_TEMPLATES, VideoIndex, read_audioset_classes, read_audioset_segments
-from preprocess.decode import decode_command, require_ffmpeg
+from preprocess.datasets import read_audioset_classes, read_audioset_segments
+from preprocess.decode import decode_command
 from preprocess.demo_data import make_demo_dataset
+from preprocess.ffmpeg_run import require_ffmpeg
 from preprocess.job import JobSpec, run_job
+from preprocess.videos import AUDIOSET_NAME_TEMPLATES, VideoIndex
 from shards.schema import FeatureParams
 
 

@@ -10,7 +10,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from preprocess.job import JobError, merge, read_partition
+from preprocess.job_state import JobError, merge, read_partition
 
 
 def main(argv: list[str] | None = None) -> int:

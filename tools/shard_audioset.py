@@ -7,13 +7,9 @@ import sys
 from pathlib import Path
 
 from preprocess.cli import add_job_arguments, apply_limit, run_tool, spec_options
-from preprocess.datasets import (
-    AUDIOSET_NAME_TEMPLATES,
-    read_audioset_classes,
-    read_audioset_segments,
-    split_name_from_segments,
-)
+from preprocess.datasets import read_audioset_classes, read_audioset_segments, split_name_from_segments
 from preprocess.job import JobSpec
+from preprocess.videos import AUDIOSET_NAME_TEMPLATES
 
 
 def build_spec(args: argparse.Namespace) -> JobSpec:

@@ -7,8 +7,9 @@ import sys
 from pathlib import Path
 
 from preprocess.cli import add_job_arguments, apply_limit, run_tool, spec_options
-from preprocess.datasets import VGGSOUND_NAME_TEMPLATES, read_class_list, read_vggsound
+from preprocess.datasets import read_class_list, read_vggsound
 from preprocess.job import JobSpec
+from preprocess.videos import VGGSOUND_NAME_TEMPLATES
 
 
 def build_spec(args: argparse.Namespace) -> JobSpec:
