@@ -1,16 +1,23 @@
 """Streaming pipelines (DALI and PyTorch) over the shards written by `preprocess`; one batch contract
-(`pipelines.config`) for both."""
+(`pipelines.config`) for both. Cut by stage: where a split is (`sources`), every sample order (`order`), reading
+sample bytes (`reading`, `pipe`), decode and augmentation (`transforms`), and the two loaders over a `Split` and
+`LoaderOptions` (`torch_loader`, `dali_loader` with its graph in `dali_graph`).
+
+    split = open_split("shards/audioset/balanced_train")      # once per run
+    loader = build_loader(split, train=True, batch_size=8, loader="auto", num_workers=8, seed=0)
+"""
 
 from __future__ import annotations
 
 import importlib.util
-from pathlib import Path
 from typing import Any
 
 import torch
 
-from pipelines.split import LoaderError, SplitIndex
-from pipelines.stream import StreamSplit, open_split
+from pipelines.config import LoaderError, LoaderOptions
+from pipelines.sources import Split, StreamSplit, open_split
+
+__all__ = ["LOADERS", "LoaderError", "LoaderOptions", "Split", "build_loader", "open_split", "resolve_loader"]
 
 LOADERS = ("auto", "dali", "torch")
 
@@ -29,27 +36,21 @@ def resolve_loader(loader: str) -> str:
     return loader
 
 
-def build_loader(
-    folder: str | Path | SplitIndex | StreamSplit, train: bool, batch_size: int, loader: str = "auto", **kwargs: Any
-) -> Any:
-    """The loader of `folder` (a split of shards, see `pipelines.stream.open_split`) for this rank: a TorchLoader or
-    a DaliLoader, same interface. Streamed splits (`pipe:` URLs) are read by the PyTorch loader.
+def build_loader(split: Split, train: bool, batch_size: int, loader: str = "auto", **options: Any) -> Any:
+    """The loader of `split` (from `open_split`) for this rank: a TorchLoader or a DaliLoader, same interface.
+    Streamed splits (`pipe:` URLs) are read by the PyTorch loader.
 
-    `kwargs` go to the loader (num_workers, rank, world_size, seed, augment, skip_bad_samples, device, ...);
-    DALI's `device` is 'gpu' (default when CUDA is available) or 'cpu', and it takes `num_threads`.
+    `options` are `LoaderOptions` fields (num_workers, rank, world_size, seed, augment, skip_bad_samples, device,
+    shuffle_buffer, num_threads); DALI's `device` is 'gpu' (default when CUDA is available) or 'cpu'.
     """
     kind = resolve_loader(loader)
-    split = open_split(folder)
     if loader == "auto" and isinstance(split, StreamSplit):
         kind = "torch"
     if kind == "dali":
         from pipelines.dali_loader import DaliLoader
 
-        kwargs.setdefault("device", "gpu" if torch.cuda.is_available() else "cpu")
-        return DaliLoader(split, train=train, batch_size=batch_size, **kwargs)
+        options.setdefault("device", "gpu" if torch.cuda.is_available() else "cpu")
+        return DaliLoader(split, train=train, batch_size=batch_size, **options)
     from pipelines.torch_loader import TorchLoader
 
-    kwargs.pop("num_threads", None)
-    if kwargs.get("device") == "gpu":  # DALI's name for it
-        kwargs["device"] = "cuda"
-    return TorchLoader(split, train=train, batch_size=batch_size, **kwargs)
+    return TorchLoader(split, train=train, batch_size=batch_size, **options)

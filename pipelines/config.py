@@ -1,4 +1,5 @@
-"""The loaders' contract, defined once: normalization, augmentation parameters, test-time clips, batch keys.
+"""The loaders' contract, defined once: normalization, augmentation parameters, test-time clips, batch keys, the
+options every loader is built from (`LoaderOptions`, validated once) and its error type.
 
 Both `pipelines.torch_loader` and `pipelines.dali_loader` import these; nothing here depends on either.
 
@@ -14,7 +15,9 @@ In evaluation every (sample, clip) pair appears once across all ranks; a consume
 from __future__ import annotations
 
 import dataclasses
-from dataclasses import dataclass
+import os
+from dataclasses import dataclass, field
+from typing import Any
 
 # ViT weights pre-trained with inputs in [-1, 1] (timm augreg, MBT's zero-centering): mean 0.5, std 0.5.
 VIDEO_MEAN = (0.5, 0.5, 0.5)
@@ -25,6 +28,10 @@ BATCH_KEYS = ("video", "audio", "labels", "key", "clip_index")
 # Training shuffle buffer of a rank, in samples, where the order is a stream (the DALI reader; streamed pipe: splits,
 # shared by the workers): about 0.4 GB of encoded samples at the default 8 frames of 256 px and 1000 log-mel frames.
 SHUFFLE_BUFFER_SAMPLES = 1024
+
+
+class LoaderError(RuntimeError):
+    """The shards cannot be read as asked; the message names the shard/key and says what to do."""
 
 
 @dataclass(frozen=True)
@@ -63,24 +70,46 @@ def frames_problem(augment: AugmentConfig, stored: int) -> str | None:
     return None
 
 
-def eval_windows(total: int, window: int, num_clips: int) -> list[int]:
-    """Start offsets of `num_clips` evenly spaced windows of `window` items over `total` (all 0 if it fits once)."""
-    if num_clips < 1:
-        raise ValueError(f"num_test_clips must be at least 1, got {num_clips}")
-    span = max(total - window, 0)
-    if num_clips == 1:
-        return [span // 2]
-    return [round(i * span / (num_clips - 1)) for i in range(num_clips)]
+@dataclass(frozen=True)
+class LoaderOptions:
+    """How a loader reads its split on this rank, one for both loaders, validated when made (`resolve`).
 
+    `device`: where batches are delivered ("cpu", "cuda[:N]", DALI's "gpu" or a torch.device); `num_threads`: DALI's
+    CPU threads (default `num_workers`, at least 1); `shuffle_buffer`: the rank's training shuffle buffer in samples
+    where the order is a stream (DALI's reader, streamed splits).
+    """
 
-def centre_crop_box(height: int, width: int, crop_px: int) -> tuple[int, int]:
-    """(top, left) of the centred crop_px square in a height x width image."""
-    return max((height - crop_px) // 2, 0), max((width - crop_px) // 2, 0)
+    train: bool
+    batch_size: int
+    rank: int
+    world_size: int
+    num_workers: int = 2
+    seed: int = 0
+    augment: AugmentConfig = field(default_factory=AugmentConfig)
+    skip_bad_samples: bool = False
+    device: Any = "cpu"
+    shuffle_buffer: int = SHUFFLE_BUFFER_SAMPLES
+    num_threads: int | None = None
 
-
-def eval_resize_shape(height: int, width: int, short_side_px: int) -> tuple[int, int]:
-    """(height, width) after resizing the short side to `short_side_px`, aspect kept (rounded as DALI does)."""
-    if min(height, width) == short_side_px:
-        return height, width
-    scale = short_side_px / min(height, width)
-    return (short_side_px, round(width * scale)) if height <= width else (round(height * scale), short_side_px)
+    @classmethod
+    def resolve(
+        cls,
+        train: bool,
+        batch_size: int,
+        rank: int | None = None,
+        world_size: int | None = None,
+        augment: AugmentConfig | None = None,
+        **options: Any,
+    ) -> LoaderOptions:
+        """The options of this process: rank and world size as given, else torchrun's RANK / WORLD_SIZE, else 0 of
+        1; LoaderError naming the value that cannot work."""
+        rank = int(os.environ.get("RANK", 0)) if rank is None else rank
+        world_size = int(os.environ.get("WORLD_SIZE", 1)) if world_size is None else world_size
+        resolved = cls(train, batch_size, rank, world_size, augment=augment or AugmentConfig(), **options)
+        if batch_size < 1:
+            raise LoaderError(f"batch_size must be at least 1, got {batch_size}")
+        if resolved.shuffle_buffer < 1:
+            raise LoaderError(f"shuffle_buffer must be at least 1, got {resolved.shuffle_buffer}")
+        if not 0 <= rank < world_size:
+            raise LoaderError(f"rank {rank} is not in a world of size {world_size}")
+        return resolved

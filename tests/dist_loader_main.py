@@ -10,7 +10,7 @@ import json
 import torch.distributed as dist
 from loader_checks import SMALL_AUG
 
-from pipelines import build_loader
+from pipelines import build_loader, open_split
 
 
 def main() -> None:
@@ -25,9 +25,9 @@ def main() -> None:
         args.train_dir, args.eval_dir = (f"pipe:cat {d}/manifest.json" for d in (args.train_dir, args.eval_dir))
     dist.init_process_group("gloo")
     kw = {"loader": args.loader, "augment": SMALL_AUG, "num_workers": 2}
-    train = build_loader(args.train_dir, True, 2, **kw)
+    train = build_loader(open_split(args.train_dir), True, 2, **kw)
     train_keys = [b["key"] for b in train]
-    evaluation = build_loader(args.eval_dir, False, 2, **kw)
+    evaluation = build_loader(open_split(args.eval_dir), False, 2, **kw)
     eval_rows = [[k, int(c)] for b in evaluation for k, c in zip(b["key"], b["clip_index"], strict=True)]
     seen = {"rank": dist.get_rank(), "batches": len(train), "train": train_keys, "eval": eval_rows}
     gathered: list = [None] * dist.get_world_size()

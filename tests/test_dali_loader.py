@@ -16,8 +16,12 @@ import torch
 from conftest import REPO, shard_demo_split
 from loader_checks import SMALL_AUG, rewrite_split, rows_by_key
 
-from pipelines.split import LoaderError, SplitIndex, eval_range, train_batches
-from pipelines.torch_loader import SampleReader, TorchLoader
+from pipelines import open_split
+from pipelines.config import LoaderError
+from pipelines.order import eval_range, train_batches
+from pipelines.reading import SampleReader
+from pipelines.sources import SplitIndex
+from pipelines.torch_loader import TorchLoader
 from shards.manifest import load_manifest
 from shards.schema import LOGMEL_DTYPE, LOGMEL_EXT, frame_ext
 
@@ -26,7 +30,8 @@ pytest.importorskip("nvidia.dali")
 
 from nvidia.dali import pipeline_def  # noqa: E402
 
-from pipelines.dali_loader import DaliLoader, random_sorted_subset  # noqa: E402
+from pipelines.dali_graph import random_sorted_subset  # noqa: E402
+from pipelines.dali_loader import DaliLoader  # noqa: E402
 
 # Measured on these shards (DALI 2.4 CPU decoder vs torchvision 0.26 decode_jpeg, both libjpeg-turbo): video and
 # audio are bit-identical. The bounds leave room for one or two JPEG decode LSBs on other builds.
@@ -37,7 +42,7 @@ AUDIO_ATOL = 1e-6
 
 def dali(folder, train, batch_size=2, **kw) -> DaliLoader:
     kw.setdefault("augment", SMALL_AUG)
-    return DaliLoader(folder, train=train, batch_size=batch_size, **kw)
+    return DaliLoader(open_split(folder), train=train, batch_size=batch_size, **kw)
 
 
 def assert_video_close(got: torch.Tensor, want: torch.Tensor, max_diff: float, mean_diff: float) -> None:
@@ -48,7 +53,7 @@ def assert_video_close(got: torch.Tensor, want: torch.Tensor, max_diff: float, m
 @pytest.fixture(scope="module")
 def torch_rows(train_shards):
     """{(key, clip): row} of the torch loader's evaluation of the 9 training clips (the reference)."""
-    return rows_by_key(TorchLoader(train_shards, False, 5, augment=SMALL_AUG, num_workers=0))
+    return rows_by_key(TorchLoader(open_split(train_shards), False, 5, augment=SMALL_AUG, num_workers=0))
 
 
 @pytest.fixture(scope="module")
@@ -65,8 +70,8 @@ def shards_of_4(demo, tmp_path_factory):
 def test_evaluation_gives_the_torch_loaders_tensors(train_shards, torch_rows, world_size, batch_size):
     for rank in range(world_size):
         kw = {"rank": rank, "world_size": world_size, "augment": SMALL_AUG}
-        reference = list(TorchLoader(train_shards, False, batch_size, num_workers=0, **kw))
-        loader = DaliLoader(train_shards, False, batch_size, **kw)
+        reference = list(TorchLoader(open_split(train_shards), False, batch_size, num_workers=0, **kw))
+        loader = DaliLoader(open_split(train_shards), False, batch_size, **kw)
         batches = list(loader)
         assert len(batches) == len(reference) == len(loader)
         for got, want in zip(batches, reference, strict=True):
@@ -83,8 +88,8 @@ def test_evaluation_resize_and_frame_windows_match_the_torch_loader(train_shards
     """Shards at 256 px evaluated at 240 px, a 200 px crop, 4 of 8 frames in 3 clips. The resampling filters
     differ (DALI's vs torchvision's antialiased bilinear): measured max 19/255 and mean 0.03/255 of the pixel range."""
     aug = SMALL_AUG.replace(eval_short_side_px=240, crop_px=200, frames_used=4, num_test_clips=3)
-    want = rows_by_key(TorchLoader(train_shards, False, 4, augment=aug, num_workers=0))
-    got = rows_by_key(DaliLoader(train_shards, False, 4, augment=aug))
+    want = rows_by_key(TorchLoader(open_split(train_shards), False, 4, augment=aug, num_workers=0))
+    got = rows_by_key(DaliLoader(open_split(train_shards), False, 4, augment=aug))
     assert set(got) == set(want) and got[next(iter(got))]["video"].shape == (4, 3, 200, 200)
     for ident, row in want.items():
         torch.testing.assert_close(got[ident]["audio"], row["audio"], rtol=0, atol=AUDIO_ATOL)
@@ -122,7 +127,7 @@ def test_single_label_splits_give_class_indices(train_shards, tmp_path):
     data = json.loads((copy / "manifest.json").read_text())
     data["multi_label"] = False
     (copy / "manifest.json").write_text(json.dumps(data))
-    want = [b["labels"] for b in TorchLoader(copy, False, 4, augment=SMALL_AUG, num_workers=0)]
+    want = [b["labels"] for b in TorchLoader(open_split(copy), False, 4, augment=SMALL_AUG, num_workers=0)]
     got = [b["labels"] for b in dali(copy, False, 4)]
     assert all(g.dtype == torch.int64 and torch.equal(g, w) for g, w in zip(got, want, strict=True))
     batch = next(iter(dali(copy, True, 3)))
@@ -318,8 +323,8 @@ def test_importable_without_dali(eval_shards):
     code = (
         "import sys; sys.modules['nvidia.dali'] = None\n"
         "from pipelines.dali_loader import DaliLoader\n"
-        "from pipelines.split import LoaderError\n"
-        f"try: DaliLoader({str(eval_shards)!r}, False, 2)\n"
+        "from pipelines import LoaderError, open_split\n"
+        f"try: DaliLoader(open_split({str(eval_shards)!r}), False, 2)\n"
         "except LoaderError as err: print(err)\n"
     )
     run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO, timeout=120)
@@ -334,14 +339,14 @@ def test_importable_without_dali(eval_shards):
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 def test_gpu_pipeline_matches_the_cpu_reference(train_shards, torch_rows):
     """nvJPEG decodes differently from libjpeg-turbo; the bounds are a few decode LSBs (not measured here)."""
-    rows = rows_by_key(DaliLoader(train_shards, False, 4, augment=SMALL_AUG, device="gpu"))
+    rows = rows_by_key(DaliLoader(open_split(train_shards), False, 4, augment=SMALL_AUG, device="gpu"))
     assert set(rows) == set(torch_rows)
     for ident, row in rows.items():
         assert row["video"].is_cuda and row["audio"].is_cuda
         torch.testing.assert_close(row["audio"].cpu(), torch_rows[ident]["audio"], rtol=0, atol=1e-5)
         assert torch.equal(row["labels"].cpu(), torch_rows[ident]["labels"])
         assert_video_close(row["video"], torch_rows[ident]["video"], max_diff=8 / 127.5, mean_diff=VIDEO_MEAN_DIFF)
-    loader = DaliLoader(train_shards, True, 3, augment=SMALL_AUG, device="gpu")
+    loader = DaliLoader(open_split(train_shards), True, 3, augment=SMALL_AUG, device="gpu")
     batches = list(loader)
     assert len(batches) == len(loader) == 3
     for batch in batches:

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from pipelines.split import SplitIndex
+from pipelines.sources import SplitIndex
 
 SCRIPT = Path(__file__).with_name("dist_loader_main.py")
 

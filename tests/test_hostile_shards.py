@@ -17,9 +17,12 @@ import pytest
 from conftest import REPO
 from loader_checks import SMALL_AUG, rewrite_split, rows_by_key
 
-from pipelines.split import LoaderError, SplitIndex
-from pipelines.stream import PipeURL, StreamSplit, shard_samples
-from pipelines.torch_loader import SampleReader, TorchLoader
+from pipelines import open_split
+from pipelines.config import LoaderError
+from pipelines.pipe import PipeURL
+from pipelines.reading import SampleReader, shard_samples
+from pipelines.sources import SplitIndex, StreamSplit
+from pipelines.torch_loader import TorchLoader
 from preprocess.verify import verify_split
 from shards.manifest import load_manifest
 from shards.schema import LABELS_DTYPE, LABELS_EXT, LOGMEL_DTYPE, LOGMEL_EXT, frame_ext
@@ -45,7 +48,7 @@ def first_key(split: Path) -> str:
 
 
 def evaluation(split: Path, **kw) -> TorchLoader:
-    return TorchLoader(split, False, 4, augment=SMALL_AUG, num_workers=0, **kw)
+    return TorchLoader(open_split(split), False, 4, augment=SMALL_AUG, num_workers=0, **kw)
 
 
 def read_all(loader: TorchLoader) -> dict:
@@ -116,7 +119,7 @@ def test_dali_names_bad_samples_it_cannot_skip(train_shards: Path, tmp_path: Pat
     split = rewrite_split(train_shards, tmp_path / name, damage_first(change))
     key = first_key(split)
     with pytest.raises(LoaderError, match=rf"sample {key}: .*the DALI loader cannot skip bad samples"):
-        list(DaliLoader(split, False, 3, augment=SMALL_AUG))
+        list(DaliLoader(open_split(split), False, 3, augment=SMALL_AUG))
 
 
 # Index files and manifests that lie.
@@ -205,8 +208,9 @@ def test_more_shards_than_the_open_file_limit(train_shards: Path, tmp_path: Path
         "import resource, sys\n"
         f"resource.setrlimit(resource.RLIMIT_NOFILE, ({limit}, {limit}))\n"
         "from loader_checks import SMALL_AUG\n"
-        "from pipelines.torch_loader import TorchLoader\n"
-        f"rows = sum(len(b['key']) for b in TorchLoader({str(split)!r}, False, 8, augment=SMALL_AUG, num_workers=0))\n"
+        "from pipelines import open_split\nfrom pipelines.torch_loader import TorchLoader\n"
+        f"loader = TorchLoader(open_split({str(split)!r}), False, 8, augment=SMALL_AUG, num_workers=0)\n"
+        "rows = sum(len(b['key']) for b in loader)\n"
         "print(rows)\n"
     )
     env = {**os.environ, "PYTHONPATH": f"{REPO / 'tests'}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
@@ -217,7 +221,7 @@ def test_more_shards_than_the_open_file_limit(train_shards: Path, tmp_path: Path
 
 
 def test_a_stalled_stream_is_given_up(monkeypatch: pytest.MonkeyPatch, train_shards: Path) -> None:
-    monkeypatch.setattr("pipelines.stream.STREAM_STALL_S", 1.0)
+    monkeypatch.setattr("pipelines.pipe.STREAM_STALL_S", 1.0)
     shard = load_manifest(train_shards).shards[0]
     url = f"pipe:sleep 60; cat {train_shards}/{shard.name}"
     with pytest.raises(LoaderError, match="no data for 1 s"):

@@ -13,13 +13,17 @@ import json
 import tarfile
 from pathlib import Path
 
+import numpy as np
 import pytest
+import torch
+import webdataset as wds
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from torchvision.io import encode_jpeg
 
 from shards.index import IndexFileError, parse_index
 from shards.manifest import ShardInfo, parse_manifest
-from shards.schema import SchemaError
+from shards.schema import FeatureParams, Sample, SchemaError, encode_sample
 from shards.tar import TarReadError, tar_members, tar_samples
 from shards.writer import ShardWriter
 
@@ -294,3 +298,29 @@ def test_manifest_with_one_field_replaced_parses_or_raises_schema_error(field: s
     except SchemaError:
         return
     assert all(s.name.startswith("shard-") and s.name.endswith(".tar") for s in manifest.shards)
+
+
+# Any WebDataset user reads the shards: webdataset's own reader over what the shard writer writes.
+
+
+def test_webdataset_reads_our_shards_as_any_webdataset_user_would(tmp_path: Path) -> None:
+    params = FeatureParams(num_frames=2, short_side_px=32, segment_s=0.5)
+    written = {}
+    for i, key in enumerate(["-ytid_0", "other_1500"]):
+        frames = [bytes(encode_jpeg(torch.full((3, 32, 48), 40 * (i + f), dtype=torch.uint8)).numpy()) for f in (0, 1)]
+        logmel = np.full(params.logmel_shape, i - 0.5, dtype=np.float16)
+        written[key] = Sample(key, frames, logmel, np.array([i, 3], np.int32), {"clip": i})
+    for shard in range(2):
+        with ShardWriter(tmp_path / f"shard-{shard:06d}.tar") as writer:
+            sample = list(written.values())[shard]
+            writer.add(sample.key, encode_sample(sample, params))
+            writer.close()
+    dataset = wds.WebDataset(str(tmp_path / "shard-{000000..000001}.tar"), shardshuffle=False).decode("rgb8")
+    got = {sample["__key__"]: sample for sample in dataset}
+    assert set(got) == set(written)
+    for key, sample in got.items():
+        assert sample["frame00.jpg"].shape == (32, 48, 3) and sample["frame00.jpg"].dtype == np.uint8
+        logmel = np.frombuffer(sample["logmel.f16"], "<f2").reshape(params.logmel_shape)
+        assert np.array_equal(logmel, written[key].logmel)
+        assert np.frombuffer(sample["labels.i32"], "<i4").tolist() == written[key].labels.tolist()
+        assert sample["meta.json"] == written[key].meta

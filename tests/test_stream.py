@@ -1,6 +1,6 @@
-"""Streamed splits (`pipe:` URLs): the stages of pipelines.stream alone, then the PyTorch loader over the demo shards
-read through `pipe:cat` — evaluation equal to the indexed loader's, training epochs, resume, failing commands and
-bad samples."""
+"""Streamed splits (`pipe:` URLs): the stages alone (pipelines.pipe, .order, .reading), then the PyTorch loader over
+the demo shards read through `pipe:cat` — evaluation equal to the indexed loader's, training epochs, resume, failing
+commands and bad samples."""
 
 from __future__ import annotations
 
@@ -20,19 +20,11 @@ import torch
 from loader_checks import SMALL_AUG, assert_same_batches, rows_by_key, stopped_and_resumed
 
 from pipelines import build_loader
-from pipelines.split import LoaderError, SplitIndex, train_batches
-from pipelines.stream import (
-    PipeURL,
-    StreamSplit,
-    StreamUnit,
-    as_pipe,
-    is_stream_source,
-    open_split,
-    shard_samples,
-    shuffled,
-    split_manifest,
-    train_units,
-)
+from pipelines.config import LoaderError
+from pipelines.order import StreamUnit, shuffled, train_batches, train_units
+from pipelines.pipe import PipeURL, as_pipe
+from pipelines.reading import shard_samples
+from pipelines.sources import SplitIndex, StreamSplit, is_stream_source, open_split, split_manifest
 from pipelines.torch_loader import TorchLoader
 from shards.manifest import load_manifest
 
@@ -44,7 +36,7 @@ def piped(folder, name="manifest.json") -> str:
 def loader(source, train, batch_size=2, **kw) -> TorchLoader:
     kw.setdefault("augment", SMALL_AUG)
     kw.setdefault("num_workers", 0)
-    return TorchLoader(source, train=train, batch_size=batch_size, **kw)
+    return TorchLoader(open_split(source), train=train, batch_size=batch_size, **kw)
 
 
 # The stages alone.
@@ -217,8 +209,10 @@ def test_resume_with_other_readers_warns(train_shards, caplog):
 
 def test_dali_refuses_streams_and_auto_streams_with_torch(train_shards):
     with pytest.raises(LoaderError, match="DALI's webdataset reader reads local files only"):
-        build_loader(piped(train_shards), True, 2, loader="dali", augment=SMALL_AUG)
-    assert isinstance(build_loader(piped(train_shards), True, 2, loader="auto", augment=SMALL_AUG), TorchLoader)
+        build_loader(open_split(piped(train_shards)), True, 2, loader="dali", augment=SMALL_AUG)
+    assert isinstance(
+        build_loader(open_split(piped(train_shards)), True, 2, loader="auto", augment=SMALL_AUG), TorchLoader
+    )
 
 
 def test_split_manifest_reads_streamed_and_local_splits(train_shards):

@@ -11,18 +11,20 @@ import pytest
 import torch
 from loader_checks import SMALL_AUG, assert_same_batches, rows_by_key, stopped_and_resumed
 
-from pipelines import build_loader, resolve_loader
-from pipelines.config import AugmentConfig, eval_windows
+from pipelines import build_loader, open_split, resolve_loader
+from pipelines.config import AugmentConfig, LoaderError
 from pipelines.mixup import mixup
-from pipelines.split import LoaderError, SplitIndex, train_batches
-from pipelines.torch_loader import TorchLoader, spec_augment, train_video
+from pipelines.order import train_batches
+from pipelines.sources import SplitIndex
+from pipelines.torch_loader import TorchLoader
+from pipelines.transforms import eval_windows, spec_augment, train_video
 from shards.manifest import load_manifest
 
 
 def loader(folder, train, batch_size=2, **kw) -> TorchLoader:
     kw.setdefault("augment", SMALL_AUG)
     kw.setdefault("num_workers", 0)
-    return TorchLoader(folder, train=train, batch_size=batch_size, **kw)
+    return TorchLoader(open_split(folder), train=train, batch_size=batch_size, **kw)
 
 
 def test_training_batches_follow_the_contract(train_shards):
@@ -158,7 +160,7 @@ def test_mixup_uses_one_lambda_for_both_modalities():
 def test_auto_picks_torch_without_cuda(train_shards):
     if not torch.cuda.is_available():
         assert resolve_loader("auto") == "torch"
-    assert isinstance(build_loader(train_shards, True, 2, loader="torch", augment=SMALL_AUG), TorchLoader)
+    assert isinstance(build_loader(open_split(train_shards), True, 2, loader="torch", augment=SMALL_AUG), TorchLoader)
     with pytest.raises(LoaderError, match="--loader"):
         resolve_loader("fast")
 

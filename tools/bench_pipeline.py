@@ -38,11 +38,14 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 from torchvision.io import ImageReadMode, decode_jpeg
 
-from pipelines import dali_available
+from pipelines import dali_available, open_split
 from pipelines.config import AugmentConfig
-from pipelines.split import SplitIndex
-from pipelines.torch_loader import SampleReader, TorchLoader, decode_frames, spec_augment, train_video
-from preprocess.datasets import AUDIOSET_NAME_TEMPLATES, ClipRow, VideoIndex
+from pipelines.reading import SampleReader
+from pipelines.sources import SplitIndex
+from pipelines.torch_loader import TorchLoader
+from pipelines.transforms import decode_frames, spec_augment, train_video
+from preprocess.datasets import ClipRow
+from preprocess.videos import AUDIOSET_NAME_TEMPLATES, VideoIndex
 from shards.schema import MANIFEST_NAME, FeatureParams, frame_ext
 
 _JPEGS: list[list[bytes]] = []
@@ -212,7 +215,7 @@ def main(argv: list[str] | None = None) -> int:
     results["bound"] = bound_clips_per_s(index, cores, repeats=args.epochs)
     # The first loader of a process measured up to 20% faster than later ones: indexed and streamed alternate, and
     # each gives its median over the rounds.
-    streamed = f"pipe:cat {shards.resolve()}/{MANIFEST_NAME}"
+    streamed = open_split(f"pipe:cat {shards.resolve()}/{MANIFEST_NAME}")
     runs: dict[str, list[tuple[float, float]]] = {"torch": [], "stream": []}
     for _ in range(args.rounds):
         for name, source in (("torch", index), ("stream", streamed)):
@@ -236,7 +239,7 @@ def main(argv: list[str] | None = None) -> int:
         devices = ["cpu", "gpu"] if torch.cuda.is_available() else ["cpu"]
         for device in devices:
             results[f"dali_{device}"], _ = loader_clips_per_s(
-                lambda d=device: DaliLoader(shards, True, args.batch_size, device=d, num_threads=cores, augment=aug),
+                lambda d=device: DaliLoader(index, True, args.batch_size, device=d, num_threads=cores, augment=aug),
                 args.epochs,
             )
     if videos and shutil.which("ffmpeg"):

@@ -1,0 +1,149 @@
+"""How the bytes of samples are read: `SampleReader` reads members of an indexed split at their `.idx` offsets (pread,
+a bounded number of shard files open per process); `shard_samples`, `reader_samples` and `range_samples` read
+streamed shards front to back (each stream checked against its manifest entry and read again on a failed command),
+for a training reader's units through a shuffle buffer, and for a rank's evaluation block.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import threading
+from collections import OrderedDict
+from collections.abc import Iterator, Sequence
+
+import numpy as np
+
+from pipelines.config import LoaderError
+from pipelines.order import StreamUnit, shuffled
+from pipelines.pipe import STREAM_RETRIES, PipeStream, StreamError
+from pipelines.sources import SplitIndex, StreamSplit
+from shards.index import SampleRef
+from shards.manifest import ShardInfo
+from shards.tar import TarReadError, tar_samples
+
+# Shard files a process keeps open at once: a split may have more shards than the open-file limit (AudioSet-2M:
+# ~4,000), and each loader worker has its own.
+MAX_OPEN_SHARDS = 64
+
+log = logging.getLogger(__name__)
+
+
+class SampleReader:
+    """Reads members of samples at their index offsets with pread: at most `max_open` shards open per process, the
+    least recently read closed first; safe to share between threads (no seek position)."""
+
+    def __init__(self, index: SplitIndex, max_open: int = MAX_OPEN_SHARDS) -> None:
+        self.index = index
+        self.max_open = max_open
+        self._fds: OrderedDict[int, int] = OrderedDict()
+        self._pid = os.getpid()
+        self._lock = threading.Lock()
+
+    def _pread(self, shard: int, size: int, offset: int) -> bytes:
+        with self._lock:
+            if self._pid != os.getpid():  # a forked worker opens its own descriptors
+                self._fds, self._pid = OrderedDict(), os.getpid()
+            fd = self._fds.get(shard)
+            if fd is None:
+                while len(self._fds) >= self.max_open:
+                    os.close(self._fds.popitem(last=False)[1])
+                fd = self._fds[shard] = os.open(self.index.shard_paths[shard], os.O_RDONLY)
+            self._fds.move_to_end(shard)
+            return os.pread(fd, size, offset)
+
+    def read(self, ref: SampleRef, exts: list[str]) -> dict[str, bytes]:
+        name = self.index.shard_paths[ref.shard].name
+        out = {}
+        for ext in exts:
+            if ext not in ref.members:
+                raise LoaderError(f"{name}: sample {ref.key} has no member {ext}")
+            offset, size = ref.members[ext]
+            try:
+                out[ext] = self._pread(ref.shard, size, offset)
+            except OSError as err:
+                raise LoaderError(f"{name}: sample {ref.key}: {ext} cannot be read ({err})") from err
+            if len(out[ext]) != size:
+                raise LoaderError(f"{name}: sample {ref.key}: {ext} is truncated")
+        return out
+
+    def close(self) -> None:
+        with self._lock:
+            if self._pid == os.getpid():
+                for fd in self._fds.values():
+                    os.close(fd)
+            self._fds.clear()
+
+
+def shard_samples(
+    url: str, shard: ShardInfo, exts: frozenset[str] | None = None, retries: int = STREAM_RETRIES
+) -> Iterator[tuple[int, str, dict[str, bytes]]]:
+    """(index in the shard, key, members) of every sample of the shard that `url` streams.
+
+    Read to its end, the stream must hold the manifest's number of samples and bytes and the command must exit 0;
+    otherwise it is read again (up to `retries` times, skipping the samples already given) and then a LoaderError
+    names the URL. A consumer that stops early stops the command.
+    """
+    delivered = 0
+    for attempt in range(retries + 1):
+        try:
+            with PipeStream(url) as stream:
+                count = 0
+                for count, (key, members) in enumerate(tar_samples(stream, shard.bytes, exts), start=1):
+                    if count > shard.num_samples:
+                        raise StreamError(f"more than the manifest's {shard.num_samples} samples")
+                    if count > delivered:
+                        delivered = count
+                        yield count - 1, key, members
+                stream.finish(shard.bytes)
+                if count != shard.num_samples:
+                    raise StreamError(f"{count} samples, the manifest says {shard.num_samples} (cut short?)")
+                if stream.bytes_read != shard.bytes:
+                    raise StreamError(f"{stream.bytes_read} bytes, the manifest says {shard.bytes} (another file?)")
+            return
+        except (OSError, TarReadError) as err:  # StreamError too
+            message = str(err) if str(err).startswith(url) else f"{url}: {err}"
+            if attempt == retries:
+                raise LoaderError(
+                    f"{message}\nread {attempt + 1} times; check the command and the shard "
+                    f"({shard.name}: run tools/verify_shards.py on its folder)"
+                ) from None
+            log.warning("stream failed after %d samples, reading it again: %s", delivered, message)
+
+
+def reader_samples(
+    split: StreamSplit, units: Sequence[StreamUnit], exts: frozenset[str] | None, buffer: int, rng: np.random.Generator
+) -> Iterator[tuple[str, str, dict[str, bytes]]]:
+    """(shard name, key, members) of the units, pass after pass without end, each pass through a shuffle buffer of
+    `buffer` samples that is emptied at its end: a reader repeats a sample only after it gave all of them."""
+    shards = split.manifest.shards
+
+    def one_pass() -> Iterator[tuple[str, str, dict[str, bytes]]]:
+        for unit in units:
+            for i, key, members in shard_samples(split.urls[unit.shard], shards[unit.shard], exts):
+                if i % unit.parts == unit.part:
+                    yield shards[unit.shard].name, key, members
+
+    while True:
+        yield from shuffled(one_pass(), buffer, rng)
+
+
+def range_samples(
+    split: StreamSplit, start: int, stop: int, exts: frozenset[str] | None
+) -> Iterator[tuple[str, str, dict[str, bytes]]]:
+    """(shard name, key, members) of the split's samples [start, stop) in split order: only the shards under the
+    range are streamed, the first from its beginning, the last until `stop`."""
+    offset = 0
+    for url, shard in zip(split.urls, split.manifest.shards, strict=True):
+        first, offset = offset, offset + shard.num_samples
+        if offset <= start:
+            continue
+        if first >= stop:
+            return
+        with contextlib.closing(shard_samples(url, shard, exts)) as samples:
+            for i, key, members in samples:
+                if first + i >= stop:
+                    break
+                if first + i >= start:
+                    yield shard.name, key, members
