@@ -4,7 +4,7 @@
 and RNG state of each rank, the resolved config and the class record of the training split (`mbt.classes`). Writes
 go to a temporary name, then a rename: a killed run leaves the previous checkpoint whole. Loading uses
 `torch.load(weights_only=True)`: tensors and plain containers only; `check_resume_state` checks the parts a resume
-reads before any of them is used.
+reads before any of them is used, `load_trained` the parts evaluation reads.
 """
 
 from __future__ import annotations
@@ -14,9 +14,15 @@ import pickle
 import re
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
+from torch.nn.modules.utils import consume_prefix_in_state_dict_if_present
+
+from mbt.classes import ClassListError, checked_record
+from mbt.config import ConfigError, config_from_dict, validate
+from mbt.model import MBTConfig
+from pipelines.config import AugmentConfig
 
 CHECKPOINT_DIR = "checkpoints"
 _NAME = re.compile(r"^step-(\d{8})\.pt$")
@@ -77,6 +83,43 @@ def load_checkpoint(path: Path) -> dict[str, Any]:
     if not isinstance(state, dict):
         raise CheckpointFileError(f"{path}: holds a {type(state).__name__}, not a checkpoint dict")
     return state
+
+
+class TrainedModel(NamedTuple):
+    """What evaluation reads from a training checkpoint."""
+
+    state: dict[str, torch.Tensor]  # the model's weights, wrapper prefixes removed
+    model: MBTConfig
+    augment: AugmentConfig
+    classes: dict[str, Any] | None  # the training split's class record (mbt.classes); None in older checkpoints
+
+
+def load_trained(path: Path) -> TrainedModel:
+    """The weights, model and augmentation configs and class record of a training checkpoint; CheckpointFileError
+    naming the file when it is not one, its config is not valid or its weights are not finite."""
+    checkpoint = load_checkpoint(path)
+    config, weights = checkpoint.get("config"), checkpoint.get("model")
+    if not isinstance(config, dict) or not isinstance(weights, dict) or not {"model", "augment"} <= set(config):
+        raise CheckpointFileError(
+            f"{path}: not a training checkpoint (a dict with 'model' and a 'config' holding 'model' and 'augment')"
+        )
+    if not all(isinstance(name, str) and isinstance(value, torch.Tensor) for name, value in weights.items()):
+        raise CheckpointFileError(f"{path}: its 'model' is not a mapping of parameter names to tensors")
+    if bad := non_finite_tensors(weights):
+        raise CheckpointFileError(f"{path}: its weights hold NaN or infinite values ({', '.join(bad[:5])})")
+    state = dict(weights)
+    for prefix in ("module.", "_orig_mod."):  # saved from a DDP or torch.compile wrapper
+        consume_prefix_in_state_dict_if_present(state, prefix)
+    try:
+        train_cfg = config_from_dict(config)  # the training config as the trainer saved it (lists back to tuples)
+        validate(train_cfg.replace(train_shards="", eval_shards=""), train=False)  # bounded model sizes
+        classes = None if "data" not in checkpoint else checked_record(checkpoint["data"], str(path))
+    except (ConfigError, ClassListError) as err:
+        problems = str(err).replace("\n", "; ")
+        raise CheckpointFileError(
+            f"{path}: the checkpoint's config or class record cannot be used: {problems}"
+        ) from None
+    return TrainedModel(state, train_cfg.model, train_cfg.augment, classes)
 
 
 def check_resume_state(state: Mapping[str, Any], path: Path) -> None:

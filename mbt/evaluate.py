@@ -23,25 +23,23 @@ import logging
 import sys
 from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
-from typing import Any, NamedTuple
+from typing import Any
 
 import numpy as np
 import torch
 from torch import nn
-from torch.nn.modules.utils import consume_prefix_in_state_dict_if_present
 from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
-from mbt import checkpoint as checkpoint_io
-from mbt.classes import ClassListError, checked_record, class_record, record_difference
-from mbt.config import INT_LIMITS, ConfigError, config_from_dict, validate
+from mbt.checkpoint import CheckpointFileError, TrainedModel, load_trained
+from mbt.classes import ClassListError, class_record, record_difference
+from mbt.config import INT_LIMITS
 from mbt.dist import DistInfo, all_gather_objects, cleanup, init_distributed
+from mbt.fits import fits
 from mbt.metrics import average_precision_per_class, compute_metrics, json_values
-from mbt.model import MBT, MBTConfig
-from pipelines import LOADERS, build_loader
+from mbt.model import MBT
+from pipelines import LOADERS, LoaderError, Split, build_loader, open_split
 from pipelines.config import AugmentConfig
-from pipelines.split import LoaderError
-from pipelines.stream import open_split
 from shards.manifest import Manifest
 
 METRICS_FILE = "metrics.json"
@@ -56,15 +54,6 @@ log = logging.getLogger(__name__)
 
 class EvaluationError(RuntimeError):
     """The checkpoint or the shards cannot be evaluated as asked; the message says what to change."""
-
-
-class TrainedModel(NamedTuple):
-    """What evaluation reads from a training checkpoint."""
-
-    state: dict[str, torch.Tensor]  # the model's weights, wrapper prefixes removed
-    model: MBTConfig
-    augment: AugmentConfig
-    classes: dict[str, Any] | None  # the training split's class record (mbt.classes); None in older checkpoints
 
 
 def _rank_predictions(
@@ -172,6 +161,29 @@ def evaluate(
     return metrics
 
 
+def evaluate_split(
+    model: nn.Module,
+    split: Split,
+    dist: DistInfo,
+    augment: AugmentConfig,
+    where: str,
+    out_dir: Path | None = None,
+    amp_bf16: bool = False,
+    progress: bool = False,
+    **loader_options: Any,
+) -> dict[str, Any] | None:
+    """`evaluate` on every sample of `split` (named `where` in errors), read by its evaluation loader for this rank
+    (`loader_options`: batch_size, loader, num_workers, device), the rows of the per-class AP named by its classes."""
+    manifest = split.manifest
+    batches = build_loader(
+        split, train=False, rank=dist.rank, world_size=dist.world_size, augment=augment, **loader_options
+    )
+    names = [c["name"] for c in class_record(manifest, where)["classes"]]
+    return evaluate(
+        model, batches, dist, manifest.multi_label, manifest.num_classes, out_dir, amp_bf16, names, progress
+    )
+
+
 def check_predictions(keys: Sequence[str], logits: np.ndarray, labels: np.ndarray, multi_label: bool) -> None:
     """Raise EvaluationError naming the first keys whose logits (N, C) are NaN or infinite, or whose labels are
     not class indices in [0, C) (single-label) or 0/1 rows of C (multi-label)."""
@@ -204,44 +216,14 @@ def _first_keys(keys: Sequence[str], bad: np.ndarray) -> str:
 # The command line: a checkpoint alone, as a user would evaluate it after training.
 
 
-def load_checkpoint(path: Path) -> TrainedModel:
-    """The weights, model and augmentation configs and class record of a training checkpoint; EvaluationError
-    naming the file when it is not one, its config is not valid or its weights are not finite."""
-    try:
-        checkpoint = checkpoint_io.load_checkpoint(path)
-    except checkpoint_io.CheckpointFileError as err:
-        raise EvaluationError(str(err)) from None
-    config, weights = checkpoint.get("config"), checkpoint.get("model")
-    if not isinstance(config, dict) or not isinstance(weights, dict) or not {"model", "augment"} <= set(config):
-        raise EvaluationError(
-            f"{path}: not a training checkpoint (a dict with 'model' and a 'config' holding 'model' and 'augment')"
-        )
-    if not all(isinstance(name, str) and isinstance(value, torch.Tensor) for name, value in weights.items()):
-        raise EvaluationError(f"{path}: its 'model' is not a mapping of parameter names to tensors")
-    if bad := checkpoint_io.non_finite_tensors(weights):
-        raise EvaluationError(f"{path}: its weights hold NaN or infinite values ({', '.join(bad[:MAX_KEYS_SHOWN])})")
-    state = dict(weights)
-    for prefix in ("module.", "_orig_mod."):  # saved from a DDP or torch.compile wrapper
-        consume_prefix_in_state_dict_if_present(state, prefix)
-    try:
-        train_cfg = config_from_dict(config)  # the training config as the trainer saved it (lists back to tuples)
-        validate(train_cfg.replace(train_shards="", eval_shards=""), train=False)  # bounded model sizes
-        classes = None if "data" not in checkpoint else checked_record(checkpoint["data"], str(path))
-    except (ConfigError, ClassListError) as err:
-        problems = str(err).replace("\n", "; ")
-        raise EvaluationError(f"{path}: the checkpoint's config or class record cannot be used: {problems}") from None
-    return TrainedModel(state, train_cfg.model, train_cfg.augment, classes)
-
-
 def check_inputs(trained: TrainedModel, manifest: Manifest, shards: str | Path, checkpoint: str | Path) -> None:
-    """Raise if the split's classes or the evaluation crops do not fit the model of the checkpoint `trained`; warn
-    when the checkpoint records no classes to compare."""
-    cfg, augment = trained.model, trained.augment
-    problems = []
+    """Raise if the split's classes or inputs do not fit the model of the checkpoint `trained` (`mbt.fits.fits`, the
+    check training makes); warn when the checkpoint records no classes to compare."""
     try:
         record = class_record(manifest, str(shards))
     except ClassListError as err:
         raise EvaluationError(str(err)) from None
+    problems = []
     if trained.classes is None:
         log.warning(
             "warning: %s records no class list (an older checkpoint): only the number of classes of %s is checked",
@@ -249,21 +231,11 @@ def check_inputs(trained: TrainedModel, manifest: Manifest, shards: str | Path, 
         )  # fmt: skip
     elif difference := record_difference(trained.classes, record, f"the checkpoint {checkpoint}", str(shards)):
         problems.append(f"the split's classes are not the model's: {difference}")
-    if manifest.num_classes != cfg.num_classes:
-        problems.append(f"the shards have {manifest.num_classes} classes, the model {cfg.num_classes}")
-    if "video" in cfg.modalities:
-        frames = augment.frames_used or manifest.features.num_frames
-        if frames != cfg.num_frames:
-            problems.append(f"the loader gives {frames} frames per clip, the model {cfg.num_frames}")
-        if augment.crop_px != cfg.img_size:
-            problems.append(f"the loader crops {augment.crop_px} px, the model {cfg.img_size} px")
-    if "audio" in cfg.modalities:
-        if augment.audio_frames != cfg.audio_frames:
-            problems.append(f"the loader gives {augment.audio_frames} log-mel frames, the model {cfg.audio_frames}")
-        if manifest.features.num_mel_bins != cfg.num_mel_bins:
-            problems.append(f"the shards have {manifest.features.num_mel_bins} mel bins, the model {cfg.num_mel_bins}")
+    problems += fits(trained.model, trained.augment, manifest, f"the shards in {shards}")
     if problems:
-        raise EvaluationError(f"{shards} does not fit the checkpoint: " + "; ".join(problems))
+        raise EvaluationError(
+            f"{shards} does not fit the checkpoint (trained with the settings named): " + "; ".join(problems)
+        )
 
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
@@ -288,10 +260,10 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
 
 def run(args: argparse.Namespace) -> int:
     """Check the checkpoint against the shards, then evaluate on this rank and (rank 0) report."""
-    trained = load_checkpoint(args.checkpoint)
+    trained = load_trained(args.checkpoint)
     augment = trained.augment
-    index = open_split(args.shards)
-    manifest = index.manifest
+    split = open_split(args.shards)
+    manifest = split.manifest
     check_inputs(trained, manifest, args.shards, args.checkpoint)
     model = MBT(trained.model)
     try:
@@ -300,13 +272,9 @@ def run(args: argparse.Namespace) -> int:
         raise EvaluationError(f"{args.checkpoint}: the weights do not fit its model config: {err}") from None
     info = init_distributed()
     model.to(info.device)
-    loader = build_loader(
-        index, train=False, batch_size=args.batch_size, loader=args.loader, num_workers=args.num_workers,
-        rank=info.rank, world_size=info.world_size, augment=augment,
-    )  # fmt: skip
-    metrics = evaluate(
-        model, loader, info, manifest.multi_label, manifest.num_classes, out_dir=args.out, amp_bf16=args.bf16,
-        class_names=[c["name"] for c in manifest.classes], progress=sys.stderr.isatty(),
+    metrics = evaluate_split(
+        model, split, info, augment, str(args.shards), args.out, args.bf16, sys.stderr.isatty(),
+        batch_size=args.batch_size, loader=args.loader, num_workers=args.num_workers,
     )  # fmt: skip
     if metrics is not None:
         summary = " ".join(f"{name}={value:.4f}" for name, value in metrics.items() if name != "num_samples")
@@ -323,7 +291,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
     try:
         return run(args)
-    except (EvaluationError, LoaderError, OSError) as err:
+    except (EvaluationError, CheckpointFileError, LoaderError, OSError) as err:
         print(f"mbt.evaluate: error: {err}", file=sys.stderr)
         return 1
     finally:

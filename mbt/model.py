@@ -24,6 +24,7 @@ from functools import partial
 from pathlib import Path
 
 import torch
+from einops import rearrange
 from timm.layers import PatchEmbed, resample_abs_pos_embed, trunc_normal_
 from timm.models.vision_transformer import Block, init_weights_vit_timm
 from torch import nn
@@ -124,8 +125,10 @@ class Tower(nn.Module):
         pos = self.pos_embed[:, 1:]
         if self.modality == "video":
             batch, frames = x.shape[:2]
-            patches = self.patch_embed(x.flatten(0, 1)).unflatten(0, (batch, frames))  # (B, F, P, D)
-            patches = (patches + pos.unsqueeze(1) + self.temporal_embed[:, :frames]).flatten(1, 2)
+            patches = self.patch_embed(rearrange(x, "b f c h w -> (b f) c h w"))  # each frame's patches
+            patches = rearrange(patches, "(b f) p d -> b f p d", b=batch)
+            patches = patches + pos.unsqueeze(1) + self.temporal_embed[:, :frames]  # space, then time
+            patches = rearrange(patches, "b f p d -> b (f p) d")
         else:
             patches = self.patch_embed(x) + pos
         cls = (self.cls_token + self.pos_embed[:, :1]).expand(patches.shape[0], -1, -1)

@@ -1,28 +1,24 @@
 """Train MBT: `torchrun [--nnodes N --node-rank I --rdzv-endpoint HOST:PORT] --nproc-per-node G -m mbt.train
 --preset audioset [--config run.yaml] [--field value ...]` (or `python -m mbt.train ...` for one process).
 
-The loop reads top to bottom: config → process group → shards → model (DDP) → optimizer and schedule → resume
-→ for each step: batches (mixup), forward under autocast, loss, backward (accumulated), clip, step → log,
-checkpoint, evaluate. Rank 0 alone logs and saves. A run directory holds `config.yaml`, `checkpoints/`,
-`metrics.jsonl`, TensorBoard events and, at the end, `curves.png`; run the same command again and it resumes from
-the last checkpoint, with the losses an uninterrupted run would have had. One training writes a run directory at a
-time, and it resumes only with the settings and classes of its checkpoints (`mbt.run_dir`); what cannot run is
-printed as one `error: ...` line.
+The loop reads top to bottom: config → process group → splits (opened once) → model (DDP) → the training step with
+its optimizer and schedule (`mbt.step.TrainStep`) → resume → for each step: the step (mixup, forward under
+autocast, loss, backward accumulated over micro-batches, clip, update) → log, checkpoint, evaluate. Rank 0 alone
+logs and saves. A run directory holds `config.yaml`, `checkpoints/`, `metrics.jsonl`, TensorBoard events and, at
+the end, `curves.png`; run the same command again and it resumes from the last checkpoint, with the losses an
+uninterrupted run would have had. One training writes a run directory at a time, and it resumes only with the
+settings and classes of its checkpoints (`mbt.run_dir`); what cannot run is printed as one `error: ...` line.
 """
 
 from __future__ import annotations
 
 import json
-import math
 import sys
 import time
-from contextlib import nullcontext
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
-import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
@@ -38,14 +34,12 @@ from mbt.checkpoint import (
 from mbt.classes import ClassListError, class_record
 from mbt.config import ConfigError, TrainConfig, config_to_dict, load_config, per_rank_batch, save_config, validate
 from mbt.dist import DistInfo, all_gather_objects, barrier, cleanup, init_distributed
-from mbt.evaluate import EvaluationError, evaluate
+from mbt.evaluate import EvaluationError, evaluate_split
 from mbt.model import MBT, CheckpointError, init_from_vit
 from mbt.run_dir import RunDirError, check_resume, locked_run_dir, restore
 from mbt.run_log import RunLog, plot_curves
-from pipelines import build_loader
-from pipelines.mixup import mixup
-from pipelines.split import LoaderError
-from pipelines.stream import open_split
+from mbt.step import NonFiniteLoss, TrainStep
+from pipelines import LoaderError, Split, build_loader, open_split
 
 
 class TrainingError(RuntimeError):
@@ -57,57 +51,6 @@ EXPECTED_ERRORS = (
     TrainingError, CheckpointFileError, CheckpointError, ClassListError, EvaluationError, LoaderError, RunDirError,
     OSError,
 )  # fmt: skip
-
-
-def soft_targets(labels: torch.Tensor, num_classes: int, label_smoothing: float) -> torch.Tensor:
-    """Float (B, C) targets: multi-hot or one-hot labels (or mixup's mixed ones) smoothed as scenic does,
-    y (1 - ε) + ε / C."""
-    targets = labels if labels.is_floating_point() else F.one_hot(labels.long(), num_classes).float()
-    return targets * (1.0 - label_smoothing) + label_smoothing / num_classes
-
-
-def loss_fn(logits: torch.Tensor, targets: torch.Tensor, multi_label: bool) -> torch.Tensor:
-    """BCE-with-logits over classes (multi-label, AudioSet) or softmax cross-entropy (single-label, VGGSound)."""
-    logits = logits.float()
-    if multi_label:
-        return F.binary_cross_entropy_with_logits(logits, targets)
-    return torch.sum(-targets * F.log_softmax(logits, dim=-1), dim=-1).mean()
-
-
-def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict[str, Any]]:
-    """No weight decay on biases, norms, tokens and embeddings (the 1-D or token parameters), as timm does."""
-    decay, no_decay = [], []
-    for name, param in model.named_parameters():
-        skip = param.ndim <= 1 or name.endswith(("cls_token", "pos_embed", "temporal_embed", "bottleneck"))
-        (no_decay if skip else decay).append(param)
-    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-
-
-def lr_lambda(total_steps: int, warmup_steps: int) -> Any:
-    """Linear warmup from 0 to 1, then cosine to 0 at `total_steps`."""
-
-    def factor(step: int) -> float:
-        if step < warmup_steps:
-            return (step + 1) / warmup_steps
-        progress = (step - warmup_steps) / max(total_steps - warmup_steps, 1)
-        return 0.5 * (1.0 + math.cos(math.pi * min(progress, 1.0)))
-
-    return factor
-
-
-def run_evaluation(cfg: TrainConfig, model: torch.nn.Module, dist: DistInfo, out_dir: Path | None) -> dict | None:
-    """Sharded evaluation of `model` on cfg.eval_shards (every sample once across ranks); metrics on rank 0."""
-    split = open_split(cfg.eval_shards)
-    manifest = split.manifest
-    loader = build_loader(
-        split, train=False, batch_size=cfg.eval_batch_size, loader=cfg.loader, num_workers=cfg.num_workers,
-        rank=dist.rank, world_size=dist.world_size, augment=cfg.augment, device=dist.device,
-    )  # fmt: skip
-    bf16 = cfg.bf16 and dist.device.type == "cuda"
-    names = [c["name"] for c in class_record(manifest, f"--eval_shards {cfg.eval_shards}")["classes"]]
-    return evaluate(
-        model, loader, dist, manifest.multi_label, manifest.num_classes, out_dir, amp_bf16=bf16, class_names=names
-    )
 
 
 def init_towers(model: MBT, cfg: TrainConfig) -> list[str]:
@@ -131,6 +74,7 @@ def train(cfg: TrainConfig, dist: DistInfo) -> dict[str, Any]:
     """
     run_dir = Path(cfg.out_dir)
     split = open_split(cfg.train_shards)
+    eval_split = open_split(cfg.eval_shards) if cfg.eval_shards else None  # once per run, for every evaluation
     record = class_record(split.manifest, f"--train_shards {cfg.train_shards}")
     with locked_run_dir(run_dir, dist):
         resume, state = latest_checkpoint(run_dir), None
@@ -142,21 +86,20 @@ def train(cfg: TrainConfig, dist: DistInfo) -> dict[str, Any]:
             for warning in check_resume(state, resume, cfg, record, dist.world_size):
                 if dist.is_main:
                     print(f"warning: {warning}", file=sys.stderr)
-        return _train(cfg, dist, split, record, state, resume)
+        return _train(cfg, dist, (split, eval_split), record, state, resume)
 
 
 def _train(
     cfg: TrainConfig,
     dist: DistInfo,
-    split: Any,
+    splits: tuple[Split, Split | None],
     record: dict[str, Any],
     state: dict[str, Any] | None,
     resume: Path | None,
 ) -> dict[str, Any]:
-    """The training loop of `train`, in the locked run directory, from `state` (the checked checkpoint read from
-    `resume`) when there is one."""
-    run_dir = Path(cfg.out_dir)
-    multi_label, num_classes = record["multi_label"], len(record["classes"])
+    """The training loop of `train` over the (training, evaluation) `splits`, in the locked run directory, from
+    `state` (the checked checkpoint read from `resume`) when there is one."""
+    run_dir, (split, eval_split) = Path(cfg.out_dir), splits
     device = dist.device
 
     torch.manual_seed(cfg.seed)  # the same initial weights on every rank
@@ -167,24 +110,16 @@ def _train(
     model.to(device)
     ddp = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None) if (
         dist.world_size > 1) else model  # fmt: skip
-    forward = torch.compile(ddp) if cfg.compile else ddp
     torch.manual_seed(cfg.seed + 1000 * dist.rank)  # dropout and stochastic depth differ between ranks
 
-    batch = per_rank_batch(cfg, dist.world_size)
     loader = build_loader(
-        split, train=True, batch_size=batch, loader=cfg.loader, num_workers=cfg.num_workers,
-        rank=dist.rank, world_size=dist.world_size, seed=cfg.seed, augment=cfg.augment,
+        split, train=True, batch_size=per_rank_batch(cfg, dist.world_size), loader=cfg.loader,
+        num_workers=cfg.num_workers, rank=dist.rank, world_size=dist.world_size, seed=cfg.seed, augment=cfg.augment,
         skip_bad_samples=cfg.skip_bad_samples, device=device, shuffle_buffer=cfg.shuffle_buffer,
     )  # fmt: skip
-    steps_per_epoch = max(len(loader) // cfg.grad_accum, 1)
-    total_steps = cfg.epochs * steps_per_epoch if cfg.max_steps is None else cfg.max_steps
-    groups = param_groups(model, cfg.weight_decay)
-    if cfg.optimizer == "sgd":
-        optimizer = torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.momentum)
-    else:
-        optimizer = torch.optim.AdamW(groups, lr=cfg.lr)
-    warmup = round(cfg.warmup_epochs * steps_per_epoch)
-    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(total_steps, warmup))
+    train_step = TrainStep(ddp, cfg, record["multi_label"], len(loader), device, dist.rank)
+    optimizer, schedule = train_step.optimizer, train_step.schedule
+    steps_per_epoch, total_steps = train_step.steps_per_epoch, train_step.total_steps
 
     step = 0
     if state is not None:
@@ -196,7 +131,6 @@ def _train(
         save_config(cfg, run_dir / "config.yaml")
 
     log = RunLog(run_dir, dist.is_main)
-    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if cfg.bf16 and device.type == "cuda" else nullcontext()
     bar = tqdm(total=total_steps, initial=step, disable=not dist.is_main, unit="step", dynamic_ncols=True)
     metrics: dict[str, Any] | None = None
     clips_seen, t_last = 0, time.perf_counter()
@@ -217,37 +151,26 @@ def _train(
             }, keep=cfg.keep_checkpoints)  # fmt: skip
         barrier()
 
+    def evaluate_on_split(out_dir: Path | None) -> dict[str, Any] | None:  # every rank; metrics on rank 0
+        return evaluate_split(
+            model, eval_split, dist, cfg.augment, f"--eval_shards {cfg.eval_shards}", out_dir, cfg.bf16,
+            batch_size=cfg.eval_batch_size, loader=cfg.loader, num_workers=cfg.num_workers, device=device,
+        )  # fmt: skip
+
     finished_before = step >= total_steps  # resumed a finished run: only its final evaluation is run again
     while step < total_steps:
         epoch = step // steps_per_epoch
         loader.set_epoch(epoch)
         batches = iter(loader)
         for _ in range(steps_per_epoch - step % steps_per_epoch):  # the rest of this epoch (all of it, unless resumed)
-            ddp.train()
-            losses = []
-            for micro in range(cfg.grad_accum):
-                with torch.random.fork_rng(devices=[]):  # loaders draw seeds from torch: keep dropout's stream
-                    data = next(batches)  # apart, so that a resumed run draws the same masks
-                rng = np.random.default_rng([cfg.seed, step, dist.rank, micro])
-                data = mixup(data, cfg.augment.mixup_alpha, num_classes, rng)
-                targets = soft_targets(data["labels"], num_classes, cfg.label_smoothing)
-                sync = nullcontext() if micro == cfg.grad_accum - 1 or dist.world_size == 1 else ddp.no_sync()
-                with sync, autocast:
-                    loss = loss_fn(forward(data["video"], data["audio"]), targets, multi_label)
-                    (loss / cfg.grad_accum).backward()
-                losses.append(loss.detach())
-                clips_seen += len(data["key"]) * dist.world_size
-            loss_value = torch.stack(losses).mean().item()
-            if not math.isfinite(loss_value):
+            try:
+                loss_value = train_step(batches, step)
+            except NonFiniteLoss as err:
                 raise TrainingError(
-                    f"non-finite loss {loss_value} at step {step + 1} (epoch {epoch}): lower --lr, check the shards "
+                    f"non-finite loss {err.loss} at step {step + 1} (epoch {epoch}): lower --lr, check the shards "
                     "with tools/verify_shards.py, or resume from the last checkpoint with other settings"
-                )
-            if cfg.clip_grad_norm:
-                torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.clip_grad_norm)
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
-            schedule.step()
+                ) from None
+            clips_seen += train_step.clips * dist.world_size
             step += 1
             bar.update(1)
             if step % cfg.log_every_steps == 0 or step == total_steps:
@@ -262,16 +185,16 @@ def _train(
             if step >= total_steps:
                 break
         final = step >= total_steps
-        if cfg.eval_shards and (final or (step // steps_per_epoch) % cfg.eval_every_epochs == 0):  # '': no eval
+        if eval_split is not None and (final or (step // steps_per_epoch) % cfg.eval_every_epochs == 0):
             with torch.random.fork_rng(devices=[]):  # nor may evaluation's loader move it
-                metrics = run_evaluation(cfg, model, dist, run_dir / "eval" if final else None)
+                metrics = evaluate_on_split(run_dir / "eval" if final else None)
             if dist.is_main and metrics is not None:
-                name = "mAP" if multi_label else "top1"
+                name = "mAP" if record["multi_label"] else "top1"
                 log.write({"step": step, "epoch": epoch, "eval_metric": metrics[name], "eval_metric_name": name,
                            **{f"eval_{k}": v for k, v in metrics.items()}})  # fmt: skip
                 bar.write(f"step {step} epoch {epoch}: " + " ".join(f"{k}={v:.4g}" for k, v in metrics.items()))
-    if finished_before and cfg.eval_shards:  # the same on every rank (metrics is None on all but rank 0)
-        metrics = run_evaluation(cfg, model, dist, run_dir / "eval")
+    if finished_before and eval_split is not None:  # the same on every rank (metrics is None on all but rank 0)
+        metrics = evaluate_on_split(run_dir / "eval")
     bar.close()
     log.close()
     if dist.is_main and log.path.is_file() and (skipped := plot_curves(log.path, run_dir / "curves.png")):

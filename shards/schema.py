@@ -1,6 +1,6 @@
 """The shard schema: the one definition of what a shard sample holds and how a split's folder is laid out.
 
-The writer (`shards.writer`, `preprocess.job`) and the readers (`preprocess.verify`, `pipelines/`) import this
+The writer (`shards.writer`, `preprocess.job_state`) and the readers (`preprocess.verify`, `pipelines/`) import this
 package (`shards.schema`, `shards.manifest`, `shards.index`, `shards.tar`) and nothing else decides a member name, a
 dtype, a shape or the manifest's fields. Bump `SCHEMA_VERSION` on any change a reader could notice.
 

@@ -21,6 +21,7 @@ from typing import Any
 
 import torch
 
+import mbt.step
 import mbt.train
 from mbt.checkpoint import latest_checkpoint
 from mbt.config import load_config
@@ -46,7 +47,7 @@ def main() -> int:
     crash = marker is not None and rank == int(os.environ.get(CRASH_RANK, "1")) and not Path(marker).exists()
     models: list[torch.nn.Module] = []
     keys: list[list[str]] = []
-    mixup = mbt.train.mixup
+    mixup = mbt.step.mixup
 
     class RecordingMBT(mbt.train.MBT):
         def __init__(self, *args: Any, **kwargs: Any) -> None:
@@ -61,7 +62,7 @@ def main() -> int:
         return mixup(data, *args)
 
     mbt.train.MBT = RecordingMBT
-    mbt.train.mixup = recording_mixup
+    mbt.step.mixup = recording_mixup
     code = mbt.train.main(argv)
     record = {
         "rank": rank, "world_size": int(os.environ["WORLD_SIZE"]), "exit": code, "keys": keys,

@@ -7,6 +7,8 @@ from pathlib import Path
 import pytest
 from conftest import load_tool
 
+from shards.manifest import load_manifest
+
 bench_train = load_tool("bench_train")
 
 
@@ -22,7 +24,7 @@ def test_bench_train_prints_the_ratio(train_shards: Path, capsys: pytest.Capture
 
 
 def test_model_fits_the_shards(train_shards: Path) -> None:
-    manifest = bench_train.load_manifest(train_shards)
+    manifest = load_manifest(train_shards)
     cfg = bench_train.model_config("tiny", manifest)
     assert cfg.num_classes == manifest.num_classes
     assert cfg.num_frames == manifest.features.num_frames

@@ -22,7 +22,7 @@ from mbt.dist import DistInfo
 from mbt.evaluate import EvaluationError, evaluate, main
 from mbt.metrics import compute_metrics
 from mbt.model import MBT, MBTConfig
-from pipelines.split import SplitIndex
+from pipelines.sources import SplitIndex
 
 REPO = Path(__file__).resolve().parents[1]
 SCRIPT = Path(__file__).with_name("dist_evaluate_main.py")
@@ -165,6 +165,6 @@ def test_cli_rejects_bad_inputs(eval_shards, checkpoint, tmp_path, capsys):
     torch.save({"state_dict": {}}, tmp_path / "weights.pt")
     assert "not a training checkpoint" in error(tmp_path / "weights.pt")
     five_classes = save_checkpoint(tmp_path / "five.pt", TINY.replace(num_classes=5))
-    assert "the shards have 8 classes, the model 5" in error(five_classes)
+    assert "--model.num_classes 5, but the shards in" in error(five_classes)  # one message, shared with training
     assert str(tmp_path / "no_shards") in error(checkpoint, tmp_path / "no_shards")
     assert not (tmp_path / "out").exists()

@@ -12,6 +12,7 @@ import pytest
 import yaml
 
 import mbt.config
+import mbt.config_io
 from mbt.config import ConfigError, TrainConfig, load_config, preset, validate
 from mbt.train import main
 from shards.manifest import LogmelStats, Manifest
@@ -142,7 +143,7 @@ def test_python_tags_construct_nothing(tmp_path: Path, tag: str) -> None:
     with pytest.raises(ConfigError, match=r"not valid YAML \(could not determine a constructor for the tag"):
         load_config(["--config", str(path)])
     assert not target.exists()
-    assert issubclass(mbt.config._ConfigLoader, yaml.SafeLoader)  # the safe loader, one check added
+    assert issubclass(mbt.config_io._ConfigLoader, yaml.SafeLoader)  # the safe loader, one check added
 
 
 def test_merge_keys_may_still_be_overridden(tmp_path: Path) -> None:

@@ -10,12 +10,14 @@ import pytest
 import torch
 from conftest import REPO, load_tool
 
+from mbt.bench import peak_tflops
+from mbt.flops import count_flops, size_config
 from mbt.model import FUSIONS, MBTConfig
 
 model_report = load_tool("model_report")
 bench_model = load_tool("bench_model")
 
-TINY = model_report.size_config("tiny")
+TINY = size_config("tiny")
 
 
 def name_values(line: str) -> dict[str, float]:
@@ -49,7 +51,7 @@ def test_flops_follow_the_fusion(tiny_rows: dict[str, dict]) -> None:
 
 
 def test_count_flops_is_per_clip() -> None:
-    one, four = model_report.count_flops(TINY), model_report.count_flops(TINY, batch=4)
+    one, four = count_flops(TINY), count_flops(TINY, batch=4)
     assert four["forward_gflops"] == pytest.approx(one["forward_gflops"], rel=1e-6)
     assert four["train_gflops"] == pytest.approx(one["train_gflops"], rel=1e-6)
 
@@ -58,7 +60,7 @@ def test_count_flops_attention_matches_the_analytic_count() -> None:
     cfg = TINY.replace(fusion="audio")
     tokens = 1 + cfg.audio_grid[0] * cfg.audio_grid[1]
     expected = cfg.depth * 2 * (2 * tokens * tokens * cfg.embed_dim)  # QK^T and AV, a MAC = 2 FLOPs
-    assert model_report.count_flops(cfg)["attention_gflops"] == pytest.approx(expected / 1e9)
+    assert count_flops(cfg)["attention_gflops"] == pytest.approx(expected / 1e9)
 
 
 def test_model_report_help(capsys: pytest.CaptureFixture[str]) -> None:
@@ -79,10 +81,10 @@ def test_model_report_main(capsys: pytest.CaptureFixture[str]) -> None:
 
 
 def test_peak_by_device_name() -> None:
-    assert bench_model.peak_tflops("NVIDIA H100 80GB HBM3") == 989
-    assert bench_model.peak_tflops("NVIDIA H100 PCIe") == 756
-    assert bench_model.peak_tflops("NVIDIA A100-SXM4-80GB") == 312
-    assert bench_model.peak_tflops("NVIDIA GeForce GTX 1080") is None
+    assert peak_tflops("NVIDIA H100 80GB HBM3") == 989
+    assert peak_tflops("NVIDIA H100 PCIe") == 756
+    assert peak_tflops("NVIDIA A100-SXM4-80GB") == 312
+    assert peak_tflops("NVIDIA GeForce GTX 1080") is None
 
 
 def test_bench_model_main(capsys: pytest.CaptureFixture[str]) -> None:

@@ -7,9 +7,9 @@ costs the same for MBT as for the two encoders, whose parameters MBT holds). Thr
   audio  the audio tower alone (fusion="audio").
 Each round times one step of each model, in an order that rotates from round to round, so that machine drift
 hits all three alike; the median step of each model is kept. mbt_vs_encoders = mbt / (video + audio); goal <= 1.05.
-Sizes (shared with tools/model_report.py): tiny (tests), small (ViT-S towers, 4 frames; the CPU default), base
-(MBT-B/16; the CUDA default). Achieved TFLOP/s use the training FLOPs per clip of model_report.count_flops; on CUDA
-MFU is that over the device's dense bf16 peak (known by name, else --peak-tflops). Imports only torch, timm and
+Sizes (`mbt.flops.SIZES`): tiny (tests), small (ViT-S towers, 4 frames; the CPU default), base (MBT-B/16; the CUDA
+default). Achieved TFLOP/s use the training FLOPs per clip of `mbt.flops.count_flops`; on CUDA MFU is that over the
+device's dense bf16 peak (`mbt.bench`: known by name, else --peak-tflops). Imports only torch, timm, einops and
 mbt/, so it runs on a machine that has nothing else (with PYTHONPATH=.). The last line is name=value pairs.
 """
 
@@ -18,30 +18,20 @@ from __future__ import annotations
 import argparse
 import statistics
 import sys
-import time
 from contextlib import nullcontext
-from pathlib import Path
-from typing import Any
+from functools import partial
 
 import torch
 import torch._inductor.config as inductor_config
 from torch import nn
 
+from mbt.bench import device_name, resolve_device_args, time_rounds
+from mbt.flops import SIZES, count_flops, describe, example_inputs, size_config
 from mbt.model import MBT, MBTConfig
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))  # tools/ is no package: its sibling model_report
-from model_report import SIZES, count_flops, describe, example_inputs, size_config
-
-# Dense bf16 peak TFLOP/s by device name, the first match wins (PCIe H100 is slower than SXM).
-PEAK_BF16_TFLOPS = (("H100 PCIe", 756.0), ("H100", 989.0), ("H200", 989.0), ("A100", 312.0))
 MODELS = ("mbt", "video", "audio")
 CPU_DEFAULTS = {"size": "small", "batch": 2, "steps": 7, "warmup": 1}  # a few seconds a round on 2 cores
 CUDA_DEFAULTS = {"size": "base", "batch": 32, "steps": 20, "warmup": 5}
-
-
-def peak_tflops(device_name: str) -> float | None:
-    """The dense bf16 peak of a CUDA device known by `device_name`, else None."""
-    return next((peak for key, peak in PEAK_BF16_TFLOPS if key in device_name), None)
 
 
 def build_models(cfg: MBTConfig, device: torch.device, compile_models: bool = False) -> dict[str, nn.Module]:
@@ -82,52 +72,11 @@ def bench(
     inputs = example_inputs(cfg, batch, device)
     labels = (torch.rand(batch, cfg.num_classes, device=device) < 0.05).float()
     model_inputs = {"mbt": inputs, "video": {"video": inputs["video"]}, "audio": {"audio": inputs["audio"]}}
-
-    def timed_step(name: str) -> float:
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        start = time.perf_counter()
-        train_step(models[name], model_inputs[name], labels, bf16)
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        return (time.perf_counter() - start) * 1e3
-
-    for _ in range(warmup):
-        for name in MODELS:
-            timed_step(name)
-    times: dict[str, list[float]] = {name: [] for name in MODELS}
-    for round_ in range(steps):
-        shift = round_ % len(MODELS)
-        for name in MODELS[shift:] + MODELS[:shift]:
-            times[name].append(timed_step(name))
-    result = {f"{name}_ms": statistics.median(times[name]) for name in MODELS}
+    calls = {name: partial(train_step, models[name], model_inputs[name], labels, bf16) for name in MODELS}
+    times = time_rounds(calls, steps, warmup, rotate=True, device=device)
+    result = {f"{name}_ms": statistics.median(times[name]) * 1e3 for name in MODELS}
     result["mbt_vs_encoders"] = result["mbt_ms"] / (result["video_ms"] + result["audio_ms"])
     return result
-
-
-def require_peak_tflops(parser: argparse.ArgumentParser, given: float | None) -> float:
-    """`given`, or the dense bf16 peak of this CUDA device known by its name; a usage error when unknown."""
-    if given is not None:
-        return given
-    peak = peak_tflops(torch.cuda.get_device_name())
-    if peak is None:
-        parser.error(f"unknown peak of {torch.cuda.get_device_name()!r}: give --peak-tflops")
-    return peak
-
-
-def resolve_device_args(
-    parser: argparse.ArgumentParser, args: argparse.Namespace, cpu: dict[str, Any], cuda: dict[str, Any]
-) -> argparse.Namespace:
-    """`args` with --device checked, options left unset given the device's defaults, and on CUDA the peak."""
-    on_cuda = args.device == "cuda"
-    if on_cuda and not torch.cuda.is_available():
-        parser.error("--device cuda: no CUDA device")
-    for key, value in (cuda if on_cuda else cpu).items():
-        if getattr(args, key) is None:
-            setattr(args, key, value)
-    if on_cuda:
-        args.peak_tflops = require_peak_tflops(parser, args.peak_tflops)
-    return args
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -148,10 +97,9 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     device = torch.device(args.device)
     cfg = size_config(args.size)
-    name = torch.cuda.get_device_name() if device.type == "cuda" else f"cpu ({torch.get_num_threads()} threads)"
     print(
         f"MBT size={args.size}: {describe(cfg)}; batch={args.batch} steps={args.steps} warmup={args.warmup} "
-        f"bf16={args.bf16} compile={args.compile} on {name}"
+        f"bf16={args.bf16} compile={args.compile} on {device_name(device)}"
     )
     result = bench(cfg, args.batch, args.steps, args.warmup, device, args.bf16, args.compile)
     for model in MODELS:

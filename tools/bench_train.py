@@ -1,32 +1,35 @@
 """Benchmark training fed by the real loader against training fed by synthetic tensors already in memory, in one run.
 
-Both feeds drive the same model with the same training step at the same batch size: mixup, label-smoothed targets,
-forward (under bf16 autocast on CUDA), BCE-with-logits (multi-label shards) or cross-entropy loss, backward, gradient
-clipping and an SGD step, with the MBT recipe's values (`mbt.config.TrainConfig`) and `mbt.train`'s helpers.
+Both feeds drive the same model with the training step `mbt.train` runs (`mbt.step.TrainStep`) at the same batch
+size: mixup, label-smoothed targets, forward (under bf16 autocast on CUDA), BCE-with-logits (multi-label shards) or
+cross-entropy loss, backward accumulated over --grad-accum micro-batches, gradient clipping, the optimizer and
+schedule steps and the loss read back, with the MBT recipe's values (`mbt.config.TrainConfig`: SGD with momentum).
   synthetic  one batch of the loaders' contract (shapes and dtypes of `pipelines.config`) made once on the device
-             and reused at every step: the model's own speed;
+             and reused at every micro-batch: the model's own speed;
   real       `pipelines.build_loader` over --shards in training mode (--loader, --workers, augmentation at the
              model's crop, frames and log-mel length), iterated across epochs; its workers are started and its
              first batch is taken before any timing.
 After --warmup untimed steps of each feed, --blocks rounds each time --steps steps of the synthetic feed, then of the
-real one, so that drift of the machine hits both; each feed's rate is its total clips over its total time (each step
-timed to the loss read back, as `mbt.train` reads it, so a step's time holds its wait for the batch).
-loader_vs_synthetic = real clips/s / synthetic clips/s; goal >= 0.95 (the loader never starves the model).
+real one, so that drift of the machine hits both (`mbt.bench.time_rounds`); each feed's rate is its total clips over
+its total time (each step timed until its work on the device is done, so that a step's time holds its wait for its
+batches). loader_vs_synthetic = real clips/s / synthetic clips/s; goal >= 0.95 (the loader never starves the
+model).
 
-Model: --size from tools/model_report.py's SIZES (widths, depth, heads, fusion layer) over a real run's input from
-the shards: their classes, all their stored frames (or --frames), crops of 224 px (or --crop) and 800 log-mel frames
-(or --audio-frames, cut to what the shards store). CPU default: ViT-S/16 towers (size small: D=384, 12 layers, Lf=8)
-over 8 frames of 224² and 800 log-mel frames, batch 2. A real run is bound by its model: the GPU takes clips as fast
-as it computes while the loader's workers have the CPU cores to themselves. Here the model and the loader share 2
-cores; this model takes about 4.5 s a step on the idle machine (more under other processes' load), far above the
-0.5 s under which timer noise and epoch boundaries would weigh on the ratio, while the loader needs about 15 ms of one
-core per clip: the model is the bottleneck, as in a real run, and the ratio shows what the loader still costs it (the
-main process's share of each batch and the workers' share of the cores). A tiny model on the same input (0.26 s a
-step at batch 4) measures mostly two processes fighting over 2 cores, which a GPU run does not have. Batch 2, not 4:
-the loader's work per clip relative to the model's does not depend on the batch, and twice the steps in the same
-time interleave the feeds twice as finely against the bursts of other processes' load (about 4 minutes in all).
---size tiny is for tests. CUDA default: MBT-B/16 (size base) at batch 32, with MFU: training FLOPs per clip from
-model_report.count_flops over the device's dense bf16 peak (from tools/bench_model.py, else --peak-tflops).
+Model: --size from `mbt.flops.SIZES` (widths, depth, heads, fusion layer) over a real run's input from the shards:
+their classes, all their stored frames (or --frames), crops of 224 px (or --crop) and 800 log-mel frames (or
+--audio-frames, cut to what the shards store), checked against the shards as training checks them (`mbt.fits`).
+CPU default: ViT-S/16 towers (size small: D=384, 12 layers, Lf=8) over 8 frames of 224² and 800 log-mel frames,
+batch 2. A real run is bound by its model: the GPU takes clips as fast as it computes while the loader's workers
+have the CPU cores to themselves. Here the model and the loader share 2 cores; this model takes about 4.5 s a step
+on the idle machine (more under other processes' load), far above the 0.5 s under which timer noise and epoch
+boundaries would weigh on the ratio, while the loader needs about 15 ms of one core per clip: the model is the
+bottleneck, as in a real run, and the ratio shows what the loader still costs it (the main process's share of each
+batch and the workers' share of the cores). A tiny model on the same input (0.26 s a step at batch 4) measures
+mostly two processes fighting over 2 cores, which a GPU run does not have. Batch 2, not 4: the loader's work per
+clip relative to the model's does not depend on the batch, and twice the steps in the same time interleave the
+feeds twice as finely against the bursts of other processes' load (about 4 minutes in all). --size tiny is for
+tests. CUDA default: MBT-B/16 (size base) at batch 32, with MFU: training FLOPs per clip from
+`mbt.flops.count_flops` over the device's dense bf16 peak (`mbt.bench`: known by name, else --peak-tflops).
 The last line is name=value pairs; loader_vs_synthetic_median is the same ratio from each feed's median step, a
 check against bursts of load from other processes on a shared machine.
 """
@@ -34,29 +37,24 @@ check against bursts of load from other processes on a shared machine.
 from __future__ import annotations
 
 import argparse
-import math
+import itertools
 import os
 import statistics
 import sys
-import time
 from collections.abc import Callable, Iterator
-from contextlib import AbstractContextManager, nullcontext
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 
+from mbt.bench import device_name, resolve_device_args, time_rounds
 from mbt.config import TrainConfig
+from mbt.fits import fits
+from mbt.flops import SIZES, count_flops, describe, example_inputs, size_config
 from mbt.model import MBT, MBTConfig
-from mbt.train import loss_fn, param_groups, soft_targets
-from pipelines import build_loader, resolve_loader
-from pipelines.mixup import mixup
-from shards.manifest import Manifest, load_manifest
-
-sys.path.insert(0, str(Path(__file__).resolve().parent))  # tools/ is no package: its siblings
-from bench_model import resolve_device_args
-from model_report import SIZES, count_flops, describe, size_config
+from mbt.step import TrainStep
+from pipelines import build_loader, open_split, resolve_loader
+from shards.manifest import Manifest
 
 REPO = Path(__file__).resolve().parents[1]
 DEFAULT_SHARDS = REPO / "shards" / "demo" / "train"
@@ -86,17 +84,11 @@ def model_config(
 def synthetic_batch(cfg: MBTConfig, batch: int, multi_label: bool, device: torch.device) -> dict[str, Any]:
     """A batch of the loaders' contract for `cfg` on `device`: video (B, F, 3, H, W) and audio (B, 1, T, mel)
     float32, labels multi-hot float32 (B, C) or int64 class indices (B,), keys."""
-    generator = torch.Generator().manual_seed(0)
     if multi_label:
-        labels = (torch.rand(batch, cfg.num_classes, generator=generator) < 0.05).float()
+        labels = (torch.rand(batch, cfg.num_classes, device=device) < 0.05).float()
     else:
-        labels = torch.randint(0, cfg.num_classes, (batch,), generator=generator)
-    return {
-        "video": torch.randn(batch, cfg.num_frames, 3, cfg.img_size, cfg.img_size, generator=generator).to(device),
-        "audio": torch.randn(batch, 1, cfg.audio_frames, cfg.num_mel_bins, generator=generator).to(device),
-        "labels": labels.to(device),
-        "key": [f"synthetic{i}" for i in range(batch)],
-    }
+        labels = torch.randint(0, cfg.num_classes, (batch,), device=device)
+    return {**example_inputs(cfg, batch, device), "labels": labels, "key": [f"synthetic{i}" for i in range(batch)]}
 
 
 def check_contract(real: dict[str, Any], synthetic: dict[str, Any]) -> None:
@@ -119,63 +111,26 @@ def endless(loader: Any) -> Iterator[dict[str, Any]]:
         epoch += 1
 
 
-class TrainStep:
-    """`mbt.train`'s step on one batch: mixup, soft targets, forward under `autocast`, loss, backward, clipping,
-    SGD update. Calling it returns the loss (read back, as `mbt.train` does each step)."""
-
-    def __init__(self, model: MBT, multi_label: bool, autocast: AbstractContextManager) -> None:
-        self.model, self.multi_label, self.autocast = model, multi_label, autocast
-        self.num_classes = model.cfg.num_classes
-        groups = param_groups(model, RECIPE.weight_decay)
-        self.optimizer = torch.optim.SGD(groups, lr=RECIPE.lr, momentum=RECIPE.momentum)
-        self.steps = 0
-
-    def __call__(self, batch: dict[str, Any]) -> float:
-        rng = np.random.default_rng([RECIPE.seed, self.steps])
-        batch = mixup(batch, RECIPE.augment.mixup_alpha, self.num_classes, rng)
-        targets = soft_targets(batch["labels"], self.num_classes, RECIPE.label_smoothing)
-        with self.autocast:
-            loss = loss_fn(self.model(batch["video"], batch["audio"]), targets, self.multi_label)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(self.model.parameters(), RECIPE.clip_grad_norm)
-        self.optimizer.step()
-        self.optimizer.zero_grad(set_to_none=True)
-        self.steps += 1
-        return loss.item()
-
-
 def bench(
-    step: Callable[[dict[str, Any]], float],
-    feeds: dict[str, Callable[[], dict[str, Any]]],
+    train_step: TrainStep,
+    feeds: dict[str, Iterator[dict[str, Any]]],
     steps: int,
     warmup: int,
     blocks: int,
+    device: torch.device | None = None,
 ) -> dict[str, float]:
-    """Each feed's (a function returning its next batch) {feed}_clips_s (total clips / total time) and
-    {feed}_step_s (median step), after `warmup` untimed steps each, over `blocks` rounds of `steps` timed steps of
-    each feed in turn; with loader_vs_synthetic (from the totals) and loader_vs_synthetic_median."""
-    clips = dict.fromkeys(feeds, 0)
-    times: dict[str, list[float]] = {feed: [] for feed in feeds}
+    """Each feed's (an iterator of batches) {feed}_clips_s (total clips / total time) and {feed}_step_s (median
+    step) of `train_step`, after `warmup` untimed steps each, over `blocks` rounds of `steps` timed steps of each
+    feed in turn; with loader_vs_synthetic (from the totals) and loader_vs_synthetic_median."""
+    step_index = itertools.count()  # one count for both feeds: mixup draws anew at every step
 
-    def timed_step(feed: str) -> tuple[int, float]:
-        start = time.perf_counter()
-        batch = feeds[feed]()
-        loss = step(batch)  # read back: on CUDA the step's kernels are done
-        seconds = time.perf_counter() - start
-        if not math.isfinite(loss):
-            raise FloatingPointError(f"non-finite loss {loss} on the {feed} feed")
-        return len(batch["key"]), seconds
+    def step_on(batches: Iterator[dict[str, Any]]) -> Callable[[], float]:
+        return lambda: train_step(batches, next(step_index))
 
-    for feed in feeds:
-        for _ in range(warmup):
-            timed_step(feed)
-    for _ in range(blocks):
-        for feed in feeds:
-            for _ in range(steps):
-                n, seconds = timed_step(feed)
-                clips[feed] += n
-                times[feed].append(seconds)
-    result = {f"{feed}_clips_s": clips[feed] / sum(times[feed]) for feed in feeds}
+    calls = {feed: step_on(batches) for feed, batches in feeds.items()}
+    times = time_rounds(calls, blocks, warmup, repeats=steps, device=device)
+    clips = train_step.clips  # per step, the same for both feeds: the loaders give whole training batches
+    result = {f"{feed}_clips_s": clips * len(times[feed]) / sum(times[feed]) for feed in feeds}
     result |= {f"{feed}_step_s": statistics.median(times[feed]) for feed in feeds}
     result["loader_vs_synthetic"] = result["real_clips_s"] / result["synthetic_clips_s"]
     result["loader_vs_synthetic_median"] = result["synthetic_step_s"] / result["real_step_s"]
@@ -189,7 +144,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--frames", type=int, help="video frames per clip (default: all the shards store)")
     parser.add_argument("--crop", type=int, help="crop in pixels (default: 224)")
     parser.add_argument("--audio-frames", type=int, help="log-mel frames (default: 800, or all the shards store)")
-    parser.add_argument("--batch", type=int, help="clips per step (default: 2 on CPU, 32 on CUDA)")
+    parser.add_argument("--batch", type=int, help="clips per micro-batch (default: 2 on CPU, 32 on CUDA)")
+    parser.add_argument("--grad-accum", type=int, default=1, help="micro-batches per optimizer step (default: 1)")
     parser.add_argument("--steps", type=int, help="timed steps per feed per block (default: 1 on CPU, 10 on CUDA)")
     parser.add_argument("--warmup", type=int, help="untimed steps per feed first (default: 1 on CPU, 5 on CUDA)")
     parser.add_argument("--blocks", type=int, help="rounds of both feeds (default: 24 on CPU, 3 on CUDA)")
@@ -211,34 +167,44 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     device = torch.device(args.device)
-    manifest = load_manifest(args.shards)
-    cfg = model_config(args.size, manifest, args.frames, args.crop, args.audio_frames)
-    augment = RECIPE.augment.replace(crop_px=cfg.img_size, frames_used=cfg.num_frames, audio_frames=cfg.audio_frames)
+    split = open_split(args.shards)
+    manifest = split.manifest
+    model_cfg = model_config(args.size, manifest, args.frames, args.crop, args.audio_frames)
+    augment = RECIPE.augment.replace(
+        crop_px=model_cfg.img_size, frames_used=model_cfg.num_frames, audio_frames=model_cfg.audio_frames
+    )
+    if problems := fits(model_cfg, augment, manifest, f"the shards in {args.shards}"):
+        print(
+            "error: the model does not fit the shards (--frames, --audio-frames): " + "; ".join(problems),
+            file=sys.stderr,
+        )
+        return 2
+    cfg = RECIPE.replace(
+        model=model_cfg, augment=augment, batch_size=args.batch * args.grad_accum, grad_accum=args.grad_accum
+    )
     loader = build_loader(
-        args.shards, train=True, batch_size=args.batch, loader=args.loader, num_workers=args.workers,
-        augment=augment, device=device,
+        split, train=True, batch_size=args.batch, loader=args.loader, num_workers=args.workers, augment=augment,
+        device=device,
     )  # fmt: skip
     torch.manual_seed(0)
-    model = MBT(cfg).to(device).train()
-    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else nullcontext()
-    step = TrainStep(model, manifest.multi_label, autocast)
+    model = MBT(model_cfg).to(device)
+    train_step = TrainStep(model, cfg, manifest.multi_label, len(loader), device)
 
-    synthetic = synthetic_batch(cfg, args.batch, manifest.multi_label, device)
+    synthetic = synthetic_batch(model_cfg, args.batch, manifest.multi_label, device)
     batches = endless(loader)
     check_contract(next(batches), synthetic)  # workers started and the first batch taken before any timing
-    name = torch.cuda.get_device_name() if device.type == "cuda" else f"cpu ({torch.get_num_threads()} threads)"
     print(
-        f"MBT size={args.size}: {describe(cfg)}; batch={args.batch} warmup={args.warmup} steps={args.steps} "
-        f"blocks={args.blocks} on {name}"
+        f"MBT size={args.size}: {describe(model_cfg)}; batch={args.batch}x{args.grad_accum} warmup={args.warmup} "
+        f"steps={args.steps} blocks={args.blocks} on {device_name(device)}"
     )
     print(
         f"real feed: {resolve_loader(args.loader)} loader, {args.workers} workers, {manifest.num_samples} clips "
         f"({len(loader)} batches per epoch) from {args.shards}"
     )
-    feeds = {"synthetic": lambda: synthetic, "real": lambda: next(batches)}
-    result = bench(step, feeds, args.steps, args.warmup, args.blocks)
+    feeds = {"synthetic": itertools.repeat(synthetic), "real": batches}
+    result = bench(train_step, feeds, args.steps, args.warmup, args.blocks, device)
 
-    tflops_per_clip = count_flops(cfg)["train_gflops"] / 1e3
+    tflops_per_clip = count_flops(model_cfg)["train_gflops"] / 1e3
     for feed in FEEDS:
         clips_s = result[f"{feed}_clips_s"]
         line = f"{feed:<9} {clips_s:8.2f} clips/s  median step {result[f'{feed}_step_s']:.3f} s  "
