@@ -20,7 +20,7 @@ export UV_PYTHON_DOWNLOADS := never
 # imports in 6.4 s from source, 2.5 s compiled, on the 2-core machine).
 export UV_COMPILE_BYTECODE := 1
 
-.PHONY: setup sync ffmpeg check-env lock lock-upgrade lock-check test lint demo demo-data demo-shards
+.PHONY: setup sync ffmpeg check-env lock lock-upgrade lock-check test test-fast lint demo demo-data demo-shards
 
 setup: ffmpeg $(STAMP)
 
@@ -80,6 +80,11 @@ lint: setup
 
 test: check-env lint
 	$(PY) -m pytest -q
+
+# The edit-test loop: lint and the suite without the tests marked slow (torchrun, subprocesses, end-to-end tools).
+test-fast: setup
+	$(PY) -m ruff check .
+	$(PY) -m pytest -q -m "not slow"
 
 demo-data: check-env
 	$(PY) tools/make_demo_data.py --out $(DEMO_DATA) --clips $(DEMO_CLIPS)

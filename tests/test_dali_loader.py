@@ -65,6 +65,7 @@ def shards_of_4(demo, tmp_path_factory):
 # Evaluation
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("world_size", [1, 2])
 @pytest.mark.parametrize("batch_size", [1, 3, 4])
 def test_evaluation_gives_the_torch_loaders_tensors(train_shards, torch_rows, world_size, batch_size):
@@ -96,6 +97,7 @@ def test_evaluation_resize_and_frame_windows_match_the_torch_loader(train_shards
         assert_video_close(got[ident]["video"], row["video"], max_diff=0.25, mean_diff=VIDEO_MEAN_DIFF)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("world_size", [1, 2, 3, 4])
 @pytest.mark.parametrize("batch_size", [1, 2, 5])
 def test_evaluation_sees_every_sample_once(eval_shards, train_shards, world_size, batch_size):
@@ -153,6 +155,7 @@ def test_training_batches_follow_the_contract(train_shards, torch_rows):
     assert loader.epoch == 1 and loader.position == 0
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("world_size", [1, 2, 3, 4])
 @pytest.mark.parametrize("batch_size", [1, 2, 4])
 def test_every_rank_has_the_same_number_of_batches(shards_of_4, world_size, batch_size):
@@ -319,6 +322,7 @@ def test_refused_settings(eval_shards):
                 dali(eval_shards, False, device=device)
 
 
+@pytest.mark.slow
 def test_importable_without_dali(eval_shards):
     code = (
         "import sys; sys.modules['nvidia.dali'] = None\n"

@@ -79,6 +79,7 @@ def test_tiny_and_portrait_resolutions(tmp_path, size, expected):
     assert (sample.meta["streams"]["width"], sample.meta["streams"]["height"]) == size
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     ("name", "acodec", "rate", "channels"),
     [

@@ -85,6 +85,7 @@ def test_videos_are_h264_and_aac_of_the_segment_length(demo: DemoDataset) -> Non
         assert float(info["format"]["duration"]) == pytest.approx(SECONDS, abs=0.05)
 
 
+@pytest.mark.slow
 def test_labels_match_what_is_seen_and_heard(demo: DemoDataset) -> None:
     for clip in demo.clips:
         path = demo.videos_dir / f"{clip.ytid}.mp4"
@@ -231,6 +232,7 @@ def test_tool_makes_a_dataset_and_explains_a_missing_ffmpeg(tmp_path: Path) -> N
     assert "WIDTHxHEIGHT" in bad_size.stderr
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     ("name", "kwargs", "video", "audio"),
     [

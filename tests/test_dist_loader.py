@@ -13,6 +13,8 @@ import pytest
 
 from pipelines.sources import SplitIndex
 
+pytestmark = pytest.mark.slow  # torchrun: processes and rendezvous, tens of seconds each
+
 SCRIPT = Path(__file__).with_name("dist_loader_main.py")
 
 

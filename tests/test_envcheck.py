@@ -73,6 +73,7 @@ def test_compatible_trio() -> None:
     assert envcheck.compatible_trio("2.9.1+cu128") == {"torchaudio": "2.9.1", "torchvision": "0.24.1"}
 
 
+@pytest.mark.slow
 def test_all_well_is_one_line_per_component() -> None:
     proc = subprocess.run([sys.executable, "-m", "mbt.envcheck"], capture_output=True, text=True, cwd=REPO)
     assert proc.returncode == 0, proc.stdout + proc.stderr
@@ -83,6 +84,7 @@ def test_all_well_is_one_line_per_component() -> None:
         assert line.startswith(f"ok   {name}"), line
 
 
+@pytest.mark.slow
 def test_abi_mismatch_names_package_versions_and_fix(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:

@@ -116,6 +116,7 @@ def test_evaluate_refuses_a_sample_from_two_ranks(monkeypatch):
         evaluate(ToyModel(), toy_batches([0], 1, True), SINGLE, True, NUM_CLASSES)
 
 
+@pytest.mark.slow
 def test_collectives_and_an_empty_rank_under_torchrun(tmp_path):
     """rank 1 gets no batch at all: the gather still gives rank 0 every sample."""
     run = subprocess.run(torchrun(str(SCRIPT), str(tmp_path)), capture_output=True, text=True, timeout=300)
@@ -127,6 +128,7 @@ def test_collectives_and_an_empty_rank_under_torchrun(tmp_path):
     assert result["metrics"] == pytest.approx(expected, rel=0, abs=1e-6)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("split", ["eval", "train"])
 def test_cli_same_for_any_batch_size_and_workers(request, evaluated, split):
     shards = request.getfixturevalue(f"{split}_shards")
@@ -146,6 +148,7 @@ def test_cli_streamed_split_equals_its_folder(eval_shards, evaluated, checkpoint
     assert_same(evaluated(eval_shards, 1, 0), read_results(out))
 
 
+@pytest.mark.slow
 def test_cli_same_on_two_processes(train_shards, evaluated, checkpoint, tmp_path):
     out = tmp_path / "eval"
     cmd = torchrun("-m", "mbt.evaluate", *cli_args(checkpoint, train_shards, out, batch_size=2, num_workers=1))

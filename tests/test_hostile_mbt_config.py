@@ -100,6 +100,7 @@ def test_absurd_flag_values_are_refused(flags: list[str], message: str) -> None:
     assert len(str(err.value)) < 500
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     ("content", "message"),
     [

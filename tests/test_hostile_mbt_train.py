@@ -263,6 +263,7 @@ def _missing_weight(state: dict[str, Any]) -> None:
     del state["model"]["head.bias"]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     ("change", "message"),
     [

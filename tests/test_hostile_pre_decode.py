@@ -76,6 +76,7 @@ def test_fifo_device_and_folder_are_refused_before_ffmpeg(tmp_path):
         assert time.monotonic() - start < 1
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     ("name", "vcodec", "acodec"),
     [
@@ -142,6 +143,7 @@ def test_odd_short_side_would_not_match_the_manifest(tmp_path):
         assert image.shape[1] == made
 
 
+@pytest.mark.slow
 def test_a_decode_over_the_memory_cap_is_too_large(tmp_path, monkeypatch):
     clip = make_clip(tmp_path / "8k.mp4", seconds=0.2, size=(7680, 4320))  # 50 MB per decoded frame
     assert decode_clip(clip, 0.0, 0.2, PARAMS).frames_decoded >= 1  # within the default 4 GiB

@@ -112,6 +112,7 @@ def processes_mentioning(text: str) -> list[str]:
     return found
 
 
+@pytest.mark.slow
 def test_sigkilled_job_leaves_no_ffmpeg_and_a_second_job_is_refused_meanwhile(demo, tmp_path, capsys):
     unique = f"killme-{os.getpid()}-{time.monotonic_ns()}"
     videos = tmp_path / unique
@@ -140,6 +141,7 @@ def test_sigkilled_job_leaves_no_ffmpeg_and_a_second_job_is_refused_meanwhile(de
     decode.remove_stale_scratch()  # what the next job on this host does with the killed worker's frames
 
 
+@pytest.mark.slow
 def test_parts_of_a_partitioned_job_run_at_once_but_one_part_only_once(demo, tmp_path, capsys):
     out = tmp_path / "out"
     part0 = audioset_args(demo, out, "--shard-size", "2", "--workers", "1", "--num-jobs", "2", "--job-index", "0")
@@ -187,6 +189,7 @@ def fail_fsync_of(monkeypatch, name: str) -> None:
     monkeypatch.setattr(os, "fsync", fsync)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     ("where", "named"),
     [
@@ -266,6 +269,7 @@ def test_state_file_that_is_a_fifo_does_not_hang(demo, tmp_path, capsys):
     assert "not a regular file" in capsys.readouterr().err
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     "damage",
     [
@@ -320,6 +324,7 @@ def test_scratch_folders_of_dead_workers_are_removed():
         shutil.rmtree(live)
 
 
+@pytest.mark.slow
 def test_a_worker_killed_by_the_system_stops_the_job_instead_of_hanging(demo, tmp_path, capsys, monkeypatch):
     """Pool.imap waited for ever on a worker the OOM killer took; now the job stops and a rerun resumes."""
     out = tmp_path / "train"
@@ -342,6 +347,7 @@ def test_a_worker_killed_by_the_system_stops_the_job_instead_of_hanging(demo, tm
     assert sorted(keys_in(out).values()) == [1] * 9
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("num_rows", [0, 10**12])
 def test_a_job_file_claiming_absurd_row_counts_is_named(demo, tmp_path, capsys, num_rows):
     out = tmp_path / "train"

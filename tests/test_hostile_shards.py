@@ -86,6 +86,7 @@ CASES = [
 ]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(("name", "change", "message"), CASES, ids=[c[0] for c in CASES])
 def test_bad_sample_is_named_and_skippable(train_shards: Path, tmp_path: Path, name: str, change, message: str) -> None:
     split = rewrite_split(train_shards, tmp_path / name, damage_first(change))
@@ -201,6 +202,7 @@ def one_sample_shards(source: Path, out: Path, count: int) -> Path:
     return out
 
 
+@pytest.mark.slow
 def test_more_shards_than_the_open_file_limit(train_shards: Path, tmp_path: Path) -> None:
     split = one_sample_shards(train_shards, tmp_path / "many", 300)
     limit = 200

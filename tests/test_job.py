@@ -71,6 +71,7 @@ def test_audioset_split_end_to_end(demo, tmp_path, capsys):
     assert order != sorted(order, key=list(rows).index)  # shuffled across shards
 
 
+@pytest.mark.slow
 def test_same_inputs_give_the_same_shards(demo, tmp_path):
     a, b = tmp_path / "a", tmp_path / "b"
     assert shard_audioset.main(audioset_args(demo, a, "--shard-size", "4", "--workers", "1")) == 0
@@ -95,6 +96,7 @@ def test_second_run_does_nothing_and_other_arguments_are_refused(demo, tmp_path,
     assert "shard_size" in err and str(out) in err
 
 
+@pytest.mark.slow
 def test_bad_clips_are_recorded_and_the_job_goes_on(demo, tmp_path, capsys):
     videos = tmp_path / "videos"
     shutil.copytree(demo.videos_dir, videos)
@@ -125,6 +127,7 @@ def test_bad_clips_are_recorded_and_the_job_goes_on(demo, tmp_path, capsys):
     assert {f["reason"] for f in load_manifest(tmp_path / "req").failures} >= {"no_audio"}
 
 
+@pytest.mark.slow
 def test_killed_job_resumes_to_the_same_shards(demo, tmp_path):
     clean, killed = tmp_path / "clean", tmp_path / "killed"
     args = ["--shard-size", "1", "--workers", "1"]
@@ -175,6 +178,7 @@ def test_vggsound_split_end_to_end(demo, tmp_path):
         assert len(sample.labels) == 1 and key.endswith(f"_{int(key.rsplit('_', 1)[1]):06d}")
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("tool", ["shard_audioset", "shard_vggsound", "make_demo_data", "bench_preprocess"])
 def test_tools_have_help_and_usage_errors(tool):
     help_run = subprocess.run(tool_command(tool, "--help"), capture_output=True, text=True)
@@ -182,6 +186,7 @@ def test_tools_have_help_and_usage_errors(tool):
     assert subprocess.run(tool_command(tool, "--no-such-flag"), capture_output=True).returncode == 2
 
 
+@pytest.mark.slow
 def test_missing_inputs_exit_1_naming_the_file(demo, tmp_path):
     run = subprocess.run(
         tool_command("shard_audioset", "--segments", str(tmp_path / "nope.csv"), "--labels",

@@ -70,6 +70,7 @@ def test_model_report_help(capsys: pytest.CaptureFixture[str]) -> None:
     assert "--num-bottlenecks" in capsys.readouterr().out
 
 
+@pytest.mark.slow
 def test_model_report_main(capsys: pytest.CaptureFixture[str]) -> None:
     assert model_report.main(["--size", "tiny", "--markdown"]) == 0
     lines = capsys.readouterr().out.strip().splitlines()
@@ -97,6 +98,7 @@ def test_bench_model_main(capsys: pytest.CaptureFixture[str]) -> None:
     assert "mfu" not in values
 
 
+@pytest.mark.slow
 def test_bench_model_imports_neither_preprocess_nor_pipelines() -> None:
     # the GPU machines have torch, timm and numpy only
     code = (

@@ -38,6 +38,7 @@ def one_job(demo, tmp_path_factory):
     return out
 
 
+@pytest.mark.slow
 def test_three_parts_in_any_order_equal_one_job(demo, one_job, tmp_path, capsys):
     out = tmp_path / "train"
     for index in (2, 0):
@@ -54,6 +55,7 @@ def test_three_parts_in_any_order_equal_one_job(demo, one_job, tmp_path, capsys)
     assert merge_manifests.main([str(out)]) == 0
 
 
+@pytest.mark.slow
 def test_parts_running_at_once(demo, one_job, tmp_path):
     out = tmp_path / "train"
     command = tool_command("shard_audioset", *audioset_args(demo, out, "--shard-size", "2", "--workers", "1"))

@@ -289,6 +289,7 @@ json_values = st.recursive(
 )
 
 
+@pytest.mark.slow
 @PROPERTY
 @given(st.sampled_from(sorted(MANIFEST)), json_values)
 def test_manifest_with_one_field_replaced_parses_or_raises_schema_error(field: str, value: object) -> None:

@@ -95,6 +95,7 @@ def test_units_follow_the_quotas():
 # The loader over pipe:cat of the demo shards.
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("world_size", [1, 2, 3])
 @pytest.mark.parametrize(("batch_size", "num_workers"), [(1, 0), (2, 2), (5, 2)])
 def test_streamed_evaluation_equals_the_indexed_loader(eval_shards, train_shards, world_size, batch_size, num_workers):
@@ -153,6 +154,7 @@ def test_two_streamed_splits_are_one(train_shards, eval_shards):
     assert split.manifest.logmel == load_manifest(train_shards).logmel + load_manifest(eval_shards).logmel
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("world_size", [1, 2, 3, 4])
 @pytest.mark.parametrize(("batch_size", "num_workers"), [(1, 0), (2, 2), (3, 1)])
 def test_streamed_training_epochs(train_shards, world_size, batch_size, num_workers):
@@ -178,6 +180,7 @@ def test_streamed_training_is_seeded_and_reshuffles(train_shards):
     assert [b["key"] for b in loader(piped(train_shards), True, batch_size=3, seed=5)] != first
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("num_workers", [0, 2])
 def test_streamed_resume_continues_the_stream(train_shards, num_workers):
     kw = {"batch_size": 1, "num_workers": num_workers}
@@ -187,6 +190,7 @@ def test_streamed_resume_continues_the_stream(train_shards, num_workers):
     assert_same_batches(batches, uninterrupted)
 
 
+@pytest.mark.slow
 def test_a_pass_left_half_way_does_not_disturb_the_next(train_shards):
     run = loader(piped(train_shards), True, batch_size=1, num_workers=2)
     stream = iter(run)

@@ -41,6 +41,7 @@ def test_training_batches_follow_the_contract(train_shards):
     assert len(set(keys)) == 9  # 9 samples, batch 3, one rank: the epoch is the whole split
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("world_size", [1, 2, 3, 4])
 @pytest.mark.parametrize("batch_size", [1, 2, 4])
 def test_every_rank_has_the_same_number_of_batches(train_shards, world_size, batch_size):
@@ -68,6 +69,7 @@ def test_epochs_reshuffle_and_seeds_decide(train_shards):
     assert [b["key"] for b in loader(train_shards, True, batch_size=3, seed=7)] != first
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("world_size", [1, 2, 3, 4])
 @pytest.mark.parametrize("batch_size", [1, 2, 5])
 def test_evaluation_sees_every_sample_once(eval_shards, train_shards, world_size, batch_size):
@@ -108,6 +110,7 @@ def test_evaluation_clips_are_evenly_spaced_windows(eval_shards):
     assert torch.equal(rows[(key, 0)]["video"], rows[(key, 3)]["video"])  # 8 frames stored, 8 used: same frames
 
 
+@pytest.mark.slow
 def test_resume_continues_the_stream(train_shards):
     kw = {"batch_size": 1, "num_workers": 2}
     uninterrupted = list(loader(train_shards, True, **kw))

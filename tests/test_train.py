@@ -130,6 +130,7 @@ def test_keeps_the_last_checkpoints(reference_run: Path) -> None:
     assert not list((reference_run / "checkpoints").glob("*.tmp"))
 
 
+@pytest.mark.slow
 def test_resume_after_sigkill_equals_uninterrupted(
     reference_run: Path, train_shards: Path, eval_shards: Path, tmp_path: Path, capsys: pytest.CaptureFixture
 ) -> None:
@@ -181,6 +182,7 @@ def test_rerunning_a_finished_run_only_evaluates(
     assert json.loads((out / "eval" / "metrics.json").read_text())["mAP"] == rows[-1]["eval_metric"]
 
 
+@pytest.mark.slow
 def test_resume_with_grad_accum_equals_uninterrupted(train_shards: Path, eval_shards: Path, tmp_path: Path) -> None:
     # Per-rank batch 1 and 2 micro-batches a step: 4 steps per epoch, 8 in all; resume mid-epoch from step 3.
     run = ["--epochs", "2", "--grad_accum", "2", "--checkpoint_every_steps", "1", "--keep_checkpoints", "20", *RANDOM]
@@ -189,6 +191,7 @@ def test_resume_with_grad_accum_equals_uninterrupted(train_shards: Path, eval_sh
     assert_resumed_at_step_3_equals(args, tmp_path / "whole", tmp_path / "resumed")
 
 
+@pytest.mark.slow
 def test_streamed_shards_train_resume_and_evaluate(train_shards: Path, eval_shards: Path, tmp_path: Path) -> None:
     """Both splits as pipe: URLs, 2 loader workers: resuming mid-epoch gives the uninterrupted losses, and the
     streamed evaluation during training equals mbt.evaluate of the same checkpoint over the shard folder."""

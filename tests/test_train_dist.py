@@ -20,6 +20,8 @@ from test_train import RANDOM, losses_by_step, read_rows, train_args
 
 from mbt.checkpoint import checkpoint_path, latest_checkpoint, load_checkpoint
 
+pytestmark = pytest.mark.slow  # torchrun: processes and rendezvous, tens of seconds each
+
 REPO = Path(__file__).resolve().parents[1]
 SCRIPT = Path(__file__).with_name("dist_train_check.py")
 TIMEOUT_S = 300

@@ -288,6 +288,7 @@ def test_workers_find_what_one_process_finds(split: Path) -> None:
     assert verify_split(split, workers=2).errors == serial.errors
 
 
+@pytest.mark.slow
 def test_cli(clean: Path, split: Path) -> None:
     tool = [sys.executable, str(REPO / "tools" / "verify_shards.py")]
     ok = subprocess.run([*tool, str(clean), "--workers", "1"], capture_output=True, text=True)
