@@ -19,6 +19,8 @@ import os
 from dataclasses import dataclass, field
 from typing import Any
 
+from shards.manifest import LogmelStats
+
 # ViT weights pre-trained with inputs in [-1, 1] (timm augreg, MBT's zero-centering): mean 0.5, std 0.5.
 VIDEO_MEAN = (0.5, 0.5, 0.5)
 VIDEO_STD = (0.5, 0.5, 0.5)
@@ -34,26 +36,51 @@ class LoaderError(RuntimeError):
     """The shards cannot be read as asked; the message names the shard/key and says what to do."""
 
 
+VIDEO_CROPS = ("scale_jitter", "inception")
+
+
 @dataclass(frozen=True)
 class AugmentConfig:
-    """Training augmentation and evaluation cropping; the defaults are the MBT/AST recipe at 224 px, 800 frames."""
+    """Training augmentation and evaluation cropping; the defaults are MBT's reference (scenic's AudioSet config,
+    DMVR's ops) at 224 px, 8 frames and 800 log-mel frames. `pipelines.augment` says what each does."""
 
     crop_px: int = 224
-    frames_used: int | None = None  # None: all frames stored; fewer: a random sorted choice in training
-    resize_scale: tuple[float, float] = (0.08, 1.0)  # random resized crop: area fraction (Inception crop)
+    # Frames per clip: one from each of `frames_used` equal parts of the clip's audio window (None: as many as stored).
+    frames_used: int | None = 8
+    video_crop: str = "scale_jitter"  # scenic: resize, scale each axis by U(scale_jitter), random crop; or "inception"
+    scale_jitter: tuple[float, float] = (0.9, 1.33)  # scenic's scale_min_factor, scale_max_factor
+    resize_scale: tuple[float, float] = (0.08, 1.0)  # "inception": random resized crop, area fraction (AST, timm)
     resize_ratio: tuple[float, float] = (3 / 4, 4 / 3)  # ... and aspect ratio range
     flip_prob: float = 0.5
-    eval_short_side_px: int = 256  # evaluation: resize short side to this (a no-op on default shards), centre crop
-    audio_frames: int = 800  # log-mel frames fed to the model (AST/MBT: 800 of 1000)
-    freq_mask_px: int = 48  # SpecAugment (AST AudioSet sizes): one frequency mask of width U[0, 48) bins
-    time_mask_px: int = 192  # ... and one time mask of width U[0, 192) frames
+    color_prob: float = 0.8  # DMVR colour augmentation (scenic's prob_color_augment)
+    color_drop_prob: float = 0.1  # ... and grey scale (scenic's prob_color_drop)
+    eval_short_side_px: int = 256  # frames resized to this short side before cropping (scenic's min_resize)
+    audio_frames: int = 800  # log-mel frames fed to the model (MBT: 800 of 1000, 8 s)
+    freq_mask_px: int = 48  # SpecAugment (scenic's AudioSet config): frequency masks of width U[0, 48) bins
+    time_mask_px: int = 48  # ... and time masks of width U[0, 48) frames (AST: one of U[0, 192))
     num_freq_masks: int = 1
-    num_time_masks: int = 1
-    num_test_clips: int = 4  # evaluation: evenly spaced temporal clips per sample, logits averaged (MBT)
+    num_time_masks: int = 4
+    num_test_clips: int = 4  # evaluation: evenly spaced synchronized clips per sample, logits averaged (MBT)
     mixup_alpha: float = 0.0  # training side: Beta(α, α) mixup, one λ for both modalities; 0 turns it off
+    # Log-mel normalization: the model's (its training split's statistics, which training fills in and checkpoints
+    # keep); None reads the split's own manifest statistics.
+    logmel_mean: float | None = None
+    logmel_std: float | None = None
+
+    def __post_init__(self) -> None:
+        if self.video_crop not in VIDEO_CROPS:
+            raise ValueError(f"video_crop must be one of {', '.join(VIDEO_CROPS)}, got {self.video_crop!r}")
 
     def replace(self, **changes: object) -> AugmentConfig:
         return dataclasses.replace(self, **changes)
+
+
+def logmel_norm(augment: AugmentConfig, stats: LogmelStats) -> tuple[float, float]:
+    """(mean, std) the loaders normalize log-mels with: the model's (`augment.logmel_mean/std`), else the split's
+    statistics `stats` (its manifest's)."""
+    if augment.logmel_mean is None or augment.logmel_std is None:
+        return stats.mean, stats.std
+    return augment.logmel_mean, augment.logmel_std
 
 
 def frames_fed(augment: AugmentConfig, stored: int) -> int:

@@ -12,9 +12,16 @@ from typing import Any
 import numpy as np
 import torch
 
+from pipelines.augment import (
+    BRIGHTNESS_DELTA,
+    CONTRAST_RANGE,
+    HUE_DELTA,
+    IDENTITY_COLOR,
+    SATURATION_RANGE,
+)
 from pipelines.config import VIDEO_MEAN, VIDEO_STD, AugmentConfig, LoaderError
-from pipelines.transforms import eval_windows
-from shards.schema import LABELS_EXT, LOGMEL_EXT, frame_ext, split_member_name
+from pipelines.transforms import eval_windows, frame_ids
+from shards.schema import LABELS_EXT, LOGMEL_EXT, FeatureParams, frame_ext, split_member_name
 
 try:
     from nvidia.dali import fn, pipeline_def, types
@@ -30,7 +37,7 @@ except ImportError as _err:  # the module stays importable; DaliLoader() says ho
 
 READER_NAME = "reader"
 
-OUTPUT_NAMES = ["video", "audio", "labels", "source", "label_ids", "label_count"]
+OUTPUT_NAMES = ["video", "audio", "labels", "source", "label_ids", "label_count", "color"]
 
 _PIXEL_MEAN = [m * 255 for m in VIDEO_MEAN]
 
@@ -46,40 +53,43 @@ class GraphSpec:
     shard_id: int
     num_shards: int
     shuffle_buffer: int
-    frames_stored: int
+    features: FeatureParams
     frames_used: int
-    frame_short_side_px: int
-    fbank_frames: int
-    mel_bins: int
     logmel_mean: float
     logmel_std: float
     num_classes: int
     multi_label: bool
     augment: AugmentConfig
 
+    def eval_clips(self) -> list[tuple[int, np.ndarray]]:
+        """(log-mel start, frame ids) of each test clip: the torch loader's synchronized windows."""
+        aug = self.augment
+        starts = eval_windows(self.features.fbank_frames, aug.audio_frames, aug.num_test_clips)
+        return [(start, frame_ids(start, aug, self.features, None)) for start in starts]
+
     def frames_read(self, train: bool) -> list[int]:
-        """Stored frames the reader outputs: all of them in training, the union of the test windows otherwise."""
+        """Stored frames the reader outputs: all of them in training, the ones the test clips show otherwise."""
         if train:
-            return list(range(self.frames_stored))
-        starts = eval_windows(self.frames_stored, self.frames_used, self.augment.num_test_clips)
-        return sorted({v + i for v in starts for i in range(self.frames_used)})
+            return list(range(self.features.num_frames))
+        return sorted({int(i) for _, ids in self.eval_clips() for i in ids})
 
 
 @pipeline_def
 def mbt_pipeline(spec: GraphSpec, train: bool, device: str) -> tuple[Any, ...]:
-    """Per sample: video, audio, labels, the reader's source info of the labels member (uint8, zero-padded), and the
-    stored class indices (int32, zero-padded) with their count.
+    """Per sample: video, audio, labels, the reader's source info of the labels member (uint8, zero-padded), the
+    stored class indices (int32, zero-padded) with their count, and the clip's colour augmentation parameters
+    (`pipelines.augment.color_params`' layout; the loader applies them with `apply_color`, as the torch loader does).
 
     Training: video float32 (F, 3, crop, crop), audio float32 (1, audio_frames, mel_bins).
     Evaluation: video float32 (N, F, 3, crop, crop), audio float32 (N, 1, audio_frames, mel_bins), N test clips.
     Labels: float32 (C,) multi-hot for multi-label splits, else int64 () class index.
     """
-    frame_ids = spec.frames_read(train)
+    frames_read = spec.frames_read(train)
     *jpegs, logmel, labels = fn.readers.webdataset(
         paths=list(spec.shard_paths),
         index_paths=list(spec.index_paths),
-        ext=[frame_ext(i) for i in frame_ids] + [LOGMEL_EXT, LABELS_EXT],
-        dtypes=[types.UINT8] * len(frame_ids) + [types.FLOAT16, types.INT32],
+        ext=[frame_ext(i) for i in frames_read] + [LOGMEL_EXT, LABELS_EXT],
+        dtypes=[types.UINT8] * len(frames_read) + [types.FLOAT16, types.INT32],
         missing_component_behavior="error",
         shard_id=spec.shard_id,
         num_shards=spec.num_shards,
@@ -93,13 +103,16 @@ def mbt_pipeline(spec: GraphSpec, train: bool, device: str) -> tuple[Any, ...]:
     # fancy upsampling: the GPU decoder upsamples chroma as libjpeg-turbo does on the CPU (and torchvision)
     decoded = [fn.decoders.image(j, device=decoder, output_type=types.RGB, jpeg_fancy_upsampling=True) for j in jpegs]
     frames = fn.stack(*decoded, axis_name="F")
-    mel = fn.reshape(fn.cast(logmel, dtype=types.FLOAT), shape=[spec.fbank_frames, spec.mel_bins])
+    features = spec.features
+    mel = fn.reshape(fn.cast(logmel, dtype=types.FLOAT), shape=[features.fbank_frames, features.num_mel_bins])
     if device == "gpu":
         mel = mel.gpu()
     if train:
-        video, audio = train_video(frames, spec), train_audio(mel, spec)
+        start = random_int(max(features.fbank_frames - spec.augment.audio_frames, 0) + 1)
+        video, audio, color = train_video(frames, spec, start), train_audio(mel, spec, start), color_params(spec)
     else:
-        video, audio = eval_video(frames, spec, frame_ids), eval_audio(mel, spec)
+        video, audio = eval_video(frames, spec, frames_read), eval_audio(mel, spec)
+        color = fn.constant(fdata=list(IDENTITY_COLOR), shape=[len(IDENTITY_COLOR)])
     if spec.multi_label:
         targets = fn.reductions.sum(fn.one_hot(labels, num_classes=spec.num_classes, axis=-1), axes=[0])
     else:
@@ -108,33 +121,13 @@ def mbt_pipeline(spec: GraphSpec, train: bool, device: str) -> tuple[Any, ...]:
         targets = targets.gpu()
     source = fn.pad(fn.get_property(labels, key="source_info"), fill_value=0)
     # The stored class indices and their count, checked on the host: DALI would one-hot -1 or 527 silently.
-    return video, audio, targets, source, fn.pad(labels, fill_value=0), labels.shape()
+    return video, audio, targets, source, fn.pad(labels, fill_value=0), labels.shape(), color
 
 
 def random_int(high: Any) -> Any:
     """int32 () per sample, uniform over [0, high); `high` an int or a per-sample DataNode, at least 1."""
     draw = dmath.floor(fn.random.uniform(range=[0.0, 1.0]) * high)
     return fn.cast(dmath.clamp(draw, 0, high - 1), dtype=types.INT32)  # u * high can round up to high
-
-
-def random_sorted_subset(total: int, size: int) -> Any:
-    """int32 (size,) per sample: a uniformly random subset of range(total), ascending.
-
-    Item i is kept when fewer than `size` random keys lie below its own; the k-th kept item is the number of items
-    whose running count of kept items (inclusive) is at most k.
-    """
-
-    def count(flags: Any, axis: int) -> Any:
-        return fn.reductions.sum(fn.cast(flags, dtype=types.INT32), axes=[axis])
-
-    keys = fn.random.uniform(range=[0.0, 1.0], shape=[total])
-    kept = fn.cast(
-        count(fn.reshape(keys, shape=[1, total]) < fn.reshape(keys, shape=[total, 1]), 1) < size, dtype=types.INT32
-    )
-    upto = fn.constant(idata=np.tril(np.ones((total, total), np.int32)).ravel().tolist(), shape=[total, total])
-    running = fn.reductions.sum(upto * fn.reshape(kept, shape=[1, total]), axes=[1])
-    positions = fn.constant(idata=list(range(size)), shape=[1, size])
-    return fn.cast(count(fn.reshape(running, shape=[total, 1]) <= positions, 0), dtype=types.INT32)
 
 
 def normalize_frames(frames: Any, mirror: Any = 0) -> Any:
@@ -144,28 +137,74 @@ def normalize_frames(frames: Any, mirror: Any = 0) -> Any:
     )
 
 
-def train_video(frames: Any, spec: GraphSpec) -> Any:
-    """float32 (F, 3, crop, crop): frames_used sorted frames, one random resized crop and one flip for all of them."""
+def synced_frame_ids(start: Any, spec: GraphSpec) -> Any:
+    """int32 (frames_used,) per sample: `pipelines.transforms.frame_ids` with jitter, for the audio window at `start`:
+    one stored frame from each of frames_used equal parts of the window, nearest a random time in its part."""
+    features, used = spec.features, spec.frames_used
+    parts = fn.constant(fdata=[float(k) for k in range(used)], shape=[used])
+    offsets = parts + fn.random.uniform(range=[0.0, 1.0], shape=[used])
+    scale = features.num_frames / features.fbank_frames
+    positions = (fn.cast(start, dtype=types.FLOAT) + offsets * (spec.augment.audio_frames / used)) * scale
+    return fn.cast(dmath.clamp(dmath.floor(positions), 0, features.num_frames - 1), dtype=types.INT32)
+
+
+def crop_box(frames: Any, spec: GraphSpec) -> tuple[Any, Any]:
+    """(roi_start, roi_end) float (2,) per sample, (top, left) and (bottom, right): `pipelines.augment`'s
+    scale_jitter_box drawn with DALI's generators."""
     aug = spec.augment
-    if spec.frames_used < spec.frames_stored:  # all frames were decoded: DALI cannot pick reader outputs per sample
-        frames = fn.sequence_rearrange(frames, new_order=random_sorted_subset(spec.frames_stored, spec.frames_used))
-    crops = fn.random_resized_crop(
-        frames, size=[aug.crop_px, aug.crop_px], random_area=list(aug.resize_scale),
-        random_aspect_ratio=list(aug.resize_ratio),
-    )  # fmt: skip
+    size = fn.cast(frames.shape(dtype=types.INT32)[1:3], dtype=types.FLOAT)  # (H, W)
+    base = aug.eval_short_side_px / dmath.min(size[0], size[1])
+    scales = fn.random.uniform(range=list(aug.scale_jitter), shape=[2])
+    box = dmath.min(dmath.max(dmath.floor(aug.crop_px / (base * scales) + 0.5), 1.0), size)
+    top_left = dmath.min(dmath.floor(fn.random.uniform(range=[0.0, 1.0], shape=[2]) * (size - box + 1.0)), size - box)
+    return top_left, top_left + box
+
+
+def train_video(frames: Any, spec: GraphSpec, start: Any) -> Any:
+    """float32 (frames_used, 3, crop, crop): the frames inside the audio window that starts at `start`, one crop
+    (`video_crop`) and one flip for all of them."""
+    aug = spec.augment
+    frames = fn.sequence_rearrange(frames, new_order=synced_frame_ids(start, spec))
+    if aug.video_crop == "scale_jitter":
+        roi_start, roi_end = crop_box(frames, spec)
+        crops = fn.resize(
+            frames, size=[aug.crop_px, aug.crop_px], roi_start=roi_start, roi_end=roi_end, roi_relative=False,
+            antialias=True,
+        )  # fmt: skip
+    else:
+        crops = fn.random_resized_crop(
+            frames, size=[aug.crop_px, aug.crop_px], random_area=list(aug.resize_scale),
+            random_aspect_ratio=list(aug.resize_ratio),
+        )  # fmt: skip
     return normalize_frames(crops, mirror=fn.random.coin_flip(probability=aug.flip_prob))
 
 
-def eval_video(frames: Any, spec: GraphSpec, frame_ids: list[int]) -> Any:
-    """float32 (N, F, 3, crop, crop): the torch loader's test clips: short side resized to eval_short_side_px when
-    the shards' is another, centre crop at centre_crop_box (top/left rounded down), normalized."""
+def color_params(spec: GraphSpec) -> Any:
+    """float32 (5,) per sample: `pipelines.augment.color_params` drawn with DALI's generators (the identity where
+    the colour augmentation or the grey drop is not drawn)."""
     aug = spec.augment
-    if spec.frame_short_side_px != aug.eval_short_side_px:  # the shards' frames all have that short side
+    on = fn.cast(fn.random.coin_flip(probability=aug.color_prob), dtype=types.FLOAT)
+    drawn = [
+        fn.random.uniform(range=[-BRIGHTNESS_DELTA, BRIGHTNESS_DELTA]),
+        fn.random.uniform(range=list(SATURATION_RANGE)),
+        fn.random.uniform(range=list(CONTRAST_RANGE)),
+        fn.random.uniform(range=[-HUE_DELTA, HUE_DELTA]),
+    ]
+    params = [identity + (value - identity) * on for value, identity in zip(drawn, IDENTITY_COLOR, strict=False)]
+    params.append(fn.cast(fn.random.coin_flip(probability=aug.color_drop_prob), dtype=types.FLOAT))
+    return fn.stack(*params)
+
+
+def eval_video(frames: Any, spec: GraphSpec, frames_read: list[int]) -> Any:
+    """float32 (N, F, 3, crop, crop): the torch loader's test clips: the frames of each synchronized window, short
+    side resized to eval_short_side_px when the shards' is another, centre crop at centre_crop_box (top/left rounded
+    down), normalized."""
+    aug = spec.augment
+    if spec.features.short_side_px != aug.eval_short_side_px:  # the shards' frames all have that short side
         frames = fn.resize(frames, resize_shorter=aug.eval_short_side_px)
     top_left = (frames.shape(dtype=types.INT32)[1:3] - aug.crop_px) // 2
     crops = fn.slice(frames, start=top_left, shape=[aug.crop_px, aug.crop_px], axes=[1, 2])
-    starts = eval_windows(spec.frames_stored, spec.frames_used, aug.num_test_clips)
-    order = [frame_ids.index(v + i) for v in starts for i in range(spec.frames_used)]
+    order = [frames_read.index(int(i)) for _, ids in spec.eval_clips() for i in ids]
     clips = fn.sequence_rearrange(normalize_frames(crops), new_order=order)
     return fn.reshape(clips, shape=[aug.num_test_clips, spec.frames_used, 3, aug.crop_px, aug.crop_px], layout="")
 
@@ -179,13 +218,12 @@ def audio_window(mel: Any, start: Any, frames: int) -> Any:
     return fn.slice(mel, start=start, shape=[frames], axes=[0], out_of_bounds_policy="pad", fill_values=0)
 
 
-def train_audio(mel: Any, spec: GraphSpec) -> Any:
-    """float32 (1, audio_frames, mel_bins): a random window, normalized, then SpecAugment's bands set to 0."""
+def train_audio(mel: Any, spec: GraphSpec, start: Any) -> Any:
+    """float32 (1, audio_frames, mel_bins): the window at `start`, normalized, then SpecAugment's bands set to 0."""
     aug = spec.augment
-    start = random_int(max(spec.fbank_frames - aug.audio_frames, 0) + 1)
     audio = normalize_audio(audio_window(mel, fn.reshape(start, shape=[1]), aug.audio_frames), spec)
     bands = (
-        (1, spec.mel_bins, aug.freq_mask_px, aug.num_freq_masks),
+        (1, spec.features.num_mel_bins, aug.freq_mask_px, aug.num_freq_masks),
         (0, aug.audio_frames, min(aug.time_mask_px, aug.audio_frames), aug.num_time_masks),
     )
     for axis, extent, max_width, count in bands:
@@ -203,8 +241,7 @@ def train_audio(mel: Any, spec: GraphSpec) -> Any:
 def eval_audio(mel: Any, spec: GraphSpec) -> Any:
     """float32 (N, 1, audio_frames, mel_bins): the torch loader's evenly spaced windows, normalized."""
     aug = spec.augment
-    starts = eval_windows(spec.fbank_frames, aug.audio_frames, aug.num_test_clips)
-    windows = [fn.expand_dims(audio_window(mel, [a], aug.audio_frames), axes=[0]) for a in starts]
+    windows = [fn.expand_dims(audio_window(mel, [a], aug.audio_frames), axes=[0]) for a, _ in spec.eval_clips()]
     return normalize_audio(fn.stack(*windows), spec)
 
 

@@ -28,7 +28,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from pipelines.config import LoaderError, LoaderOptions, frames_fed, frames_problem
+from pipelines.augment import apply_color_normalized
+from pipelines.config import LoaderError, LoaderOptions, frames_fed, frames_problem, logmel_norm
 from pipelines.dali_graph import (
     DALI_IMPORT_ERROR,
     OUTPUT_NAMES,
@@ -160,13 +161,10 @@ class DaliLoader:
             shard_id=shard_id,
             num_shards=num_shards,
             shuffle_buffer=min(shuffle_buffer, len(eval_range(n, shard_id, num_shards))),
-            frames_stored=features.num_frames,
+            features=features,
             frames_used=frames_used,
-            frame_short_side_px=features.short_side_px,
-            fbank_frames=features.fbank_frames,
-            mel_bins=features.num_mel_bins,
-            logmel_mean=manifest.logmel.mean,
-            logmel_std=manifest.logmel.std,
+            logmel_mean=logmel_norm(self.augment, manifest.logmel)[0],
+            logmel_std=logmel_norm(self.augment, manifest.logmel)[1],
             num_classes=manifest.num_classes,
             multi_label=manifest.multi_label,
             augment=self.augment,
@@ -276,6 +274,7 @@ class DaliLoader:
                 f"tools/verify_shards.py {self.index.folder} and re-shard, or use --loader torch --skip-bad-samples"
             )
         if self.train:
+            video = apply_color_normalized(video, outputs["color"].cpu(), dim=2)
             return {
                 "video": video, "audio": audio, "labels": labels, "key": keys,
                 "clip_index": torch.zeros(len(keys), dtype=torch.int64, device=video.device),

@@ -200,7 +200,10 @@ def collate(rows: list[dict[str, Any]], skipped: list[str]) -> dict[str, Any]:
     float): the frames come out of the resize channels-last, so each copy into it is a plain memcpy.
     """
     if not rows:
-        return {"video": None, "audio": None, "labels": None, "key": [], "clip_index": None, "skipped": skipped}
+        return {
+            "video": None, "audio": None, "labels": None, "key": [], "clip_index": None, "color": None,
+            "skipped": skipped,
+        }  # fmt: skip
     clips = [clip for r in rows for clip in r["video"]]
     frames, _, height, width = clips[0].shape
     video = torch.empty((len(clips), frames, height, width, 3), dtype=torch.uint8)
@@ -214,5 +217,6 @@ def collate(rows: list[dict[str, Any]], skipped: list[str]) -> dict[str, Any]:
         "labels": torch.cat([r["labels"] for r in rows]),
         "key": [k for r in rows for k in r["key"]],
         "clip_index": torch.cat([r["clip_index"] for r in rows]),
+        "color": torch.cat([r["color"] for r in rows]) if rows[0]["color"] is not None else None,
         "skipped": skipped,
     }

@@ -139,7 +139,8 @@ class TorchLoader:
             if batch["video"] is not None:
                 for name in ("video", "audio", "labels", "clip_index"):
                     batch[name] = batch[name].to(self.device, non_blocking=True)
-                batch["video"] = normalize_video(batch["video"])
+                batch["video"] = normalize_video(batch["video"], batch["color"])
+            del batch["color"]
             skipped = batch.pop("skipped")
             if skipped:
                 self.skipped += skipped

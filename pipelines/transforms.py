@@ -1,6 +1,7 @@
-"""The data path from a sample's raw members to its rows, shared by both loaders: frame choice, JPEG decode, crops,
-flips, log-mel windows and SpecAugment, normalization, labels (the contract of `pipelines.config`). The PyTorch loader
-runs `SampleBuilder`; the DALI graph (`pipelines.dali_graph`) runs the same geometry (`eval_windows`,
+"""The data path from a sample's raw members to its rows, shared by both loaders: which frames go with which audio
+window (`frame_ids`: the frames inside it), JPEG decode, evaluation crops, log-mel windows, normalization, labels (the
+contract of `pipelines.config`; training's random augmentation is `pipelines.augment`). The PyTorch loader runs
+`SampleBuilder`; the DALI graph (`pipelines.dali_graph`) runs the same geometry (`eval_windows`, `frame_ids`,
 `centre_crop_box`, `eval_resize_shape`) with DALI operators.
 """
 
@@ -12,9 +13,19 @@ import numpy as np
 import torch
 from torchvision.io import ImageReadMode, decode_jpeg
 
-from pipelines.config import VIDEO_MEAN, VIDEO_STD, AugmentConfig, LoaderError, frames_fed, frames_problem
+from pipelines.augment import IDENTITY_COLOR, apply_color, color_params, spec_augment, train_video
+from pipelines.config import VIDEO_MEAN, VIDEO_STD, AugmentConfig, LoaderError, frames_fed, frames_problem, logmel_norm
 from shards.manifest import Manifest
-from shards.schema import LABELS_EXT, LOGMEL_EXT, SchemaError, frame_ext, frame_size_problem, parse_labels, parse_logmel
+from shards.schema import (
+    LABELS_EXT,
+    LOGMEL_EXT,
+    FeatureParams,
+    SchemaError,
+    frame_ext,
+    frame_size_problem,
+    parse_labels,
+    parse_logmel,
+)
 
 
 def eval_windows(total: int, window: int, num_clips: int) -> list[int]:
@@ -25,6 +36,17 @@ def eval_windows(total: int, window: int, num_clips: int) -> list[int]:
     if num_clips == 1:
         return [span // 2]
     return [round(i * span / (num_clips - 1)) for i in range(num_clips)]
+
+
+def frame_ids(start: int, augment: AugmentConfig, features: FeatureParams, jitter: np.ndarray | None) -> np.ndarray:
+    """The stored frames a row shows, in time order: its audio window [start, start + audio_frames) (log-mel frames)
+    cut into `frames_used` equal parts, and from each part the stored frame nearest a time in it: a random one
+    (`jitter`, U[0, 1) per part: training) or its middle (evaluation). Frames are stored at the centres of equal
+    slices of the segment, (i + 0.5) · segment / F, so video and audio show the same moment."""
+    used = frames_fed(augment, features.num_frames)
+    offsets = np.arange(used) + (0.5 if jitter is None else jitter)
+    positions = (start + offsets * augment.audio_frames / used) * features.num_frames / features.fbank_frames
+    return np.clip(np.floor(positions), 0, features.num_frames - 1).astype(np.int64)
 
 
 def centre_crop_box(height: int, width: int, crop_px: int) -> tuple[int, int]:
@@ -53,39 +75,18 @@ _MEAN = torch.tensor(VIDEO_MEAN) * 255
 _INV_STD = 1 / (torch.tensor(VIDEO_STD) * 255)
 
 
-def normalize_video(frames_hwc: torch.Tensor) -> torch.Tensor:
-    """float32 (..., 3, H, W) from uint8 (..., H, W, 3) RGB: scaled to [0, 1], minus VIDEO_MEAN, over VIDEO_STD.
+def normalize_video(frames_hwc: torch.Tensor, color: torch.Tensor | None = None) -> torch.Tensor:
+    """float32 (..., 3, H, W) from uint8 (B, F, H, W, 3) RGB: scaled to [0, 1], colour-augmented with each clip's
+    `color` parameters (B, 5) if given (`pipelines.augment.apply_color`), minus VIDEO_MEAN, over VIDEO_STD.
 
     Done once per batch by the consumer (on its device), so that workers pass uint8, 4x less to move; on the
     contiguous channels-last buffer, which is 5x faster than on the (..., 3, H, W) view.
     """
-    video = frames_hwc.float().sub_(_MEAN.to(frames_hwc.device)).mul_(_INV_STD.to(frames_hwc.device))
+    video = frames_hwc.float()
+    if color is not None and not bool((color == torch.tensor(IDENTITY_COLOR)).all()):
+        video = apply_color(video.div_(255), color).mul_(255)
+    video = video.sub_(_MEAN.to(frames_hwc.device)).mul_(_INV_STD.to(frames_hwc.device))
     return video.movedim(-1, -3)
-
-
-def random_resized_crop_box(height: int, width: int, aug: AugmentConfig, rng: np.random.Generator) -> tuple[int, ...]:
-    """(top, left, h, w) of an Inception-style random crop (torchvision's algorithm, numpy's generator)."""
-    area = height * width
-    log_ratio = np.log(aug.resize_ratio)
-    for _ in range(10):
-        target = area * rng.uniform(*aug.resize_scale)
-        ratio = np.exp(rng.uniform(*log_ratio))
-        w = round(np.sqrt(target * ratio))
-        h = round(np.sqrt(target / ratio))
-        if 0 < w <= width and 0 < h <= height:
-            return int(rng.integers(0, height - h + 1)), int(rng.integers(0, width - w + 1)), h, w
-    ratio = min(max(width / height, aug.resize_ratio[0]), aug.resize_ratio[1])
-    w, h = (width, round(width / ratio)) if width / height > ratio else (round(height * ratio), height)
-    w, h = min(w, width), min(h, height)
-    return (height - h) // 2, (width - w) // 2, h, w
-
-
-def train_video(frames: torch.Tensor, aug: AugmentConfig, rng: np.random.Generator) -> torch.Tensor:
-    """uint8 (F, 3, crop, crop): one random resized crop (bilinear, antialiased) and one flip for all frames."""
-    top, left, h, w = random_resized_crop_box(frames.shape[-2], frames.shape[-1], aug, rng)
-    region = frames[..., top : top + h, left : left + w]
-    out = torch.nn.functional.interpolate(region, size=(aug.crop_px, aug.crop_px), mode="bilinear", antialias=True)
-    return out.flip(-1) if rng.random() < aug.flip_prob else out
 
 
 def eval_video(frames: torch.Tensor, aug: AugmentConfig) -> torch.Tensor:
@@ -103,20 +104,6 @@ def audio_window(logmel: np.ndarray, start: int, frames: int) -> np.ndarray:
     if window.shape[0] < frames:
         window = np.concatenate([window, np.zeros((frames - window.shape[0], logmel.shape[1]), logmel.dtype)])
     return window
-
-
-def spec_augment(audio: torch.Tensor, aug: AugmentConfig, rng: np.random.Generator) -> torch.Tensor:
-    """Zero (the mean, after normalization) random frequency and time bands of a (1, T, bins) log-mel."""
-    _, frames, bins = audio.shape
-    for _ in range(aug.num_freq_masks):
-        width = int(rng.integers(0, aug.freq_mask_px)) if aug.freq_mask_px > 0 else 0
-        start = int(rng.integers(0, bins - width + 1))
-        audio[:, :, start : start + width] = 0
-    for _ in range(aug.num_time_masks):
-        width = int(rng.integers(0, min(aug.time_mask_px, frames))) if aug.time_mask_px > 0 else 0
-        start = int(rng.integers(0, frames - width + 1))
-        audio[:, start : start + width, :] = 0
-    return audio
 
 
 def decode_members(
@@ -158,22 +145,20 @@ class SampleBuilder:
         self.frames_used = frames_fed(augment, features.num_frames)
         self.time_frames = features.fbank_frames
         self.manifest = manifest
-        self.mean, self.std = manifest.logmel.mean, manifest.logmel.std
+        self.mean, self.std = logmel_norm(augment, manifest.logmel)
         self.multi_label = manifest.multi_label
         self.num_classes = manifest.num_classes
 
     def windows(self, rng: np.random.Generator | None) -> list[tuple[np.ndarray, int]]:
-        """(frame ids, log-mel start) of each row: random in training (`rng`), evenly spaced in evaluation."""
-        aug = self.aug
+        """(frame ids, log-mel start) of each row, the frames inside the audio window (`frame_ids`): a random window
+        and jitter in training (`rng`), `num_test_clips` evenly spaced windows in evaluation."""
+        aug, features = self.aug, self.manifest.features
         if self.train:
             assert rng is not None
-            frame_ids = np.arange(self.frames_stored)
-            if self.frames_used < self.frames_stored:
-                frame_ids = np.sort(rng.choice(self.frames_stored, self.frames_used, replace=False))
-            return [(frame_ids, int(rng.integers(0, max(self.time_frames - aug.audio_frames, 0) + 1)))]
-        video_starts = eval_windows(self.frames_stored, self.frames_used, aug.num_test_clips)
-        audio_starts = eval_windows(self.time_frames, aug.audio_frames, aug.num_test_clips)
-        return [(np.arange(v, v + self.frames_used), a) for v, a in zip(video_starts, audio_starts, strict=True)]
+            start = int(rng.integers(0, max(self.time_frames - aug.audio_frames, 0) + 1))
+            return [(frame_ids(start, aug, features, rng.random(self.frames_used)), start)]
+        starts = eval_windows(self.time_frames, aug.audio_frames, aug.num_test_clips)
+        return [(frame_ids(start, aug, features, None), start) for start in starts]
 
     @staticmethod
     def member_exts(windows: list[tuple[np.ndarray, int]]) -> list[str]:
@@ -210,17 +195,20 @@ class SampleBuilder:
         labels = self._labels(label_ids)
         aug = self.aug
         videos, audios = [], []
+        colors = []
         for ids, audio_start in windows:
-            frames = decoded if len(ids) == len(needed) else decoded[np.searchsorted(needed, ids)]
+            frames = decoded if np.array_equal(ids, needed) else decoded[np.searchsorted(needed, ids)]
             audio = torch.from_numpy((audio_window(logmel, audio_start, aug.audio_frames) - self.mean) / self.std)[None]
             if self.train:
                 videos.append(train_video(frames, aug, rng))
                 audios.append(spec_augment(audio, aug, rng))
+                colors.append(color_params(aug, rng))
             else:
                 videos.append(eval_video(frames, aug))
                 audios.append(audio)
         count = len(windows)
         return {
+            "color": torch.stack(colors) if colors else None,
             "video": videos,
             "audio": torch.stack(audios),
             "labels": torch.stack([labels] * count),

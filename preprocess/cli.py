@@ -29,7 +29,13 @@ def add_job_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", type=Path, help="output folder (default: shards/<dataset>/<split>)")
     parser.add_argument("--workers", type=int, default=None, help="decoding processes (default: all cores)")
     parser.add_argument("--limit", type=int, default=None, help="shard only the first N rows (a quick subset)")
-    parser.add_argument("--frames", type=int, default=defaults.num_frames, help="frames per clip (default %(default)s)")
+    parser.add_argument(
+        "--fps",
+        type=float,
+        default=defaults.frames_per_s,
+        help="frames stored per second of segment, at the centres of equal slices (default %(default)s: 20 for 10 s)",
+    )
+    parser.add_argument("--frames", type=int, default=None, help="frames per clip, instead of --fps")
     parser.add_argument(
         "--short-side", type=int, default=defaults.short_side_px, help="frame short side in px (default %(default)s)"
     )
@@ -78,11 +84,18 @@ def add_job_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
 
 
+def num_frames(args: argparse.Namespace) -> int:
+    """Frames per clip: --frames, else --fps × --segment-seconds (at least 1; a non-finite --fps gives 0, refused)."""
+    if args.frames is not None:
+        return args.frames
+    product = args.fps * args.segment_seconds
+    return max(round(product), 1) if math.isfinite(product) and product <= 10_000 else 0
+
+
 def check_options(args: argparse.Namespace) -> None:
     """JobError naming the first option whose value ffmpeg cannot produce or that would allocate without bound."""
     timeout = args.decode_timeout
     checks = [
-        ("--frames", args.frames, 1 <= args.frames <= 99, "in 1..99"),
         (
             "--short-side",
             args.short_side,
@@ -95,6 +108,7 @@ def check_options(args: argparse.Namespace) -> None:
             math.isfinite(args.segment_seconds) and 0.01 <= args.segment_seconds <= MAX_SEGMENT_S,
             f"in [0.01, {MAX_SEGMENT_S:g}] seconds (at least one 10 ms log-mel hop)",
         ),
+        ("--frames", num_frames(args), 1 <= num_frames(args) <= 99, "in 1..99 (--fps × --segment-seconds)"),
         ("--shard-size", args.shard_size, 1 <= args.shard_size <= MAX_SHARD_SIZE, f"in 1..{MAX_SHARD_SIZE}"),
         ("--workers", args.workers, args.workers is None or 1 <= args.workers <= MAX_WORKERS, f"in 1..{MAX_WORKERS}"),
         ("--limit", args.limit, args.limit is None or args.limit >= 1, "at least 1"),
@@ -135,7 +149,7 @@ def partition(num_jobs: int | None, job_index: int | None, env: Mapping[str, str
 def spec_options(args: argparse.Namespace) -> dict:
     """JobSpec keyword arguments that come from the common options; JobError naming an option out of range."""
     check_options(args)
-    params = FeatureParams(num_frames=args.frames, short_side_px=args.short_side, segment_s=args.segment_seconds)
+    params = FeatureParams(num_frames=num_frames(args), short_side_px=args.short_side, segment_s=args.segment_seconds)
     num_jobs, job_index = partition(args.num_jobs, args.job_index)
     return {
         "num_jobs": num_jobs,

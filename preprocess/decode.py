@@ -120,10 +120,10 @@ class DecodedClip:
     streams: StreamInfo
 
 
-def frame_times(start_s: float, duration_s: float, num_frames: int) -> list[float]:
-    """Centres of `num_frames` equal slices of the segment, relative to the decode start."""
-    del start_s  # times are relative: ffmpeg's input seek makes the segment start at t=0
-    return [(i + 0.5) * duration_s / num_frames for i in range(num_frames)]
+def frame_times(segment_s: float, num_frames: int) -> list[float]:
+    """Centres of `num_frames` equal slices of the segment, relative to its start: the same for every clip, even one
+    whose row or file is shorter than the segment (its frames past the end repeat its last one; schema 2)."""
+    return [(i + 0.5) * segment_s / num_frames for i in range(num_frames)]
 
 
 def _select_expr(times: list[float]) -> str:
@@ -186,7 +186,7 @@ def decode_command(
     )
     video = (
         source["v:0"]
-        .filter("select", _select_expr(frame_times(start_s, duration_s, params.num_frames)))
+        .filter("select", _select_expr(frame_times(params.segment_s, params.num_frames)))
         .filter(
             "scale",
             w=params.short_side_px,
@@ -256,9 +256,10 @@ def decode_clip(
 ) -> DecodedClip:
     """Decode the segment [start_s, start_s + duration_s) of `path`; the waveform is empty without an audio stream.
 
-    A file that ends inside the segment is decoded again over the part it has, so that its F frames still
-    spread over the whole of it (short files are rare: the second run costs little overall). All ffmpeg runs of
-    the clip together get `timeout_s` (default: default_decode_timeout_s of the segment).
+    The F frames are the first at or after the centres of F equal slices of the segment, the same times for every
+    clip; a file that ends inside the segment repeats its last frame (`frames_decoded` says how many it had), as its
+    log-mel is zero-padded, so frames and audio stay in step. The ffmpeg run gets `timeout_s` (default:
+    default_decode_timeout_s of the segment).
     Raises DecodeError with reason 'unreadable' (not media, truncated, corrupt: ffmpeg's message), 'not_media' (a
     playlist, a concat list, an image: a format outside MEDIA_DEMUXERS), 'no_video' (no video stream), 'no_frames'
     (the segment holds no video frame), 'missing_file', 'not_a_file' (FIFO, device), 'timeout' or 'too_large' (an
@@ -269,10 +270,6 @@ def decode_clip(
     fd = open_regular_file(path)
     try:
         frames, audio, streams, stderr = _run_decode(fd, start_s, duration_s, params, deadline, timeout_s)
-        available_s = (streams.duration_s or 0.0) - start_s
-        if len(frames) < params.num_frames and 0 < available_s < duration_s:
-            duration_s = available_s
-            frames, audio, streams, stderr = _run_decode(fd, start_s, duration_s, params, deadline, timeout_s)
     except DecodeError as err:  # ffmpeg's messages name the input /dev/fd/N: name the file instead
         raise DecodeError(err.reason, str(err).replace(f"file:/dev/fd/{fd}", os.fspath(path))) from None
     finally:
@@ -285,7 +282,7 @@ def decode_clip(
         )
     decoded = len(frames)
     frames += [frames[-1]] * (params.num_frames - decoded)
-    times = [start_s + t for t in frame_times(start_s, duration_s, params.num_frames)]
+    times = [start_s + t for t in frame_times(params.segment_s, params.num_frames)]
     return DecodedClip(
         frames=frames,
         waveform=audio,

@@ -16,7 +16,16 @@ from pathlib import Path
 from typing import Any
 
 from shards.atomic import write_bytes_atomic
-from shards.schema import INDEX_SUFFIX, MANIFEST_NAME, SCHEMA_VERSION, FeatureParams, SchemaError, finite, is_int
+from shards.schema import (
+    INDEX_SUFFIX,
+    MANIFEST_NAME,
+    READABLE_SCHEMA_VERSIONS,
+    SCHEMA_VERSION,
+    FeatureParams,
+    SchemaError,
+    finite,
+    is_int,
+)
 
 # What SHARD_PATTERN writes: a manifest naming anything else (a path, `../`, a shell word) is refused.
 SHARD_NAME_RE = re.compile(r"^shard-[0-9]{6,9}\.tar$")
@@ -174,9 +183,10 @@ def parse_manifest(text: str | bytes, where: str) -> Manifest:
     if not isinstance(data, dict):
         raise SchemaError(f"{where}: not a manifest (a JSON {type(data).__name__}); re-run the shard job to rewrite it")
     version = data.get("schema_version")
-    if version != SCHEMA_VERSION:
+    if version not in READABLE_SCHEMA_VERSIONS:
         raise SchemaError(
-            f"{where}: schema version {version!r:.40}, this code reads version {SCHEMA_VERSION}; "
+            f"{where}: schema version {version!r:.40}, this code reads versions "
+            f"{', '.join(map(str, READABLE_SCHEMA_VERSIONS))}; "
             "re-shard the split with this version of tools/shard_*.py"
         )
     try:
@@ -206,6 +216,7 @@ def parse_manifest(text: str | bytes, where: str) -> Manifest:
             logmel=LogmelStats.from_dict(data["logmel"]),
             failures=failures,
             job=dict(data["job"]),
+            schema_version=version,
         )
     except SchemaError as err:
         message = str(err) if str(err).startswith(where) else f"{where}: {err}"

@@ -5,7 +5,8 @@ package (`shards.schema`, `shards.manifest`, `shards.index`, `shards.tar`) and n
 dtype, a shape or the manifest's fields. Bump `SCHEMA_VERSION` on any change a reader could notice.
 
 A sample is the tar members `{key}.{ext}` for, in this order:
-  frame00.jpg … frame{F-1}.jpg   F JPEG frames, evenly spaced over the segment, short side `short_side_px`
+  frame00.jpg … frame{F-1}.jpg   F JPEG frames at the centres of F equal slices of the segment, (i + 0.5) · S / F
+                                 seconds from its start (2 per second by default), short side `short_side_px`
   logmel.f16                    raw little-endian float16, shape (fbank_frames, num_mel_bins), row-major, unnormalized
   labels.i32                    raw little-endian int32 class indices, sorted (one for single-label datasets)
   meta.json                     UTF-8 JSON: source file, segment, what was decoded, padding applied
@@ -26,7 +27,12 @@ from typing import Any
 
 import numpy as np
 
-SCHEMA_VERSION = 1
+# 2: every clip's frames at the same times, (i + 0.5) · segment / F (a clip that ends early repeats its last frame, as
+# its log-mel is zero-padded), so that a window of the log-mel and the frames inside it show the same moment.
+# 1: a clip shorter than the segment spread its F frames over what it had; read as version 2 (those clips' frames are
+# then a little early).
+SCHEMA_VERSION = 2
+READABLE_SCHEMA_VERSIONS = (1, 2)
 
 LOGMEL_EXT = "logmel.f16"
 LABELS_EXT = "labels.i32"
@@ -81,7 +87,7 @@ class FeatureParams:
     waveform mean removed, 128 bins, 25 ms Hann window, 10 ms hop, htk_compat=True, dither=0, no energy.
     """
 
-    num_frames: int = 8
+    num_frames: int = 20  # 2 per second of a 10 s segment (`frames_per_s`)
     short_side_px: int = 256
     jpeg_qscale: int = 2  # ffmpeg mjpeg; measured to match libjpeg quality 90 in size and PSNR
     sample_rate_hz: int = 16000
@@ -93,6 +99,11 @@ class FeatureParams:
     dither: float = 0.0
     use_energy: bool = False
     segment_s: float = 10.0
+
+    @property
+    def frames_per_s(self) -> float:
+        """Stored frames per second of segment."""
+        return self.num_frames / self.segment_s
 
     @property
     def fbank_frames(self) -> int:

@@ -38,9 +38,21 @@ def demo(tmp_path_factory: pytest.TempPathFactory) -> DemoDataset:
 def audioset_args(demo: DemoDataset, out: Path, *extra: str) -> list[str]:
     """shard_audioset.py arguments for the demo's train split into `out`."""
     return [
-        "--segments", str(demo.train_csv), "--labels", str(demo.class_labels_csv), "--videos", str(demo.videos_dir),
-        "--out", str(out), "--segment-seconds", str(DEMO_SECONDS), "--quiet", *extra,
-    ]  # fmt: skip
+        "--segments",
+        str(demo.train_csv),
+        "--labels",
+        str(demo.class_labels_csv),
+        "--videos",
+        str(demo.videos_dir),
+        "--out",
+        str(out),
+        "--segment-seconds",
+        str(DEMO_SECONDS),
+        "--fps",
+        "4",
+        "--quiet",
+        *extra,
+    ]  # fmt: skip  (4 frames per second: 8 frames in a 2 s clip)
 
 
 def shard_demo_split(demo: DemoDataset, out: Path, split: str = "train", shard_size: int = 2) -> Path:

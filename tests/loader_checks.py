@@ -4,15 +4,18 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
+from torchvision.io import encode_jpeg
 
 from pipelines.config import AugmentConfig
-from shards.manifest import load_manifest
-from shards.schema import sample_exts
+from shards.manifest import LogmelStats, Manifest, load_manifest
+from shards.schema import FeatureParams, Sample, encode_sample, sample_exts
 from shards.tar import iter_tar_samples
 from shards.writer import ShardWriter
 
@@ -66,3 +69,69 @@ def rewrite_split(source: Path, out: Path, change: Callable[[dict[str, bytes]], 
             shards.append(writer.close())
     dataclasses.replace(manifest, shards=shards).write(out)
     return out
+
+
+TIMED = FeatureParams(num_frames=20, short_side_px=64, segment_s=10.0)  # 2 frames a second, 1000 log-mel frames
+TIMED_AUG = AugmentConfig(
+    crop_px=48, eval_short_side_px=64, num_freq_masks=0, num_time_masks=0, color_prob=0.0, color_drop_prob=0.0,
+    logmel_mean=0.0, logmel_std=1.0,
+)  # fmt: skip
+
+
+def frame_value(i: int) -> int:
+    return 5 + 12 * i
+
+
+def write_timed_split(out: Path, samples: int = 6) -> Path:
+    """A split whose data tells the time: frame i of every clip is uniformly grey `frame_value(i)`, log-mel row t
+    holds t (loaded with TIMED_AUG's normalization, the audio a row shows gives its window's start)."""
+    out.mkdir(parents=True)
+    frames = [bytes(encode_jpeg(torch.full((3, 64, 96), frame_value(i), dtype=torch.uint8)).numpy()) for i in range(20)]
+    logmel = np.repeat(np.arange(TIMED.fbank_frames, dtype=np.float16)[:, None], TIMED.num_mel_bins, axis=1)
+    with ShardWriter(out / "shard-000000.tar") as writer:
+        for n in range(samples):
+            writer.add(
+                f"clip{n}", encode_sample(Sample(f"clip{n}", frames, logmel, np.array([n % 2], np.int32)), TIMED)
+            )
+        info = writer.close()
+    classes = [{"index": c, "id": f"c{c}", "name": f"class {c}"} for c in range(2)]
+    Manifest("timed", "train", TIMED, classes, True, [info], LogmelStats(1, 0.0, 1.0), [], {}).write(out)
+    return out
+
+
+def shown_frames(video: torch.Tensor) -> list[int]:
+    """The stored frame indices a (F, 3, H, W) normalized clip of the timed split shows."""
+    grey = ((video.float().mean(dim=(1, 2, 3)) * 0.5 + 0.5) * 255).cpu().numpy()
+    return [round(float(g - 5) / 12) for g in grey]
+
+
+def check_frames_inside_the_window(loader: Any) -> None:
+    """Every training row of the timed split shows frames_used frames, the k-th from the k-th of equal parts of its
+    audio window (the stored frame nearest some time in it), in time order; and the windows and jitter vary."""
+    used, window = TIMED_AUG.frames_used, TIMED_AUG.audio_frames
+    seen = set()
+    for batch in loader:
+        for video, audio in zip(batch["video"], batch["audio"], strict=True):
+            start = int(audio[0, 0, 0])
+            frames = shown_frames(video)
+            assert len(frames) == used and frames == sorted(frames)
+            for k, i in enumerate(frames):
+                low = math.floor((start + k * window / used) * TIMED.num_frames / TIMED.fbank_frames)
+                high = math.floor((start + (k + 1) * window / used) * TIMED.num_frames / TIMED.fbank_frames)
+                assert low <= i <= min(high, TIMED.num_frames - 1), (start, k, frames)
+            seen.add((start, tuple(frames)))
+    assert len(seen) > 1
+
+
+def check_synchronized_test_clips(loader: Any) -> None:
+    """Each of the 4 test clips of a sample shows its own audio window and the frames from inside it."""
+    from pipelines.transforms import eval_windows, frame_ids
+
+    starts = eval_windows(TIMED.fbank_frames, TIMED_AUG.audio_frames, TIMED_AUG.num_test_clips)
+    rows = 0
+    for batch in loader:
+        for video, audio, clip in zip(batch["video"], batch["audio"], batch["clip_index"].tolist(), strict=True):
+            assert int(audio[0, 0, 0]) == starts[clip]
+            assert shown_frames(video) == frame_ids(starts[clip], TIMED_AUG, TIMED, None).tolist()
+            rows += 1
+    assert rows == 6 * TIMED_AUG.num_test_clips

@@ -21,7 +21,7 @@ from preprocess.features import compute_logmel
 from preprocess.ffmpeg_run import DecodeError
 from shards.schema import FeatureParams, decode_sample, split_member_name
 
-PARAMS = FeatureParams(segment_s=2.0)
+PARAMS = FeatureParams(num_frames=8, segment_s=2.0)
 
 
 def jpeg_size(data: bytes) -> tuple[int, int]:
@@ -65,10 +65,10 @@ def test_frame_rates_give_f_frames_at_short_side_256(tmp_path, fps):
 
 def test_variable_frame_rate(tmp_path):
     clip = make_vfr_clip(tmp_path / "vfr.mp4")
-    decoded = decode_clip(clip, 0.0, 3.0, PARAMS)
+    decoded = decode_clip(clip, 0.0, PARAMS.segment_s, PARAMS)
     assert decoded.frames_decoded == PARAMS.num_frames
     assert len(set(decoded.frames)) == PARAMS.num_frames
-    assert decoded.frame_times_s == pytest.approx([(i + 0.5) * 3.0 / 8 for i in range(8)])
+    assert decoded.frame_times_s == pytest.approx([(i + 0.5) * PARAMS.segment_s / 8 for i in range(8)])
 
 
 @pytest.mark.parametrize(("size", "expected"), [((16, 16), (256, 256)), ((64, 112), (448, 256))])
@@ -114,13 +114,18 @@ def test_no_video_stream_is_skipped(tmp_path):
     assert sample is None and failure["reason"] == "no_video" and failure["file"] == "audio_only.m4a"
 
 
-def test_short_file_is_padded_and_frames_spread_over_what_exists(tmp_path):
+def test_short_file_is_padded_and_its_frames_keep_their_times(tmp_path):
+    """Schema 2: a 3 s file in a 10 s segment has the frames at 0.25, 0.75, ... 2.75 s and repeats the last one, as
+    its log-mel is zero-padded: frame i shows time (i + 0.5) / 2 s for every clip (version 1 spread 20 frames over
+    the 3 s it had)."""
     clip = make_clip(tmp_path / "short.mp4", seconds=3.0)
     params = FeatureParams(segment_s=10.0)
     sample, stats = run_clip(clip, params=params, duration_s=10.0)
     meta = sample.meta
-    assert meta["frames_decoded"] == 8 and meta["frames_repeated"] == 0
-    assert meta["decode_duration_s"] == pytest.approx(3.0, abs=0.05)
+    assert meta["frames_decoded"] == 6 and meta["frames_repeated"] == 14
+    assert meta["frame_times_s"] == pytest.approx([(i + 0.5) / 2 for i in range(20)])
+    assert sample.frames[6:] == [sample.frames[5]] * 14
+    assert meta["audio_decoded_s"] == pytest.approx(3.0, abs=0.05)
     assert meta["fbank_frames_computed"] == pytest.approx(298, abs=3)
     assert meta["fbank_pad_frames"] == 1000 - meta["fbank_frames_computed"]
     assert np.all(sample.logmel[meta["fbank_frames_computed"] :] == 0)  # AST pads with zeros
@@ -214,3 +219,14 @@ def test_input_report_parsing():
     assert info.duration_s == pytest.approx(62.5)
     assert (info.video_codec, info.width, info.height, info.fps) == ("h264", 640, 360, 29.97)
     assert (info.audio_codec, info.sample_rate_hz, info.channels) == ("opus", 48000, "stereo")
+
+
+def test_a_row_shorter_than_the_segment_keeps_the_segments_frame_times(tmp_path):
+    """A 0.5 s row in a 1 s segment: the frames at 0.125 and 0.375 s are decoded, those at 0.625 and 0.875 s (past
+    the row) repeat the last, as its log-mel is zero-padded: frame i is at (i + 0.5) / 4 s for every row."""
+    clip = make_clip(tmp_path / "long.mp4", seconds=2.0)
+    params = FeatureParams(num_frames=4, segment_s=1.0)
+    decoded = decode_clip(clip, 0.0, 0.5, params)
+    assert decoded.frames_decoded == 2 and decoded.frames[2:] == [decoded.frames[1]] * 2
+    assert decoded.frame_times_s == pytest.approx([0.125, 0.375, 0.625, 0.875])
+    assert decoded.waveform.size == pytest.approx(0.5 * 16000, abs=200)

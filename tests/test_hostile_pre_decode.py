@@ -20,7 +20,7 @@ from preprocess.decode import decode_clip
 from preprocess.ffmpeg_run import DecodeError
 from shards.schema import FeatureParams
 
-PARAMS = FeatureParams(segment_s=2.0)
+PARAMS = FeatureParams(num_frames=8, segment_s=2.0)
 
 
 def task_for(path: Path) -> ClipTask:

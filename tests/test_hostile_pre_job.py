@@ -121,7 +121,8 @@ def test_sigkilled_job_leaves_no_ffmpeg_and_a_second_job_is_refused_meanwhile(de
     segments = tmp_path / "long_segments.csv"
     segments.write_text('# long\n#\n# YTID, start_seconds, end_seconds, positive_labels\nlongclip_aaa, 0, 600, ""\n')
     args = ["--segments", str(segments), "--labels", str(demo.class_labels_csv), "--videos", str(videos),
-            "--out", str(tmp_path / "out"), "--segment-seconds", "600", "--workers", "1", "--quiet"]  # fmt: skip
+            "--out", str(tmp_path / "out"), "--segment-seconds", "600", "--frames", "8", "--workers", "1",
+            "--quiet"]  # fmt: skip
     job = subprocess.Popen(tool_command("shard_audioset", *args))
     deadline = time.monotonic() + 60
     while not any(" ffmpeg " in p for p in processes_mentioning(unique)) and time.monotonic() < deadline:

@@ -236,5 +236,5 @@ def test_manifest_is_json_with_per_shard_checksums(demo, tmp_path):
     out = tmp_path / "m"
     assert shard_audioset.main(audioset_args(demo, out, "--shard-size", "5")) == 0
     data = json.loads((out / "manifest.json").read_text())
-    assert data["schema_version"] == 1 and data["num_samples"] == 9 and data["features"]["fbank_frames"] == 200
+    assert data["schema_version"] == 2 and data["num_samples"] == 9 and data["features"]["fbank_frames"] == 200
     assert all(len(s["sha256"]) == 64 and s["bytes"] == (out / s["name"]).stat().st_size for s in data["shards"])

@@ -233,6 +233,16 @@ def test_a_sound_manifest_parses() -> None:
     assert manifest.num_samples == 2 and manifest.shards[0].index_name == "shard-000000.idx"
 
 
+@pytest.mark.parametrize("version", [1, 2])
+def test_schema_versions_1_and_2_load_and_others_are_refused(version: int) -> None:
+    """Version 1 (frames of short clips spread over what they had) still loads; the frames of both versions are at
+    (i + 0.5) · segment / F."""
+    manifest = parse_manifest(json.dumps({**MANIFEST, "schema_version": version}), "m.json")
+    assert manifest.schema_version == version and manifest.features.frames_per_s == 0.8
+    with pytest.raises(SchemaError, match="schema version 3, this code reads versions 1, 2"):
+        parse_manifest(json.dumps({**MANIFEST, "schema_version": 3}), "m.json")
+
+
 @pytest.mark.parametrize(
     ("name", "message"),
     [

@@ -9,15 +9,25 @@ import shutil
 import numpy as np
 import pytest
 import torch
-from loader_checks import SMALL_AUG, assert_same_batches, rows_by_key, stopped_and_resumed
+from loader_checks import (
+    SMALL_AUG,
+    TIMED_AUG,
+    assert_same_batches,
+    check_frames_inside_the_window,
+    check_synchronized_test_clips,
+    rows_by_key,
+    stopped_and_resumed,
+    write_timed_split,
+)
 
 from pipelines import build_loader, open_split, resolve_loader
+from pipelines.augment import spec_augment, train_video
 from pipelines.config import AugmentConfig, LoaderError
 from pipelines.mixup import mixup
 from pipelines.order import train_batches
 from pipelines.sources import SplitIndex
 from pipelines.torch_loader import TorchLoader
-from pipelines.transforms import eval_windows, spec_augment, train_video
+from pipelines.transforms import eval_windows
 from shards.manifest import load_manifest
 
 
@@ -130,7 +140,8 @@ def test_one_crop_and_flip_for_all_frames_of_a_clip():
 
 def test_spec_augment_masks_a_band_of_each_kind():
     audio = torch.ones(1, 160, 128)
-    masked = spec_augment(audio.clone(), AugmentConfig(freq_mask_px=48, time_mask_px=40), np.random.default_rng(3))
+    aug = AugmentConfig(freq_mask_px=48, time_mask_px=40, num_time_masks=1)
+    masked = spec_augment(audio.clone(), aug, np.random.default_rng(3))
     zero_bins = (masked[0] == 0).all(0).sum().item()
     zero_frames = (masked[0] == 0).all(1).sum().item()
     assert 0 < zero_bins < 48 and 0 < zero_frames < 40
@@ -264,3 +275,13 @@ def test_remote_urls_and_bad_sources_say_what_to_do(train_shards):
         SplitIndex(str(train_shards / "shard-000099.tar"))
     with pytest.raises(LoaderError, match="no shards given"):
         SplitIndex([])
+
+
+def test_training_frames_lie_inside_the_audio_window(tmp_path):
+    split = open_split(write_timed_split(tmp_path / "timed"))
+    check_frames_inside_the_window(TorchLoader(split, True, 3, augment=TIMED_AUG, num_workers=0))
+
+
+def test_test_clips_are_synchronized_windows(tmp_path):
+    split = open_split(write_timed_split(tmp_path / "timed"))
+    check_synchronized_test_clips(TorchLoader(split, False, 2, augment=TIMED_AUG, num_workers=0))

@@ -25,7 +25,6 @@ import argparse
 import multiprocessing
 import os
 import shutil
-import subprocess
 import sys
 import tempfile
 import time
@@ -33,53 +32,23 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import sklearn.datasets
 import torch
 from torch.utils.data import DataLoader, Dataset
 from torchvision.io import ImageReadMode, decode_jpeg
 
 from pipelines import dali_available, open_split
+from pipelines.augment import spec_augment, train_video
 from pipelines.config import AugmentConfig
 from pipelines.reading import SampleReader
 from pipelines.sources import SplitIndex
 from pipelines.torch_loader import TorchLoader
-from pipelines.transforms import decode_frames, spec_augment, train_video
+from pipelines.transforms import decode_frames
 from preprocess.datasets import ClipRow
+from preprocess.photo_clips import PHOTOS, make_photo_clips
 from preprocess.videos import AUDIOSET_NAME_TEMPLATES, VideoIndex
 from shards.schema import MANIFEST_NAME, FeatureParams, frame_ext
 
 _JPEGS: list[list[bytes]] = []
-
-
-PHOTOS = ("china.jpg", "flower.jpg")  # the natural photographs scikit-learn ships
-
-
-def make_photo_clips(videos: Path, clips: int) -> list[ClipRow]:
-    """`clips` 10 s clips of natural content: a 480x360 window panning over one of scikit-learn's sample photos
-    (640x427) with light film grain, 25 fps H.264 + AAC tone; frames that cost what real footage costs to
-    decode (the synthetic demo clips are flat colours). Kept between runs."""
-    photo_dir = Path(sklearn.datasets.__file__).parent / "images"
-    videos.mkdir(parents=True, exist_ok=True)
-    rows = []
-    for i in range(clips):
-        ytid = f"photo{i:04d}"
-        out = videos / f"{ytid}.mp4"
-        if not out.exists():
-            phase = 2 * np.pi * i / clips
-            pan = (
-                f"crop=480:360:x='(iw-480)*(0.5+0.5*sin(2*PI*t/10+{phase:.3f}))'"
-                f":y='(ih-360)*(0.5+0.5*cos(2*PI*t/10+{phase:.3f}))',noise=alls=4:allf=t"
-            )
-            subprocess.run(
-                ["ffmpeg", "-nostdin", "-loglevel", "error", "-y", "-loop", "1", "-framerate", "25", "-t", "10",
-                 "-i", str(photo_dir / PHOTOS[i % 2]), "-f", "lavfi", "-i", f"sine=f={300 + 50 * i}:d=10",
-                 "-vf", pan, "-c:v", "libx264", "-preset", "veryfast", "-crf", "23", "-pix_fmt", "yuv420p",
-                 "-c:a", "aac", "-shortest", f"{out}.tmp.mp4"],
-                check=True,
-            )  # fmt: skip
-            Path(f"{out}.tmp.mp4").rename(out)
-        rows.append(ClipRow(key=f"{ytid}_0", ytid=ytid, start_s=0.0, end_s=10.0, labels=(i % 2,), source="bench"))
-    return rows
 
 
 def make_shards(data: Path, clips: int) -> tuple[Path, Path]:

@@ -29,8 +29,11 @@ from preprocess.decode import decode_command
 from preprocess.demo_data import make_demo_dataset
 from preprocess.ffmpeg_run import require_ffmpeg
 from preprocess.job import JobSpec, run_job
+from preprocess.photo_clips import PHOTOS, make_photo_clips
 from preprocess.videos import AUDIOSET_NAME_TEMPLATES, VideoIndex
+from shards.manifest import load_manifest
 from shards.schema import FeatureParams
+from shards.tar import iter_tar_samples
 
 
 def bare_decode_seconds(paths: list[Path], segment_s: float, params: FeatureParams, workers: int) -> float:
@@ -71,6 +74,32 @@ def job_seconds(spec_kwargs: dict, workers: int, scratch: Path, num_jobs: int = 
     return seconds
 
 
+def frame_rate_costs(data: Path, rates: list[float], workers: int, clips: int) -> list[dict[str, float]]:
+    """For each frame rate: bytes per clip (all of it, and its frames) and the job's clips/s, sharding `clips` 10 s
+    clips of natural content (`preprocess.photo_clips`) into a fresh folder; one run each."""
+    rows = make_photo_clips(data / "photo-videos", clips)
+    results = []
+    for fps in rates:
+        params = FeatureParams(num_frames=max(round(fps * 10.0), 1))
+        out = Path(tempfile.mkdtemp(dir=data))
+        spec = JobSpec(
+            dataset="bench", split="train", rows=rows, multi_label=True, videos_dir=data / "photo-videos",
+            out_dir=out, classes=[{"index": i, "id": n, "name": n} for i, n in enumerate(PHOTOS)],
+            name_templates=AUDIOSET_NAME_TEMPLATES, params=params, shard_size=clips, workers=workers, progress=False,
+        )  # fmt: skip
+        start = time.perf_counter()
+        run_job(spec)
+        seconds = time.perf_counter() - start
+        manifest = load_manifest(out)
+        total = sum(shard.bytes for shard in manifest.shards) / manifest.num_samples
+        frames = sum(len(m) for shard in manifest.shards for _, sample in iter_tar_samples(out / shard.name)
+                     for e, m in sample.items() if e.endswith(".jpg")) / manifest.num_samples  # fmt: skip
+        results.append({"fps": fps, "frames": params.num_frames, "bytes_per_clip": total, "frame_bytes": frames,
+                        "clips_per_s": clips / seconds})  # fmt: skip
+        shutil.rmtree(out)
+    return results
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument(
@@ -88,8 +117,21 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--grain", type=int, default=10, help="film grain of generated clips (default %(default)s)")
     parser.add_argument("--workers", type=int, default=len(os.sched_getaffinity(0)), help="default: all cores")
     parser.add_argument("--repeats", type=int, default=2, help="runs of each measurement; the fastest counts")
+    parser.add_argument(
+        "--frame-rates",
+        help="instead: bytes per clip and job speed at these frames per second (e.g. 0.8,1,2,4), on natural clips",
+    )
     args = parser.parse_args(argv)
     require_ffmpeg()
+    if args.frame_rates:
+        rates = [float(r) for r in args.frame_rates.split(",")]
+        for r in frame_rate_costs(args.data, rates, args.workers, args.clips):
+            print(
+                f"fps={r['fps']:g} frames={r['frames']} bytes_per_clip={r['bytes_per_clip']:.0f} "
+                f"frame_bytes_per_clip={r['frame_bytes']:.0f} clips_per_s={r['clips_per_s']:.2f} "
+                f"audioset_2m_tb={r['bytes_per_clip'] * AUDIOSET_2M_SEGMENTS / 1e12:.2f}"
+            )
+        return 0
 
     if args.videos:
         labels, videos, segment_files = args.labels, args.videos, [args.segments]
