@@ -33,6 +33,7 @@ from mbt.fits import split_problems, token_problems
 from mbt.model import MBTConfig
 from pipelines import LOADERS
 from pipelines.config import SHUFFLE_BUFFER_SAMPLES, AugmentConfig
+from shards.manifest import LogmelStats
 
 PRESETS = ("audioset", "vggsound", "demo")
 OPTIMIZERS = ("sgd", "adamw")
@@ -151,8 +152,19 @@ def preset(name: str) -> TrainConfig:
         )  # fmt: skip
         return TrainConfig(
             model=model,
+            # The demo's labels are colours and pitches: no colour augmentation (hue jitter and grey would change
+            # the label), AST's Inception crop and one time mask, as the demo was tuned with.
             augment=AugmentConfig(
-                crop_px=96, eval_short_side_px=110, audio_frames=800, mixup_alpha=0.0, freq_mask_px=16, time_mask_px=64
+                crop_px=96,
+                eval_short_side_px=110,
+                audio_frames=800,
+                mixup_alpha=0.0,
+                freq_mask_px=16,
+                time_mask_px=64,
+                num_time_masks=1,
+                video_crop="inception",
+                color_prob=0.0,
+                color_drop_prob=0.0,
             ),
             train_shards="shards/demo/train",
             eval_shards="shards/demo/eval",
@@ -201,6 +213,16 @@ def config_help() -> str:
         "values: numbers, true/false, none, comma lists for tuples; keys and their demo values:",
         *keys_help(TrainConfig, config_to_dict(preset("demo"))),
     ])  # fmt: skip
+
+
+def with_logmel_norm(cfg: TrainConfig, stats: LogmelStats) -> TrainConfig:
+    """`cfg` with the log-mel normalization that is None (`augment.logmel_mean`, `augment.logmel_std`) set from the
+    training split's statistics `stats` (its manifest's): the model's input normalization, which training resolves
+    before any loader is built, so that config.yaml and every checkpoint keep it and every evaluation uses it."""
+    augment = cfg.augment
+    mean = stats.mean if augment.logmel_mean is None else augment.logmel_mean
+    std = stats.std if augment.logmel_std is None else augment.logmel_std
+    return cfg.replace(augment=augment.replace(logmel_mean=mean, logmel_std=std))
 
 
 def per_rank_batch(cfg: TrainConfig, world_size: int) -> int:
@@ -253,6 +275,10 @@ def validate(cfg: TrainConfig, world_size: int = 1, *, train: bool = True) -> Tr
             f"--augment.resize_ratio must be two aspect ratios 0 < low <= high <= 100, got {aug.resize_ratio}",
         ),
         (aug.mixup_alpha >= 0, f"--augment.mixup_alpha must be 0 (off) or positive, got {aug.mixup_alpha}"),
+        (
+            aug.logmel_std is None or aug.logmel_std > 0,
+            f"--augment.logmel_std must be positive (log-mels are divided by it), got {aug.logmel_std}",
+        ),
         (
             aug.crop_px == model.img_size,
             f"--augment.crop_px {aug.crop_px} differs from --model.img_size {model.img_size}: set both to one size",

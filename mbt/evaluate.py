@@ -10,8 +10,10 @@ them by clip id, computes the metrics and writes them.
 
 writes `metrics.json` (`num_samples` and `mAP`, `mAUC`, `d_prime`, or `top1`, `top5`), `predictions.npz` (`keys`,
 `logits`, `labels`, sorted by key) and, for multi-label splits, `per_class_ap.csv` (index, name, AP per class).
-The checkpoint must record the classes of the split (older checkpoints without a record: a warning), and no
-sample's logits may be NaN or infinite; what cannot be evaluated is printed as one `error: ...` line.
+The log-mels are normalized with the model's statistics, those of its training split that the checkpoint's config
+records (older checkpoints without them: the evaluated split's own, and a warning). The checkpoint must record the
+classes of the split (older checkpoints without a record: a warning), and no sample's logits may be NaN or
+infinite; what cannot be evaluated is printed as one `error: ...` line.
 """
 
 from __future__ import annotations
@@ -218,12 +220,20 @@ def _first_keys(keys: Sequence[str], bad: np.ndarray) -> str:
 
 def check_inputs(trained: TrainedModel, manifest: Manifest, shards: str | Path, checkpoint: str | Path) -> None:
     """Raise if the split's classes or inputs do not fit the model of the checkpoint `trained` (`mbt.fits.fits`, the
-    check training makes); warn when the checkpoint records no classes to compare."""
+    check training makes); warn when the checkpoint records no classes to compare, or no log-mel normalization (then
+    the split's own statistics normalize it)."""
     try:
         record = class_record(manifest, str(shards))
     except ClassListError as err:
         raise EvaluationError(str(err)) from None
     problems = []
+    augment = trained.augment
+    if "audio" in trained.model.modalities and (augment.logmel_mean is None or augment.logmel_std is None):
+        log.warning(
+            "warning: %s records no log-mel normalization (an older checkpoint): %s is normalized with its own "
+            "manifest's statistics, not the training split's",
+            checkpoint, shards,
+        )  # fmt: skip
     if trained.classes is None:
         log.warning(
             "warning: %s records no class list (an older checkpoint): only the number of classes of %s is checked",

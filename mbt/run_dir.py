@@ -82,16 +82,25 @@ def check_resume(
 ) -> list[str]:
     """Raise unless the checkpoint `state` (read from `path`) can resume the training of `cfg` on the split whose
     class record is `record`: CheckpointFileError if it is not a whole training checkpoint, ConfigError listing
-    the settings (old → new) or the classes that differ. Returns warnings: no class record (an older checkpoint),
-    another number of ranks."""
+    the settings (old → new) or the classes that differ. Returns warnings: no class record or log-mel normalization
+    (an older checkpoint: `cfg`'s, resolved from the training split, is taken), another number of ranks."""
     check_resume_state(state, path)
     run_dir = path.parent.parent
     try:
         saved = config_from_dict(state["config"])
     except ConfigError as err:
         raise ConfigError(f"{path}: its config does not fit this version ({err}); pass a new --out_dir") from None
-    problems = config_changes(saved, cfg)
     warnings = []
+    if saved.augment.logmel_mean is None or saved.augment.logmel_std is None:
+        augment = cfg.augment
+        warnings.append(
+            f"{path} records no log-mel normalization (an older checkpoint; it normalized with the training split's "
+            f"statistics): this run records the training split's, mean {augment.logmel_mean} std {augment.logmel_std}"
+        )
+        saved = saved.replace(
+            augment=saved.augment.replace(logmel_mean=augment.logmel_mean, logmel_std=augment.logmel_std)
+        )
+    problems = config_changes(saved, cfg)
     if "data" not in state:
         warnings.append(f"{path} records no class list (an older checkpoint): the training split's is not checked")
     else:

@@ -2,7 +2,9 @@
 learning-rate schedule. `tools/bench_train.py` times this same step.
 
 One step (`TrainStep`) takes `grad_accum` micro-batches: for each, mixup, label-smoothed targets, forward under bf16
-autocast (CUDA), loss and backward of loss / grad_accum, DDP's gradient all-reduce on the last micro-batch only;
+autocast (CUDA) to each tower's logits (`MBT.forward(per_tower=True)`), the towers' losses averaged (scenic's MBT
+trainer; the logits are averaged only at evaluation), backward of loss / grad_accum, DDP's gradient all-reduce on
+the last micro-batch only;
 then the mean loss is read back (a NonFiniteLoss before any update), the gradient norm clipped, and the optimizer
 and schedule stepped.
 """
@@ -40,11 +42,15 @@ def soft_targets(labels: torch.Tensor, num_classes: int, label_smoothing: float)
 
 
 def loss_fn(logits: torch.Tensor, targets: torch.Tensor, multi_label: bool) -> torch.Tensor:
-    """BCE-with-logits over classes (multi-label, AudioSet) or softmax cross-entropy (single-label, VGGSound)."""
+    """Scenic's losses of logits (B, C), or of each head output (H, B, C) against the same targets (B, C) and then
+    averaged over the heads: sigmoid cross-entropy (multi-label, AudioSet; `weighted_sigmoid_cross_entropy`) or
+    softmax cross-entropy (single-label, VGGSound), each summed over the classes and averaged over the examples."""
     logits = logits.float()
     if multi_label:
-        return F.binary_cross_entropy_with_logits(logits, targets)
-    return torch.sum(-targets * F.log_softmax(logits, dim=-1), dim=-1).mean()
+        per_class = F.binary_cross_entropy_with_logits(logits, targets.expand_as(logits), reduction="none")
+    else:
+        per_class = -targets * F.log_softmax(logits, dim=-1)
+    return per_class.sum(dim=-1).mean()
 
 
 def param_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
@@ -121,7 +127,8 @@ class TrainStep:
             accumulating = micro < cfg.grad_accum - 1 and isinstance(self.module, DistributedDataParallel)
             sync = self.module.no_sync() if accumulating else nullcontext()  # all-reduce on the last micro-batch
             with sync, self.autocast:
-                loss = loss_fn(self.forward(data["video"], data["audio"]), targets, self.multi_label)
+                logits = self.forward(data["video"], data["audio"], per_tower=True)  # scenic: a loss per tower
+                loss = loss_fn(logits, targets, self.multi_label)
                 (loss / cfg.grad_accum).backward()
             losses.append(loss.detach())
             self.clips += len(data["key"])

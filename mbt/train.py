@@ -32,10 +32,20 @@ from mbt.checkpoint import (
     save_checkpoint,
 )
 from mbt.classes import ClassListError, class_record
-from mbt.config import ConfigError, TrainConfig, config_to_dict, load_config, per_rank_batch, save_config, validate
+from mbt.config import (
+    ConfigError,
+    TrainConfig,
+    config_to_dict,
+    load_config,
+    per_rank_batch,
+    save_config,
+    validate,
+    with_logmel_norm,
+)
 from mbt.dist import DistInfo, all_gather_objects, barrier, cleanup, init_distributed
 from mbt.evaluate import EvaluationError, evaluate_split
-from mbt.model import MBT, CheckpointError, init_from_vit
+from mbt.model import MBT
+from mbt.pretrained import CheckpointError, init_from_vit
 from mbt.run_dir import RunDirError, check_resume, locked_run_dir, restore
 from mbt.run_log import RunLog, plot_curves
 from mbt.step import NonFiniteLoss, TrainStep
@@ -55,7 +65,7 @@ EXPECTED_ERRORS = (
 
 def init_towers(model: MBT, cfg: TrainConfig) -> list[str]:
     """Initialise the towers from cfg.init_video / cfg.init_audio; CheckpointError naming the flag and file when one
-    cannot be read, does not fit, or holds non-finite weights (`mbt.model.load_state_file`)."""
+    cannot be read, does not fit, or holds non-finite weights (`mbt.pretrained.load_state_file`)."""
     loaded = []
     for key, path, modality in (("init_video", cfg.init_video, "video"), ("init_audio", cfg.init_audio, "audio")):
         try:
@@ -70,10 +80,12 @@ def train(cfg: TrainConfig, dist: DistInfo) -> dict[str, Any]:
 
     Before anything is written to the run directory it is locked, and its latest checkpoint, if any, must be a whole
     training checkpoint of the same settings and classes (`mbt.run_dir.check_resume`) whose every part loads into
-    this run's model, optimizer, schedule and loader; then config.yaml is written.
+    this run's model, optimizer, schedule and loader; then config.yaml is written. The log-mel normalization left
+    unset is the training split's (`mbt.config.with_logmel_norm`) for every loader of the run, evaluation included.
     """
     run_dir = Path(cfg.out_dir)
     split = open_split(cfg.train_shards)
+    cfg = with_logmel_norm(cfg, split.manifest.logmel)
     eval_split = open_split(cfg.eval_shards) if cfg.eval_shards else None  # once per run, for every evaluation
     record = class_record(split.manifest, f"--train_shards {cfg.train_shards}")
     with locked_run_dir(run_dir, dist):

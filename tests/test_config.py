@@ -21,6 +21,7 @@ from mbt.config import (
     preset,
     save_config,
     validate,
+    with_logmel_norm,
 )
 from mbt.model import MBTConfig
 from pipelines.config import AugmentConfig
@@ -73,7 +74,8 @@ def test_audioset_preset_is_the_mbt_recipe() -> None:
         0.3,
     )
     assert cfg.augment.num_test_clips == 4
-    assert (cfg.augment.freq_mask_px, cfg.augment.time_mask_px) == (AugmentConfig().freq_mask_px, 192)
+    assert cfg.augment == AugmentConfig(mixup_alpha=0.5)  # the loaders' defaults: the reference's augmentation
+    assert (cfg.augment.logmel_mean, cfg.augment.logmel_std) == (None, None)  # training sets its split's
     assert cfg.model == MBTConfig(num_classes=527, drop_path_rate=0.3)
     assert (cfg.train_shards, cfg.eval_shards, cfg.out_dir) == (
         "shards/audioset/balanced_train",
@@ -393,6 +395,8 @@ def test_bad_values_are_rejected(demo_cfg: TrainConfig, changes: dict[str, objec
         ({}, {"mixup_alpha": -1.0}, "--augment.mixup_alpha must be 0 .off. or positive"),
         ({}, {"num_test_clips": 0}, r"--augment.num_test_clips must be in 1\.\.64"),
         ({}, {"frames_used": 0}, r"--augment.frames_used must be in 1\.\.99"),
+        ({}, {"logmel_std": 0.0}, r"--augment.logmel_std must be positive \(log-mels are divided by it\), got 0.0"),
+        ({}, {"logmel_mean": float("inf")}, "--augment.logmel_mean must be a finite number, got inf"),
     ],
 )
 def test_model_and_augment_must_agree(
@@ -515,3 +519,12 @@ def test_streamed_and_patterned_splits_are_checked_against_the_model(demo_cfg: T
         validate(demo_cfg.replace(eval_shards="pipe:cat /nowhere/manifest.json"))
     with pytest.raises(ConfigError, match=r"--shuffle_buffer must be in 1\.\.65536"):
         validate(demo_cfg.replace(shuffle_buffer=0))
+
+
+def test_logmel_normalization_left_unset_is_the_training_splits() -> None:
+    stats = LogmelStats(count=4, total=-8.0, total_sq=32.0)  # mean -2, std 2
+    cfg = preset("demo")
+    assert with_logmel_norm(cfg, stats).augment == cfg.augment.replace(logmel_mean=-2.0, logmel_std=2.0)
+    given = cfg.replace(augment=cfg.augment.replace(logmel_mean=1.5))
+    resolved = with_logmel_norm(given, stats).augment
+    assert (resolved.logmel_mean, resolved.logmel_std) == (1.5, 2.0)  # the value given is kept

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import logging
+import shutil
 import subprocess
 import sys
 from collections.abc import Callable
@@ -22,7 +24,11 @@ from mbt.dist import DistInfo
 from mbt.evaluate import EvaluationError, evaluate, main
 from mbt.metrics import compute_metrics
 from mbt.model import MBT, MBTConfig
+from pipelines import build_loader, open_split
+from pipelines.config import AugmentConfig
 from pipelines.sources import SplitIndex
+from shards.manifest import load_manifest
+from shards.schema import MANIFEST_NAME
 
 REPO = Path(__file__).resolve().parents[1]
 SCRIPT = Path(__file__).with_name("dist_evaluate_main.py")
@@ -31,7 +37,8 @@ TINY = MBTConfig(
     num_classes=8, embed_dim=32, depth=2, num_heads=2, fusion_layer=1, num_frames=8, img_size=32,
     audio_frames=160, num_mel_bins=128,
 )  # fmt: skip
-AUG = SMALL_AUG.replace(crop_px=32, eval_short_side_px=36)
+# The log-mel normalization a training records: its training split's statistics (here made up).
+AUG = SMALL_AUG.replace(crop_px=32, eval_short_side_px=36, logmel_mean=-3.5, logmel_std=4.25)
 
 Results = tuple[dict[str, np.ndarray], dict[str, Any]]
 
@@ -46,12 +53,48 @@ def read_results(out: Path) -> Results:
     return predictions, json.loads((out / "metrics.json").read_text())
 
 
-def save_checkpoint(path: Path, cfg: MBTConfig = TINY) -> Path:
-    """A checkpoint as training writes it: seeded weights and the config as plain (JSON) values."""
+def save_checkpoint(path: Path, cfg: MBTConfig = TINY, augment: AugmentConfig = AUG) -> Path:
+    """A checkpoint as training writes it: seeded weights (a random head: a trained one is not at its zero init)
+    and the config as plain (JSON) values."""
     torch.manual_seed(0)
-    config = json.loads(json.dumps({"model": dataclasses.asdict(cfg), "augment": dataclasses.asdict(AUG)}))
-    torch.save({"model": MBT(cfg).state_dict(), "config": config, "step": 0}, path)
+    model = MBT(cfg)
+    torch.nn.init.normal_(model.head.weight, std=0.5)
+    config = json.loads(json.dumps({"model": dataclasses.asdict(cfg), "augment": dataclasses.asdict(augment)}))
+    torch.save({"model": model.state_dict(), "config": config, "step": 0}, path)
     return path
+
+
+def split_with_other_statistics(folder: Path, out: Path) -> Path:
+    """A copy of the split in `folder` whose manifest's log-mel statistics are another mean (+3) and std (x2)."""
+    shutil.copytree(folder, out)
+    manifest = json.loads((out / MANIFEST_NAME).read_text())
+    stats = manifest["logmel"]
+    mean, std, count = stats["mean"] + 3, stats["std"] * 2, stats["count"]
+    stats |= {"mean": mean, "std": std, "sum": mean * count, "sum_sq": (std**2 + mean**2) * count}
+    (out / MANIFEST_NAME).write_text(json.dumps(manifest))
+    assert load_manifest(out).logmel.mean == pytest.approx(mean) and load_manifest(out).logmel.std == pytest.approx(std)
+    return out
+
+
+def record_evaluation_audio(monkeypatch: pytest.MonkeyPatch) -> list[torch.Tensor]:
+    """A list that gets the audio (B, 1, T, mel) MBT is given by each forward in evaluation mode, in order."""
+    seen: list[torch.Tensor] = []
+    forward = MBT.forward
+
+    def recording(self: MBT, video=None, audio=None, per_tower: bool = False) -> torch.Tensor:
+        if not self.training:
+            seen.append(audio.detach().clone())
+        return forward(self, video, audio, per_tower)
+
+    monkeypatch.setattr(MBT, "forward", recording)
+    return seen
+
+
+def raw_evaluation_audio(shards: Path, augment: AugmentConfig, batch_size: int) -> torch.Tensor:
+    """The evaluation loader's audio rows of the split with `augment`, in order, before normalization."""
+    raw = augment.replace(logmel_mean=0.0, logmel_std=1.0)
+    loader = build_loader(open_split(shards), False, batch_size, loader="torch", num_workers=0, augment=raw)
+    return torch.cat([batch["audio"] for batch in loader])
 
 
 def cli_args(checkpoint: Path, shards: Path, out: Path, batch_size: int = 2, num_workers: int = 0) -> list[str]:
@@ -157,6 +200,31 @@ def test_cli_same_on_two_processes(train_shards, evaluated, checkpoint, tmp_path
     assert run.stdout.count("evaluated 9 samples x 4 clips") == 1, run.stdout
     assert (out / "per_class_ap.csv").read_text().count("\n") == 1 + TINY.num_classes
     assert_same(evaluated(train_shards, 1, 0), read_results(out))
+
+
+def test_cli_normalizes_with_the_checkpoints_statistics(eval_shards, checkpoint, monkeypatch, tmp_path, caplog):
+    """The model's normalization (its training split's, in the checkpoint) on a split whose statistics differ."""
+    audio_seen = record_evaluation_audio(monkeypatch)
+    shards = split_with_other_statistics(eval_shards, tmp_path / "eval")
+    with caplog.at_level(logging.WARNING):
+        assert main(cli_args(checkpoint, shards, tmp_path / "out")) == 0
+    assert "log-mel normalization" not in caplog.text
+    expected = (raw_evaluation_audio(shards, AUG, batch_size=2) - AUG.logmel_mean) / AUG.logmel_std
+    torch.testing.assert_close(torch.cat(audio_seen), expected, rtol=0, atol=1e-5)
+
+
+def test_cli_warns_that_an_older_checkpoint_uses_the_splits_statistics(eval_shards, monkeypatch, tmp_path, caplog):
+    audio_seen = record_evaluation_audio(monkeypatch)
+    older = save_checkpoint(tmp_path / "older.pt", augment=AUG.replace(logmel_mean=None, logmel_std=None))
+    shards = split_with_other_statistics(eval_shards, tmp_path / "eval")
+    with caplog.at_level(logging.WARNING):
+        assert main(cli_args(older, shards, tmp_path / "out")) == 0
+    assert f"{older} records no log-mel normalization (an older checkpoint): {shards} is normalized with its own" in (
+        caplog.text
+    )
+    stats = load_manifest(shards).logmel
+    expected = (raw_evaluation_audio(shards, AUG, batch_size=2) - stats.mean) / stats.std
+    torch.testing.assert_close(torch.cat(audio_seen), expected, rtol=0, atol=1e-5)
 
 
 def test_cli_rejects_bad_inputs(eval_shards, checkpoint, tmp_path, capsys):

@@ -18,12 +18,14 @@ from typing import Any
 import pytest
 import torch
 import yaml
+from test_evaluate import split_with_other_statistics
 from test_train import train_args
 
 from mbt.checkpoint import checkpoint_path, latest_checkpoint
 from mbt.run_dir import LOCK_NAME
 from mbt.run_log import RunLog, plot_curves
 from mbt.train import main
+from shards.manifest import load_manifest
 
 # 9 clips, batch 2: steps 1 and 2 checkpointed, then evaluated on the 3 evaluation clips.
 BASE = ["--max_steps", "2", "--checkpoint_every_steps", "1", "--keep_checkpoints", "10"]
@@ -143,6 +145,50 @@ def test_checkpoint_without_class_record_resumes_with_a_warning(
     capsys.readouterr()
     assert main(train_args(train_shards, eval_shards, run, *BASE, "--max_steps", "3")) == 0
     assert "warning: " in (err := capsys.readouterr().err) and "records no class list (an older checkpoint)" in err
+
+
+def test_checkpoint_without_logmel_normalization_resumes_with_a_warning(
+    run: Path, train_shards: Path, eval_shards: Path, capsys: pytest.CaptureFixture
+) -> None:
+    """An older run normalized with its training split's statistics without recording them: it resumes, recording
+    them from now on."""
+
+    def older(state: dict[str, Any]) -> None:
+        state["config"]["augment"].pop("logmel_mean")
+        state["config"]["augment"].pop("logmel_std")
+
+    mutate(latest_checkpoint(run), older)
+    capsys.readouterr()
+    assert main(train_args(train_shards, eval_shards, run, *BASE, "--max_steps", "3")) == 0
+    err = capsys.readouterr().err
+    assert "step-00000002.pt records no log-mel normalization (an older checkpoint" in err
+    stats = load_manifest(train_shards).logmel
+    saved = yaml.safe_load((run / "config.yaml").read_text())["augment"]
+    assert (saved["logmel_mean"], saved["logmel_std"]) == (stats.mean, stats.std)
+
+
+def test_a_training_split_of_other_statistics_is_refused(
+    run: Path, train_shards: Path, eval_shards: Path, tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    """The model's normalization does not change under it: resuming on a split of other statistics is refused, and
+    the run's config.yaml (which records the normalization) resumes it."""
+    other = split_with_other_statistics(train_shards, tmp_path / "train")
+    before = snapshot(run)
+    line = refused(train_args(other, eval_shards, run, *BASE), capsys, status=2)
+    assert "augment.logmel_mean: " in line and "augment.logmel_std: " in line
+    assert snapshot(run) == before
+    capsys.readouterr()
+    args = [
+        "--config",
+        str(run / "config.yaml"),
+        "--out_dir",
+        str(run),
+        "--train_shards",
+        str(other),
+        "--max_steps",
+        "3",
+    ]
+    assert main(args) == 0 and "resumed from" in capsys.readouterr().out
 
 
 def test_checkpoint_of_more_ranks_resumes_with_a_warning(
@@ -350,6 +396,7 @@ def _tower_weights(run: Path, path: Path, nan: bool) -> None:
         ("tensor.pth", lambda p, run: torch.save(torch.zeros(2), p), "not a state dict"),
         ("ours.pt", lambda p, run: shutil.copy(latest_checkpoint(run), p), "does not fit the video tower"),
         ("nan.pth", lambda p, run: _tower_weights(run, p, nan=True), "its weights hold NaN or infinite values"),
+        ("noise.npz", lambda p, run: p.write_bytes(random.Random(7).randbytes(2048)), "not a readable .npz archive"),
     ],
 )
 def test_init_video_that_is_no_vit_checkpoint_is_refused(

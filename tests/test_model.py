@@ -1,13 +1,12 @@
-"""MBT: equivalence with timm's ViT, fusion semantics, variants, initialisation from local ViT checkpoints."""
+"""MBT: equivalence with timm's ViT, fusion semantics, variants, the head as scenic's (zero init, per-tower logits,
+'gap')."""
 
 from __future__ import annotations
 
 import pytest
 import torch
-from safetensors.torch import save_file
-from timm.models.vision_transformer import VisionTransformer
 
-from mbt.model import MBT, CheckpointError, MBTConfig, init_from_vit
+from mbt.model import MBT, MBTConfig
 
 TINY = MBTConfig(
     num_classes=5, embed_dim=32, depth=4, num_heads=2, fusion_layer=2, num_bottlenecks=3,
@@ -22,61 +21,12 @@ def inputs(batch: int = 2, seed: int = 0, cfg: MBTConfig = TINY) -> tuple[torch.
     return video, audio
 
 
-def tiny_vit(img_size=32, in_chans=3, embed_dim=32, depth=4) -> VisionTransformer:
-    torch.manual_seed(0)
-    vit = VisionTransformer(img_size=img_size, patch_size=16, in_chans=in_chans, embed_dim=embed_dim, depth=depth,
-                            num_heads=2, num_classes=0).eval()  # fmt: skip
-    with torch.no_grad():  # a trained-looking state: nothing left at its zero or one init
-        for p in vit.parameters():
-            p.add_(0.02 * torch.randn_like(p))
-    return vit
-
-
-def test_video_tower_on_one_frame_is_timms_vit(tmp_path):
-    vit = tiny_vit()
-    torch.save({"model": vit.state_dict()}, tmp_path / "vit.pth")
-    model = MBT(TINY.replace(fusion="late", num_frames=1)).eval()
-    assert init_from_vit(model, video=tmp_path / "vit.pth") == [f"video tower <- {tmp_path / 'vit.pth'}"]
-    frame = torch.randn(2, 3, 32, 32)
-    ours = model.forward_features(frame[:, None], torch.randn(2, 1, 64, 32))["video"]
-    assert torch.allclose(ours, vit.forward_features(frame), atol=1e-6)
-
-
-def test_audio_tower_is_timms_vit_on_the_spectrogram(tmp_path):
-    vit = tiny_vit(img_size=(64, 32), in_chans=1)
-    save_file(vit.state_dict(), tmp_path / "vit.safetensors")
-    model = MBT(TINY.replace(fusion="late")).eval()
-    init_from_vit(model, audio=tmp_path / "vit.safetensors")
-    mel = torch.randn(2, 1, 64, 32)
-    ours = model.forward_features(torch.randn(2, 2, 3, 32, 32), mel)["audio"]
-    assert torch.allclose(ours, vit.forward_features(mel), atol=1e-6)
-
-
-def test_audio_init_sums_rgb_kernels_and_resamples_positions(tmp_path):
-    vit = tiny_vit()
-    torch.save(vit.state_dict(), tmp_path / "vit.pth")
-    model = MBT(TINY)
-    init_from_vit(model, video=tmp_path / "vit.pth", audio=tmp_path / "vit.pth")
-    audio = model.towers["audio"]
-    assert torch.equal(audio.patch_embed.proj.weight, vit.patch_embed.proj.weight.sum(1, keepdim=True))
-    assert audio.pos_embed.shape == (1, 1 + 4 * 2, 32) and torch.equal(audio.pos_embed[:, 0], vit.pos_embed[:, 0])
-    assert torch.count_nonzero(model.towers["video"].temporal_embed) == 0
-    assert torch.equal(model.towers["video"].blocks[3].mlp.fc2.weight, vit.blocks[3].mlp.fc2.weight)
-
-
-def test_bad_checkpoints_name_what_is_wrong(tmp_path):
-    model = MBT(TINY)
-    with pytest.raises(CheckpointError, match="no such checkpoint file"):
-        init_from_vit(model, video=tmp_path / "missing.pth")
-    torch.save(tiny_vit(embed_dim=64).state_dict(), tmp_path / "wide.pth")
-    with pytest.raises(
-        CheckpointError,
-        match=r"wide\.pth.*of another shape.*blocks\.0\.attn\.proj\.bias: checkpoint \(64,\) vs model \(32,\)",
-    ):
-        init_from_vit(model, video=tmp_path / "wide.pth")
-    torch.save(tiny_vit(depth=2).state_dict(), tmp_path / "shallow.pth")
-    with pytest.raises(CheckpointError, match=r"keys missing \['blocks\.2\."):
-        init_from_vit(model, audio=tmp_path / "shallow.pth")
+def random_head(model: MBT) -> MBT:
+    """`model` with a random head: at its zero init no gradient reaches the towers and all logits are 0."""
+    torch.manual_seed(1)
+    torch.nn.init.normal_(model.head.weight, std=0.5)
+    torch.nn.init.normal_(model.head.bias, std=0.5)
+    return model
 
 
 @pytest.mark.parametrize("fusion", ["late", "bottleneck", "cross"])
@@ -110,7 +60,7 @@ def test_bottleneck_fusion_passes_only_bottleneck_tokens_between_towers():
 
 
 def test_gradients_reach_the_bottleneck_tokens():
-    model = MBT(TINY)
+    model = random_head(MBT(TINY))
     model(*inputs()).sum().backward()
     assert model.bottleneck.grad is not None and model.bottleneck.grad.abs().sum() > 0
 
@@ -126,17 +76,52 @@ def test_single_tower_variants(fusion):
 
 
 def test_head_is_shared_and_logits_averaged():
-    model = MBT(TINY.replace(pool="gap")).eval()
+    model = random_head(MBT(TINY)).eval()
     with torch.no_grad():
         features = model.forward_features(*inputs())
-        pooled = [t[:, 1:].mean(1) for t in features.values()]
-        expected = (model.head(pooled[0]) + model.head(pooled[1])) / 2
-        assert torch.allclose(model.forward_head(features), expected, atol=1e-6)
+        per_tower = torch.stack([model.head(features["video"][:, 0]), model.head(features["audio"][:, 0])])
+        assert torch.allclose(model.forward_head(features, per_tower=True), per_tower, atol=1e-6)
+        assert torch.allclose(model.forward_head(features), per_tower.mean(0), atol=1e-6)
+
+
+def test_head_starts_at_zero():
+    """scenic's output projection: zero kernel and bias (timm's init would draw the kernel)."""
+    model = MBT(TINY)
+    assert torch.count_nonzero(model.head.weight) == 0 and torch.count_nonzero(model.head.bias) == 0
+
+
+@pytest.mark.parametrize("fusion", ["bottleneck", "late", "audio"])
+def test_per_tower_gives_each_towers_logits_in_training(fusion):
+    """scenic's MBT returns each tower's logits in training (its trainer averages their losses); their mean is the
+    evaluation's logits. A single tower has one."""
+    model = random_head(MBT(TINY.replace(fusion=fusion))).eval()
+    video, audio = inputs()
+    with torch.no_grad():
+        both = model(video, audio, per_tower=True)
+        assert both.shape == (len(model.towers), 2, 5)
+        assert torch.allclose(both.mean(0), model(video, audio), atol=1e-6)
+
+
+def test_gap_has_no_cls_and_pools_all_tokens_of_all_towers():
+    """scenic's 'gap': no CLS token in any tower; one head on the mean over the concatenated tokens of both towers
+    (bottleneck tokens left out), so that the video tower's 12 tokens outweigh the audio tower's 8."""
+    cfg = TINY.replace(pool="gap", num_frames=3)
+    model = random_head(MBT(cfg)).eval()
+    for tower in model.towers.values():
+        assert tower.cls_token is None and "cls_token" not in tower.state_dict()
+    assert model.towers["video"].pos_embed.shape == (1, 4, 32) and model.towers["audio"].pos_embed.shape == (1, 8, 32)
+    video, audio = inputs(cfg=cfg)
+    with torch.no_grad():
+        features = model.forward_features(video, audio)
+        assert features["video"].shape[1] == 12 and features["audio"].shape[1] == 8
+        pooled = torch.cat([features["video"], features["audio"]], dim=1).mean(1)
+        assert torch.allclose(model(video, audio), model.head(pooled), atol=1e-6)
+        assert torch.allclose(model(video, audio, per_tower=True), model.head(pooled)[None], atol=1e-6)
 
 
 def test_checkpointing_and_bf16_autocast():
     torch.manual_seed(0)
-    plain = MBT(TINY)
+    plain = random_head(MBT(TINY))
     checked = MBT(TINY.replace(grad_checkpointing=True))
     checked.load_state_dict(plain.state_dict())
     video, audio = inputs()
@@ -163,3 +148,15 @@ def test_mbt_b_shapes():
     model = MBT(cfg.replace(depth=1, fusion_layer=0))
     assert model.towers["video"].grid_size == (14, 14) and model.towers["audio"].grid_size == (50, 8)
     assert MBTConfig(audio_patch_stride=10).audio_grid == (79, 12)
+
+
+def test_per_tower_traces_in_one_graph():
+    """torch.compile (here dynamo with the eager backend: no compiler needed) takes `per_tower` as a forward
+    argument without a graph break, as TrainStep calls it."""
+    model = random_head(MBT(TINY)).train()
+    video, audio = inputs()
+    compiled = torch.compile(model, backend="eager", fullgraph=True)
+    torch.manual_seed(0)
+    ours = compiled(video, audio, per_tower=True)
+    torch.manual_seed(0)
+    assert torch.allclose(ours, model(video, audio, per_tower=True), atol=1e-5) and ours.shape == (2, 2, 5)

@@ -18,11 +18,13 @@ import numpy as np
 import pytest
 import torch
 import yaml
+from test_evaluate import raw_evaluation_audio, record_evaluation_audio, split_with_other_statistics
 
 from mbt.checkpoint import checkpoint_path, latest_checkpoint, list_checkpoints, load_checkpoint
-from mbt.config import ConfigError, config_from_dict, load_config, validate
+from mbt.config import ConfigError, TrainConfig, config_from_dict, load_config, validate
 from mbt.evaluate import main as evaluate_main
 from mbt.train import main
+from shards.manifest import load_manifest
 
 REPO = Path(__file__).resolve().parents[1]
 # 2 s clips hold 200 log-mel frames: 160-frame windows; a tiny MBT on 32 px crops.
@@ -45,6 +47,13 @@ def train_args(train_shards: Path, eval_shards: Path | str, out_dir: Path, *extr
         "--train_shards", str(train_shards), "--eval_shards", str(eval_shards), "--out_dir", str(out_dir),
         *TINY, *extra,
     ]  # fmt: skip
+
+
+def resolved_config(args: list[str]) -> TrainConfig:
+    """The config of a training run with `args`: its log-mel normalization is the training split's statistics."""
+    cfg = load_config(args)
+    stats = load_manifest(cfg.train_shards).logmel
+    return cfg.replace(augment=cfg.augment.replace(logmel_mean=stats.mean, logmel_std=stats.std))
 
 
 def read_rows(run_dir: Path) -> list[dict]:
@@ -89,8 +98,9 @@ def test_training_writes_the_run_directory(
     reference_run: Path, train_shards: Path, eval_shards: Path, tmp_path: Path
 ) -> None:
     saved = yaml.safe_load((reference_run / "config.yaml").read_text())
-    cfg = load_config(train_args(train_shards, eval_shards, reference_run, *RUN))
-    assert config_from_dict(saved) == cfg
+    cfg = resolved_config(train_args(train_shards, eval_shards, reference_run, *RUN))
+    assert cfg.augment.logmel_mean is not None and cfg.augment.logmel_std > 0
+    assert config_from_dict(saved) == cfg  # with the training split's log-mel normalization
     assert load_config(["--config", str(reference_run / "config.yaml")]) == cfg
 
     last = latest_checkpoint(reference_run)
@@ -208,6 +218,22 @@ def test_streamed_shards_train_resume_and_evaluate(train_shards: Path, eval_shar
     evaluate = ["--checkpoint", str(checkpoint_path(whole, 8)), "--shards", str(eval_shards), "--out", str(out)]
     assert evaluate_main([*evaluate, "--loader", "torch", "--batch-size", "2"]) == 0
     assert json.loads((out / "metrics.json").read_text()) == pytest.approx(streamed, rel=0, abs=1e-6)
+
+
+def test_evaluation_normalizes_with_the_training_splits_statistics(
+    train_shards: Path, eval_shards: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Normalization belongs to the model: the evaluation split's own statistics (here another mean and std) are
+    not used; the training split's are, as config.yaml and the checkpoint record."""
+    audio_seen = record_evaluation_audio(monkeypatch)
+    other = split_with_other_statistics(eval_shards, tmp_path / "eval")
+    args = train_args(train_shards, other, tmp_path / "run", "--max_steps", "1")
+    assert main(args) == 0
+    cfg = resolved_config(args)
+    assert config_from_dict(load_checkpoint(checkpoint_path(tmp_path / "run", 1))["config"]) == cfg
+    stats = load_manifest(train_shards).logmel
+    raw = raw_evaluation_audio(other, cfg.augment, cfg.eval_batch_size)
+    torch.testing.assert_close(torch.cat(audio_seen), (raw - stats.mean) / stats.std, rtol=0, atol=1e-5)
 
 
 def test_empty_eval_shards_trains_without_evaluation(train_shards: Path, tmp_path: Path) -> None:

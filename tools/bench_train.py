@@ -1,9 +1,10 @@
 """Benchmark training fed by the real loader against training fed by synthetic tensors already in memory, in one run.
 
 Both feeds drive the same model with the training step `mbt.train` runs (`mbt.step.TrainStep`) at the same batch
-size: mixup, label-smoothed targets, forward (under bf16 autocast on CUDA), BCE-with-logits (multi-label shards) or
-cross-entropy loss, backward accumulated over --grad-accum micro-batches, gradient clipping, the optimizer and
-schedule steps and the loss read back, with the MBT recipe's values (`mbt.config.TrainConfig`: SGD with momentum).
+size: mixup, label-smoothed targets, forward (under bf16 autocast on CUDA) to each tower's logits, scenic's sigmoid
+(multi-label shards) or softmax cross-entropy per tower, averaged, backward accumulated over --grad-accum
+micro-batches, gradient clipping, the optimizer and schedule steps and the loss read back, with the MBT recipe's
+values (`mbt.config.TrainConfig`: SGD with momentum).
   synthetic  one batch of the loaders' contract (shapes and dtypes of `pipelines.config`) made once on the device
              and reused at every micro-batch: the model's own speed;
   real       `pipelines.build_loader` over --shards in training mode (--loader, --workers, augmentation at the

@@ -1,0 +1,84 @@
+"""The training step's loss as scenic's MBT trains: sigmoid or softmax cross-entropy summed over the classes and
+averaged over the examples, one loss per tower (their mean), mixup's one λ and targets for every tower."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from test_model import TINY, inputs, random_head
+
+from mbt.config import TrainConfig
+from mbt.model import MBT
+from mbt.step import TrainStep, loss_fn, soft_targets
+from pipelines.config import AugmentConfig
+from pipelines.mixup import mixup
+
+
+def scenic_sigmoid_ce(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """scenic's weighted_sigmoid_cross_entropy without weights: the sum over every example and class of
+    -(y log σ(x) + (1 - y) log σ(-x)), over the number of examples."""
+    per_class = -(targets * F.logsigmoid(logits) + (1 - targets) * F.logsigmoid(-logits))
+    return per_class.sum() / logits.shape[0]
+
+
+def scenic_softmax_ce(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """scenic's weighted_softmax_cross_entropy without weights: sum of -y log softmax(x), over the examples."""
+    return (-targets * F.log_softmax(logits, dim=-1)).sum() / logits.shape[0]
+
+
+def test_multi_label_loss_sums_the_classes():
+    """Not BCE's default mean over examples x classes, which is the reference's loss divided by the classes."""
+    gen = torch.Generator().manual_seed(0)
+    logits = 3 * torch.randn(4, 6, generator=gen)
+    targets = soft_targets((torch.rand(4, 6, generator=gen) < 0.3).float(), 6, label_smoothing=0.3)
+    loss = loss_fn(logits, targets, multi_label=True)
+    assert loss == pytest.approx(scenic_sigmoid_ce(logits, targets).item(), rel=1e-6)
+    assert loss == pytest.approx(6 * F.binary_cross_entropy_with_logits(logits, targets).item(), rel=1e-6)
+
+
+def test_single_label_loss_is_scenics_softmax_cross_entropy():
+    gen = torch.Generator().manual_seed(0)
+    logits = 3 * torch.randn(4, 6, generator=gen)
+    targets = soft_targets(torch.tensor([0, 5, 2, 2]), 6, label_smoothing=0.1)
+    assert targets[0, 0] == pytest.approx(0.9 + 0.1 / 6) and targets[0, 1] == pytest.approx(0.1 / 6)
+    loss = loss_fn(logits, targets, multi_label=False)
+    assert loss == pytest.approx(scenic_softmax_ce(logits, targets).item(), rel=1e-6)
+
+
+@pytest.mark.parametrize("multi_label", [True, False])
+def test_the_towers_losses_are_averaged(multi_label):
+    """Logits (towers, B, C) against one set of targets (B, C): the mean of each tower's loss, which is not the loss
+    of the averaged logits."""
+    gen = torch.Generator().manual_seed(0)
+    logits = 3 * torch.randn(2, 4, 6, generator=gen)
+    labels = (torch.rand(4, 6, generator=gen) < 0.3).float() if multi_label else torch.tensor([0, 5, 2, 2])
+    targets = soft_targets(labels, 6, label_smoothing=0.3)
+    reference = scenic_sigmoid_ce if multi_label else scenic_softmax_ce
+    expected = (reference(logits[0], targets) + reference(logits[1], targets)) / 2
+    loss = loss_fn(logits, targets, multi_label)
+    assert loss == pytest.approx(expected.item(), rel=1e-6)
+    assert loss != pytest.approx(reference(logits.mean(0), targets).item(), rel=1e-3)
+
+
+@pytest.mark.parametrize("pool", ["cls", "gap"])
+def test_train_step_trains_each_tower_on_its_own_logits(pool):
+    """TrainStep's loss is the mean of the towers' losses against the same mixed-up, smoothed targets (one λ);
+    with 'gap' the model has one logits and one loss."""
+    cfg = TrainConfig(
+        model=TINY.replace(pool=pool), augment=AugmentConfig(mixup_alpha=0.5), batch_size=4, label_smoothing=0.3
+    )
+    torch.manual_seed(0)
+    model = random_head(MBT(cfg.model))
+    video, audio = inputs(batch=4)
+    batch = {"video": video, "audio": audio, "labels": (torch.rand(4, 5) < 0.4).float(), "key": list("abcd")}
+    rng = np.random.default_rng([cfg.seed, 7, 0, 0])  # the step's draw: seed, step, rank, micro-batch
+    mixed = mixup(dict(batch), 0.5, 5, rng)
+    targets = soft_targets(mixed["labels"], 5, cfg.label_smoothing)
+    with torch.no_grad():
+        per_tower = model(mixed["video"], mixed["audio"], per_tower=True)
+    assert per_tower.shape[0] == (2 if pool == "cls" else 1)
+    expected = torch.stack([scenic_sigmoid_ce(logits, targets) for logits in per_tower]).mean()
+    step = TrainStep(model, cfg, multi_label=True, loader_batches=1, device=torch.device("cpu"))
+    assert step(iter([batch]), 7) == pytest.approx(expected.item(), rel=1e-5)
