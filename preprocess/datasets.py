@@ -34,6 +34,8 @@ class ClipRow:
 
     key: shard key, no dots (AudioSet `{ytid}_{start_ms}`, VGGSound `{ytid}_{start_s:06d}`).
     labels: sorted, distinct class indices. source: `path:LINE` of the CSV row, for error messages.
+    video_path: the video's path relative to the video folder when the CSV names its file (tools/shard_csv.py);
+    None: the file is found by name templates over the row's fields.
     """
 
     key: str
@@ -42,6 +44,7 @@ class ClipRow:
     end_s: float
     labels: tuple[int, ...]
     source: str
+    video_path: str | None = None
 
 
 def _read_lines(path: str | os.PathLike) -> Iterator[tuple[int, str]]:

@@ -1,7 +1,8 @@
 """The lookup of a clip's downloaded video file in a folder, by file name templates.
 
 A name template is a str.format pattern over a clip's fields (its YouTube id, start and end in several units) with
-glob wildcards around them; the folder is listed once and each clip's name is looked up in that list.
+glob wildcards around them; the folder is listed once and each clip's name is looked up in that list. A row that
+names its file (`ClipRow.video_path`, a path inside the folder) is opened there, and only if it stays inside.
 """
 
 import bisect
@@ -11,7 +12,7 @@ import os
 import re
 import string
 from collections.abc import Sequence
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 
 from preprocess.datasets import ClipRow, DatasetError
 
@@ -66,8 +67,10 @@ class VideoIndex:
         Templates are tried in order and the first that matches any file decides. No match ->
         FileNotFoundError naming the clip key and the patterns tried; several files for one template ->
         DatasetError naming them (pass --name-template); a bad template (unknown field, bad format spec) ->
-        DatasetError listing the fields.
+        DatasetError listing the fields. A row with a `video_path` is `resolve_path(row)` instead.
         """
+        if row.video_path is not None:
+            return self.resolve_path(row)
         if not templates:
             raise DatasetError("no video name templates given; pass --name-template")
         fields = _template_fields(row)
@@ -84,6 +87,26 @@ class VideoIndex:
             if matches:
                 return self.folder / matches[0]
         raise FileNotFoundError(f"clip {row.key}: no file in {self.folder} matches any of {', '.join(tried)}")
+
+    def resolve_path(self, row: ClipRow) -> Path:
+        """The file `row.video_path` names inside this folder, its links resolved (the path that is decoded).
+
+        An absolute path, a '..' part, or a link on the way that leads out of the folder -> DatasetError (paths come
+        from the CSV, which is data: it must not send the job to other files); no such file -> FileNotFoundError.
+        """
+        relative = PurePosixPath(row.video_path or "")
+        if relative.is_absolute() or ".." in relative.parts or not relative.parts:
+            raise DatasetError(f"clip {row.key}: video {row.video_path!r} is not a path inside {self.folder}")
+        root = os.path.realpath(self.folder)
+        real = os.path.realpath(os.path.join(root, relative))
+        if os.path.commonpath([root, real]) != root:
+            raise DatasetError(
+                f"clip {row.key}: video {row.video_path} leads to {real}, outside the video folder {self.folder}; "
+                "put the file itself (not a link out of the folder) there"
+            )
+        if not os.path.exists(real):
+            raise FileNotFoundError(f"clip {row.key}: no file {row.video_path} in {self.folder}")
+        return Path(real)
 
 
 def _is_file(entry: os.DirEntry) -> bool:
