@@ -1,4 +1,4 @@
-"""Configuration of `mbt.train` and `mbt.evaluate`: one dataclass, three presets, YAML and command-line overrides.
+"""Configuration of `mbt.train` and `mbt.evaluate`: one dataclass, four presets, YAML and command-line overrides.
 
 Resolution order (later wins): `--preset NAME` (default demo), then each `--config FILE.yaml` (a mapping of the same
 fields, with nested `model:` and `augment:` mappings), then `--key value` flags (`--lr 0.1`, `--model.depth 6`,
@@ -33,9 +33,10 @@ from mbt.fits import split_problems, token_problems
 from mbt.model import MBTConfig
 from pipelines import LOADERS
 from pipelines.config import SHUFFLE_BUFFER_SAMPLES, AugmentConfig
-from shards.manifest import LogmelStats
+from shards.manifest import LogmelStats, load_manifest
+from shards.schema import SchemaError
 
-PRESETS = ("audioset", "vggsound", "demo")
+PRESETS = ("audioset", "vggsound", "custom", "demo")
 OPTIMIZERS = ("sgd", "adamw")
 DEVICES = ("auto", "cpu", "cuda")
 # Bounds of the int settings that size an allocation or a loop: (least, most, what the value counts). The most is
@@ -53,7 +54,7 @@ INT_LIMITS: dict[str, tuple[int, int, str]] = {
     "checkpoint_every_steps": (1, 100_000_000, "steps"),
     "keep_checkpoints": (1, 10_000, "checkpoint files"),
     "log_every_steps": (1, 100_000_000, "steps"),
-    "model.num_classes": (1, 100_000, "classes"),
+    "model.num_classes": (0, 100_000, "classes; 0: the training split's"),
     "model.num_bottlenecks": (0, 1_024, "bottleneck tokens"),
     "model.embed_dim": (1, 8_192, "channels"),
     "model.depth": (1, 128, "blocks per tower"),
@@ -126,8 +127,8 @@ class TrainConfig:
 
 
 def preset(name: str) -> TrainConfig:
-    """The named preset: 'audioset' and 'vggsound' (the MBT recipe on their shards) or 'demo' (a tiny MBT for the
-    2-core CPU demo on shards/demo)."""
+    """The named preset: 'audioset' and 'vggsound' (the MBT recipe on their shards), 'custom' (the recipe on your
+    own shards, the head sized by the training split) or 'demo' (a tiny MBT for the 2-core CPU demo on shards/demo)."""
     if name == "audioset":
         return TrainConfig(
             model=MBTConfig(num_classes=527, drop_path_rate=0.3),
@@ -142,25 +143,36 @@ def preset(name: str) -> TrainConfig:
             eval_shards="shards/vggsound/test",
             out_dir="runs/vggsound",
         )
+    if name == "custom":
+        # Your own shards (tools/shard_csv.py): the MBT recipe with the data's own head, its size read from the
+        # training split's manifest when training starts (num_classes 0, `with_split_classes`).
+        return TrainConfig(
+            model=MBTConfig(num_classes=0, drop_path_rate=0.3),
+            train_shards="shards/custom/train",
+            eval_shards="shards/custom/val",
+            out_dir="runs/custom",
+        )
     if name == "demo":
-        # 8 frames at 256 px and 1000 log-mel frames per 10 s clip, 8 classes; evaluation resizes 256 → 110, crops 96.
-        # lr 3e-3 and SpecAugment masks of 16 bins / 64 frames were measured (AST's 48 / 192 masks hide the demo's
-        # single tone in many crops: the audio tower never learnt pitch; bottleneck mAP 0.89 → 0.92).
+        # 8 frames at 128 px and 400 log-mel frames per 4 s clip (the Makefile's shards), 12 classes; 4 frames in the
+        # 3.2 s audio window; evaluation resizes 128 → 72, crops 64. Sized so that `make demo` trains five variants
+        # in a few minutes on 2 CPU cores (mbt.demo). lr 3e-3 and SpecAugment masks narrower than AST's were measured
+        # (wide masks hide the demo's single tone in many crops: the audio tower never learnt pitch).
         model = MBTConfig(
-            num_classes=8, embed_dim=64, depth=4, num_heads=2, fusion_layer=2, num_bottlenecks=4,
-            img_size=96, patch_size=16, audio_frames=800, drop_path_rate=0.0,
+            num_classes=12, embed_dim=64, depth=4, num_heads=2, fusion_layer=2, num_bottlenecks=4,
+            num_frames=4, img_size=64, patch_size=16, audio_frames=320, drop_path_rate=0.0,
         )  # fmt: skip
         return TrainConfig(
             model=model,
             # The demo's labels are colours and pitches: no colour augmentation (hue jitter and grey would change
             # the label), AST's Inception crop and one time mask, as the demo was tuned with.
             augment=AugmentConfig(
-                crop_px=96,
-                eval_short_side_px=110,
-                audio_frames=800,
+                crop_px=64,
+                frames_used=4,
+                eval_short_side_px=72,
+                audio_frames=320,
                 mixup_alpha=0.0,
                 freq_mask_px=16,
-                time_mask_px=64,
+                time_mask_px=32,
                 num_time_masks=1,
                 video_crop="inception",
                 color_prob=0.0,
@@ -169,14 +181,15 @@ def preset(name: str) -> TrainConfig:
             train_shards="shards/demo/train",
             eval_shards="shards/demo/eval",
             num_workers=2,
-            batch_size=8,
+            batch_size=16,
             optimizer="adamw",
             lr=3e-3,
             weight_decay=0.05,
-            epochs=30,
+            epochs=20,
             warmup_epochs=1.0,
             label_smoothing=0.0,
-            checkpoint_every_steps=50,
+            eval_every_epochs=20,  # one evaluation, at the end
+            checkpoint_every_steps=1000,
             out_dir="runs/demo",
         )
     raise ConfigError(f"unknown preset {name!r}: choose one of {', '.join(PRESETS)}")
@@ -209,7 +222,7 @@ def load_config(argv: Sequence[str] | None = None) -> TrainConfig:
 def config_help() -> str:
     """Usage and every key with its type and the demo preset's value."""
     return "\n".join([
-        "usage: [--preset audioset|vggsound|demo] [--config FILE.yaml] [--KEY VALUE ...]",
+        "usage: [--preset audioset|vggsound|custom|demo] [--config FILE.yaml] [--KEY VALUE ...]",
         "values: numbers, true/false, none, comma lists for tuples; keys and their demo values:",
         *keys_help(TrainConfig, config_to_dict(preset("demo"))),
     ])  # fmt: skip
@@ -223,6 +236,19 @@ def with_logmel_norm(cfg: TrainConfig, stats: LogmelStats) -> TrainConfig:
     mean = stats.mean if augment.logmel_mean is None else augment.logmel_mean
     std = stats.std if augment.logmel_std is None else augment.logmel_std
     return cfg.replace(augment=augment.replace(logmel_mean=mean, logmel_std=std))
+
+
+def with_split_classes(cfg: TrainConfig) -> TrainConfig:
+    """`cfg` with `model.num_classes` 0 (the `custom` preset: the data's own head) set to the number of classes of
+    the training split's manifest; `cfg` as it is when the count is set or the manifest cannot be read (`validate`
+    then names the problem). Training resolves it before validating, so config.yaml and checkpoints keep the count."""
+    if cfg.model.num_classes != 0 or not cfg.train_shards:
+        return cfg
+    try:
+        manifest = load_manifest(cfg.train_shards)
+    except (SchemaError, OSError):
+        return cfg
+    return cfg.replace(model=cfg.model.replace(num_classes=manifest.num_classes))
 
 
 def per_rank_batch(cfg: TrainConfig, world_size: int) -> int:
@@ -296,6 +322,8 @@ def validate(cfg: TrainConfig, world_size: int = 1, *, train: bool = True) -> Tr
     ]
     problems = value_problems(cfg, INT_LIMITS)
     problems += [message for ok, message in checks if not ok]
+    if model.num_classes == 0 and not (train and cfg.train_shards):
+        problems.append("--model.num_classes is 0 (the training split's) but no training split is read: set it")
     problems += token_problems(model)
     if world_size >= 1 and cfg.batch_size >= 1 and cfg.grad_accum >= 1 and (batch := _batch_problem(cfg, world_size)):
         problems.append(batch)

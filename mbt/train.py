@@ -41,6 +41,7 @@ from mbt.config import (
     save_config,
     validate,
     with_logmel_norm,
+    with_split_classes,
 )
 from mbt.dist import DistInfo, all_gather_objects, barrier, cleanup, init_distributed
 from mbt.evaluate import EvaluationError, evaluate_split
@@ -226,7 +227,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {err}", file=sys.stderr)
         return 2
     try:
-        cfg = validate(cfg, dist.world_size)
+        cfg = validate(with_split_classes(cfg), dist.world_size)
         metrics = train(cfg, dist)
         if dist.is_main:
             print(json.dumps({"out_dir": cfg.out_dir, **metrics}))

@@ -22,6 +22,7 @@ from mbt.config import (
     save_config,
     validate,
     with_logmel_norm,
+    with_split_classes,
 )
 from mbt.model import MBTConfig
 from pipelines.config import AugmentConfig
@@ -112,15 +113,27 @@ def test_demo_preset_is_a_tiny_cpu_model() -> None:
 def test_every_preset_validates_against_matching_manifests(tmp_path: Path) -> None:
     for name in PRESETS:
         cfg = preset(name)
-        classes = cfg.model.num_classes
+        classes = cfg.model.num_classes or 5  # custom: 0, the training split's
         train = write_manifest(tmp_path / name / "train", num_classes=classes)
         test = write_manifest(tmp_path / name / "eval", num_classes=classes)
-        cfg = cfg.replace(train_shards=str(train), eval_shards=str(test))
+        cfg = with_split_classes(cfg.replace(train_shards=str(train), eval_shards=str(test)))
+        assert cfg.model.num_classes == classes
         assert validate(cfg) is cfg
 
 
+def test_the_custom_preset_takes_the_number_of_classes_of_the_training_split(tmp_path: Path) -> None:
+    cfg = load_config(["--preset", "custom", "--train_shards", str(write_manifest(tmp_path / "t", num_classes=7))])
+    assert cfg.model.num_classes == 0 and cfg.model.embed_dim == 768 and cfg.lr == 0.5  # MBT-B and its recipe
+    assert with_split_classes(cfg).model.num_classes == 7
+    assert with_split_classes(cfg.replace(model=cfg.model.replace(num_classes=3))).model.num_classes == 3  # given
+    unread = cfg.replace(train_shards=str(tmp_path / "missing"))
+    assert with_split_classes(unread) is unread  # validate names the missing split
+    with pytest.raises(ConfigError, match="no training split is read"):
+        validate(cfg.replace(model=cfg.model.replace(num_classes=0), train_shards=""), train=False)
+
+
 def test_unknown_preset_lists_the_names() -> None:
-    with pytest.raises(ConfigError, match="unknown preset 'kinetics': choose one of audioset, vggsound, demo"):
+    with pytest.raises(ConfigError, match="unknown preset 'kinetics': choose one of audioset, vggsound, custom, demo"):
         preset("kinetics")
     with pytest.raises(ConfigError, match="unknown preset 'kinetics'"):
         load_config(["--preset", "kinetics"])
@@ -276,7 +289,7 @@ def test_help_lists_the_keys(capsys: pytest.CaptureFixture[str]) -> None:
         load_config(["--help"])
     assert exit_info.value.code == 0
     out = capsys.readouterr().out
-    assert "--preset audioset|vggsound|demo" in out
+    assert "--preset audioset|vggsound|custom|demo" in out
     assert "--model.fusion_layer (int) 2" in out
     assert "--augment.resize_scale (comma list float,float) 0.08,1.0" in out
     assert "--clip_grad_norm (float or none)" in out

@@ -67,7 +67,7 @@ def cfg(tmp_path: Path) -> TrainConfig:
         ("augment:\n  num_time_masks: 100000000\n", r"--augment.num_time_masks must be in 0\.\.64"),
         ("model:\n  audio_frames: 10000000\n", r"--model.audio_frames must be in 1\.\.10000"),
         ("model:\n  embed_dim: 1000000\n", r"--model.embed_dim must be in 1\.\.8192"),
-        ("model:\n  num_classes: 100000000\n", r"--model.num_classes must be in 1\.\.100000"),
+        ("model:\n  num_classes: 100000000\n", r"--model.num_classes must be in 0\.\.100000"),
         ("model:\n  num_heads: 0\n", r"--model.num_heads must be in 1\.\.256"),
         ("model:\n  depth: 100000\n", r"--model.depth must be in 1\.\.128"),
         ('out_dir: "runs/a\\0b"\n', r"--out_dir holds a NUL character: 'runs/a\\x00b'"),

@@ -5,13 +5,18 @@ from __future__ import annotations
 
 import contextlib
 import io
+import json
 from pathlib import Path
 
 import pytest
 import torch
+import yaml
 from conftest import load_tool
 from media import make_clip
 
+from mbt.checkpoint import latest_checkpoint
+from mbt.evaluate import main as evaluate_main
+from mbt.train import main as train_main
 from pipelines import build_loader, open_split
 from pipelines.config import AugmentConfig
 from preprocess.custom_csv import CsvLayout, parse_time, read_custom_csv
@@ -324,6 +329,51 @@ def test_epic_kitchens_annotations_shard_by_verb_class(tmp_path):
     ]
     keyed = read_custom_csv(csv, CsvLayout(**{**vars(layout), "key_column": "narration_id"}))
     assert [r.key for r in keyed.rows] == ["P01_01_0", "P01_01_1", "P01_01_2"]
+
+
+# The custom preset (MBT-B) made tiny for 1 s segments of 4 frames: 80 of the 100 log-mel frames, 32 px crops.
+CUSTOM_TINY = [
+    "--preset", "custom", "--model.embed_dim", "32", "--model.depth", "2", "--model.num_heads", "2",
+    "--model.fusion_layer", "1", "--model.num_frames", "4", "--augment.frames_used", "4", "--model.img_size", "32",
+    "--augment.crop_px", "32", "--augment.eval_short_side_px", "36", "--model.audio_frames", "80",
+    "--augment.audio_frames", "80", "--augment.time_mask_px", "20", "--augment.freq_mask_px", "24",
+    "--loader", "torch", "--num_workers", "0", "--batch_size", "2", "--eval_batch_size", "2", "--epochs", "2",
+    "--warmup_epochs", "1",
+]  # fmt: skip
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("multi_label", [False, True], ids=["single-label", "multi-label"])
+def test_the_custom_preset_trains_and_evaluates_with_the_splits_own_head(videos, tmp_path, multi_label):
+    """`--preset custom` reads the number of classes from the training split (the head's size in config.yaml and the
+    checkpoint) and the loss and metrics from single/multi-label: top-1/top-5, or mAP/mAUC/d'."""
+    text = SEGMENTS_CSV.replace(",dog,train\n", ",dog;cat,train\n", 1) if multi_label else SEGMENTS_CSV
+    csv = write_csv(tmp_path, "clips.csv", text)
+    for split in ("train", "test"):
+        shard(csv, videos, tmp_path / split, "--split", split)
+    assert load_manifest(tmp_path / "train").multi_label is multi_label
+    run = tmp_path / "run"
+    args = ["--train_shards", str(tmp_path / "train"), "--eval_shards", str(tmp_path / "test"), "--out_dir", str(run)]
+    assert train_main([*CUSTOM_TINY, *args]) == 0
+    saved = yaml.safe_load((run / "config.yaml").read_text())
+    assert saved["model"]["num_classes"] == 3 and saved["model"]["embed_dim"] == 32  # dog, cat, bird: the CSV's
+    assert saved["label_smoothing"] == 0.3 and saved["optimizer"] == "sgd"  # the MBT recipe
+    metrics = json.loads((run / "eval" / "metrics.json").read_text())
+    assert set(metrics) == (
+        {"num_samples", "mAP", "mAUC", "d_prime"} if multi_label else {"num_samples", "top1", "top5"}
+    )
+    out = tmp_path / "evaluated"
+    checkpoint = latest_checkpoint(run)
+    assert evaluate_main(["--checkpoint", str(checkpoint), "--shards", str(tmp_path / "test"), "--out", str(out)]) == 0
+    evaluated = json.loads((out / "metrics.json").read_text())
+    assert evaluated.keys() == metrics.keys()  # one test sample: mAUC and d' are null (no negative of each class)
+    assert all(evaluated[k] == pytest.approx(v, rel=0, abs=1e-6) for k, v in metrics.items() if v is not None)
+
+
+def test_the_custom_preset_without_a_readable_training_split_asks_for_the_classes(tmp_path, capsys):
+    assert train_main([*CUSTOM_TINY, "--train_shards", str(tmp_path / "none"), "--out_dir", str(tmp_path)]) == 2
+    err = capsys.readouterr().err
+    assert "--train_shards" in err and str(tmp_path / "none") in err
 
 
 def test_help_names_every_column_option(capsys):
