@@ -60,6 +60,7 @@ INT_LIMITS: dict[str, tuple[int, int, str]] = {
     "model.depth": (1, 128, "blocks per tower"),
     "model.num_heads": (1, 256, "attention heads"),
     "model.num_frames": (1, 99, "frames per clip, the shard schema's most"),
+    "model.tubelet_frames": (1, 99, "frames per tubelet"),
     "model.img_size": (1, 1_024, "pixels"),
     "model.patch_size": (1, 256, "pixels"),
     "model.audio_frames": (1, 10_000, "log-mel frames"),

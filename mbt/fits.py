@@ -90,7 +90,9 @@ def token_problems(model: MBTConfig) -> list[str]:
             f"--model.audio_frames {model.audio_frames} or --model.num_mel_bins {model.num_mel_bins}: lower it"
         ]
     tokens = {
-        "video": model.num_frames * (model.img_size // model.patch_size) ** 2,
+        "video": model.num_frames
+        // (model.tubelet_frames if model.video_embed == "tubelet" else 1)
+        * (model.img_size // model.patch_size) ** 2,
         "audio": model.audio_grid[0] * model.audio_grid[1],
     }
     return [

@@ -2,7 +2,9 @@
 
 Two ViT towers built from timm's parts, one per modality, with their own weights:
   video  ViT over F frames: per-frame 16x16 patches (8 x 14 x 14 = 1568 tokens), spatial position embedding
-         shared by the frames plus a learned temporal embedding, a CLS token (with `pool="cls"`);
+         shared by the frames plus a learned temporal embedding, a CLS token (with `pool="cls"`); or, with
+         `video_embed="tubelet"`, scenic's 16x16 x `tubelet_frames` tubelets (`mbt.embed.TubeletEmbed`) with one
+         position embedding over (time, row, column);
   audio  AST-style ViT over the log-mel crop (B, 1, T, 128): 16x16 patches (800 x 128 → 50 x 8 = 400 tokens; the
          stride is configurable for AST's overlapping patches), position embedding, a CLS token (with `pool="cls"`).
 Layers below `fusion_layer` run per modality. From `fusion_layer` on, by `fusion`:
@@ -16,12 +18,15 @@ Head (`pool`, scenic's `classifier`): one linear layer, initialised to zero (sce
        averaged at evaluation, and in training each tower's logits get their own loss (`per_tower=True`);
   gap  no CLS tokens: the mean of all the towers' tokens together (so a tower weighs by its token count; bottleneck
        tokens left out), one logits for the model (scenic's 'gap').
-Initialisation from ImageNet ViT checkpoints is `mbt.pretrained`.
+The blocks' GELU is the exact (erf) one of timm, or flax's tanh approximation that scenic's blocks use (`gelu="tanh"`).
+Initialisation from ImageNet ViT checkpoints is `mbt.pretrained`; scenic's trained MBT checkpoints convert with
+`mbt.scenic`.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass
 from functools import partial
 
@@ -32,8 +37,12 @@ from timm.models.vision_transformer import Block, init_weights_vit_timm
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
+from mbt.embed import TubeletEmbed
+
 FUSIONS = ("bottleneck", "cross", "late", "video", "audio")
 POOLS = ("cls", "gap")  # scenic's 'token' and 'gap' classifiers
+VIDEO_EMBEDS = ("frame", "tubelet")  # per-frame patches + temporal embedding; scenic's 3d_conv tubelets
+GELUS = {"exact": "none", "tanh": "tanh"}  # timm's nn.GELU(); flax's nn.gelu (approximate=True), scenic's
 
 
 @dataclass(frozen=True)
@@ -55,6 +64,9 @@ class MBTConfig:
     audio_frames: int = 800
     num_mel_bins: int = 128
     audio_patch_stride: int = 16  # AST overlaps its 16x16 patches with stride 10
+    video_embed: str = "frame"
+    tubelet_frames: int = 2  # frames per tubelet with video_embed="tubelet" (scenic's MBT-B/16x2)
+    gelu: str = "exact"
     drop_rate: float = 0.0
     attn_drop_rate: float = 0.0
     drop_path_rate: float = 0.0  # MBT recipe: 0.3
@@ -71,6 +83,14 @@ class MBTConfig:
             raise ValueError(f"bottleneck fusion needs num_bottlenecks >= 1, got {self.num_bottlenecks}")
         if self.num_heads < 1 or self.embed_dim % self.num_heads:
             raise ValueError(f"embed_dim {self.embed_dim} is not divisible by num_heads {self.num_heads}")
+        if self.video_embed not in VIDEO_EMBEDS:
+            raise ValueError(f"video_embed must be one of {', '.join(VIDEO_EMBEDS)}, got {self.video_embed!r}")
+        if self.gelu not in GELUS:
+            raise ValueError(f"gelu must be one of {', '.join(GELUS)}, got {self.gelu!r}")
+        if self.video_embed == "tubelet" and (self.tubelet_frames < 1 or self.num_frames % self.tubelet_frames):
+            raise ValueError(
+                f"num_frames {self.num_frames} is not a whole number of tubelets of {self.tubelet_frames} frames"
+            )
 
     @property
     def modalities(self) -> tuple[str, ...]:
@@ -88,14 +108,19 @@ class MBTConfig:
 
 class Tower(nn.Module):
     """One modality's embedding, blocks and final norm (timm ViT parts). `tokens()` gives [CLS, patches], or the
-    patches alone with `pool="gap"` (no CLS token)."""
+    patches alone with `pool="gap"` (no CLS token). `grid_size`: the patches' (time, row, column) grid for video
+    tubelets, else one frame's or the log-mel's (rows, columns)."""
 
     def __init__(self, cfg: MBTConfig, modality: str) -> None:
         super().__init__()
         self.modality = modality
         self.num_prefix_tokens = 1 if cfg.pool == "cls" else 0
         dim = cfg.embed_dim
-        if modality == "video":
+        self.temporal_embed = None
+        if modality == "video" and cfg.video_embed == "tubelet":
+            self.patch_embed = TubeletEmbed(cfg.img_size, cfg.patch_size, cfg.num_frames, cfg.tubelet_frames, dim)
+            grid = self.patch_embed.grid_size
+        elif modality == "video":
             self.patch_embed = PatchEmbed(cfg.img_size, cfg.patch_size, in_chans=3, embed_dim=dim)
             self.temporal_embed = nn.Parameter(torch.zeros(1, cfg.num_frames, 1, dim))
             grid = self.patch_embed.grid_size
@@ -110,14 +135,15 @@ class Tower(nn.Module):
             grid = cfg.audio_grid
         self.grid_size = tuple(grid)
         self.cls_token = nn.Parameter(torch.zeros(1, 1, dim)) if self.num_prefix_tokens else None
-        # [CLS] + one frame's patches
-        self.pos_embed = nn.Parameter(torch.zeros(1, self.num_prefix_tokens + grid[0] * grid[1], dim))
+        # [CLS] + one frame's patches (all the tubelets)
+        self.pos_embed = nn.Parameter(torch.zeros(1, self.num_prefix_tokens + math.prod(grid), dim))
         self.pos_drop = nn.Dropout(cfg.drop_rate)
         norm = partial(nn.LayerNorm, eps=1e-6)
         rates = torch.linspace(0, cfg.drop_path_rate, cfg.depth).tolist()
+        act = partial(nn.GELU, approximate=GELUS[cfg.gelu])
         self.blocks = nn.ModuleList(
             Block(dim, cfg.num_heads, cfg.mlp_ratio, qkv_bias=True, proj_drop=cfg.drop_rate,
-                  attn_drop=cfg.attn_drop_rate, drop_path=rate, norm_layer=norm)
+                  attn_drop=cfg.attn_drop_rate, drop_path=rate, norm_layer=norm, act_layer=act)
             for rate in rates
         )  # fmt: skip
         self.norm = norm(dim)
@@ -129,7 +155,7 @@ class Tower(nn.Module):
     def tokens(self, x: torch.Tensor) -> torch.Tensor:
         """(B, [1 +] N, D) embedded tokens of video (B, F, 3, H, W) or audio (B, 1, T, mel)."""
         pos = self.pos_embed[:, self.num_prefix_tokens :]
-        if self.modality == "video":
+        if self.temporal_embed is not None:
             batch, frames = x.shape[:2]
             patches = self.patch_embed(rearrange(x, "b f c h w -> (b f) c h w"))  # each frame's patches
             patches = rearrange(patches, "(b f) p d -> b f p d", b=batch)

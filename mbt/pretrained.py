@@ -5,9 +5,11 @@ MBT (the paper and scenic) starts both towers from an ImageNet-21k ViT-B/16. Two
   JAX .npz   the original checkpoints of google-research/vision_transformer (imagenet21k/ViT-B_16.npz) or big_vision:
              a timm VisionTransformer of the size its arrays hold is built and filled by timm's own .npz reader.
 What a tower takes from the ViT's timm state dict (`vit_to_tower`), as scenic's `initialise_from_train_state`:
-patch embedding (the audio tower's one-channel kernel is the sum of the RGB kernels, as AST), blocks, CLS token
-and final norm; the position embedding's patch grid resized to the tower's (`resize_pos_grid`: 14x14 → 50x8 for
-the audio tower); the video tower's temporal embedding at zero (every frame sees the image ViT). With a video ViT,
+patch embedding (the audio tower's one-channel kernel is the sum of the RGB kernels, as AST; a tubelet embedding's
+kernel sees the central frame of its tubelet alone, scenic's `central_frame_initializer`), blocks, CLS token and
+final norm; the position embedding's patch grid resized to the tower's (`resize_pos_grid`: 14x14 → 50x8 for the
+audio tower; for tubelets resized to one time step's grid and repeated over time, scenic's 'resize_tile'); the video
+tower's temporal embedding at zero (every frame sees the image ViT). With a video ViT,
 the bottleneck tokens start from its position grid resized to num_bottlenecks tokens (scenic's `init_posemb`).
 """
 
@@ -25,6 +27,7 @@ import torch.nn.functional as F
 from einops import rearrange
 from timm.models.vision_transformer import VisionTransformer, _load_weights
 
+from mbt.embed import central_frame_kernel
 from mbt.model import MBT, Tower
 
 MAX_NPZ_BYTES = 8 << 30  # the arrays an .npz declares: ViT-g/14 in float32 is about 4 GB
@@ -189,12 +192,14 @@ def split_pos_embed(vit: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.T
 
 def tower_pos_embed(vit: dict[str, torch.Tensor], tower: Tower) -> torch.Tensor:
     """The tower's position embedding from the ViT's: as it is where it has the tower's layout already, else its
-    square patch grid resized to the tower's grid (`resize_pos_grid`), after its CLS position with `pool="cls"`."""
+    square patch grid resized to the tower's grid (`resize_pos_grid`; a tubelet grid's (rows, columns), the same
+    for each time step), after its CLS position with `pool="cls"`."""
     pos, has_cls = vit["pos_embed"], tower.num_prefix_tokens == 1
     if pos.shape == tower.pos_embed.shape and ("cls_token" in vit) == has_cls:
         return pos
     cls_pos, grid, side = split_pos_embed(vit)
-    grid = resize_pos_grid(grid, (side, side), tower.grid_size)
+    *time, rows, cols = tower.grid_size
+    grid = resize_pos_grid(grid, (side, side), (rows, cols)).repeat(1, math.prod(time), 1)
     return torch.cat([cls_pos, grid], dim=1) if has_cls else grid
 
 
@@ -208,6 +213,8 @@ def vit_to_tower(vit: dict[str, torch.Tensor], tower: Tower) -> dict[str, torch.
             continue
         if key == "patch_embed.proj.weight" and value.ndim == 4 and value.shape[1] != target[key].shape[1]:
             value = value.sum(dim=1, keepdim=True)
+        if key == "patch_embed.proj.weight" and value.ndim == 4 and target[key].ndim == 5:  # 2D patches → tubelets
+            value = central_frame_kernel(value, target[key].shape[2])
         out[key] = value
     if "pos_embed" in vit:
         out["pos_embed"] = tower_pos_embed(vit, tower)

@@ -136,7 +136,10 @@ def test_checkpointing_and_bf16_autocast():
 @pytest.mark.parametrize(
     ("change", "message"),
     [({"fusion": "early"}, "fusion must be"), ({"fusion_layer": 5}, "fusion_layer"), ({"pool": "max"}, "pool"),
-     ({"num_bottlenecks": 0}, "num_bottlenecks"), ({"num_heads": 5}, "divisible")],
+     ({"num_bottlenecks": 0}, "num_bottlenecks"), ({"num_heads": 5}, "divisible"),
+     ({"video_embed": "conv"}, "video_embed"), ({"gelu": "fast"}, "gelu"),
+     ({"video_embed": "tubelet", "tubelet_frames": 3}, "tubelets of 3"),
+     ({"video_embed": "tubelet", "tubelet_frames": 0}, "tubelets of 0")],
 )  # fmt: skip
 def test_invalid_configs(change, message):
     with pytest.raises(ValueError, match=message):
@@ -160,3 +163,33 @@ def test_per_tower_traces_in_one_graph():
     ours = compiled(video, audio, per_tower=True)
     torch.manual_seed(0)
     assert torch.allclose(ours, model(video, audio, per_tower=True), atol=1e-5) and ours.shape == (2, 2, 5)
+
+
+def test_default_video_embedding_and_gelu_are_unchanged():
+    """The defaults stay the per-frame patches with a temporal embedding and timm's exact GELU; the scenic options
+    are opt-in."""
+    cfg = MBTConfig()
+    assert (cfg.video_embed, cfg.gelu) == ("frame", "exact")
+    video = MBT(TINY).towers["video"]
+    assert video.temporal_embed is not None and video.patch_embed.proj.weight.ndim == 4
+    assert video.blocks[0].mlp.act.approximate == "none"
+    assert MBT(TINY.replace(gelu="tanh")).towers["audio"].blocks[0].mlp.act.approximate == "tanh"
+
+
+def test_tubelet_tokens_in_time_row_column_order():
+    """video_embed='tubelet': one Conv3d over tubelet_frames x patch x patch, tokens t·H'·W' + h·W' + w, one position
+    embedding over them all (no temporal embedding), as scenic's 3d_conv tokeniser."""
+    cfg = TINY.replace(video_embed="tubelet", num_frames=4, tubelet_frames=2)
+    tower = MBT(cfg).towers["video"]
+    assert tower.temporal_embed is None and tower.grid_size == (2, 2, 2) and tower.pos_embed.shape == (1, 9, 32)
+    video, _ = inputs(cfg=cfg)
+    proj = tower.patch_embed.proj
+    with torch.no_grad():
+        tokens = tower.tokens(video)
+        for t, h, w in [(0, 0, 0), (0, 1, 0), (1, 0, 1), (1, 1, 1)]:
+            clip = video[:, 2 * t : 2 * t + 2, :, 16 * h : 16 * h + 16, 16 * w : 16 * w + 16]
+            expected = torch.einsum("bfchw,dcfhw->bd", clip, proj.weight) + proj.bias
+            index = 1 + t * 4 + h * 2 + w
+            assert torch.allclose(tokens[:, index], expected + tower.pos_embed[:, index], atol=1e-5)
+    with pytest.raises(ValueError, match="tubelet grid"):
+        tower.tokens(video[:, :2])

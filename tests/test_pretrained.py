@@ -137,6 +137,29 @@ def test_bottleneck_tokens_of_no_grid_stay_random(tmp_path):
     assert lines[1].startswith("bottleneck tokens: kept random (5 tokens") and torch.equal(model.bottleneck, before)
 
 
+def test_tubelets_start_from_the_central_frame_and_a_tiled_grid(tmp_path):
+    """A tubelet tower from an image ViT, as scenic's MBT-B/16x2 (`central_frame_initializer`, 'resize_tile'): the
+    2D kernel at the tubelet's central frame (index 2 // 2 = 1) and zero elsewhere, so that each tubelet token is the
+    ViT's patch embedding of its second frame; the position grid resized (4x4 → 3x3) and the same at each time step."""
+    vit = tiny_vit(img_size=64)
+    torch.save(vit.state_dict(), tmp_path / "vit.pth")
+    model = MBT(TINY.replace(video_embed="tubelet", num_frames=4, tubelet_frames=2, img_size=48, fusion="late"))
+    init_from_vit(model, video=tmp_path / "vit.pth")
+    tower = model.towers["video"]
+    weight = tower.patch_embed.proj.weight
+    assert torch.equal(weight[:, :, 1], vit.patch_embed.proj.weight) and torch.count_nonzero(weight[:, :, 0]) == 0
+    grid = scipy.ndimage.zoom(grid_of(vit.pos_embed, (4, 4)), (3 / 4, 3 / 4, 1), order=1).reshape(9, -1)
+    np.testing.assert_allclose(tower.pos_embed[0, 1:].detach().numpy(), np.tile(grid, (2, 1)), rtol=0, atol=1e-6)
+    assert torch.equal(tower.pos_embed[:, 0], vit.pos_embed[:, 0])
+    video = torch.randn(2, 4, 3, 48, 48)
+    with torch.no_grad():
+        tokens = tower.tokens(video)[:, 1:].reshape(2, 2, 9, -1)
+        for t in range(2):
+            patches = vit.patch_embed.proj(video[:, 2 * t + 1]).flatten(2).transpose(1, 2)
+            expected = patches + tower.pos_embed[:, 1 + 9 * t : 10 + 9 * t]
+            assert torch.allclose(tokens[:, t], expected, atol=1e-5)
+
+
 def test_gap_towers_take_no_cls_from_the_vit(tmp_path):
     """pool='gap' towers have no CLS token: the ViT's CLS token and position are left out."""
     vit = tiny_vit()
