@@ -1,7 +1,8 @@
 """Training checkpoints: one dict with everything needed to resume, written atomically, the last K kept.
 
 `run_dir/checkpoints/step-00001234.pt` holds model, optimizer, schedule, step, epoch, the loader's stream position
-and RNG state of each rank, the resolved config and the class record of the training split (`mbt.classes`). Writes
+and RNG state of each rank, the resolved config, the class record of the training split (`mbt.classes`) and its
+feature parameters and shard schema version (what `tools/predict.py` decodes new videos with). Writes
 go to a temporary name, then a rename: a killed run leaves the previous checkpoint whole. Loading uses
 `torch.load(weights_only=True)`: tensors and plain containers only; `check_resume_state` checks the parts a resume
 reads before any of them is used, `load_trained` the parts evaluation reads.
@@ -23,6 +24,7 @@ from mbt.classes import ClassListError, checked_record
 from mbt.config import ConfigError, config_from_dict, validate
 from mbt.model import MBTConfig
 from pipelines.config import AugmentConfig
+from shards.schema import READABLE_SCHEMA_VERSIONS, FeatureParams, SchemaError
 
 CHECKPOINT_DIR = "checkpoints"
 _NAME = re.compile(r"^step-(\d{8})\.pt$")
@@ -92,6 +94,8 @@ class TrainedModel(NamedTuple):
     model: MBTConfig
     augment: AugmentConfig
     classes: dict[str, Any] | None  # the training split's class record (mbt.classes); None in older checkpoints
+    features: FeatureParams | None = None  # the training split's feature parameters; None in older checkpoints
+    schema_version: int | None = None  # the shard schema of the training split; None in older checkpoints
 
 
 def load_trained(path: Path) -> TrainedModel:
@@ -114,12 +118,31 @@ def load_trained(path: Path) -> TrainedModel:
         train_cfg = config_from_dict(config)  # the training config as the trainer saved it (lists back to tuples)
         validate(train_cfg.replace(train_shards="", eval_shards=""), train=False)  # bounded model sizes
         classes = None if "data" not in checkpoint else checked_record(checkpoint["data"], str(path))
-    except (ConfigError, ClassListError) as err:
+        features, schema_version = _features(checkpoint.get("features"))
+    except (ConfigError, ClassListError, SchemaError) as err:
         problems = str(err).replace("\n", "; ")
         raise CheckpointFileError(
             f"{path}: the checkpoint's config or class record cannot be used: {problems}"
         ) from None
-    return TrainedModel(state, train_cfg.model, train_cfg.augment, classes)
+    return TrainedModel(state, train_cfg.model, train_cfg.augment, classes, features, schema_version)
+
+
+def _features(record: Any) -> tuple[FeatureParams | None, int | None]:
+    """The feature parameters and schema version a checkpoint records (`{"params": ..., "schema_version": v}`), or
+    (None, None) when it records none; SchemaError when the record is not one."""
+    if record is None:
+        return None, None
+    if not isinstance(record, dict) or not isinstance(record.get("params"), dict):
+        raise SchemaError("its 'features' record is not a mapping with 'params'")
+    version = record.get("schema_version")
+    if version not in READABLE_SCHEMA_VERSIONS:
+        raise SchemaError(f"its shard schema version {version!r:.20} is not one of {READABLE_SCHEMA_VERSIONS}")
+    try:
+        return FeatureParams.from_dict(record["params"]), version
+    except SchemaError:
+        raise
+    except (TypeError, ValueError) as err:
+        raise SchemaError(f"its feature parameters are not this version's: {err}") from None
 
 
 def check_resume_state(state: Mapping[str, Any], path: Path) -> None:

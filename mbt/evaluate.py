@@ -9,7 +9,10 @@ them by clip id, computes the metrics and writes them.
     torchrun --nproc_per_node=8 -m mbt.evaluate --checkpoint run/last.pt --shards shards/audioset/eval --out run/eval
 
 writes `metrics.json` (`num_samples` and `mAP`, `mAUC`, `d_prime`, or `top1`, `top5`), `predictions.npz` (`keys`,
-`logits`, `labels`, sorted by key) and, for multi-label splits, `per_class_ap.csv` (index, name, AP per class).
+`logits`, `labels`, sorted by key) and, for multi-label splits, `per_class_ap.csv` (index, name, AP per class) with
+`per_class_ap.png` (the best and worst classes), for single-label splits `confusion.csv` and `confusion.png` (the
+most-confused class pairs). `--embeddings FILE.npz` also writes each sample's clip-averaged embeddings
+(`mbt.embeddings`: each tower's pooled features, the bottleneck tokens), computed on every rank, gathered by key.
 The log-mels are normalized with the model's statistics, those of its training split that the checkpoint's config
 records (older checkpoints without them: the evaluated split's own, and a warning). The checkpoint must record the
 classes of the split (older checkpoints without a record: a warning), and no sample's logits may be NaN or
@@ -19,11 +22,9 @@ infinite; what cannot be evaluated is printed as one `error: ...` line.
 from __future__ import annotations
 
 import argparse
-import csv
-import json
 import logging
 import sys
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -37,16 +38,22 @@ from mbt.checkpoint import CheckpointFileError, TrainedModel, load_trained
 from mbt.classes import ClassListError, class_record, record_difference
 from mbt.config import INT_LIMITS
 from mbt.dist import DistInfo, all_gather_objects, cleanup, init_distributed
+from mbt.embeddings import Embedding, forward_with_embeddings, mean_embedding, rows_as_numpy, write_embeddings
 from mbt.fits import fits
-from mbt.metrics import average_precision_per_class, compute_metrics, json_values
+from mbt.metrics import average_precision_per_class, compute_metrics
 from mbt.model import MBT
+from mbt.results import (
+    CONFUSION_FILE,
+    CONFUSION_PLOT,
+    METRICS_FILE,
+    PER_CLASS_AP_FILE,
+    PER_CLASS_AP_PLOT,
+    PREDICTIONS_FILE,
+    write_results,
+)
 from pipelines import LOADERS, LoaderError, Split, build_loader, open_split
 from pipelines.config import AugmentConfig
 from shards.manifest import Manifest
-
-METRICS_FILE = "metrics.json"
-PREDICTIONS_FILE = "predictions.npz"
-PER_CLASS_AP_FILE = "per_class_ap.csv"
 
 Predictions = dict[str, tuple[np.ndarray, np.ndarray]]  # key → (clip-averaged logits (C,), label (C,) or ())
 MAX_KEYS_SHOWN = 5
@@ -59,10 +66,17 @@ class EvaluationError(RuntimeError):
 
 
 def _rank_predictions(
-    model: nn.Module, batches: Iterable[dict[str, Any]], device: torch.device, num_classes: int, amp_bf16: bool
-) -> Predictions:
-    """This rank's clip-averaged predictions. Rows are kept per (key, clip_index) and averaged in clip order."""
+    model: nn.Module,
+    batches: Iterable[dict[str, Any]],
+    device: torch.device,
+    num_classes: int,
+    amp_bf16: bool,
+    embed: bool = False,
+) -> tuple[Predictions, dict[str, Embedding]]:
+    """This rank's clip-averaged predictions (and with `embed`, embeddings). Rows are kept per (key, clip_index) and
+    averaged in clip order."""
     clip_logits: dict[str, dict[int, np.ndarray]] = {}
+    clip_embeddings: dict[str, dict[int, Embedding]] = {}
     labels: dict[str, np.ndarray] = {}
     autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=amp_bf16 and device.type == "cuda")
     with torch.no_grad():
@@ -70,7 +84,8 @@ def _rank_predictions(
             video = batch["video"].to(device, non_blocking=True)
             audio = batch["audio"].to(device, non_blocking=True)
             with autocast:
-                logits = model(video, audio)
+                logits, features = forward_with_embeddings(model, video, audio) if embed else (model(video, audio), {})
+            embedded = rows_as_numpy(features)
             if logits.shape[1] != num_classes:
                 raise EvaluationError(f"the model gives {logits.shape[1]} logits, the data has {num_classes} classes")
             rows = logits.float().cpu().numpy()
@@ -81,10 +96,13 @@ def _rank_predictions(
                     raise EvaluationError(f"{key}: clip {clip} was given twice on one rank (loader contract broken)")
                 clips[clip] = rows[i]
                 labels.setdefault(key, batch_labels[i])
-    return {
+                if embed:
+                    clip_embeddings.setdefault(key, {})[clip] = embedded[i]
+    predictions = {
         key: (np.stack([clips[c] for c in sorted(clips)]).mean(axis=0), labels[key])
         for key, clips in clip_logits.items()
     }
+    return predictions, {key: mean_embedding([e[c] for c in sorted(e)]) for key, e in clip_embeddings.items()}
 
 
 def merge_predictions(parts: Sequence[Predictions]) -> Predictions:
@@ -99,28 +117,6 @@ def merge_predictions(parts: Sequence[Predictions]) -> Predictions:
     return merged
 
 
-def write_results(
-    out_dir: Path,
-    metrics: Mapping[str, Any],
-    keys: Sequence[str],
-    logits: np.ndarray,
-    labels: np.ndarray,
-    per_class_ap: np.ndarray | None,
-    class_names: Sequence[str] | None = None,
-) -> None:
-    """Write metrics.json, predictions.npz (keys (N,), logits (N, C), labels) and, when `per_class_ap` (C,) is
-    given, per_class_ap.csv into `out_dir`."""
-    out_dir.mkdir(parents=True, exist_ok=True)
-    (out_dir / METRICS_FILE).write_text(json.dumps(json_values(dict(metrics)), indent=2, allow_nan=False) + "\n")
-    np.savez(out_dir / PREDICTIONS_FILE, keys=np.asarray(keys, dtype=str), logits=logits, labels=labels)
-    if per_class_ap is not None:
-        with (out_dir / PER_CLASS_AP_FILE).open("w", newline="") as f:
-            writer = csv.writer(f)
-            writer.writerow(["class_index", "class_name", "ap"])
-            for c, ap in enumerate(per_class_ap):
-                writer.writerow([c, class_names[c] if class_names else "", f"{ap:.6f}"])
-
-
 def evaluate(
     model: nn.Module,
     loader: Iterable[dict[str, Any]],
@@ -131,23 +127,31 @@ def evaluate(
     amp_bf16: bool = False,
     class_names: Sequence[str] | None = None,
     progress: bool = False,
+    embeddings_path: Path | None = None,
 ) -> dict[str, Any] | None:
     """Evaluate `model` on this rank's part of `loader` (batches with rows = samples x num_test_clips) and gather.
 
     Every rank must call this (it gathers). The model runs in eval mode under no_grad (bf16 autocast on CUDA when
     `amp_bf16`) and its training mode is restored after; a DDP wrapper is unwrapped, since ranks run different
     numbers of batches. On rank 0: the metrics (`mbt.metrics.compute_metrics`), written with the predictions under
-    `out_dir` if given (`class_names` label the per-class AP rows); None on the other ranks.
+    `out_dir` if given (`class_names` label the per-class AP rows) and the embeddings to `embeddings_path` if given;
+    None on the other ranks.
     """
     module = model.module if isinstance(model, DistributedDataParallel) else model
     was_training = module.training
     module.eval()
     try:
         batches = tqdm(loader, desc="evaluate", disable=not (progress and dist.is_main))
-        local = _rank_predictions(module, batches, dist.device, num_classes, amp_bf16)
+        local, local_embeddings = _rank_predictions(
+            module, batches, dist.device, num_classes, amp_bf16, embeddings_path is not None
+        )
     finally:
         module.train(was_training)
     predictions = merge_predictions(all_gather_objects(local))
+    embeddings = {}
+    if embeddings_path is not None:
+        for part in all_gather_objects(local_embeddings):
+            embeddings.update(part)
     if not dist.is_main:
         return None
     if not predictions:
@@ -160,6 +164,8 @@ def evaluate(
     if out_dir is not None:
         per_class_ap = average_precision_per_class(logits, labels) if multi_label else None
         write_results(Path(out_dir), metrics, keys, logits, labels, per_class_ap, class_names)
+    if embeddings_path is not None:
+        write_embeddings(Path(embeddings_path), keys, [embeddings[k] for k in keys])
     return metrics
 
 
@@ -172,6 +178,7 @@ def evaluate_split(
     out_dir: Path | None = None,
     amp_bf16: bool = False,
     progress: bool = False,
+    embeddings_path: Path | None = None,
     **loader_options: Any,
 ) -> dict[str, Any] | None:
     """`evaluate` on every sample of `split` (named `where` in errors), read by its evaluation loader for this rank
@@ -182,8 +189,9 @@ def evaluate_split(
     )
     names = [c["name"] for c in class_record(manifest, where)["classes"]]
     return evaluate(
-        model, batches, dist, manifest.multi_label, manifest.num_classes, out_dir, amp_bf16, names, progress
-    )
+        model, batches, dist, manifest.multi_label, manifest.num_classes, out_dir, amp_bf16, names, progress,
+        embeddings_path,
+    )  # fmt: skip
 
 
 def check_predictions(keys: Sequence[str], logits: np.ndarray, labels: np.ndarray, multi_label: bool) -> None:
@@ -260,6 +268,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--batch-size", type=int, default=8, help="samples per batch and rank (x num_test_clips rows)")
     parser.add_argument("--num-workers", type=int, default=2, help="loader workers (DALI: threads) per rank")
     parser.add_argument("--bf16", action="store_true", help="bf16 autocast on CUDA")
+    parser.add_argument("--embeddings", type=Path, help="also write each sample's embeddings to this .npz")
     args = parser.parse_args(argv)
     for flag, key in (("batch-size", "eval_batch_size"), ("num-workers", "num_workers")):
         least, most, what = INT_LIMITS[key]
@@ -283,7 +292,7 @@ def run(args: argparse.Namespace) -> int:
     info = init_distributed()
     model.to(info.device)
     metrics = evaluate_split(
-        model, split, info, augment, str(args.shards), args.out, args.bf16, sys.stderr.isatty(),
+        model, split, info, augment, str(args.shards), args.out, args.bf16, sys.stderr.isatty(), args.embeddings,
         batch_size=args.batch_size, loader=args.loader, num_workers=args.num_workers,
     )  # fmt: skip
     if metrics is not None:
@@ -292,8 +301,9 @@ def run(args: argparse.Namespace) -> int:
             f"evaluated {metrics['num_samples']} samples x {augment.num_test_clips} clips of {args.shards} "
             f"on {info.world_size} process(es): {summary}"
         )
-        written = [METRICS_FILE, PREDICTIONS_FILE] + ([PER_CLASS_AP_FILE] if manifest.multi_label else [])
-        print("wrote " + ", ".join(str(args.out / name) for name in written))
+        extra = [PER_CLASS_AP_FILE, PER_CLASS_AP_PLOT] if manifest.multi_label else [CONFUSION_FILE, CONFUSION_PLOT]
+        written = [str(args.out / name) for name in [METRICS_FILE, PREDICTIONS_FILE, *extra]]
+        print("wrote " + ", ".join(written + ([str(args.embeddings)] if args.embeddings else [])))
     return 0
 
 

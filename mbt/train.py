@@ -148,6 +148,9 @@ def _train(
     metrics: dict[str, Any] | None = None
     clips_seen, t_last = 0, time.perf_counter()
 
+    # What the shards were made with (frame rate, log-mel settings, schema): predict and export decode new videos so.
+    features = {"params": split.manifest.features.to_dict(), "schema_version": split.manifest.schema_version}
+
     def save(at_step: int) -> None:
         if bad := non_finite_tensors(model.state_dict()):  # the same weights on every rank: all raise together
             raise TrainingError(
@@ -160,7 +163,7 @@ def _train(
             save_checkpoint(run_dir, at_step, {
                 "model": model.state_dict(), "optimizer": optimizer.state_dict(), "schedule": schedule.state_dict(),
                 "step": at_step, "epoch": at_step // steps_per_epoch, "loader": positions,
-                "rng": states, "config": config_to_dict(cfg), "data": record,
+                "rng": states, "config": config_to_dict(cfg), "data": record, "features": features,
             }, keep=cfg.keep_checkpoints)  # fmt: skip
         barrier()
 

@@ -1,0 +1,54 @@
+"""Result figures and tables: the most-confused pairs of a single-label evaluation, per-class AP and timelines as
+PNG files, and the evaluation's files named by the split's classes."""
+
+from __future__ import annotations
+
+import csv
+from pathlib import Path
+
+import numpy as np
+
+from mbt.evaluate import write_results
+from mbt.metrics import average_precision_per_class
+from mbt.plots import confused_pairs, plot_timeline
+
+NAMES = ["dog", "cat", "bird"]
+
+
+def one_hot_logits(predicted: list[int], num_classes: int = 3) -> np.ndarray:
+    return np.eye(num_classes, dtype=np.float32)[predicted]
+
+
+def test_confused_pairs_counts_true_to_predicted_most_first() -> None:
+    labels = np.array([0, 0, 0, 1, 1, 2, 2, 2])
+    logits = one_hot_logits([1, 1, 0, 0, 1, 0, 2, 2])
+    assert confused_pairs(logits, labels) == [(0, 1, 2, 3), (1, 0, 1, 2), (2, 0, 1, 3)]
+    assert confused_pairs(one_hot_logits([0, 1, 2]), np.array([0, 1, 2])) == []
+
+
+def test_single_label_results_hold_the_confusion_with_names(tmp_path: Path) -> None:
+    labels = np.array([0, 0, 1, 2])
+    logits = one_hot_logits([1, 0, 1, 2])
+    write_results(tmp_path, {"num_samples": 4}, ["a", "b", "c", "d"], logits, labels, None, NAMES)
+    rows = list(csv.DictReader((tmp_path / "confusion.csv").open()))
+    assert rows == [
+        {"true_index": "0", "true_name": "dog", "predicted_index": "1", "predicted_name": "cat", "count": "1",
+         "fraction": "0.500000"}
+    ]  # fmt: skip
+    assert (tmp_path / "confusion.png").stat().st_size > 0 and not (tmp_path / "per_class_ap.csv").exists()
+
+
+def test_multi_label_results_hold_per_class_ap_with_names_and_a_figure(tmp_path: Path) -> None:
+    labels = np.array([[1, 0, 0], [0, 1, 0], [1, 1, 0]], dtype=np.float32)
+    logits = np.array([[2.0, -1, 0], [-1, 2, 0], [1, 1, 0]], dtype=np.float32)
+    ap = average_precision_per_class(logits, labels)
+    write_results(tmp_path, {"num_samples": 3}, ["a", "b", "c"], logits, labels, ap, NAMES)
+    rows = list(csv.DictReader((tmp_path / "per_class_ap.csv").open()))
+    assert [r["class_name"] for r in rows] == NAMES and rows[2]["ap"] == "nan"
+    assert (tmp_path / "per_class_ap.png").stat().st_size > 0
+
+
+def test_a_timeline_figure_is_written(tmp_path: Path) -> None:
+    probs = np.array([[0.9, 0.1, 0.2], [0.5, 0.5, 0.2], [0.1, 0.9, 0.2]])
+    path = plot_timeline(tmp_path / "t.png", [(0, 2), (1, 3), (2, 4)], probs, NAMES, "video")
+    assert path.stat().st_size > 0

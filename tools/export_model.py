@@ -1,0 +1,39 @@
+"""Export a trained MBT as a folder that stands alone: model.safetensors and config.json (model config, classes,
+feature parameters, normalization, the shards' schema version). `mbt.load_pretrained(OUT_DIR)` loads it.
+
+    python tools/export_model.py runs/demo/bottleneck exported/demo
+    python tools/export_model.py run/checkpoints/step-00001000.pt out --features-from shards/audioset/balanced_train
+
+Exits 1 with one `error:` line when the checkpoint or its training split's manifest cannot be read.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from mbt.checkpoint import CheckpointFileError
+from mbt.export import CONFIG_FILE, WEIGHTS_FILE, export_model
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("source", type=Path, help="a training checkpoint (.pt) or a run folder (its latest)")
+    parser.add_argument("out_dir", type=Path, help="folder for model.safetensors and config.json")
+    parser.add_argument(
+        "--features-from", help="the training split whose manifest holds the feature parameters (default: the one "
+        "the run's config.yaml names)",
+    )  # fmt: skip
+    args = parser.parse_args(argv)
+    try:
+        out = export_model(args.source, args.out_dir, args.features_from)
+    except (CheckpointFileError, OSError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 1
+    print(f"wrote {out / WEIGHTS_FILE}, {out / CONFIG_FILE}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

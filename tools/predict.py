@@ -1,0 +1,99 @@
+"""Predict the classes of videos with a trained MBT: top-k class names with probabilities for each video.
+
+    python tools/predict.py data/demo/videos/clip.mp4 --model runs/demo/bottleneck
+    python tools/predict.py videos/ segments.csv --model exported/demo --json out.json --embeddings emb.npz
+    python tools/predict.py long.mp4 --model exported/demo --window-s 10 --hop-s 5 --out-dir timelines
+
+Inputs: video files, folders (their video files) or segments CSVs (a header with video[,start,end]). --model: a
+training checkpoint, a run folder (its latest checkpoint) or an exported model (tools/export_model.py). Each video is
+decoded and featurized by the shard job's code and fed as the evaluation loaders feed it (4 synchronized test clips,
+logits averaged). With --window-s, windows every --hop-s cover each whole file and a timeline CSV and PNG per video
+go to --out-dir. A video that cannot be predicted gets one `error:` line and the others go on; the exit status is 1
+when any failed, 2 on a usage error.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from mbt.checkpoint import CheckpointFileError
+from mbt.embeddings import write_embeddings
+from mbt.export import ExportError, load_model
+from mbt.plots import plot_timeline
+from mbt.predict import InputError, Predictor, probabilities
+from mbt.predict_io import gather_segments, record, timeline_path, top_lines, write_timeline_csv
+from preprocess.datasets import DatasetError
+from preprocess.ffmpeg_run import ToolMissingError, require_ffmpeg
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("inputs", nargs="+", help="video files, folders of videos, segments CSVs")
+    parser.add_argument("--model", required=True, help="checkpoint (.pt), run folder or exported model folder")
+    parser.add_argument("--features-from", help="the training split (a checkpoint's run config names it otherwise)")
+    parser.add_argument("--videos", type=Path, help="folder of the videos a segments CSV names (default: its folder)")
+    parser.add_argument("--top-k", type=int, default=5, help="classes printed per video")
+    parser.add_argument("--json", type=Path, help="write every prediction (top-k, per-window logits) here")
+    parser.add_argument("--embeddings", type=Path, help="write per-window tower and bottleneck embeddings (.npz)")
+    parser.add_argument("--window-s", type=float, help="slide windows of this length over each whole file")
+    parser.add_argument("--hop-s", type=float, help="seconds between windows (default: --window-s)")
+    parser.add_argument("--out-dir", type=Path, default=Path("predictions"), help="timeline CSV and PNG folder")
+    parser.add_argument("--batch-size", type=int, default=4, help="windows per forward (each of 4 test clips)")
+    parser.add_argument("--device", default="cpu", choices=("cpu", "cuda"), help="where the model runs")
+    args = parser.parse_args(argv)
+    if args.top_k < 1 or args.batch_size < 1:
+        parser.error("--top-k and --batch-size must be at least 1")
+    if args.hop_s is not None and args.window_s is None:
+        parser.error("--hop-s needs --window-s")
+    for flag in ("window_s", "hop_s"):
+        if (value := getattr(args, flag)) is not None and not 0 < value <= 3600:
+            parser.error(f"--{flag.replace('_', '-')} must be in (0, 3600] seconds, got {value:g}")
+    return args
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    try:
+        require_ffmpeg()
+        model, prep = load_model(args.model, args.features_from)
+        predictor = Predictor(model, prep, args.device, args.window_s, args.hop_s, args.batch_size)
+        segments = gather_segments(args.inputs, args.videos)
+    except (CheckpointFileError, ExportError, DatasetError, ToolMissingError, ValueError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 1
+    names, multi = prep.class_names, prep.multi_label
+    records, keys, embeddings, failed, taken = [], [], [], 0, set()
+    embed, progress = args.embeddings is not None, sys.stderr.isatty()
+    for segment in segments:
+        try:
+            prediction = predictor.predict(segment, embeddings=embed, progress=progress)
+        except InputError as err:
+            print(f"error: {err}", file=sys.stderr)
+            failed += 1
+            continue
+        print("\n".join(top_lines(prediction, names, multi, args.top_k)))
+        records.append(record(prediction, names, multi, args.top_k))
+        keys += [f"{prediction.name}@{start:g}" for start, _ in prediction.windows]
+        embeddings += prediction.embeddings
+        if args.window_s is not None:
+            csv_path = write_timeline_csv(timeline_path(args.out_dir, prediction.name, taken), prediction, names, multi)
+            png_path = csv_path.with_name(csv_path.name.removesuffix(".csv") + ".png")
+            probs = probabilities(prediction.logits, multi)
+            plot_timeline(png_path, prediction.windows, probs, names, prediction.name)
+            print(f"  timeline: {csv_path}, {png_path}")
+    if args.json is not None:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps({"classes": names, "multi_label": multi, "videos": records}, indent=1) + "\n")
+        print(f"wrote {args.json}")
+    if args.embeddings is not None and embeddings:
+        print(f"wrote {write_embeddings(args.embeddings, keys, embeddings)}")
+    if failed:
+        print(f"{failed} of {len(segments)} video(s) could not be predicted", file=sys.stderr)
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
