@@ -14,6 +14,9 @@ Audio: SpecAugment's frequency and time masks (zero, the mean after normalizatio
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+from typing import Any
+
 import numpy as np
 import torch
 
@@ -46,24 +49,37 @@ def random_resized_crop_box(height: int, width: int, aug: AugmentConfig, rng: np
     return (height - h) // 2, (width - w) // 2, h, w
 
 
+def scale_jitter_window(size: Any, scales: Any, position: Any, aug: AugmentConfig, ops: Any = np) -> tuple[Any, Any]:
+    """(top_left, extent), each (2,) as (rows, columns) in the frame's pixels: the region that scenic's resize →
+    scale jitter → random crop shows of a frame of `size` (H, W): the frame resized to a short side of
+    `eval_short_side_px`, each axis scaled by its factor in `scales` (drawn from U(scale_jitter), independently),
+    then a `crop_px` square at relative `position` (U[0, 1) per axis). Cropping this box and resizing it to `crop_px`
+    is the same picture, with one resize instead of two.
+
+    The one copy of the rule: the torch loader runs it on numpy arrays, the DALI graph on its DataNodes, `ops`
+    giving `floor`, `minimum` and `maximum` (numpy's by default)."""
+    base = aug.eval_short_side_px / ops.minimum(size[0], size[1])
+    extent = ops.minimum(ops.maximum(ops.floor(aug.crop_px / (base * scales) + 0.5), 1.0), size)
+    top_left = ops.minimum(ops.floor(position * (size - extent + 1.0)), size - extent)
+    return top_left, extent
+
+
 def scale_jitter_box(height: int, width: int, aug: AugmentConfig, rng: np.random.Generator) -> tuple[int, ...]:
-    """(top, left, h, w), in the frame's pixels, of the region that scenic's resize → scale jitter → random crop
-    shows: the frame resized to a short side of `eval_short_side_px`, then each axis scaled by a factor drawn from
-    `scale_jitter` (independently), then a `crop_px` square at a random place. Cropping this box and resizing it to
-    `crop_px` is the same picture, with one resize instead of two."""
-    base = aug.eval_short_side_px / min(height, width)
-    scale_h, scale_w = rng.uniform(*aug.scale_jitter), rng.uniform(*aug.scale_jitter)
-    h = min(max(round(aug.crop_px / (base * scale_h)), 1), height)
-    w = min(max(round(aug.crop_px / (base * scale_w)), 1), width)
-    return int(rng.integers(0, height - h + 1)), int(rng.integers(0, width - w + 1)), h, w
+    """(top, left, h, w) of `scale_jitter_window` for a height x width frame, drawn with `rng`."""
+    size = np.array([height, width], dtype=np.float64)
+    top_left, extent = scale_jitter_window(size, rng.uniform(*aug.scale_jitter, size=2), rng.random(2), aug)
+    return int(top_left[0]), int(top_left[1]), int(extent[0]), int(extent[1])
 
 
-def train_video(frames: torch.Tensor, aug: AugmentConfig, rng: np.random.Generator) -> torch.Tensor:
-    """uint8 (F, 3, crop, crop): one crop (`aug.video_crop`; bilinear, antialiased) and one flip for all frames."""
+def train_video(frames: Sequence[torch.Tensor], aug: AugmentConfig, rng: np.random.Generator) -> torch.Tensor:
+    """uint8 (F, 3, crop, crop) from a clip's uint8 (3, H, W) frames (a sequence, or a (F, 3, H, W) tensor): one crop
+    (`aug.video_crop`; bilinear, antialiased) and one flip for all frames. Only the crop box of each frame is copied
+    (channels-last, the layout the uint8 resize is fast on) before the resize."""
     box = scale_jitter_box if aug.video_crop == "scale_jitter" else random_resized_crop_box
-    top, left, h, w = box(frames.shape[-2], frames.shape[-1], aug, rng)
-    region = frames[..., top : top + h, left : left + w]
-    out = torch.nn.functional.interpolate(region, size=(aug.crop_px, aug.crop_px), mode="bilinear", antialias=True)
+    top, left, h, w = box(frames[0].shape[-2], frames[0].shape[-1], aug, rng)
+    region = torch.stack([frame[:, top : top + h, left : left + w].permute(1, 2, 0) for frame in frames])
+    size = (aug.crop_px, aug.crop_px)
+    out = torch.nn.functional.interpolate(region.permute(0, 3, 1, 2), size=size, mode="bilinear", antialias=True)
     return out.flip(-1) if rng.random() < aug.flip_prob else out
 
 

@@ -7,6 +7,7 @@ and SpecAugment on the GPU). It reads the split with DALI's webdataset reader an
 from __future__ import annotations
 
 from dataclasses import dataclass
+from types import SimpleNamespace
 from typing import Any
 
 import numpy as np
@@ -18,6 +19,7 @@ from pipelines.augment import (
     HUE_DELTA,
     IDENTITY_COLOR,
     SATURATION_RANGE,
+    scale_jitter_window,
 )
 from pipelines.config import VIDEO_MEAN, VIDEO_STD, AugmentConfig, LoaderError
 from pipelines.transforms import eval_windows, frame_ids
@@ -100,18 +102,16 @@ def mbt_pipeline(spec: GraphSpec, train: bool, device: str) -> tuple[Any, ...]:
         name=READER_NAME,
     )
     decoder = "mixed" if device == "gpu" else "cpu"
-    # fancy upsampling: the GPU decoder upsamples chroma as libjpeg-turbo does on the CPU (and torchvision)
-    decoded = [fn.decoders.image(j, device=decoder, output_type=types.RGB, jpeg_fancy_upsampling=True) for j in jpegs]
-    frames = fn.stack(*decoded, axis_name="F")
     features = spec.features
     mel = fn.reshape(fn.cast(logmel, dtype=types.FLOAT), shape=[features.fbank_frames, features.num_mel_bins])
     if device == "gpu":
         mel = mel.gpu()
     if train:
         start = random_int(max(features.fbank_frames - spec.augment.audio_frames, 0) + 1)
-        video, audio, color = train_video(frames, spec, start), train_audio(mel, spec, start), color_params(spec)
+        chosen = select_members(jpegs, synced_frame_ids(start, spec), spec.frames_used)
+        video, audio, color = train_video(chosen, spec, decoder), train_audio(mel, spec, start), color_params(spec)
     else:
-        video, audio = eval_video(frames, spec, frames_read), eval_audio(mel, spec)
+        video, audio = eval_video(jpegs, spec, frames_read, decoder), eval_audio(mel, spec)
         color = fn.constant(fdata=list(IDENTITY_COLOR), shape=[len(IDENTITY_COLOR)])
     if spec.multi_label:
         targets = fn.reductions.sum(fn.one_hot(labels, num_classes=spec.num_classes, axis=-1), axes=[0])
@@ -148,34 +148,60 @@ def synced_frame_ids(start: Any, spec: GraphSpec) -> Any:
     return fn.cast(dmath.clamp(dmath.floor(positions), 0, features.num_frames - 1), dtype=types.INT32)
 
 
-def crop_box(frames: Any, spec: GraphSpec) -> tuple[Any, Any]:
-    """(roi_start, roi_end) float (2,) per sample, (top, left) and (bottom, right): `pipelines.augment`'s
-    scale_jitter_box drawn with DALI's generators."""
-    aug = spec.augment
-    size = fn.cast(frames.shape(dtype=types.INT32)[1:3], dtype=types.FLOAT)  # (H, W)
-    base = aug.eval_short_side_px / dmath.min(size[0], size[1])
-    scales = fn.random.uniform(range=list(aug.scale_jitter), shape=[2])
-    box = dmath.min(dmath.max(dmath.floor(aug.crop_px / (base * scales) + 0.5), 1.0), size)
-    top_left = dmath.min(dmath.floor(fn.random.uniform(range=[0.0, 1.0], shape=[2]) * (size - box + 1.0)), size - box)
-    return top_left, top_left + box
+def select_members(jpegs: list[Any], ids: Any, count: int) -> list[Any]:
+    """`count` encoded frames per sample, the k-th being member `ids[k]` of `jpegs` (ids: int32 (count,) per
+    sample): the members joined into one byte string and the chosen ones sliced out (their offsets computed for all
+    k at once: fewer, larger operators), so that only the frames a clip shows are decoded."""
+    lengths = fn.reshape(fn.stack(*[j.shape(dtype=types.INT32) for j in jpegs]), shape=[1, len(jpegs)])
+    positions = fn.constant(idata=list(range(len(jpegs))), shape=[1, len(jpegs)], dtype=types.INT32)
+    wanted = fn.reshape(ids, shape=[count, 1])
+    starts = fn.cast(fn.reductions.sum(lengths * (positions < wanted), axes=[1]), dtype=types.INT32)
+    sizes = fn.cast(fn.reductions.sum(lengths * (positions == wanted), axes=[1]), dtype=types.INT32)
+    packed = fn.cat(*jpegs, axis=0)
+    return [fn.slice(packed, start=starts[k : k + 1], shape=sizes[k : k + 1], axes=[0]) for k in range(count)]
 
 
-def train_video(frames: Any, spec: GraphSpec, start: Any) -> Any:
-    """float32 (frames_used, 3, crop, crop): the frames inside the audio window that starts at `start`, one crop
-    (`video_crop`) and one flip for all of them."""
+# `pipelines.augment.scale_jitter_window`'s operations on DataNodes
+DALI_OPS = (
+    SimpleNamespace(floor=dmath.floor, minimum=dmath.min, maximum=dmath.max) if DALI_IMPORT_ERROR is None else None
+)
+
+
+def crop_window(jpeg: Any, spec: GraphSpec) -> tuple[Any, Any]:
+    """(anchor, extent) int32 (2,) per sample, as (rows, columns): the training crop of a clip whose frames have the
+    size of `jpeg`'s (read from its header): `pipelines.augment.scale_jitter_window` drawn with DALI's generators,
+    or DALI's Inception-style `random_crop_generator` (`video_crop="inception"`)."""
     aug = spec.augment
-    frames = fn.sequence_rearrange(frames, new_order=synced_frame_ids(start, spec))
+    shape = fn.peek_image_shape(jpeg, dtype=types.INT32)
     if aug.video_crop == "scale_jitter":
-        roi_start, roi_end = crop_box(frames, spec)
-        crops = fn.resize(
-            frames, size=[aug.crop_px, aug.crop_px], roi_start=roi_start, roi_end=roi_end, roi_relative=False,
-            antialias=True,
-        )  # fmt: skip
+        size = fn.cast(shape[0:2], dtype=types.FLOAT)
+        scales = fn.random.uniform(range=list(aug.scale_jitter), shape=[2])
+        anchor, extent = scale_jitter_window(
+            size, scales, fn.random.uniform(range=[0.0, 1.0], shape=[2]), aug, DALI_OPS
+        )
     else:
-        crops = fn.random_resized_crop(
-            frames, size=[aug.crop_px, aug.crop_px], random_area=list(aug.resize_scale),
-            random_aspect_ratio=list(aug.resize_ratio),
-        )  # fmt: skip
+        anchor, extent = fn.random_crop_generator(
+            shape[0:2], random_area=list(aug.resize_scale), random_aspect_ratio=list(aug.resize_ratio)
+        )
+    return fn.cast(anchor, dtype=types.INT32), fn.cast(extent, dtype=types.INT32)
+
+
+def decode_window(jpeg: Any, anchor: Any, extent: Any, decoder: str) -> Any:
+    """uint8 (h, w, 3): the window at `anchor` of size `extent` (rows, columns) of a JPEG, decoding only that
+    region where the decoder can (ROI decoding)."""
+    return fn.decoders.image_slice(
+        jpeg, anchor, extent, device=decoder, axis_names="HW", normalized_anchor=False, normalized_shape=False,
+        output_type=types.RGB, jpeg_fancy_upsampling=True,
+    )  # fmt: skip
+
+
+def train_video(chosen: list[Any], spec: GraphSpec, decoder: str) -> Any:
+    """float32 (frames_used, 3, crop, crop) from the clip's chosen encoded frames: one crop window (`crop_window`)
+    decoded from each frame (nothing outside it is decoded), resized to crop_px, one flip for all of them."""
+    aug = spec.augment
+    anchor, extent = crop_window(chosen[0], spec)
+    frames = fn.stack(*[decode_window(j, anchor, extent, decoder) for j in chosen], axis_name="F")
+    crops = fn.resize(frames, size=[aug.crop_px, aug.crop_px], antialias=True)
     return normalize_frames(crops, mirror=fn.random.coin_flip(probability=aug.flip_prob))
 
 
@@ -195,18 +221,30 @@ def color_params(spec: GraphSpec) -> Any:
     return fn.stack(*params)
 
 
-def eval_video(frames: Any, spec: GraphSpec, frames_read: list[int]) -> Any:
+def eval_video(jpegs: list[Any], spec: GraphSpec, frames_read: list[int], decoder: str) -> Any:
     """float32 (N, F, 3, crop, crop): the torch loader's test clips: the frames of each synchronized window, short
     side resized to eval_short_side_px when the shards' is another, centre crop at centre_crop_box (top/left rounded
-    down), normalized."""
+    down), normalized. Where no resize is needed only the centre crop is decoded."""
     aug = spec.augment
-    if spec.features.short_side_px != aug.eval_short_side_px:  # the shards' frames all have that short side
-        frames = fn.resize(frames, resize_shorter=aug.eval_short_side_px)
-    top_left = (frames.shape(dtype=types.INT32)[1:3] - aug.crop_px) // 2
-    crops = fn.slice(frames, start=top_left, shape=[aug.crop_px, aug.crop_px], axes=[1, 2])
+    if spec.features.short_side_px == aug.eval_short_side_px >= aug.crop_px:  # all frames have that short side
+        shape = fn.peek_image_shape(jpegs[0], dtype=types.INT32)[0:2]
+        anchor, extent = (shape - aug.crop_px) // 2, fn.constant(idata=[aug.crop_px] * 2, dtype=types.INT32)
+        crops = fn.stack(*[decode_window(j, anchor, extent, decoder) for j in jpegs], axis_name="F")
+    else:
+        frames = fn.stack(*[decode_frame(j, decoder) for j in jpegs], axis_name="F")
+        if spec.features.short_side_px != aug.eval_short_side_px:
+            frames = fn.resize(frames, resize_shorter=aug.eval_short_side_px)
+        top_left = (frames.shape(dtype=types.INT32)[1:3] - aug.crop_px) // 2
+        crops = fn.slice(frames, start=top_left, shape=[aug.crop_px, aug.crop_px], axes=[1, 2])
     order = [frames_read.index(int(i)) for _, ids in spec.eval_clips() for i in ids]
     clips = fn.sequence_rearrange(normalize_frames(crops), new_order=order)
     return fn.reshape(clips, shape=[aug.num_test_clips, spec.frames_used, 3, aug.crop_px, aug.crop_px], layout="")
+
+
+def decode_frame(jpeg: Any, decoder: str) -> Any:
+    """uint8 (H, W, 3); fancy upsampling: the GPU decoder upsamples chroma as libjpeg-turbo does on the CPU (and
+    torchvision)."""
+    return fn.decoders.image(jpeg, device=decoder, output_type=types.RGB, jpeg_fancy_upsampling=True)
 
 
 def normalize_audio(window: Any, spec: GraphSpec) -> Any:

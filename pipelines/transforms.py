@@ -62,17 +62,25 @@ def eval_resize_shape(height: int, width: int, short_side_px: int) -> tuple[int,
     return (short_side_px, round(width * scale)) if height <= width else (round(height * scale), short_side_px)
 
 
+def decode_jpegs(jpegs: list[bytes]) -> list[torch.Tensor]:
+    """uint8 (3, H, W) RGB of each JPEG (torchvision's decode_jpeg: libjpeg-turbo)."""
+    return [decode_jpeg(torch.frombuffer(bytearray(data), dtype=torch.uint8), mode=ImageReadMode.RGB) for data in jpegs]
+
+
+def stack_frames(frames: list[torch.Tensor]) -> torch.Tensor:
+    """uint8 (F, 3, H, W) in channels-last memory from (3, H, W) frames (one copy, and the layout the uint8 resize is
+    fast on)."""
+    return torch.stack([image.permute(1, 2, 0) for image in frames]).permute(0, 3, 1, 2)
+
+
 def decode_frames(jpegs: list[bytes]) -> torch.Tensor:
-    """uint8 (F, 3, H, W) in channels-last memory (one copy, and the layout the uint8 resize is fast on)."""
-    decoded = [
-        decode_jpeg(torch.frombuffer(bytearray(data), dtype=torch.uint8), mode=ImageReadMode.RGB) for data in jpegs
-    ]
-    return torch.stack([image.permute(1, 2, 0) for image in decoded]).permute(0, 3, 1, 2)
+    """uint8 (F, 3, H, W) in channels-last memory."""
+    return stack_frames(decode_jpegs(jpegs))
 
 
-_MEAN = torch.tensor(VIDEO_MEAN) * 255
+_INV_STD = 1 / torch.tensor(VIDEO_STD)  # on [0, 1] pixels
 
-_INV_STD = 1 / (torch.tensor(VIDEO_STD) * 255)
+_BIAS = -torch.tensor(VIDEO_MEAN) * _INV_STD
 
 
 def normalize_video(frames_hwc: torch.Tensor, color: torch.Tensor | None = None) -> torch.Tensor:
@@ -80,13 +88,15 @@ def normalize_video(frames_hwc: torch.Tensor, color: torch.Tensor | None = None)
     `color` parameters (B, 5) if given (`pipelines.augment.apply_color`), minus VIDEO_MEAN, over VIDEO_STD.
 
     Done once per batch by the consumer (on its device), so that workers pass uint8, 4x less to move; on the
-    contiguous channels-last buffer, which is 5x faster than on the (..., 3, H, W) view.
+    contiguous channels-last buffer, which is 5x faster than on the (..., 3, H, W) view; in one fused pass
+    (addcmul reads the uint8 and writes the float: 2.5x faster than converting, subtracting and scaling).
     """
-    video = frames_hwc.float()
+    device = frames_hwc.device
     if color is not None and not bool((color == torch.tensor(IDENTITY_COLOR)).all()):
-        video = apply_color(video.div_(255), color).mul_(255)
-    video = video.sub_(_MEAN.to(frames_hwc.device)).mul_(_INV_STD.to(frames_hwc.device))
-    return video.movedim(-1, -3)
+        video = apply_color(frames_hwc.float().div_(255), color)
+        return torch.addcmul(_BIAS.to(device), video, _INV_STD.to(device)).movedim(-1, -3)
+    scale = (_INV_STD / 255).to(device)
+    return torch.addcmul(_BIAS.to(device), frames_hwc, scale).movedim(-1, -3)
 
 
 def eval_video(frames: torch.Tensor, aug: AugmentConfig) -> torch.Tensor:
@@ -108,8 +118,8 @@ def audio_window(logmel: np.ndarray, start: int, frames: int) -> np.ndarray:
 
 def decode_members(
     where: str, raw: dict[str, bytes], frame_ids: list[int], manifest: Manifest
-) -> tuple[torch.Tensor, np.ndarray, np.ndarray]:
-    """The frames `frame_ids` decoded (uint8 (F, 3, H, W)), the log-mel (float32 (T, bins)) and the class indices of
+) -> tuple[list[torch.Tensor], np.ndarray, np.ndarray]:
+    """The frames `frame_ids` decoded (uint8 (3, H, W) each), the log-mel (float16 (T, bins)) and the class indices of
     a sample's raw members, each checked first (a frame claiming a size other than the split's is not decoded; a
     non-finite log-mel or labels outside the classes are refused): LoaderError naming `where` otherwise. Both loaders'
     one check of a sample's members (the DALI loader runs it to name a sample its graph failed on)."""
@@ -121,11 +131,11 @@ def decode_members(
         if problem := frame_size_problem(raw[frame_ext(i)], features.short_side_px, frame_ext(i)):
             raise LoaderError(f"{where}: bad JPEG ({problem})")
     try:
-        decoded = decode_frames([raw[frame_ext(i)] for i in frame_ids])
+        decoded = decode_jpegs([raw[frame_ext(i)] for i in frame_ids])
     except RuntimeError as err:
         raise LoaderError(f"{where}: bad JPEG ({err})") from err
     try:
-        logmel = parse_logmel(raw[LOGMEL_EXT], features).astype(np.float32)
+        logmel = parse_logmel(raw[LOGMEL_EXT], features)
         labels = parse_labels(raw[LABELS_EXT], manifest.num_classes, manifest.multi_label)
     except SchemaError as err:
         raise LoaderError(f"{where}: {err}") from None
@@ -192,19 +202,21 @@ class SampleBuilder:
         and key if a member is missing or cannot be decoded."""
         needed = sorted({int(i) for ids, _ in windows for i in ids})
         decoded, logmel, label_ids = decode_members(f"{shard_name}: sample {key}", raw, needed, self.manifest)
+        by_id = dict(zip(needed, decoded, strict=True))
         labels = self._labels(label_ids)
         aug = self.aug
         videos, audios = [], []
         colors = []
         for ids, audio_start in windows:
-            frames = decoded if np.array_equal(ids, needed) else decoded[np.searchsorted(needed, ids)]
-            audio = torch.from_numpy((audio_window(logmel, audio_start, aug.audio_frames) - self.mean) / self.std)[None]
+            frames = [by_id[int(i)] for i in ids]
+            window = np.array(audio_window(logmel, audio_start, aug.audio_frames))  # float16, writable
+            audio = torch.from_numpy(window).float().sub_(self.mean).div_(self.std)[None]  # torch: fast from float16
             if self.train:
                 videos.append(train_video(frames, aug, rng))
                 audios.append(spec_augment(audio, aug, rng))
                 colors.append(color_params(aug, rng))
             else:
-                videos.append(eval_video(frames, aug))
+                videos.append(eval_video(stack_frames(frames), aug))
                 audios.append(audio)
         count = len(windows)
         return {

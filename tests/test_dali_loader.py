@@ -359,3 +359,28 @@ def test_gpu_pipeline_matches_the_cpu_reference(train_shards, torch_rows):
     for batch in batches:
         assert batch["video"].is_cuda and batch["video"].shape == (3, 8, 3, 224, 224)
         assert batch["audio"].is_cuda and batch["audio"].shape == (3, 1, 160, 128)
+
+
+def test_the_graph_draws_its_crop_window_by_the_torch_loaders_rule():
+    """`pipelines.augment.scale_jitter_window` on DALI DataNodes gives the numpy window for the same draws."""
+    from nvidia.dali import fn, pipeline_def
+
+    from pipelines.augment import scale_jitter_window
+    from pipelines.config import AugmentConfig
+    from pipelines.dali_graph import DALI_OPS
+
+    aug = AugmentConfig()
+    draws = [([256.0, 342.0], [0.93, 1.21], [0.25, 0.8]), ([256.0, 455.0], [1.33, 0.9], [0.999, 0.0])]
+    for size, scales, position in draws:
+
+        @pipeline_def(batch_size=1, num_threads=1, device_id=None)
+        def window(size=size, scales=scales, position=position):
+            nodes = [fn.constant(fdata=values, shape=[2]) for values in (size, scales, position)]
+            return scale_jitter_window(*nodes, aug, DALI_OPS)
+
+        pipe = window()
+        pipe.build()
+        got = [np.array(out[0]) for out in pipe.run()]
+        want = scale_jitter_window(np.array(size), np.array(scales), np.array(position), aug)
+        for g, w in zip(got, want, strict=True):
+            np.testing.assert_array_equal(g, w)

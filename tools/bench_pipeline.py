@@ -13,10 +13,16 @@ On the same shards and the same number of cores (--cores, default all), in train
   dali_gpu   the DALI loader on the GPU, when one is present;
   naive      what on-the-fly video datasets do: every clip's mp4 decoded by ffmpeg when it is loaded
              (same frames, log-mel, augmentation), --cores workers;
+  torch_plain / perfile  the PyTorch loader without colour augmentation against the per-file baseline
+             (`pipelines.perfile`: CAV-MAE's and AST's way: per-file JPEG frames through PIL and torchvision's
+             transforms, a wav with kaldi fbank per sample), the same frames and output tensors, --cores workers each,
+             alternating over --rounds (median): torch_vs_perfile = clips/s ratio (goal >= 3);
   first_batch_s  seconds from building the torch loader to its first batch.
+Each loader's CPU ms per clip (its process and workers, `pipelines.bench`) is printed beside its clips/s.
 Without --shards it makes its own: clips of natural content (a window panning over scikit-learn's sample
 photographs, 10 s, 480x360 25 fps, H.264 + AAC) sharded by the offline stage, kept in --data between runs.
-Goals on CPU: torch_vs_bound >= 0.8, torch_vs_naive >= 10, first_batch_s <= 3. The last line is name=value pairs.
+Goals on CPU: torch_vs_bound >= 0.8, torch_vs_naive >= 10, torch_vs_perfile >= 3, first_batch_s <= 3. The last line
+is name=value pairs.
 """
 
 from __future__ import annotations
@@ -38,7 +44,9 @@ from torchvision.io import ImageReadMode, decode_jpeg
 
 from pipelines import dali_available, open_split
 from pipelines.augment import spec_augment, train_video
+from pipelines.bench import batch_clips, cpu_seconds_between, cpu_seconds_by_process
 from pipelines.config import AugmentConfig
+from pipelines.perfile import perfile_loader, write_perfile_copy
 from pipelines.reading import SampleReader
 from pipelines.sources import SplitIndex
 from pipelines.torch_loader import TorchLoader
@@ -91,21 +99,27 @@ def bound_clips_per_s(index: SplitIndex, cores: int, repeats: int) -> float:
         return n * repeats / (time.perf_counter() - start)
 
 
-def loader_clips_per_s(make_loader: Any, epochs: int) -> tuple[float, float]:
-    """(clips/s after the first batch, seconds to the first batch) over `epochs` epochs of a fresh loader."""
+def loader_clips_per_s(
+    make_loader: Any, epochs: int, cpu_ms: dict[str, float] | None = None, name: str = ""
+) -> tuple[float, float]:
+    """(clips/s after the first batch, seconds to the first batch) over `epochs` epochs of a fresh loader; its CPU ms
+    per clip (process and workers) into `cpu_ms[name]`."""
     start = time.perf_counter()
     loader = make_loader()
-    first_batch_s, clips, steady_start = 0.0, 0, 0.0
+    first_batch_s, clips, steady_start, cpu_before = 0.0, 0, 0.0, {}
     for epoch in range(epochs):
-        loader.set_epoch(epoch)
+        if hasattr(loader, "set_epoch"):
+            loader.set_epoch(epoch)
         for batch in loader:
             if not first_batch_s:
                 first_batch_s = time.perf_counter() - start
-                steady_start = time.perf_counter()
+                steady_start, cpu_before = time.perf_counter(), cpu_seconds_by_process()
                 continue
-            clips += len(batch["key"])
+            clips += batch_clips(batch)
     if torch.cuda.is_available():
         torch.cuda.synchronize()  # GPU-side work of the last batches is part of the time
+    if cpu_ms is not None:
+        cpu_ms.setdefault(name, []).append(cpu_seconds_between(cpu_before, cpu_seconds_by_process()) * 1e3 / clips)
     return clips / (time.perf_counter() - steady_start), first_batch_s
 
 
@@ -172,7 +186,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--cores", type=int, default=len(os.sched_getaffinity(0)))
     parser.add_argument("--epochs", type=int, default=10, help="epochs of each loader (default %(default)s)")
-    parser.add_argument("--rounds", type=int, default=3, help="alternating runs of torch and stream (median)")
+    parser.add_argument(
+        "--rounds", type=int, default=3, help="alternating runs of torch, stream, torch_plain and perfile (median)"
+    )
     parser.add_argument("--no-dali", action="store_true", help="leave the DALI loaders out")
     args = parser.parse_args(argv)
 
@@ -185,17 +201,22 @@ def main(argv: list[str] | None = None) -> int:
     # The first loader of a process measured up to 20% faster than later ones: indexed and streamed alternate, and
     # each gives its median over the rounds.
     streamed = open_split(f"pipe:cat {shards.resolve()}/{MANIFEST_NAME}")
-    runs: dict[str, list[tuple[float, float]]] = {"torch": [], "stream": []}
+    plain = aug.replace(color_prob=0.0, color_drop_prob=0.0)  # the per-file baseline has no colour augmentation
+    perfile = write_perfile_copy(index, args.data / "perfile")
+    makers = {
+        "torch": lambda: TorchLoader(index, True, args.batch_size, num_workers=cores, augment=aug),
+        "stream": lambda: TorchLoader(streamed, True, args.batch_size, num_workers=cores, augment=aug),
+        "torch_plain": lambda: TorchLoader(index, True, args.batch_size, num_workers=cores, augment=plain),
+        "perfile": lambda: perfile_loader(index, perfile, plain, args.batch_size, cores),
+    }
+    runs: dict[str, list[tuple[float, float]]] = {name: [] for name in makers}
+    cpu_ms: dict[str, list[float]] = {}
     for _ in range(args.rounds):
-        for name, source in (("torch", index), ("stream", streamed)):
-            runs[name].append(
-                loader_clips_per_s(
-                    lambda s=source: TorchLoader(s, True, args.batch_size, num_workers=cores, augment=aug), args.epochs
-                )
-            )
+        for name, make in makers.items():
+            runs[name].append(loader_clips_per_s(make, args.epochs, cpu_ms, name))
     for name, measured in runs.items():
-        first = "first_batch_s" if name == "torch" else "stream_first_batch_s"
-        results[name], results[first] = (float(np.median(column)) for column in zip(*measured, strict=True))
+        results[name], results[f"{name}_first_batch_s"] = (float(np.median(c)) for c in zip(*measured, strict=True))
+    results["first_batch_s"] = results["torch_first_batch_s"]
     results["torch_u8"] = worker_stage_clips_per_s(index, cores, args.batch_size, aug, args.epochs)
     if torch.cuda.is_available():
         results["torch_gpu"], _ = loader_clips_per_s(
@@ -209,15 +230,17 @@ def main(argv: list[str] | None = None) -> int:
         for device in devices:
             results[f"dali_{device}"], _ = loader_clips_per_s(
                 lambda d=device: DaliLoader(index, True, args.batch_size, device=d, num_threads=cores, augment=aug),
-                args.epochs,
-            )
+                args.epochs, cpu_ms, f"dali_{device}",
+            )  # fmt: skip
     if videos and shutil.which("ffmpeg"):
         results["naive"] = naive_clips_per_s(index, videos, aug, cores, args.batch_size)
 
     print(f"clips={n} batch={args.batch_size} cores={cores} epochs={args.epochs} shards={shards}")
-    for name in ("bound", "torch", "torch_u8", "stream", "torch_gpu", "dali_cpu", "dali_gpu", "naive"):
+    for name in ("bound", "torch", "torch_u8", "stream", "torch_gpu", "dali_cpu", "dali_gpu", "naive", "torch_plain",
+                 "perfile"):  # fmt: skip
         if name in results:
-            print(f"{name:>9}: {results[name]:8.1f} clips/s")
+            cpu = f"  {np.median(cpu_ms[name]):7.2f} CPU ms/clip" if name in cpu_ms else ""
+            print(f"{name:>11}: {results[name]:8.1f} clips/s{cpu}")
     print(f"first batch (torch): {results['first_batch_s']:.2f} s, (stream): {results['stream_first_batch_s']:.2f} s")
     pairs = [
         f"torch_vs_bound={results['torch'] / results['bound']:.3f}",
@@ -228,6 +251,8 @@ def main(argv: list[str] | None = None) -> int:
         pairs.append(f"torch_gpu_vs_bound={results['torch_gpu'] / results['bound']:.3f}")
     if "naive" in results:
         pairs.append(f"torch_vs_naive={results['torch'] / results['naive']:.1f}")
+    pairs.append(f"torch_vs_perfile={results['torch_plain'] / results['perfile']:.2f}")
+    pairs.append(f"torch_vs_perfile_cpu={np.median(cpu_ms['perfile']) / np.median(cpu_ms['torch_plain']):.2f}")
     for device in ("cpu", "gpu"):
         if f"dali_{device}" in results:
             pairs.append(f"dali_{device}_vs_torch={results[f'dali_{device}'] / results['torch']:.3f}")
