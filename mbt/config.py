@@ -39,6 +39,11 @@ from shards.schema import SchemaError
 PRESETS = ("audioset", "vggsound", "custom", "demo")
 OPTIMIZERS = ("sgd", "adamw")
 DEVICES = ("auto", "cpu", "cuda")
+# torch.nn.attention.SDPBackend of each --sdpa_backend; auto: PyTorch picks per call (tools/gpu_check.py measures them)
+SDPA_BACKENDS = {
+    "auto": None, "flash": "FLASH_ATTENTION", "cudnn": "CUDNN_ATTENTION", "efficient": "EFFICIENT_ATTENTION",
+    "math": "MATH",
+}  # fmt: skip
 # Bounds of the int settings that size an allocation or a loop: (least, most, what the value counts). The most is
 # far above any real run and far below what would exhaust a machine: a value beyond it is a typo or a hostile file.
 INT_LIMITS: dict[str, tuple[int, int, str]] = {
@@ -121,6 +126,7 @@ class TrainConfig:
     log_every_steps: int = 10
     bf16: bool = True  # autocast on CUDA only
     compile: bool = False
+    sdpa_backend: str = "auto"  # training's attention kernel: PyTorch's choice, or one of SDPA_BACKENDS (GPU)
     device: str = "auto"
 
     def replace(self, **changes: object) -> TrainConfig:
@@ -154,13 +160,14 @@ def preset(name: str) -> TrainConfig:
             out_dir="runs/custom",
         )
     if name == "demo":
-        # 8 frames at 128 px and 400 log-mel frames per 4 s clip (the Makefile's shards), 12 classes; 4 frames in the
-        # 3.2 s audio window; evaluation resizes 128 → 72, crops 64. Sized so that `make demo` trains five variants
-        # in a few minutes on 2 CPU cores (mbt.demo). lr 3e-3 and SpecAugment masks narrower than AST's were measured
-        # (wide masks hide the demo's single tone in many crops: the audio tower never learnt pitch).
+        # 8 frames at 128 px and 400 log-mel frames per 4 s clip (the Makefile's shards), 12 classes; 2 frames in the
+        # 1.6 s audio window; evaluation resizes 128 → 72, crops 64. Sized so that `make demo` trains five variants
+        # in a few minutes on 2 CPU cores (mbt.demo); 360 steps of 16 clips are what bottleneck fusion needs to learn
+        # the cross-modal classes (120 steps: chance; docs/PERFORMANCE.md). lr 3e-3 and SpecAugment masks narrower
+        # than AST's were measured (wide masks hide the demo's single tone in many crops: no pitch was learnt).
         model = MBTConfig(
             num_classes=12, embed_dim=64, depth=4, num_heads=2, fusion_layer=2, num_bottlenecks=4,
-            num_frames=4, img_size=64, patch_size=16, audio_frames=320, drop_path_rate=0.0,
+            num_frames=2, img_size=64, patch_size=16, audio_frames=160, drop_path_rate=0.0,
         )  # fmt: skip
         return TrainConfig(
             model=model,
@@ -168,12 +175,12 @@ def preset(name: str) -> TrainConfig:
             # the label), AST's Inception crop and one time mask, as the demo was tuned with.
             augment=AugmentConfig(
                 crop_px=64,
-                frames_used=4,
+                frames_used=2,
                 eval_short_side_px=72,
-                audio_frames=320,
+                audio_frames=160,
                 mixup_alpha=0.0,
                 freq_mask_px=16,
-                time_mask_px=32,
+                time_mask_px=16,
                 num_time_masks=1,
                 video_crop="inception",
                 color_prob=0.0,
@@ -186,10 +193,10 @@ def preset(name: str) -> TrainConfig:
             optimizer="adamw",
             lr=3e-3,
             weight_decay=0.05,
-            epochs=20,
+            epochs=60,
             warmup_epochs=1.0,
             label_smoothing=0.0,
-            eval_every_epochs=20,  # one evaluation, at the end
+            eval_every_epochs=60,  # one evaluation, at the end
             checkpoint_every_steps=1000,
             out_dir="runs/demo",
         )
@@ -275,6 +282,10 @@ def validate(cfg: TrainConfig, world_size: int = 1, *, train: bool = True) -> Tr
         (cfg.optimizer in OPTIMIZERS, f"--optimizer {cfg.optimizer!r} is not one of {', '.join(OPTIMIZERS)}"),
         (cfg.loader in LOADERS, f"--loader {cfg.loader!r} is not one of {', '.join(LOADERS)}"),
         (cfg.device in DEVICES, f"--device {cfg.device!r} is not one of {', '.join(DEVICES)}"),
+        (
+            cfg.sdpa_backend in SDPA_BACKENDS,
+            f"--sdpa_backend {cfg.sdpa_backend!r} is not one of {', '.join(SDPA_BACKENDS)}",
+        ),
         (cfg.lr > 0, f"--lr must be positive, got {cfg.lr}"),
         (0 <= cfg.momentum < 1, f"--momentum must be in [0, 1), got {cfg.momentum}"),
         (cfg.weight_decay >= 0, f"--weight_decay must be 0 or more, got {cfg.weight_decay}"),

@@ -2,11 +2,10 @@
 learning-rate schedule. `tools/bench_train.py` times this same step.
 
 One step (`TrainStep`) takes `grad_accum` micro-batches: for each, mixup, label-smoothed targets, forward under bf16
-autocast (CUDA) to each tower's logits (`MBT.forward(per_tower=True)`), the towers' losses averaged (scenic's MBT
-trainer; the logits are averaged only at evaluation), backward of loss / grad_accum, DDP's gradient all-reduce on
-the last micro-batch only;
-then the mean loss is read back (a NonFiniteLoss before any update), the gradient norm clipped, and the optimizer
-and schedule stepped.
+autocast (CUDA) and the attention kernel of cfg.sdpa_backend to each tower's logits (`MBT.forward(per_tower=True)`),
+the towers' losses averaged (scenic's MBT trainer; the logits are averaged only at evaluation), backward of
+loss / grad_accum, DDP's gradient all-reduce on the last micro-batch only; then the mean loss is read back (a
+NonFiniteLoss before any update), the gradient norm clipped, and the optimizer and schedule stepped.
 """
 
 from __future__ import annotations
@@ -22,7 +21,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
-from mbt.config import TrainConfig
+from mbt.config import SDPA_BACKENDS, TrainConfig
 from pipelines.mixup import mixup
 
 
@@ -72,6 +71,17 @@ def lr_lambda(total_steps: int, warmup_steps: int) -> Callable[[int], float]:
         return 0.5 * (1.0 + math.cos(math.pi * min(progress, 1.0)))
 
     return factor
+
+
+def sdpa_context(backend: str | None) -> AbstractContextManager:
+    """Scaled-dot-product attention restricted to `backend` (a key of SDPA_BACKENDS) for the calls made inside;
+    None or "auto": PyTorch's own choice per call. A new context each time (sdpa_kernel's cannot be re-entered)."""
+    name = SDPA_BACKENDS.get(backend or "auto")
+    if name is None:
+        return nullcontext()
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    return sdpa_kernel(getattr(SDPBackend, name))
 
 
 def bf16_autocast(device: torch.device, bf16: bool) -> AbstractContextManager:
@@ -126,7 +136,7 @@ class TrainStep:
             targets = soft_targets(data["labels"], num_classes, cfg.label_smoothing)
             accumulating = micro < cfg.grad_accum - 1 and isinstance(self.module, DistributedDataParallel)
             sync = self.module.no_sync() if accumulating else nullcontext()  # all-reduce on the last micro-batch
-            with sync, self.autocast:
+            with sync, self.autocast, sdpa_context(cfg.sdpa_backend):
                 logits = self.forward(data["video"], data["audio"], per_tower=True)  # scenic: a loss per tower
                 loss = loss_fn(logits, targets, self.multi_label)
                 (loss / cfg.grad_accum).backward()

@@ -82,3 +82,30 @@ def test_train_step_trains_each_tower_on_its_own_logits(pool):
     expected = torch.stack([scenic_sigmoid_ce(logits, targets) for logits in per_tower]).mean()
     step = TrainStep(model, cfg, multi_label=True, loader_batches=1, device=torch.device("cpu"))
     assert step(iter([batch]), 7) == pytest.approx(expected.item(), rel=1e-5)
+
+
+@pytest.mark.parametrize("backend", ["auto", "math"])
+def test_the_step_runs_attention_under_the_configured_backend(backend, monkeypatch):
+    """--sdpa_backend restricts training's attention to one kernel (the GPU check picks the fastest); auto leaves
+    the choice to PyTorch. Seen here through the backend the step's forward runs under."""
+    cfg = TrainConfig(model=TINY, batch_size=2, sdpa_backend=backend)
+    model = MBT(cfg.model)
+    seen = []
+    original = F.scaled_dot_product_attention
+
+    def spy(*args, **kwargs):
+        seen.append(torch._C._get_math_sdp_enabled() and not torch._C._get_flash_sdp_enabled())
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(F, "scaled_dot_product_attention", spy)
+    video, audio = inputs(batch=2)
+    batch = {"video": video, "audio": audio, "labels": (torch.rand(2, 5) < 0.4).float(), "key": ["a", "b"]}
+    TrainStep(model, cfg, multi_label=True, loader_batches=1, device=torch.device("cpu"))(iter([batch]), 0)
+    assert seen and all(only_math == (backend == "math") for only_math in seen)
+
+
+def test_an_unknown_sdpa_backend_is_refused():
+    from mbt.config import ConfigError, validate
+
+    with pytest.raises(ConfigError, match="--sdpa_backend 'fast' is not one of auto, flash, cudnn"):
+        validate(TrainConfig(sdpa_backend="fast", train_shards="", eval_shards=""), train=False)

@@ -44,9 +44,10 @@ import torch
 import torch._inductor.config as inductor_config
 
 from mbt.bench import device_name, peak_tflops, time_rounds
+from mbt.config import SDPA_BACKENDS
 from mbt.flops import count_flops, example_inputs, size_config
 from mbt.model import MBT
-from mbt.step import TrainStep
+from mbt.step import TrainStep, sdpa_context
 from pipelines import dali_available, open_split
 from pipelines.bench import cuda_sync, measure_loader
 from pipelines.config import AugmentConfig
@@ -56,7 +57,7 @@ from shards.schema import FeatureParams
 REPO = Path(__file__).resolve().parents[1]
 # tests/test_dali_loader.py: the evaluation test's bound (DALI CPU vs the torch loader) and the GPU test's video bound
 VIDEO_MAX_DIFF, VIDEO_GPU_MAX_DIFF, VIDEO_MEAN_DIFF, AUDIO_ATOL = 2 / 127.5, 8 / 127.5, 0.01, 1e-5
-BACKENDS = ("flash", "cudnn", "efficient", "math")
+BACKENDS = tuple(name for name in SDPA_BACKENDS if name != "auto")  # flash, cudnn, efficient, math
 REAL = {"clips": 2048, "features": FeatureParams(), "size": "base", "frames": 8, "crop": 224, "audio_frames": 800,
         "batch": 32, "loader_s": 15.0, "steps": 10, "warmup": 3, "blocks": 3, "workers": 15}  # fmt: skip
 DRY = {"clips": 24, "features": FeatureParams(num_frames=4, short_side_px=64, segment_s=2.0), "size": "tiny",
@@ -159,15 +160,6 @@ def part_loaders(split: Any, mode: dict[str, Any], args: argparse.Namespace, dev
     return results
 
 
-def sdpa_context(backend: str | None) -> Any:
-    from contextlib import nullcontext
-
-    from torch.nn.attention import SDPBackend, sdpa_kernel
-
-    names = {"flash": "FLASH_ATTENTION", "cudnn": "CUDNN_ATTENTION", "efficient": "EFFICIENT_ATTENTION", "math": "MATH"}
-    return nullcontext() if backend in (None, "auto") else sdpa_kernel(getattr(SDPBackend, names[backend]))
-
-
 def model_steps(
     mode: dict[str, Any], device: torch.device, backends: list[str], compiled: bool, peak: float | None
 ) -> dict[str, Any]:
@@ -213,10 +205,11 @@ def part_train(split: Any, mode: dict[str, Any], args: argparse.Namespace, devic
     manifest = split.manifest
     model_cfg = bench_train.model_config(mode["size"], manifest, mode["frames"], mode["crop"], mode["audio_frames"])
     aug, batch = augment_for(mode), mode["batch"]
-    cfg = bench_train.RECIPE.replace(model=model_cfg, augment=aug, batch_size=batch, grad_accum=1, compile=args.compile)
+    cfg = bench_train.RECIPE.replace(
+        model=model_cfg, augment=aug, batch_size=batch, grad_accum=1, compile=args.compile, sdpa_backend=sdpa or "auto"
+    )
     torch.manual_seed(0)
-    train_step = TrainStep(MBT(model_cfg).to(device), cfg, manifest.multi_label, 64, device)
-    train_step.forward = partial(in_context, sdpa, train_step.forward)  # the hook: training under one backend
+    train_step = TrainStep(MBT(model_cfg).to(device), cfg, manifest.multi_label, 64, device)  # under cfg's backend
     synthetic = bench_train.synthetic_batch(model_cfg, batch, manifest.multi_label, device)
     gflops = count_flops(model_cfg)["train_gflops"] if peak else None
     results: dict[str, Any] = {"sdpa": sdpa or "auto", "compile": args.compile, "batch": batch}
