@@ -162,7 +162,7 @@ def preset(name: str) -> TrainConfig:
     if name == "demo":
         # 8 frames at 128 px and 400 log-mel frames per 4 s clip (the Makefile's shards), 12 classes; 2 frames in the
         # 1.6 s audio window; evaluation resizes 128 → 72, crops 64. Sized so that `make demo` trains five variants
-        # in a few minutes on 2 CPU cores (mbt.demo); 360 steps of 16 clips are what bottleneck fusion needs to learn
+        # in under 6 minutes on 2 CPU cores (mbt.demo); bottleneck fusion needs about 300 steps of 16 clips to learn
         # the cross-modal classes (120 steps: chance; docs/PERFORMANCE.md). lr 3e-3 and SpecAugment masks narrower
         # than AST's were measured (wide masks hide the demo's single tone in many crops: no pitch was learnt).
         model = MBTConfig(
@@ -193,10 +193,10 @@ def preset(name: str) -> TrainConfig:
             optimizer="adamw",
             lr=3e-3,
             weight_decay=0.05,
-            epochs=60,
+            epochs=50,
             warmup_epochs=1.0,
             label_smoothing=0.0,
-            eval_every_epochs=60,  # one evaluation, at the end
+            eval_every_epochs=50,  # one evaluation, at the end
             checkpoint_every_steps=1000,
             out_dir="runs/demo",
         )

@@ -1,9 +1,17 @@
 """A small synthetic labelled audio-visual dataset in AudioSet layout, generated with ffmpeg's lavfi sources.
 
-Each clip has a coloured background (red, green or blue), maybe a white box sweeping across the frame,
-a low or high tone, maybe gated on and off (beeping), maybe pink noise. The first two attributes can only be
-seen and the last three only heard, so a model needs both modalities to predict every label. The output folder
-holds:
+Each clip has a coloured background (red or yellow: warm; green or blue: cool), maybe a white box sweeping across
+the frame, a low or high tone, maybe gated on and off (beeping), maybe pink noise; every attribute is drawn uniformly
+and independently. Three kinds of labels:
+
+- seen: the background colour and the moving box (only the frames show them),
+- heard: the pitch, beeping and noise (only the sound has them),
+- cross-modal: whether a seen and a heard attribute agree (warm colour with the low tone or cool with the high one;
+  the box exactly when the tone beeps; noise exactly over a cool colour). Each is an XOR of a seen and a heard bit:
+  true for half the clips whatever one modality shows, so neither modality alone, nor a sum of per-modality logits,
+  can predict it.
+
+The output folder holds:
 
 - ``class_labels_indices.csv``: ``index,mid,display_name`` quoted as in AudioSet
   (``0,/m/demo_red,"Red background"``),
@@ -39,7 +47,8 @@ BEEP_PERIOD_S = 0.25  # 4 Hz on/off gating, half the period on
 BOX_SWEEP_S = 2.0  # the box crosses the frame once every two seconds
 TONE_VOLUME = 4.0  # sine's output peaks at 1/8 of full scale: the tone peaks at 0.5
 NOISE_AMPLITUDE = 0.2
-BACKGROUND_RGB = {"red": "0xFF0000", "green": "0x00FF00", "blue": "0x0000FF"}
+BACKGROUND_RGB = {"red": "0xFF0000", "green": "0x00FF00", "blue": "0x0000FF", "yellow": "0xFFFF00"}
+WARM_BACKGROUNDS = ("red", "yellow")
 
 YTID_LENGTH = 11
 YTID_ALPHABET = string.ascii_letters + string.digits + "_-"
@@ -50,7 +59,7 @@ CSV_CREATED = "Sun Mar  5 10:54:31 2017"
 
 @dataclass(frozen=True)
 class DemoClass:
-    """One label of the demo dataset; ``modality`` is ``"visual"`` or ``"audible"``."""
+    """One label of the demo dataset; ``modality`` is ``"visual"``, ``"audible"`` or ``"cross"`` (both at once)."""
 
     index: int
     name: str
@@ -72,7 +81,12 @@ DEMO_CLASSES: tuple[DemoClass, ...] = (
     DemoClass(5, "high_tone", "High tone", "audible"),
     DemoClass(6, "beeping", "Beeping", "audible"),
     DemoClass(7, "noise", "Noise", "audible"),
+    DemoClass(8, "yellow", "Yellow background", "visual"),
+    DemoClass(9, "colour_pitch", "Colour matches pitch", "cross"),
+    DemoClass(10, "box_beeping", "Box if and only if beeping", "cross"),
+    DemoClass(11, "colour_noise", "Noise if and only if cool colour", "cross"),
 )
+MODALITIES = ("visual", "audible", "cross")
 
 
 class FFmpegNotFoundError(RuntimeError):
@@ -95,14 +109,23 @@ class DemoClip:
     noise_seed: int
 
     @property
+    def warm(self) -> bool:
+        """Whether the background is a warm colour (`WARM_BACKGROUNDS`)."""
+        return self.background in WARM_BACKGROUNDS
+
+    @property
     def mids(self) -> tuple[str, ...]:
         """The clip's label MIDs in class-index order."""
+        low = self.tone_hz == LOW_TONE_HZ
         present = {
             self.background,
             "moving_box" if self.moving_box else "",
-            "low_tone" if self.tone_hz == LOW_TONE_HZ else "high_tone",
+            "low_tone" if low else "high_tone",
             "beeping" if self.beeping else "",
             "noise" if self.noise else "",
+            "colour_pitch" if self.warm == low else "",
+            "box_beeping" if self.moving_box == self.beeping else "",
+            "colour_noise" if self.warm != self.noise else "",
         }
         return tuple(c.mid for c in DEMO_CLASSES if c.name in present)
 
@@ -140,7 +163,8 @@ def draw_demo_clips(clips: int, eval_fraction: float = 0.25, seed: int = 0) -> l
     drawn: list[DemoClip] = []
     seen: set[str] = set()
     for index in range(clips):
-        rng = random.Random(f"mbt-demo:{seed}:{index}")
+        # v2: the cross-modal classes; new YTIDs, so that no video rendered with other attributes is reused
+        rng = random.Random(f"mbt-demo-v2:{seed}:{index}")
         ytid = _draw_ytid(rng, leading_dash=index % DASH_EVERY == 0)
         while ytid in seen:
             ytid = _draw_ytid(rng, leading_dash=index % DASH_EVERY == 0)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import json
 import os
@@ -18,9 +19,12 @@ from media import make_clip, make_not_a_video, make_vfr_clip, truncate_file
 
 from preprocess.datasets import read_audioset_classes, read_audioset_segments
 from preprocess.demo_data import (
+    BACKGROUND_RGB,
     DEMO_CLASSES,
     HIGH_TONE_HZ,
     LOW_TONE_HZ,
+    MODALITIES,
+    DemoClip,
     DemoDataset,
     draw_demo_clips,
     make_demo_dataset,
@@ -38,6 +42,7 @@ YTID_RE = re.compile(r"[A-Za-z0-9_-]{11}")
 SEGMENT_ROW_RE = re.compile(r'([A-Za-z0-9_-]{11}), 0\.000, 2\.000, "(/m/demo_[a-z_]+(?:,/m/demo_[a-z_]+)*)"')
 VISUAL_MIDS = {c.mid for c in DEMO_CLASSES if c.modality == "visual"}
 AUDIBLE_MIDS = {c.mid for c in DEMO_CLASSES if c.modality == "audible"}
+CROSS_MIDS = {c.mid for c in DEMO_CLASSES if c.modality == "cross"}
 
 
 def ffprobe(path: Path, *options: str) -> dict:
@@ -92,7 +97,8 @@ def test_labels_match_what_is_seen_and_heard(demo: DemoDataset) -> None:
         frames = np.frombuffer(decode(path, "-f", "rawvideo", "-pix_fmt", "rgb24"), np.uint8)
         frames = frames.reshape(-1, SIZE[1], SIZE[0], 3)
         background = np.median(frames.reshape(-1, 3), axis=0)
-        assert ("red", "green", "blue")[int(background.argmax())] == clip.background
+        nearest = min(BACKGROUND_RGB, key=lambda c: np.abs(background - _rgb(BACKGROUND_RGB[c])).sum())
+        assert nearest == clip.background
         white_share = (frames.min(axis=3) > 200).mean(axis=(1, 2)).max()
         assert (white_share > 0.02) == clip.moving_box
 
@@ -106,6 +112,12 @@ def test_labels_match_what_is_seen_and_heard(demo: DemoDataset) -> None:
         windows = audio[: len(audio) // 160 * 160].reshape(-1, 160)  # 10 ms
         quiet_rms = np.percentile(np.sqrt((windows**2).mean(axis=1)), 10)
         assert (quiet_rms < 0.1) == clip.beeping
+
+
+def _rgb(hex_colour: str) -> np.ndarray:
+    """(r, g, b) of ``0xRRGGBB``."""
+    value = int(hex_colour, 16)
+    return np.array([value >> 16, (value >> 8) & 255, value & 255], dtype=float)
 
 
 def test_class_csv_is_in_audioset_format(demo: DemoDataset) -> None:
@@ -174,11 +186,11 @@ def test_every_clip_needs_both_modalities() -> None:
     clips = draw_demo_clips(2000, eval_fraction=0.25, seed=7)
     for clip in clips:
         mids = set(clip.mids)
-        assert len(mids & {"/m/demo_red", "/m/demo_green", "/m/demo_blue"}) == 1
+        assert len(mids & {f"/m/demo_{colour}" for colour in BACKGROUND_RGB}) == 1
         assert len(mids & {"/m/demo_low_tone", "/m/demo_high_tone"}) == 1
         assert mids & VISUAL_MIDS
         assert mids & AUDIBLE_MIDS
-    assert {mid for clip in clips for mid in clip.mids} == VISUAL_MIDS | AUDIBLE_MIDS
+    assert {mid for clip in clips for mid in clip.mids} == VISUAL_MIDS | AUDIBLE_MIDS | CROSS_MIDS
     assert {clip.tone_hz for clip in clips} == {LOW_TONE_HZ, HIGH_TONE_HZ}
     assert {(clip.sample_rate_hz, clip.channels) for clip in clips} == {
         (16000, 1),
@@ -192,6 +204,59 @@ def test_every_clip_needs_both_modalities() -> None:
     assert all(YTID_RE.fullmatch(ytid) for ytid in ytids)
     assert [ytid.startswith("-") for ytid in ytids] == [i % 3 == 0 for i in range(len(ytids))]
     assert draw_demo_clips(10, eval_fraction=0.25, seed=7) == clips[:10]
+
+
+def _attributes(clip: DemoClip) -> dict[str, tuple]:
+    """What each modality shows of `clip`: its seen and its heard attributes."""
+    return {
+        "visual": (clip.background, clip.moving_box),
+        "audible": (clip.tone_hz, clip.beeping, clip.noise),
+    }
+
+
+def test_cross_modal_labels_need_both_modalities() -> None:
+    """Over every combination of the (uniform, independent) attributes, each cross-modal label is true for exactly
+    half the clips whatever one modality shows (so neither modality alone predicts it), and is a function of the
+    two together; the generator draws the attributes uniformly and independently."""
+    template = draw_demo_clips(4)[0]
+    everything = [
+        dataclasses.replace(template, background=b, moving_box=m, tone_hz=t, beeping=e, noise=n)
+        for b, m, t, e, n in itertools.product(
+            BACKGROUND_RGB, (False, True), (LOW_TONE_HZ, HIGH_TONE_HZ), (False, True), (False, True)
+        )
+    ]
+    assert [c.modality for c in DEMO_CLASSES].count("cross") == 3
+    assert {c.modality for c in DEMO_CLASSES} == set(MODALITIES)
+    for cross in CROSS_MIDS:
+        for modality in ("visual", "audible"):
+            by_value: dict[tuple, list[bool]] = {}
+            for clip in everything:
+                by_value.setdefault(_attributes(clip)[modality], []).append(cross in clip.mids)
+            assert all(np.mean(labels) == 0.5 for labels in by_value.values()), (cross, modality)
+        by_both: dict[tuple, set[bool]] = {}
+        for clip in everything:
+            by_both.setdefault(tuple(_attributes(clip).values()), set()).add(cross in clip.mids)
+        assert all(len(labels) == 1 for labels in by_both.values())
+    # A sum of per-modality scores cannot rank them: the four (seen, heard) cells of an XOR.
+    clip = dataclasses.replace(template, background="red", tone_hz=LOW_TONE_HZ, moving_box=True, beeping=True)
+    assert "/m/demo_colour_pitch" in clip.mids and "/m/demo_box_beeping" in clip.mids
+    assert "/m/demo_colour_pitch" not in dataclasses.replace(clip, background="blue").mids
+    assert "/m/demo_colour_pitch" not in dataclasses.replace(clip, tone_hz=HIGH_TONE_HZ).mids
+    assert "/m/demo_colour_pitch" in dataclasses.replace(clip, background="green", tone_hz=HIGH_TONE_HZ).mids
+
+    drawn = draw_demo_clips(4000, seed=3)
+    cells: dict[tuple, int] = {}
+    for clip in drawn:
+        key = tuple(_attributes(clip).values())
+        cells[key] = cells.get(key, 0) + 1
+    assert len(cells) == len(everything)  # 64 combinations, each about 4000 / 64 = 62.5 times
+    assert max(cells.values()) < 100 and min(cells.values()) > 30
+    for cross in CROSS_MIDS:
+        for modality in ("visual", "audible"):
+            by_value = {}
+            for clip in drawn:
+                by_value.setdefault(_attributes(clip)[modality], []).append(cross in clip.mids)
+            assert all(abs(np.mean(labels) - 0.5) < 0.08 for labels in by_value.values()), (cross, modality)
 
 
 @pytest.mark.parametrize(

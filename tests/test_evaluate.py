@@ -27,6 +27,7 @@ from mbt.model import MBT, MBTConfig
 from pipelines import build_loader, open_split
 from pipelines.config import AugmentConfig
 from pipelines.sources import SplitIndex
+from preprocess.demo_data import DEMO_CLASSES
 from shards.manifest import load_manifest
 from shards.schema import MANIFEST_NAME
 
@@ -34,7 +35,7 @@ REPO = Path(__file__).resolve().parents[1]
 SCRIPT = Path(__file__).with_name("dist_evaluate_main.py")
 SINGLE = DistInfo(rank=0, local_rank=0, world_size=1, device=torch.device("cpu"))
 TINY = MBTConfig(
-    num_classes=8, embed_dim=32, depth=2, num_heads=2, fusion_layer=1, num_frames=8, img_size=32,
+    num_classes=len(DEMO_CLASSES), embed_dim=32, depth=2, num_heads=2, fusion_layer=1, num_frames=8, img_size=32,
     audio_frames=160, num_mel_bins=128,
 )  # fmt: skip
 # The log-mel normalization a training records: its training split's statistics (here made up).

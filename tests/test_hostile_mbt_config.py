@@ -10,10 +10,11 @@ from pathlib import Path
 
 import pytest
 import yaml
+from test_config import BASE
 
 import mbt.config
 import mbt.config_io
-from mbt.config import ConfigError, TrainConfig, load_config, preset, validate
+from mbt.config import ConfigError, TrainConfig, load_config, validate
 from mbt.train import main
 from shards.manifest import LogmelStats, Manifest
 from shards.schema import FeatureParams
@@ -36,7 +37,7 @@ CLASSES = [f"class {i}" for i in range(8)]
 @pytest.fixture
 def cfg(tmp_path: Path) -> TrainConfig:
     train, test = write_split(tmp_path / "train", CLASSES), write_split(tmp_path / "eval", CLASSES)
-    return preset("demo").replace(train_shards=str(train), eval_shards=str(test), out_dir=str(tmp_path / "run"))
+    return BASE.replace(train_shards=str(train), eval_shards=str(test), out_dir=str(tmp_path / "run"))
 
 
 @pytest.mark.parametrize(

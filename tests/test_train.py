@@ -33,6 +33,7 @@ TINY = [
     "--model.embed_dim", "32", "--model.depth", "2", "--model.num_heads", "2", "--model.fusion_layer", "1",
     "--model.img_size", "32", "--augment.crop_px", "32", "--augment.eval_short_side_px", "36",
     "--loader", "torch", "--num_workers", "0", "--batch_size", "2", "--log_every_steps", "1",
+    "--eval_every_epochs", "1", "--checkpoint_every_steps", "50",
 ]  # fmt: skip
 # Dropout, stochastic depth and mixup on, so that resuming has to restore every random stream.
 RANDOM = ["--model.drop_path_rate", "0.2", "--model.drop_rate", "0.1", "--augment.mixup_alpha", "0.5"]
@@ -108,6 +109,8 @@ def test_training_writes_the_run_directory(
     state = torch.load(last, map_location="cpu", weights_only=True)
     assert {"model", "optimizer", "schedule", "step", "loader", "rng", "config"} <= state.keys()
     assert state["step"] == TOTAL_STEPS
+    manifest = load_manifest(train_shards)  # what predict decodes new videos with
+    assert state["features"] == {"params": manifest.features.to_dict(), "schema_version": manifest.schema_version}
     assert config_from_dict(state["config"]) == cfg
     assert len(state["rng"]) == 1 and isinstance(state["rng"][0]["torch"], torch.Tensor)
 
@@ -132,7 +135,7 @@ def test_training_writes_the_run_directory(
     with np.load(reference_run / "eval" / "predictions.npz") as npz:
         keys = list(npz["keys"])
         assert keys == sorted(keys) and len(keys) == 3
-        assert npz["logits"].shape == (3, 8)
+        assert npz["logits"].shape == (3, load_manifest(train_shards).num_classes)
 
 
 def test_keeps_the_last_checkpoints(reference_run: Path) -> None:
