@@ -216,7 +216,7 @@ def test_an_out_that_is_a_file_is_one_error_line(
     [
         ("class_index,class_name,ap\n0,a,x\n", "not a per-class AP table (ValueError"),
         ("index,ap\n0,0.5\n", "not a per-class AP table (KeyError('class_index')"),
-        ("class_index,class_name,ap\n0,a,0.5\n", "no AP of classes [1, 2, 3, 4, 5, 6, 7]"),
+        ("class_index,class_name,ap\n0,a,0.5\n", "no AP of classes [1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11]"),
     ],
 )
 def test_demo_refuses_a_per_class_table_it_cannot_read(tmp_path: Path, table: str, message: str) -> None:

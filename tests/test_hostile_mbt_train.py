@@ -355,7 +355,7 @@ def test_a_tampered_checkpoint_is_refused(
         (lambda s: s["config"].update(learning_rate=1), "its config does not fit this version (config: unknown key"),
         (lambda s: s["config"]["model"].update(num_heads=0), r"--model.num_heads must be in 1..256"),
         (lambda s: s["config"].update(lr=float("nan")), "lr: expected float (a finite number), got nan"),
-        (lambda s: s["data"]["classes"].append("x"), "class 8 is not a mapping of index 8"),
+        (lambda s: s["data"]["classes"].append("x"), "class 12 is not a mapping of index 12"),
         (lambda s: s.update(data={"classes": []}), "its class record is not a mapping of 'classes' and 'multi_label'"),
     ],
     ids=["unknown-key", "zero-heads", "nan-lr", "class-not-a-record", "record-keys"],
