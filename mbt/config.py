@@ -133,31 +133,26 @@ class TrainConfig:
         return dataclasses.replace(self, **changes)
 
 
+# The presets of the MBT recipe (TrainConfig's defaults on MBT-B/16, stochastic depth 0.3): classes and the
+# training and evaluation splits under shards/<name>/. custom: your own shards (tools/shard_csv.py), the head sized by
+# the training split's manifest when training starts (num_classes 0, `with_split_classes`).
+RECIPE_DATA: dict[str, tuple[int, str, str]] = {
+    "audioset": (527, "balanced_train", "eval"),
+    "vggsound": (309, "train", "test"),
+    "custom": (0, "train", "val"),
+}
+
+
 def preset(name: str) -> TrainConfig:
     """The named preset: 'audioset' and 'vggsound' (the MBT recipe on their shards), 'custom' (the recipe on your
     own shards, the head sized by the training split) or 'demo' (a tiny MBT for the 2-core CPU demo on shards/demo)."""
-    if name == "audioset":
+    if name in RECIPE_DATA:
+        classes, train_split, eval_split = RECIPE_DATA[name]
         return TrainConfig(
-            model=MBTConfig(num_classes=527, drop_path_rate=0.3),
-            train_shards="shards/audioset/balanced_train",
-            eval_shards="shards/audioset/eval",
-            out_dir="runs/audioset",
-        )
-    if name == "vggsound":
-        return TrainConfig(
-            model=MBTConfig(num_classes=309, drop_path_rate=0.3),
-            train_shards="shards/vggsound/train",
-            eval_shards="shards/vggsound/test",
-            out_dir="runs/vggsound",
-        )
-    if name == "custom":
-        # Your own shards (tools/shard_csv.py): the MBT recipe with the data's own head, its size read from the
-        # training split's manifest when training starts (num_classes 0, `with_split_classes`).
-        return TrainConfig(
-            model=MBTConfig(num_classes=0, drop_path_rate=0.3),
-            train_shards="shards/custom/train",
-            eval_shards="shards/custom/val",
-            out_dir="runs/custom",
+            model=MBTConfig(num_classes=classes, drop_path_rate=0.3),
+            train_shards=f"shards/{name}/{train_split}",
+            eval_shards=f"shards/{name}/{eval_split}",
+            out_dir=f"runs/{name}",
         )
     if name == "demo":
         # 8 frames at 128 px and 400 log-mel frames per 4 s clip (the Makefile's shards), 12 classes; 2 frames in the
