@@ -6,8 +6,8 @@ PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-stamp
-DEMO_DATA ?= data/demo
-DEMO_SHARDS ?= shards/demo
+DEMO_DATA ?= data/raw/demo
+DEMO_SHARDS ?= data/shards/demo
 DEMO_CLIPS ?= 128
 DEMO_SECONDS ?= 4
 DEMO_RUNS ?= runs/demo
@@ -35,7 +35,7 @@ $(UV): uv.lock
 	      apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq python3-venv && $(PYTHON) -m venv $(VENV); \
 	    else echo "error: cannot create $(VENV); install python3-venv (apt-get install python3-venv) and run make again" >&2; exit 1; fi; }; \
 	fi
-	$(PY) -m mbt.lockfile requirement uv > $(VENV)/uv-requirement.txt
+	$(PY) -m devenv.lockfile requirement uv > $(VENV)/uv-requirement.txt
 	PIP_CONSTRAINT= $(PY) -m pip install -q --disable-pip-version-check --no-deps --require-hashes -r $(VENV)/uv-requirement.txt
 	@touch $@
 
@@ -65,7 +65,7 @@ lock-upgrade: $(UV)
 
 # One line per component, or which package is broken and the one command that fixes it.
 check-env: setup
-	$(PY) -m mbt.envcheck
+	$(PY) -m devenv.envcheck
 
 ffmpeg:
 	@if ! command -v ffmpeg >/dev/null; then \
@@ -106,10 +106,10 @@ demo-shards: demo-data
 	$(call demo_split,balanced_train_segments.csv,train)
 	$(call demo_split,eval_segments.csv,eval)
 
-# Five variants on one budget (mbt.demo); the table, and runs/demo/summary.json.
+# Five variants on one budget (experiments.demo); the table, and runs/demo/summary.json.
 demo: demo-shards
-	$(PY) -m mbt.demo --shards $(DEMO_SHARDS) --out $(DEMO_RUNS)
+	$(PY) -m experiments.demo --shards $(DEMO_SHARDS) --out $(DEMO_RUNS)
 
-# The fusion-layer and bottleneck-count sweeps (mbt.ablation): runs/ablation/ablation.csv and ablation.png.
+# The fusion-layer and bottleneck-count sweeps (experiments.ablation): runs/ablation/ablation.csv and ablation.png.
 ablation: demo-shards
-	$(PY) -m mbt.ablation --shards $(DEMO_SHARDS) --out $(ABLATION_RUNS)
+	$(PY) -m experiments.ablation --shards $(DEMO_SHARDS) --out $(ABLATION_RUNS)

@@ -33,6 +33,7 @@ from mbt.fits import split_problems, token_problems
 from mbt.model import MBTConfig
 from pipelines import LOADERS
 from pipelines.config import SHUFFLE_BUFFER_SAMPLES, AugmentConfig
+from shards.layout import split_dir
 from shards.manifest import LogmelStats, load_manifest
 from shards.schema import SchemaError
 
@@ -134,8 +135,8 @@ class TrainConfig:
 
 
 # The presets of the MBT recipe (TrainConfig's defaults on MBT-B/16, stochastic depth 0.3): classes and the
-# training and evaluation splits under shards/<name>/. custom: your own shards (tools/shard_csv.py), the head sized by
-# the training split's manifest when training starts (num_classes 0, `with_split_classes`).
+# training and evaluation splits under data/shards/<name>/. custom: your own shards (tools/shard_csv.py), the head
+# sized by the training split's manifest when training starts (num_classes 0, `with_split_classes`).
 RECIPE_DATA: dict[str, tuple[int, str, str]] = {
     "audioset": (527, "balanced_train", "eval"),
     "vggsound": (309, "train", "test"),
@@ -145,21 +146,22 @@ RECIPE_DATA: dict[str, tuple[int, str, str]] = {
 
 def preset(name: str) -> TrainConfig:
     """The named preset: 'audioset' and 'vggsound' (the MBT recipe on their shards), 'custom' (the recipe on your
-    own shards, the head sized by the training split) or 'demo' (a tiny MBT for the 2-core CPU demo on shards/demo)."""
+    own shards, the head sized by the training split) or 'demo' (a tiny MBT for the 2-core CPU demo on
+    data/shards/demo)."""
     if name in RECIPE_DATA:
         classes, train_split, eval_split = RECIPE_DATA[name]
         return TrainConfig(
             model=MBTConfig(num_classes=classes, drop_path_rate=0.3),
-            train_shards=f"shards/{name}/{train_split}",
-            eval_shards=f"shards/{name}/{eval_split}",
+            train_shards=str(split_dir(name, train_split)),
+            eval_shards=str(split_dir(name, eval_split)),
             out_dir=f"runs/{name}",
         )
     if name == "demo":
         # 8 frames at 128 px and 400 log-mel frames per 4 s clip (the Makefile's shards), 12 classes; 2 frames in the
         # 1.6 s audio window; evaluation resizes 128 → 72, crops 64. Sized so that `make demo` trains five variants
-        # in under 6 minutes on 2 CPU cores (mbt.demo); bottleneck fusion needs about 300 steps of 16 clips to learn
-        # the cross-modal classes (120 steps: chance; docs/PERFORMANCE.md). lr 3e-3 and SpecAugment masks narrower
-        # than AST's were measured (wide masks hide the demo's single tone in many crops: no pitch was learnt).
+        # in under 6 minutes on 2 CPU cores (experiments.demo); bottleneck fusion needs about 300 steps of 16 clips to
+        # learn the cross-modal classes (120 steps: chance; docs/PERFORMANCE.md). lr 3e-3 and SpecAugment masks
+        # narrower than AST's were measured (wide masks hide the demo's single tone in many crops: no pitch was learnt).
         model = MBTConfig(
             num_classes=12, embed_dim=64, depth=4, num_heads=2, fusion_layer=2, num_bottlenecks=4,
             num_frames=2, img_size=64, patch_size=16, audio_frames=160, drop_path_rate=0.0,
@@ -181,8 +183,8 @@ def preset(name: str) -> TrainConfig:
                 color_prob=0.0,
                 color_drop_prob=0.0,
             ),
-            train_shards="shards/demo/train",
-            eval_shards="shards/demo/eval",
+            train_shards=str(split_dir("demo", "train")),
+            eval_shards=str(split_dir("demo", "eval")),
             num_workers=2,
             batch_size=16,
             optimizer="adamw",

@@ -1,6 +1,6 @@
 """Per-clip embeddings of MBT for retrieval and linear probes: each tower's pooled features and the fused bottleneck
 tokens, taken from the model's own `forward_features` and `forward_head` (the logits are the model's), written as one
-`.npz` by `mbt.predict` and `mbt.evaluate --embeddings`.
+`.npz` by `serve.predict` and `mbt.evaluate --embeddings`.
 
 The bottleneck tokens are not among forward_features' outputs: they are read by forward hooks on each tower's last
 block, whose output ends with that tower's update of the B bottleneck tokens; their mean over the towers is the

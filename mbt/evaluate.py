@@ -5,8 +5,8 @@ keeps each row's logits in float32 on the CPU and averages the `num_test_clips` 
 a sample's prediction is the same however its rows were batched. Rank 0 gathers the per-sample predictions, sorts
 them by clip id, computes the metrics and writes them.
 
-    python -m mbt.evaluate --checkpoint run/last.pt --shards shards/audioset/eval --out run/eval
-    torchrun --nproc_per_node=8 -m mbt.evaluate --checkpoint run/last.pt --shards shards/audioset/eval --out run/eval
+    python -m mbt.evaluate --checkpoint last.pt --shards data/shards/audioset/eval --out runs/eval
+    torchrun --nproc_per_node=8 -m mbt.evaluate --checkpoint last.pt --shards data/shards/audioset/eval --out runs/eval
 
 writes `metrics.json` (`num_samples` and `mAP`, `mAUC`, `d_prime`, or `top1`, `top5`), `predictions.npz` (`keys`,
 `logits`, `labels`, sorted by key) and, for multi-label splits, `per_class_ap.csv` (index, name, AP per class) with

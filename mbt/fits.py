@@ -13,6 +13,7 @@ from mbt.model import MBTConfig
 from pipelines import LoaderError
 from pipelines.config import AugmentConfig, frames_fed, frames_problem
 from pipelines.sources import is_plain_path, split_manifest
+from shards.layout import legacy_hint
 from shards.manifest import Manifest
 from shards.schema import MANIFEST_NAME
 
@@ -69,6 +70,7 @@ def split_problems(
         return [
             f"--{key} {source}: no {MANIFEST_NAME} there; shard the split first (tools/shard_audioset.py or "
             f"tools/shard_vggsound.py; `make demo-shards` makes the demo's) or point --{key} at a sharded split"
+            + legacy_hint(source)
         ], None
     try:
         manifest = split_manifest(source)

@@ -1,10 +1,9 @@
 """Streaming pipelines (DALI and PyTorch) over the shards written by `preprocess`; one batch contract
 (`pipelines.config`) for both. Cut by stage: where a split is (`sources`), every sample order (`order`), reading
 sample bytes (`reading`, `pipe`), decode and augmentation (`transforms`), and the two loaders over a `Split` and
-`LoaderOptions` (`torch_loader`, `dali_loader` with its graph in `dali_graph`). For the benchmarks: measuring a
-loader (`bench`) and the per-file baseline they compare against (`perfile`).
+`LoaderOptions` (`torch_loader`, `dali_loader` with its graph in `dali_graph`).
 
-    split = open_split("shards/audioset/balanced_train")      # once per run
+    split = open_split("data/shards/audioset/balanced_train")      # once per run
     loader = build_loader(split, train=True, batch_size=8, loader="auto", num_workers=8, seed=0)
 """
 

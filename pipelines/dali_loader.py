@@ -6,7 +6,7 @@ on the CPU (`device="cpu"`: tests, machines without a GPU) or the GPU (`device="
 Evaluation reads rank r's block of samples, `eval_range(N, r, W)` in shard order (the reader's `shard_id=r` of
 `num_shards=W`, stuck to it), pads its last batch and drops the padding (`LastBatchPolicy.PARTIAL`), so every sample
 is read once across ranks; each sample becomes `num_test_clips` rows with the torch loader's windows, crop and
-normalization (the JPEG decoder is DALI's: see tests/test_dali_loader.py for the measured difference).
+normalization (the JPEG decoder is DALI's: see tests/pipelines/test_dali_loader.py for the measured difference).
 
 Training is one endless stream per rank: the reader shuffles rank r's block through a buffer of up to
 `shuffle_buffer` samples (default SHUFFLE_BUFFER_SAMPLES) and wraps around at the block's end, so a rank never runs

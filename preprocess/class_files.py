@@ -12,7 +12,7 @@ import os
 from collections.abc import Iterable
 from typing import Any
 
-from preprocess.datasets import DatasetError, _csv_rows, _read_lines, read_audioset_classes, read_class_list
+from preprocess.datasets import DatasetError, csv_rows, read_audioset_classes, read_class_list, read_lines
 from shards.manifest import MAX_CLASSES
 
 LABEL_TYPES = ("auto", "names", "indices")
@@ -28,7 +28,7 @@ def read_class_file(path: str | os.PathLike) -> list[dict[str, Any]]:
     """The classes of `path` in index order (see the module docstring for the formats); a malformed row, an
     index out of order, a duplicate id or name, or no class at all -> DatasetError naming file:line."""
     # The header is recognised on the raw first line: a plain name list need not be valid CSV.
-    first = next((line for _, line in _read_lines(path) if line.strip()), "")
+    first = next((line for _, line in read_lines(path) if line.strip()), "")
     header = [field.strip() for field in first.split(",")]
     if tuple(header) == _INDEXED_HEADERS[1]:
         return [class_entry(i, mid, name) for i, (mid, name) in enumerate(read_audioset_classes(path))]
@@ -42,7 +42,7 @@ def _read_indexed(path: str | os.PathLike, header: list[str]) -> list[dict[str, 
     epic = tuple(header[:2]) == _EPIC_HEADER
     classes: list[dict[str, Any]] = []
     source_of: dict[str, str] = {}
-    for source, fields in list(_csv_rows(path))[1:]:
+    for source, fields in list(csv_rows(path))[1:]:
         if len(fields) != len(header):
             raise DatasetError(f"{source}: expected {len(header)} columns {','.join(header)}, got {len(fields)}")
         index, class_id, name = (fields[0], fields[0], fields[1]) if epic else fields

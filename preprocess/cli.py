@@ -26,7 +26,7 @@ def add_job_arguments(parser: argparse.ArgumentParser) -> None:
     """The options every shard tool takes (beyond its dataset's CSV options)."""
     defaults = FeatureParams()
     parser.add_argument("--videos", type=Path, required=True, help="folder with one downloaded video per row")
-    parser.add_argument("--out", type=Path, help="output folder (default: shards/<dataset>/<split>)")
+    parser.add_argument("--out", type=Path, help="output folder (default: data/shards/<dataset>/<split>)")
     parser.add_argument("--workers", type=int, default=None, help="decoding processes (default: all cores)")
     parser.add_argument("--limit", type=int, default=None, help="shard only the first N rows (a quick subset)")
     parser.add_argument(

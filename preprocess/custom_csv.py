@@ -27,7 +27,7 @@ from preprocess.datasets import (
     MAX_YTID_CHARS,
     ClipRow,
     DatasetError,
-    _csv_rows,
+    csv_rows,
 )
 
 _HMS_RE = re.compile(r"([0-9]{1,7}):([0-5][0-9]):([0-5][0-9](?:\.[0-9]*)?)")
@@ -172,7 +172,7 @@ def _parse_rows(path: str | os.PathLike, layout: CsvLayout) -> tuple[list[_Parse
     """Every data row, checked: (rows, has_times, has_split)."""
     if not layout.label_separator:
         raise DatasetError("--label-separator must not be empty")
-    rows = _csv_rows(path)
+    rows = csv_rows(path)
     where, header = next(rows, (os.fspath(path), []))
     for i, name in enumerate(header):
         if not name or name in header[:i]:

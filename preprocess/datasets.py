@@ -47,7 +47,7 @@ class ClipRow:
     video_path: str | None = None
 
 
-def _read_lines(path: str | os.PathLike) -> Iterator[tuple[int, str]]:
+def read_lines(path: str | os.PathLike) -> Iterator[tuple[int, str]]:
     """Yields (1-based line number, line) of a UTF-8 text file; an unreadable file -> DatasetError."""
     try:
         # utf-8-sig: a BOM written by a spreadsheet would otherwise end up in the first field.
@@ -57,12 +57,12 @@ def _read_lines(path: str | os.PathLike) -> Iterator[tuple[int, str]]:
         raise DatasetError(f"{os.fspath(path)}: cannot read it as UTF-8 text ({e})") from e
 
 
-def _csv_rows(path: str | os.PathLike, skip_comments: bool = False) -> Iterator[tuple[str, list[str]]]:
+def csv_rows(path: str | os.PathLike, skip_comments: bool = False) -> Iterator[tuple[str, list[str]]]:
     """Yields (`path:LINE`, fields) for each non-blank line, parsed as one CSV record (no multi-line fields).
 
     With skip_comments, lines starting with '#' are skipped. A broken quote -> DatasetError naming the line.
     """
-    for line_no, line in _read_lines(path):
+    for line_no, line in read_lines(path):
         if not line.strip() or (skip_comments and line.startswith("#")):
             continue
         source = f"{os.fspath(path)}:{line_no}"
@@ -94,7 +94,7 @@ def read_audioset_classes(path: str | os.PathLike) -> list[tuple[str, str]]:
     The index column must count 0, 1, 2, ... in order and mids must be distinct; a missing file, a bad header,
     a malformed row or an empty class list -> DatasetError naming file:line.
     """
-    rows = _csv_rows(path)
+    rows = csv_rows(path)
     header_source, header = next(rows, (os.fspath(path), None))
     if header != ["index", "mid", "display_name"]:
         raise DatasetError(f"{header_source}: expected the header 'index,mid,display_name' of class_labels_indices.csv")
@@ -141,7 +141,7 @@ def read_audioset_segments(
     class_of_mid = {mid: index for index, mid in enumerate(class_mids)}
     rows: list[ClipRow] = []
     source_of_key: dict[str, str] = {}
-    for source, fields in _csv_rows(path, skip_comments=True):
+    for source, fields in csv_rows(path, skip_comments=True):
         if len(fields) != 4:
             raise DatasetError(
                 f"{source}: expected 4 columns YTID, start_seconds, end_seconds, positive_labels, got {len(fields)}"
@@ -173,7 +173,7 @@ def read_class_list(path: str | os.PathLike) -> list[str]:
     """
     names: list[str] = []
     line_of_name: dict[str, int] = {}
-    for line_no, line in _read_lines(path):
+    for line_no, line in read_lines(path):
         name = line.strip()
         if not name:
             continue
@@ -201,7 +201,7 @@ def read_vggsound(
     if split not in VGGSOUND_SPLITS:
         raise DatasetError(f"split {split!r} is not one of {', '.join(VGGSOUND_SPLITS)}")
     parsed: list[tuple[str, str, int, str, str]] = []
-    for source, fields in _csv_rows(path):
+    for source, fields in csv_rows(path):
         if len(fields) != 4:
             raise DatasetError(f"{source}: expected 4 columns YTID,start_seconds,label,split, got {len(fields)}")
         ytid, start_text, label, row_split = fields

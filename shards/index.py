@@ -15,7 +15,6 @@ from shards.manifest import ShardInfo
 from shards.schema import SchemaError, split_member_name
 from shards.tar import tar_members
 
-
 # DALI's index files (tools/wds2idx.py in DALI) start with this version tag.
 WDS_INDEX_VERSION = "v1.2"
 

@@ -10,9 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import io
-import os
 import tarfile
-from collections.abc import Iterable, Iterator
 from pathlib import Path
 
 from shards.atomic import commit, naming_errors, tmp_path_for

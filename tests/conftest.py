@@ -9,7 +9,7 @@ from types import ModuleType
 
 import pytest
 
-from preprocess.demo_data import DemoDataset, make_demo_dataset
+from experiments.demo_data import DemoDataset, make_demo_dataset
 
 REPO = Path(__file__).resolve().parents[1]
 DEMO_SECONDS = 2.0

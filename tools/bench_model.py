@@ -9,7 +9,7 @@ Each round times one step of each model, in an order that rotates from round to 
 hits all three alike; the median step of each model is kept. mbt_vs_encoders = mbt / (video + audio); goal <= 1.05.
 Sizes (`mbt.flops.SIZES`): tiny (tests), small (ViT-S towers, 4 frames; the CPU default), base (MBT-B/16; the CUDA
 default). Achieved TFLOP/s use the training FLOPs per clip of `mbt.flops.count_flops`; on CUDA MFU is that over the
-device's dense bf16 peak (`mbt.bench`: known by name, else --peak-tflops). Imports only torch, timm, einops and
+device's dense bf16 peak (`bench.timing`: known by name, else --peak-tflops). Imports only torch, timm, einops and
 mbt/, so it runs on a machine that has nothing else (with PYTHONPATH=.). The last line is name=value pairs.
 """
 
@@ -25,7 +25,7 @@ import torch
 import torch._inductor.config as inductor_config
 from torch import nn
 
-from mbt.bench import device_name, resolve_device_args, time_rounds
+from bench.timing import device_name, resolve_device_args, time_rounds
 from mbt.flops import SIZES, count_flops, describe, example_inputs, size_config
 from mbt.model import MBT, MBTConfig
 

@@ -14,11 +14,11 @@ On the same shards and the same number of cores (--cores, default all), in train
   naive      what on-the-fly video datasets do: every clip's mp4 decoded by ffmpeg when it is loaded
              (same frames, log-mel, augmentation), --cores workers;
   torch_plain / perfile  the PyTorch loader without colour augmentation against the per-file baseline
-             (`pipelines.perfile`: CAV-MAE's and AST's way: per-file JPEG frames through PIL and torchvision's
+             (`bench.perfile`: CAV-MAE's and AST's way: per-file JPEG frames through PIL and torchvision's
              transforms, a wav with kaldi fbank per sample), the same frames and output tensors, --cores workers each,
              alternating over --rounds (median): torch_vs_perfile = clips/s ratio (goal >= 3);
   first_batch_s  seconds from building the torch loader to its first batch.
-Each loader's CPU ms per clip (its process and workers, `pipelines.bench`) is printed beside its clips/s.
+Each loader's CPU ms per clip (its process and workers, `bench.loader`) is printed beside its clips/s.
 Without --shards it makes its own: clips of natural content (a window panning over scikit-learn's sample
 photographs, 10 s, 480x360 25 fps, H.264 + AAC) sharded by the offline stage, kept in --data between runs.
 Goals on CPU: torch_vs_bound >= 0.8, torch_vs_naive >= 10, torch_vs_perfile >= 3, first_batch_s <= 3. The last line
@@ -42,17 +42,17 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 from torchvision.io import ImageReadMode, decode_jpeg
 
+from bench.loader import batch_clips, cpu_seconds_between, cpu_seconds_by_process
+from bench.perfile import perfile_loader, write_perfile_copy
+from bench.photo_clips import PHOTOS, make_photo_clips
 from pipelines import dali_available, open_split
 from pipelines.augment import spec_augment, train_video
-from pipelines.bench import batch_clips, cpu_seconds_between, cpu_seconds_by_process
 from pipelines.config import AugmentConfig
-from pipelines.perfile import perfile_loader, write_perfile_copy
 from pipelines.reading import SampleReader
 from pipelines.sources import SplitIndex
 from pipelines.torch_loader import TorchLoader
 from pipelines.transforms import decode_frames
 from preprocess.datasets import ClipRow
-from preprocess.photo_clips import PHOTOS, make_photo_clips
 from preprocess.videos import AUDIOSET_NAME_TEMPLATES, VideoIndex
 from shards.schema import MANIFEST_NAME, FeatureParams, frame_ext
 

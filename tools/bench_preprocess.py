@@ -24,12 +24,12 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+from bench.photo_clips import PHOTOS, make_photo_clips
+from experiments.demo_data import make_demo_dataset
 from preprocess.datasets import read_audioset_classes, read_audioset_segments
 from preprocess.decode import decode_command
-from preprocess.demo_data import make_demo_dataset
 from preprocess.ffmpeg_run import require_ffmpeg
 from preprocess.job import JobSpec, run_job
-from preprocess.photo_clips import PHOTOS, make_photo_clips
 from preprocess.videos import AUDIOSET_NAME_TEMPLATES, VideoIndex
 from shards.manifest import load_manifest
 from shards.schema import FeatureParams
@@ -76,7 +76,7 @@ def job_seconds(spec_kwargs: dict, workers: int, scratch: Path, num_jobs: int = 
 
 def frame_rate_costs(data: Path, rates: list[float], workers: int, clips: int) -> list[dict[str, float]]:
     """For each frame rate: bytes per clip (all of it, and its frames) and the job's clips/s, sharding `clips` 10 s
-    clips of natural content (`preprocess.photo_clips`) into a fresh folder; one run each."""
+    clips of natural content (`bench.photo_clips`) into a fresh folder; one run each."""
     rows = make_photo_clips(data / "photo-videos", clips)
     results = []
     for fps in rates:

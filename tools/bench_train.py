@@ -11,7 +11,7 @@ values (`mbt.config.TrainConfig`: SGD with momentum).
              model's crop, frames and log-mel length), iterated across epochs; its workers are started and its
              first batch is taken before any timing.
 After --warmup untimed steps of each feed, --blocks rounds each time --steps steps of the synthetic feed, then of the
-real one, so that drift of the machine hits both (`mbt.bench.time_rounds`); each feed's rate is its total clips over
+real one, so that drift of the machine hits both (`bench.timing.time_rounds`); each feed's rate is its total clips over
 its total time (each step timed until its work on the device is done, so that a step's time holds its wait for its
 batches). loader_vs_synthetic = real clips/s / synthetic clips/s; goal >= 0.95 (the loader never starves the
 model).
@@ -30,7 +30,7 @@ mostly two processes fighting over 2 cores, which a GPU run does not have. Batch
 clip relative to the model's does not depend on the batch, and twice the steps in the same time interleave the
 feeds twice as finely against the bursts of other processes' load (about 4 minutes in all). --size tiny is for
 tests. CUDA default: MBT-B/16 (size base) at batch 32, with MFU: training FLOPs per clip from
-`mbt.flops.count_flops` over the device's dense bf16 peak (`mbt.bench`: known by name, else --peak-tflops).
+`mbt.flops.count_flops` over the device's dense bf16 peak (`bench.timing`: known by name, else --peak-tflops).
 The last line is name=value pairs; loader_vs_synthetic_median is the same ratio from each feed's median step, a
 check against bursts of load from other processes on a shared machine.
 """
@@ -48,17 +48,18 @@ from typing import Any
 
 import torch
 
-from mbt.bench import device_name, resolve_device_args, time_rounds
+from bench.timing import device_name, resolve_device_args, time_rounds
 from mbt.config import TrainConfig
 from mbt.fits import fits
 from mbt.flops import SIZES, count_flops, describe, example_inputs, size_config
 from mbt.model import MBT, MBTConfig
 from mbt.step import TrainStep
 from pipelines import build_loader, open_split, resolve_loader
+from shards.layout import split_dir
 from shards.manifest import Manifest
 
 REPO = Path(__file__).resolve().parents[1]
-DEFAULT_SHARDS = REPO / "shards" / "demo" / "train"
+DEFAULT_SHARDS = REPO / split_dir("demo", "train")
 CPU_DEFAULTS = {"size": "small", "batch": 2, "steps": 1, "warmup": 1, "blocks": 24}  # about 4 minutes on 2 cores
 CUDA_DEFAULTS = {"size": "base", "batch": 32, "steps": 10, "warmup": 5, "blocks": 3}
 FEEDS = ("synthetic", "real")

@@ -2,7 +2,7 @@
 feature parameters, normalization, the shards' schema version). `mbt.load_pretrained(OUT_DIR)` loads it.
 
     python tools/export_model.py runs/demo/bottleneck exported/demo
-    python tools/export_model.py run/checkpoints/step-00001000.pt out --features-from shards/audioset/balanced_train
+    python tools/export_model.py step-00001000.pt out --features-from data/shards/audioset/balanced_train
 
 Exits 1 with one `error:` line when the checkpoint or its training split's manifest cannot be read.
 """
@@ -14,7 +14,7 @@ import sys
 from pathlib import Path
 
 from mbt.checkpoint import CheckpointFileError
-from mbt.export import CONFIG_FILE, WEIGHTS_FILE, export_model
+from serve.export import CONFIG_FILE, WEIGHTS_FILE, export_model
 
 
 def main(argv: list[str] | None = None) -> int:

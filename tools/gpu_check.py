@@ -3,11 +3,11 @@
 On the GPU machine (after `.gpu/unpack_dali.sh` installed DALI), in about 6 minutes (--budget-s), each part skipped
 with a note once the budget is spent, in this order:
   split      a realistic split of --clips clips (20 JPEG frames of 342x256 panning over photographs, log-mels)
-             written straight through the shard writer (`preprocess.photo_split`): seconds, no video decoded;
+             written straight through the shard writer (`bench.photo_split`): seconds, no video decoded;
   tests      the tests marked `gpu` (pytest -m gpu);
   equal      DALI GPU evaluation batches against DALI CPU ones on the same samples (max / mean |diff|, against the
-             tolerance of tests/test_dali_loader.py's evaluation test);
-  loaders    each loader alone (`pipelines.bench.measure_loader`): DALI `mixed` at training and evaluation settings
+             tolerance of tests/pipelines/test_dali_loader.py's evaluation test);
+  loaders    each loader alone (`bench.loader.measure_loader`): DALI `mixed` at training and evaluation settings
              (--dali-threads CPU threads), the PyTorch loader with --workers workers delivering to the GPU: clips/s
              and CPU core-seconds per clip (process and workers' CPU time over wall time);
   sdpa       the model alone (tools/bench_model.py's step: forward, loss, backward), eager, under each SDPA backend
@@ -16,7 +16,7 @@ with a note once the budget is spent, in this order:
              --compile) fed by synthetic tensors and by each loader: clips/s, MFU, loader_vs_synthetic;
   compile    the model alone compiled, with the default SDPA choice and with the fastest backend.
 --dry-run: the same parts on the CPU in seconds (tiny model, DALI on the CPU, a split of 24 small clips; the
-equality check compares DALI CPU with the PyTorch loader; compile left out), so that tests/test_gpu_check.py keeps
+equality check compares DALI CPU with the PyTorch loader; compile left out), so that tests/bench/test_gpu_check.py keeps
 the script working. Results: <out>/results.json and <out>/summary.md; the last line printed is name=value pairs.
 
   bash .gpu/unpack_dali.sh && PYTHONPATH=. python3 tools/gpu_check.py --out "$OUT/gpu_check"
@@ -43,19 +43,19 @@ from typing import Any
 import torch
 import torch._inductor.config as inductor_config
 
-from mbt.bench import device_name, peak_tflops, time_rounds
+from bench.loader import cuda_sync, measure_loader
+from bench.photo_split import write_photo_split
+from bench.timing import device_name, peak_tflops, time_rounds
 from mbt.config import SDPA_BACKENDS
 from mbt.flops import count_flops, example_inputs, size_config
 from mbt.model import MBT
 from mbt.step import TrainStep, sdpa_context
 from pipelines import dali_available, open_split
-from pipelines.bench import cuda_sync, measure_loader
 from pipelines.config import AugmentConfig
-from preprocess.photo_split import write_photo_split
 from shards.schema import FeatureParams
 
 REPO = Path(__file__).resolve().parents[1]
-# tests/test_dali_loader.py: the evaluation test's bound (DALI CPU vs the torch loader) and the GPU test's video bound
+# tests/pipelines/test_dali_loader.py: the evaluation test's bound (DALI CPU vs the torch loader) and the GPU test's video bound
 VIDEO_MAX_DIFF, VIDEO_GPU_MAX_DIFF, VIDEO_MEAN_DIFF, AUDIO_ATOL = 2 / 127.5, 8 / 127.5, 0.01, 1e-5
 BACKENDS = tuple(name for name in SDPA_BACKENDS if name != "auto")  # flash, cudnn, efficient, math
 REAL = {"clips": 2048, "features": FeatureParams(), "size": "base", "frames": 8, "crop": 224, "audio_frames": 800,

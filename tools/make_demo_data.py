@@ -7,7 +7,7 @@ import sys
 import time
 from pathlib import Path
 
-from preprocess.demo_data import make_demo_dataset
+from experiments.demo_data import make_demo_dataset
 
 
 def _size(text: str) -> tuple[int, int]:

@@ -1,7 +1,7 @@
 """Write a split's manifest.json once every part of a partitioned shard job is done, or say which parts are missing.
 
 The part that finishes last does this by itself; run this by hand after resuming a failed array task elsewhere,
-or to see how far a split is: `python tools/merge_manifests.py shards/audioset/unbalanced_train`.
+or to see how far a split is: `python tools/merge_manifests.py data/shards/audioset/unbalanced_train`.
 """
 
 from __future__ import annotations

@@ -1,6 +1,6 @@
 """Predict the classes of videos with a trained MBT: top-k class names with probabilities for each video.
 
-    python tools/predict.py data/demo/videos/clip.mp4 --model runs/demo/bottleneck
+    python tools/predict.py data/raw/demo/videos/clip.mp4 --model runs/demo/bottleneck
     python tools/predict.py videos/ segments.csv --model exported/demo --json out.json --embeddings emb.npz
     python tools/predict.py long.mp4 --model exported/demo --window-s 10 --hop-s 5 --out-dir timelines
 
@@ -21,12 +21,12 @@ from pathlib import Path
 
 from mbt.checkpoint import CheckpointFileError
 from mbt.embeddings import write_embeddings
-from mbt.export import ExportError, load_model
 from mbt.plots import plot_timeline
-from mbt.predict import InputError, Predictor, probabilities
-from mbt.predict_io import gather_segments, record, timeline_path, top_lines, write_timeline_csv
 from preprocess.datasets import DatasetError
 from preprocess.ffmpeg_run import ToolMissingError, require_ffmpeg
+from serve.export import ExportError, load_model
+from serve.predict import InputError, Predictor, probabilities
+from serve.predict_io import gather_segments, record, timeline_path, top_lines, write_timeline_csv
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:

@@ -1,4 +1,4 @@
-"""Shard an AudioSet split: segment CSV + downloaded clips → WebDataset shards under shards/audioset/<split>/."""
+"""Shard an AudioSet split: segment CSV + downloaded clips → WebDataset shards under data/shards/audioset/<split>/."""
 
 from __future__ import annotations
 
@@ -10,6 +10,7 @@ from preprocess.cli import add_job_arguments, apply_limit, run_tool, spec_option
 from preprocess.datasets import read_audioset_classes, read_audioset_segments, split_name_from_segments
 from preprocess.job import JobSpec
 from preprocess.videos import AUDIOSET_NAME_TEMPLATES
+from shards.layout import split_dir
 
 
 def build_spec(args: argparse.Namespace) -> JobSpec:
@@ -23,7 +24,7 @@ def build_spec(args: argparse.Namespace) -> JobSpec:
         classes=[{"index": i, "id": mid, "name": name} for i, (mid, name) in enumerate(classes)],
         multi_label=True,
         videos_dir=args.videos,
-        out_dir=args.out or Path("shards", "audioset", split),
+        out_dir=args.out or split_dir("audioset", split),
         name_templates=args.name_template or AUDIOSET_NAME_TEMPLATES,
         inputs={"segments": Path(args.segments).name, "labels": Path(args.labels).name, "limit": args.limit},
         **spec_options(args),

@@ -1,5 +1,5 @@
 """Shard your own labelled videos: a CSV with a header + the videos → WebDataset shards under
-shards/<dataset>/<split>/, read by training and evaluation like AudioSet's and VGGSound's.
+data/shards/<dataset>/<split>/, read by training and evaluation like AudioSet's and VGGSound's.
 
 Each CSV row is one sample: a video, an optional segment of it, its label or labels, an optional split. With start/end
 columns each file is a whole video and each row a segment of it (decoded from its start, cut/padded to
@@ -19,6 +19,7 @@ from preprocess.cli import add_job_arguments, apply_limit, run_tool, spec_option
 from preprocess.custom_csv import PATH_COLUMN_TEMPLATES, CsvLayout, folder_name, read_custom_csv
 from preprocess.datasets import split_name_from_segments
 from preprocess.job import JobSpec
+from shards.layout import split_dir
 
 
 def build_spec(args: argparse.Namespace) -> JobSpec:
@@ -51,7 +52,7 @@ def build_spec(args: argparse.Namespace) -> JobSpec:
         classes=table.classes,
         multi_label=table.multi_label,
         videos_dir=args.videos,
-        out_dir=args.out or Path("shards", args.dataset, split),
+        out_dir=args.out or split_dir(args.dataset, split),
         name_templates=args.name_template or PATH_COLUMN_TEMPLATES,
         inputs={
             "csv": Path(args.csv).name,

@@ -1,4 +1,4 @@
-"""Shard a VGGSound split: vggsound.csv + downloaded clips → WebDataset shards under shards/vggsound/<split>/."""
+"""Shard a VGGSound split: vggsound.csv + downloaded clips → WebDataset shards under data/shards/vggsound/<split>/."""
 
 from __future__ import annotations
 
@@ -10,6 +10,7 @@ from preprocess.cli import add_job_arguments, apply_limit, run_tool, spec_option
 from preprocess.datasets import read_class_list, read_vggsound
 from preprocess.job import JobSpec
 from preprocess.videos import VGGSOUND_NAME_TEMPLATES
+from shards.layout import split_dir
 
 
 def build_spec(args: argparse.Namespace) -> JobSpec:
@@ -22,7 +23,7 @@ def build_spec(args: argparse.Namespace) -> JobSpec:
         classes=[{"index": i, "id": name, "name": name} for i, name in enumerate(classes)],
         multi_label=False,
         videos_dir=args.videos,
-        out_dir=args.out or Path("shards", "vggsound", args.split),
+        out_dir=args.out or split_dir("vggsound", args.split),
         name_templates=args.name_template or VGGSOUND_NAME_TEMPLATES,
         inputs={"csv": Path(args.csv).name, "classes": args.classes and Path(args.classes).name, "limit": args.limit},
         **spec_options(args),

@@ -1,0 +1,194 @@
+"""Prediction on raw videos with the shards' own preprocessing: each window of a video is decoded and featurized by
+the shard job's code (`preprocess.clip.process_clip`: the same fenced ffmpeg run, frames at the same times, the same
+log-mel, encoded as the same tar members), then turned into the model's rows by the loaders' evaluation code
+(`pipelines.transforms.SampleBuilder`: `num_test_clips` synchronized clips, crops, the model's log-mel
+normalization; `collate` and `normalize_video`), so that a video gets the logits its shard sample would get.
+
+A window is `features.segment_s` long (the training segment) unless `window_s` says otherwise (at least the model's
+audio input, `augment.audio_frames` log-mel frames: shorter, it would hear padding); frames are kept at the shards'
+rate. Without a window length a video is predicted from its first window (a segment from its start, as the
+shard job reads a file); with one, windows every `hop_s` cover the whole file (a timeline). A file that cannot be
+decoded, has no audio stream (for a model that hears) or is shorter than one window raises InputError naming it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from mbt.embeddings import Embedding, forward_with_embeddings, mean_embedding, rows_as_numpy
+from mbt.model import MBT
+from pipelines.config import LoaderError
+from pipelines.torch_datasets import collate
+from pipelines.transforms import SampleBuilder, normalize_video
+from preprocess.clip import ClipTask, process_clip
+from preprocess.datasets import ClipRow
+from serve.export import Preprocessing
+from shards.schema import META_EXT, FeatureParams, SchemaError
+
+CLIP_KEY = "clip"  # the key each window's sample is built under
+PROGRESS_MIN_WINDOWS = 4  # a progress bar for inputs of at least this many windows
+
+
+class InputError(RuntimeError):
+    """A video cannot be predicted (missing, not a video, no audio stream, shorter than one window); the message
+    names the file."""
+
+
+@dataclass(frozen=True)
+class Segment:
+    """What to predict: the file `path` from `start_s` to `end_s` (None: its end), called `name` in results."""
+
+    path: Path
+    name: str
+    start_s: float = 0.0
+    end_s: float | None = None
+
+
+@dataclass
+class Prediction:
+    """A segment's windows [(start_s, end_s)], their clip-averaged logits (W, C) and, if asked, embeddings."""
+
+    name: str
+    windows: list[tuple[float, float]]
+    logits: np.ndarray
+    embeddings: list[Embedding] = field(default_factory=list)
+
+
+def window_features(features: FeatureParams, window_s: float | None) -> FeatureParams:
+    """The feature parameters of a window of `window_s` seconds (None: the shards' segment), frames at the
+    shards' rate; ValueError when that holds no frame."""
+    if window_s is None or window_s == features.segment_s:
+        return features
+    num_frames = round(window_s * features.frames_per_s)
+    if not 1 <= num_frames <= 99 or window_s <= 0:
+        raise ValueError(f"--window-s {window_s:g} holds {num_frames} frames at {features.frames_per_s:g} per second")
+    return dataclasses.replace(features, segment_s=float(window_s), num_frames=num_frames).validate()
+
+
+class Predictor:
+    """Runs `model` (eval mode) on videos with the preprocessing `prep`; `window_s`/`hop_s` as in the module doc,
+    `batch_windows` windows (each `num_test_clips` rows) per forward, on `device`."""
+
+    def __init__(
+        self,
+        model: MBT,
+        prep: Preprocessing,
+        device: str | torch.device = "cpu",
+        window_s: float | None = None,
+        hop_s: float | None = None,
+        batch_windows: int = 4,
+        decode_timeout_s: float | None = None,
+    ) -> None:
+        self.model, self.prep, self.device = model.eval().to(device), prep, torch.device(device)
+        self.sliding = window_s is not None
+        self.features = window_features(prep.features, window_s)
+        self.window_s = self.features.segment_s
+        self.hop_s = hop_s or self.window_s
+        if self.hop_s <= 0:
+            raise ValueError(f"--hop-s must be positive, got {hop_s}")
+        self.batch_windows, self.decode_timeout_s = batch_windows, decode_timeout_s
+        self.require_audio = "audio" in model.cfg.modalities
+        # A window fits a file that ends within half a stored frame interval of the window's end.
+        self.tolerance_s = 0.5 / self.features.frames_per_s
+        audio_s = prep.augment.audio_frames * self.features.frame_shift_ms / 1000
+        if self.require_audio and self.features.fbank_frames < prep.augment.audio_frames:
+            raise ValueError(
+                f"--window-s {self.window_s:g} is shorter than the model's audio input of {audio_s:g} s "
+                f"({prep.augment.audio_frames} log-mel frames): it would hear padding it was never trained on"
+            )
+        manifest = dataclasses.replace(prep.manifest(), features=self.features)
+        try:
+            self.builder = SampleBuilder(manifest, train=False, augment=prep.augment)
+        except LoaderError as err:
+            raise ValueError(f"the window does not fit the model: {err}") from None
+        self.windows = self.builder.windows(None)
+
+    def _decode(self, segment: Segment, start_s: float) -> tuple[dict[str, Any], dict[str, Any]]:
+        """The evaluation rows of the window at `start_s` of `segment` and its sample's meta record."""
+        row = ClipRow(CLIP_KEY, "", start_s, start_s + self.window_s, (0,), str(segment.path))
+        task = ClipTask(row=row, path=str(segment.path), missing=None, start_s=start_s, duration_s=self.window_s)
+        members, result = process_clip(task, self.features, self.require_audio, self.decode_timeout_s)
+        if members is None:
+            problem = "no audio stream (the model hears)" if result["reason"] == "no_audio" else result["message"]
+            raise InputError(problem if problem.startswith(str(segment.path)) else f"{segment.path}: {problem}")
+        raw = {name.split(".", 1)[1]: data for name, data in members}
+        try:
+            rows = self.builder.rows(str(segment.path), CLIP_KEY, raw, self.windows, None)
+        except (LoaderError, SchemaError) as err:
+            raise InputError(str(err)) from None
+        return rows, json.loads(raw[META_EXT])
+
+    def _end_s(self, segment: Segment, meta: dict[str, Any]) -> float:
+        """Where `segment` ends: its end, or the file's (as ffmpeg reported it, else as far as audio was decoded)."""
+        duration = meta["streams"].get("duration_s")
+        if duration is None:
+            duration = segment.start_s + meta["audio_decoded_s"]
+        return min(duration, segment.end_s) if segment.end_s is not None else duration
+
+    def predict(self, segment: Segment, embeddings: bool = False, progress: bool = False) -> Prediction:
+        """The windows of `segment` and their logits; InputError naming the file when it cannot be predicted."""
+        first, meta = self._decode(segment, segment.start_s)
+        end_s = self._end_s(segment, meta)
+        if segment.start_s + self.window_s > end_s + self.tolerance_s:
+            raise InputError(
+                f"{segment.path}: {max(end_s - segment.start_s, 0):.2f} s from {segment.start_s:g} s, shorter than "
+                f"one window of {self.window_s:g} s"
+            )
+        starts = [segment.start_s]
+        while self.sliding and starts[-1] + self.hop_s + self.window_s <= end_s + self.tolerance_s:
+            starts.append(starts[-1] + self.hop_s)
+        show = progress and len(starts) >= PROGRESS_MIN_WINDOWS
+        bar = tqdm(total=len(starts), desc=segment.name, unit="window", disable=not show, leave=False)
+        logits: list[np.ndarray] = []
+        pooled: list[Embedding] = []
+        pending = [first]
+        bar.update(1)
+        for start in starts[1:]:
+            if len(pending) == self.batch_windows:
+                self._run(pending, logits, pooled, embeddings)
+                pending = []
+            pending.append(self._decode(segment, start)[0])
+            bar.update(1)
+        self._run(pending, logits, pooled, embeddings)
+        bar.close()
+        windows = [(s, s + self.window_s) for s in starts]
+        return Prediction(segment.name, windows, np.stack(logits), pooled)
+
+    def _run(self, rows: list[dict[str, Any]], logits: list[np.ndarray], pooled: list[Embedding], embed: bool) -> None:
+        """Forward the rows of some windows as one batch, as `mbt.evaluate` does; append each window's logits (C,)
+        averaged over its test clips in clip order (and its embeddings' average)."""
+        batch = collate(rows, [])
+        video = normalize_video(batch["video"].to(self.device), None)
+        audio = batch["audio"].to(self.device)
+        with torch.no_grad():
+            if embed:
+                out, features = forward_with_embeddings(self.model, video, audio)
+                rows_embedded = rows_as_numpy(features)
+            else:
+                out = self.model(video, audio)
+        out_np = out.float().cpu().numpy()
+        clips = len(self.windows)
+        for w in range(len(rows)):
+            logits.append(np.stack([out_np[w * clips + c] for c in range(clips)]).mean(axis=0))
+            if embed:
+                pooled.append(mean_embedding(rows_embedded[w * clips : (w + 1) * clips]))
+
+
+def probabilities(logits: np.ndarray, multi_label: bool) -> np.ndarray:
+    """Class probabilities of logits (..., C): sigmoid for multi-label models, softmax for single-label ones."""
+    scores = torch.from_numpy(np.asarray(logits, dtype=np.float64))
+    return (torch.sigmoid(scores) if multi_label else torch.softmax(scores, dim=-1)).numpy()
+
+
+def top_classes(probs: np.ndarray, names: list[str], k: int) -> list[tuple[str, float]]:
+    """The `k` most probable (name, probability) of probs (C,), most probable first (ties by class index)."""
+    order = np.argsort(-probs, kind="stable")[:k]
+    return [(names[i], float(probs[i])) for i in order]

@@ -1,0 +1,147 @@
+"""Export and load (tools/export_model.py, serve.export): an exported model predicts the checkpoint's logits, its
+config.json holds what using it elsewhere needs, and a damaged export is refused with an error naming the file."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from conftest import load_tool
+from safetensors.torch import load_file, save_file
+from tiny_run import TINY_AUG, eval_videos, make_run
+
+import serve
+from experiments.demo_data import DemoDataset
+from mbt.checkpoint import CheckpointFileError, latest_checkpoint
+from serve.export import CONFIG_FILE, WEIGHTS_FILE, ExportError, from_checkpoint, load_pretrained
+from serve.predict import Predictor, Segment
+from shards.manifest import load_manifest
+from shards.schema import SCHEMA_VERSION
+
+
+@pytest.fixture(scope="module")
+def run(train_shards: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return make_run(train_shards, tmp_path_factory.mktemp("export") / "run")
+
+
+@pytest.fixture(scope="module")
+def exported(run: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    out = tmp_path_factory.mktemp("export") / "model"
+    assert load_tool("export_model").main([str(run), str(out)]) == 0
+    return out
+
+
+def test_export_round_trip_gives_the_checkpoint_logits(
+    run: Path, exported: Path, train_shards: Path, demo: DemoDataset
+) -> None:
+    video = next(iter(eval_videos(demo).values()))
+    from_run = Predictor(*from_checkpoint(run)).predict(Segment(video, "v"), embeddings=True)
+    model, prep = serve.load_pretrained(exported)
+    assert not model.training
+    loaded = Predictor(model, prep).predict(Segment(video, "v"), embeddings=True)
+    np.testing.assert_allclose(loaded.logits, from_run.logits, atol=1e-6, rtol=0)
+    np.testing.assert_allclose(loaded.embeddings[0]["bottleneck"], from_run.embeddings[0]["bottleneck"], atol=1e-6)
+    config = json.loads((exported / CONFIG_FILE).read_text())
+    manifest = load_manifest(train_shards)
+    assert config["classes"] == manifest.classes and config["multi_label"] == manifest.multi_label
+    assert config["features"] == manifest.features.to_dict() and config["schema_version"] == SCHEMA_VERSION
+    norm = config["normalization"]
+    assert (norm["logmel_mean"], norm["logmel_std"]) == (TINY_AUG.logmel_mean, TINY_AUG.logmel_std)
+    assert config["model"]["num_classes"] == manifest.num_classes and config["augment"]["num_test_clips"] == 4
+
+
+def test_the_checkpoint_carries_the_feature_parameters_and_older_ones_read_the_training_split(
+    train_shards: Path, tmp_path: Path
+) -> None:
+    manifest = load_manifest(train_shards)
+    new = make_run(train_shards, tmp_path / "new")
+    (new / "config.yaml").unlink()  # nothing but the checkpoint: it holds the features
+    _, prep = from_checkpoint(new)
+    assert prep.features == manifest.features and prep.schema_version == manifest.schema_version
+    old = make_run(train_shards, tmp_path / "old", features=False)
+    _, prep = from_checkpoint(old)  # from the training split its config.yaml names
+    assert prep.features == manifest.features
+    (old / "config.yaml").unlink()
+    with pytest.raises(CheckpointFileError, match="pass --features-from"):
+        from_checkpoint(old)
+    checkpoint = latest_checkpoint(new)
+    state = torch.load(checkpoint, weights_only=True)
+    state["features"]["params"]["sample_rate_hz"] = -1
+    torch.save(state, checkpoint)
+    with pytest.raises(CheckpointFileError, match=f"{checkpoint}: .*sample_rate_hz"):
+        from_checkpoint(new)
+
+
+def _drop(name: str) -> Callable[[Path], None]:
+    return lambda folder: (folder / name).unlink()
+
+
+def _bad_json(folder: Path) -> None:
+    (folder / CONFIG_FILE).write_text('{"format": "mbt-export", ')
+
+
+def _other_depth(folder: Path) -> None:
+    config = json.loads((folder / CONFIG_FILE).read_text())
+    config["model"]["depth"] = 3
+    (folder / CONFIG_FILE).write_text(json.dumps(config))
+
+
+def _edit_weights(change: Callable[[dict[str, torch.Tensor]], None]) -> Callable[[Path], None]:
+    def edit(folder: Path) -> None:
+        state = load_file(str(folder / WEIGHTS_FILE))
+        change(state)
+        save_file(state, str(folder / WEIGHTS_FILE))
+
+    return edit
+
+
+def _reshape(state: dict[str, torch.Tensor]) -> None:
+    state["head.weight"] = state["head.weight"][:, :16].contiguous()
+
+
+def _nan(state: dict[str, torch.Tensor]) -> None:
+    state["head.bias"][0] = float("nan")
+
+
+@pytest.mark.parametrize(
+    ("damage", "file", "message"),
+    [
+        (_drop(CONFIG_FILE), CONFIG_FILE, "no such file"),
+        (_drop(WEIGHTS_FILE), WEIGHTS_FILE, "no such file"),
+        (_bad_json, CONFIG_FILE, "not valid JSON"),
+        (_other_depth, WEIGHTS_FILE, "missing towers.video.blocks.2"),
+        (_edit_weights(_reshape), WEIGHTS_FILE, "head.weight has shape ("),
+        (_edit_weights(_nan), WEIGHTS_FILE, "NaN or infinite weights in head.bias"),
+        (lambda folder: (folder / WEIGHTS_FILE).write_bytes(b"\0" * 7), WEIGHTS_FILE, "not a readable safetensors"),
+    ],
+)
+def test_a_damaged_export_is_refused_naming_the_file(
+    damage: Callable[[Path], None], file: str, message: str, exported: Path, tmp_path: Path
+) -> None:
+    folder = tmp_path / "copy"
+    folder.mkdir()
+    for name in (CONFIG_FILE, WEIGHTS_FILE):
+        (folder / name).write_bytes((exported / name).read_bytes())
+    damage(folder)
+    with pytest.raises(ExportError) as err:
+        load_pretrained(folder)
+    assert str(err.value).startswith(str(folder / file)) and message in str(err.value), err.value
+
+
+def test_export_of_a_folder_without_checkpoints_is_one_error_line(
+    tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    assert load_tool("export_model").main([str(tmp_path), str(tmp_path / "out")]) == 1
+    error = capsys.readouterr().err
+    assert error == f"error: {tmp_path}: a folder without checkpoints/step-*.pt (not a training run)\n"
+
+
+def test_the_old_home_of_load_pretrained_names_the_new_one() -> None:
+    import mbt
+
+    with pytest.raises(AttributeError, match="from serve import load_pretrained"):
+        mbt.load_pretrained  # noqa: B018
