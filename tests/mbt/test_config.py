@@ -119,7 +119,8 @@ def test_demo_preset_is_a_tiny_cpu_model() -> None:
     assert (a.video_crop, a.color_prob) == ("inception", 0.0)  # the demo's labels are colours
     assert (cfg.optimizer, cfg.lr, cfg.weight_decay, cfg.label_smoothing) == ("adamw", 3e-3, 0.05, 0.0)
     assert validate(cfg.replace(train_shards="", eval_shards=""), train=False)
-    assert (cfg.train_shards, cfg.eval_shards, cfg.out_dir) == ("data/shards/demo/train", "data/shards/demo/eval", "runs/demo")
+    splits = ("data/shards/demo/train", "data/shards/demo/eval")
+    assert (cfg.train_shards, cfg.eval_shards, cfg.out_dir) == (*splits, "runs/demo")
 
 
 def test_every_preset_validates_against_matching_manifests(tmp_path: Path) -> None:

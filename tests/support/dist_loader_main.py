@@ -1,5 +1,5 @@
-"""Run under torchrun by tests/pipelines/test_dist_loader.py: every rank reads one training epoch and the evaluation split
-with the loader named on the command line (streamed through pipe:cat with --stream); rank 0 writes what each rank
+"""Run under torchrun by tests/pipelines/test_dist_loader.py: every rank reads one training epoch and the evaluation
+split with the loader named on the command line (streamed through pipe:cat with --stream); rank 0 writes what each rank
 saw as JSON."""
 
 from __future__ import annotations
