@@ -10,10 +10,11 @@ with a note once the budget is spent, in this order:
   loaders    each loader alone (`bench.loader.measure_loader`): DALI `mixed` at training and evaluation settings
              (--dali-threads CPU threads), the PyTorch loader with --workers workers delivering to the GPU: clips/s
              and CPU core-seconds per clip (process and workers' CPU time over wall time);
-  sdpa       the model alone (tools/bench_model.py's step: forward, loss, backward), eager, under each SDPA backend
+  sdpa       the model alone (`bench.model.train_step`: forward, loss, backward), eager, under each SDPA backend
              (flash, cuDNN, efficient, math: torch.nn.attention.sdpa_kernel), interleaved: the fastest is named;
-  train      MBT training in bf16 (tools/bench_train.py's measurement: `mbt.step.TrainStep`, torch.compile'd with
-             --compile) fed by synthetic tensors and by each loader: clips/s, MFU, loader_vs_synthetic;
+  train      MBT training in bf16 (tools/bench_train.py's measurement, `bench.train`: `mbt.step.TrainStep`,
+             torch.compile'd with --compile) fed by synthetic tensors and by each loader: clips/s, MFU,
+             loader_vs_synthetic;
   compile    the model alone compiled, with the default SDPA choice and with the fastest backend.
 --dry-run: the same parts on the CPU in seconds (tiny model, DALI on the CPU, a split of 24 small clips; the
 equality check compares DALI CPU with the PyTorch loader; compile left out), so that tests/bench/test_gpu_check.py keeps
@@ -25,7 +26,6 @@ the script working. Results: <out>/results.json and <out>/summary.md; the last l
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import itertools
 import json
 import os
@@ -37,25 +37,26 @@ import traceback
 from collections.abc import Callable
 from functools import partial
 from pathlib import Path
-from types import ModuleType
 from typing import Any
 
 import torch
-import torch._inductor.config as inductor_config
 
 from bench.loader import cuda_sync, measure_loader
+from bench.model import avoid_inductor_tiling_crash, multi_hot_labels, train_step
 from bench.photo_split import write_photo_split
 from bench.timing import device_name, peak_tflops, time_rounds
+from bench.train import add_mfu, loader_vs_synthetic, model_config, recipe_train_step, start_feeds, synthetic_batch
 from mbt.config import SDPA_BACKENDS
 from mbt.flops import count_flops, example_inputs, size_config
 from mbt.model import MBT
-from mbt.step import TrainStep, sdpa_context
+from mbt.step import sdpa_context
 from pipelines import dali_available, open_split
 from pipelines.config import AugmentConfig
 from shards.schema import FeatureParams
 
 REPO = Path(__file__).resolve().parents[1]
-# tests/pipelines/test_dali_loader.py: the evaluation test's bound (DALI CPU vs the torch loader) and the GPU test's video bound
+# tests/pipelines/test_dali_loader.py: the evaluation test's bound (DALI CPU vs the torch loader), the GPU test's video
+# bound
 VIDEO_MAX_DIFF, VIDEO_GPU_MAX_DIFF, VIDEO_MEAN_DIFF, AUDIO_ATOL = 2 / 127.5, 8 / 127.5, 0.01, 1e-5
 BACKENDS = tuple(name for name in SDPA_BACKENDS if name != "auto")  # flash, cudnn, efficient, math
 REAL = {"clips": 2048, "features": FeatureParams(), "size": "base", "frames": 8, "crop": 224, "audio_frames": 800,
@@ -63,15 +64,6 @@ REAL = {"clips": 2048, "features": FeatureParams(), "size": "base", "frames": 8,
 DRY = {"clips": 24, "features": FeatureParams(num_frames=4, short_side_px=64, segment_s=2.0), "size": "tiny",
        "frames": 2, "crop": 48, "audio_frames": 128, "batch": 2, "loader_s": 1.0, "steps": 1, "warmup": 1,
        "blocks": 1, "workers": 1}  # fmt: skip
-
-
-def sibling_tool(name: str) -> ModuleType:
-    """tools/<name>.py as a module (tools are scripts, not a package): its measurement functions are reused."""
-    spec = importlib.util.spec_from_file_location(f"tool_{name}", Path(__file__).with_name(f"{name}.py"))
-    assert spec and spec.loader
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 class Budget:
@@ -163,17 +155,16 @@ def part_loaders(split: Any, mode: dict[str, Any], args: argparse.Namespace, dev
 def model_steps(
     mode: dict[str, Any], device: torch.device, backends: list[str], compiled: bool, peak: float | None
 ) -> dict[str, Any]:
-    """Median ms per step of the model alone (bench_model.train_step) under each SDPA backend, interleaved."""
-    bench_model = sibling_tool("bench_model")
+    """Median ms per step of the model alone (`bench.model.train_step`) under each SDPA backend, interleaved."""
     cfg = size_config(mode["size"], num_frames=mode["frames"], img_size=mode["crop"], audio_frames=mode["audio_frames"])
     batch, results = mode["batch"], {}
     inputs = example_inputs(cfg, batch, device)
-    labels = (torch.rand(batch, cfg.num_classes, device=device) < 0.05).float()
+    labels = multi_hot_labels(batch, cfg.num_classes, device)
     calls = {}
     for backend in backends:
         model = MBT(cfg).to(device).train()
         model = torch.compile(model) if compiled else model
-        step = partial(bench_model.train_step, model, inputs, labels, device.type == "cuda")
+        step = partial(train_step, model, inputs, labels, device.type == "cuda")
         try:
             in_context(backend, step)  # compiled (if it is) under the backend
         except RuntimeError as err:
@@ -200,30 +191,22 @@ def in_context(backend: str | None, call: Callable[..., Any], *args: Any, **kwar
 
 def part_train(split: Any, mode: dict[str, Any], args: argparse.Namespace, device: torch.device, sdpa: str | None,
                peak: float | None) -> dict[str, Any]:  # fmt: skip
-    """Training fed by synthetic tensors and by each loader, as tools/bench_train.py measures it."""
-    bench_train = sibling_tool("bench_train")
+    """Training fed by synthetic tensors and by each loader, as tools/bench_train.py measures it (`bench.train`)."""
     manifest = split.manifest
-    model_cfg = bench_train.model_config(mode["size"], manifest, mode["frames"], mode["crop"], mode["audio_frames"])
+    model_cfg = model_config(mode["size"], manifest, mode["frames"], mode["crop"], mode["audio_frames"])
     aug, batch = augment_for(mode), mode["batch"]
-    cfg = bench_train.RECIPE.replace(
-        model=model_cfg, augment=aug, batch_size=batch, grad_accum=1, compile=args.compile, sdpa_backend=sdpa or "auto"
-    )
-    torch.manual_seed(0)
-    train_step = TrainStep(MBT(model_cfg).to(device), cfg, manifest.multi_label, 64, device)  # under cfg's backend
-    synthetic = bench_train.synthetic_batch(model_cfg, batch, manifest.multi_label, device)
+    step = recipe_train_step(
+        model_cfg, aug, batch, manifest.multi_label, 64, device, compile=args.compile, sdpa_backend=sdpa or "auto"
+    )  # under the training backend
+    synthetic = synthetic_batch(model_cfg, batch, manifest.multi_label, device)
     gflops = count_flops(model_cfg)["train_gflops"] if peak else None
     results: dict[str, Any] = {"sdpa": sdpa or "auto", "compile": args.compile, "batch": batch}
     for kind, make in loader_kinds(device).items():
         threads = args.dali_threads if kind == "dali" else args.workers
-        batches = bench_train.endless(make(split, True, batch, aug, threads))
-        bench_train.check_contract(next(batches), synthetic)
-        feeds = {"synthetic": itertools.repeat(synthetic), "real": batches}
-        measured = bench_train.bench(train_step, feeds, mode["steps"], mode["warmup"], mode["blocks"], device)
-        for feed in ("synthetic", "real"):
-            if gflops and peak:
-                measured[f"{feed}_mfu"] = measured[f"{feed}_clips_s"] * gflops / 1e3 / peak
-        results[kind] = measured
-        del batches
+        feeds = start_feeds(make(split, True, batch, aug, threads), synthetic)
+        measured = loader_vs_synthetic(step, feeds, mode["steps"], mode["warmup"], mode["blocks"], device)
+        results[kind] = add_mfu(measured, gflops, peak) if gflops and peak else measured
+        del feeds
     return results
 
 
@@ -300,8 +283,8 @@ def last_line(parts: dict[str, Any]) -> str:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     budget = Budget(args.budget_s)
-    if args.compile:  # inductor 2.11's coalescing analysis asserts on MBT: tools/bench_model.py's work-around
-        inductor_config.triton.coalesce_tiling_analysis = False
+    if args.compile:
+        avoid_inductor_tiling_crash()
     mode = {**(DRY if args.dry_run else REAL), "clips": args.clips, "batch": args.batch}
     device = torch.device("cpu" if args.dry_run or not torch.cuda.is_available() else "cuda")
     peak = peak_tflops(torch.cuda.get_device_name()) if device.type == "cuda" else None
