@@ -132,7 +132,7 @@ def loader_kinds(device: torch.device) -> dict[str, Callable[..., Any]]:
 
 def part_tests(check: Check) -> dict[str, Any]:
     """pytest -m gpu over the test files that hold GPU tests (or `check.tests`), within what the budget leaves."""
-    paths = check.tests or [str(p) for p in sorted((REPO / "tests").glob("test_*.py")) if "mark.gpu" in p.read_text()]
+    paths = check.tests or [str(p) for p in sorted((REPO / "tests").rglob("test_*.py")) if "mark.gpu" in p.read_text()]
     command = [sys.executable, "-m", "pytest", "-q", "-m", "gpu", "-p", "no:cacheprovider", *paths]
     try:
         timeout = max(check.budget.left() - 240, 30)
