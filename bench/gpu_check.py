@@ -66,8 +66,10 @@ class Mode:
     compile: bool = False
 
 
-REAL = Mode(2048, FeatureParams(), "base", 8, 224, 800, 32, 15.0, 10, 3, 3, 15, compile=True)
-DRY = Mode(24, FeatureParams(num_frames=4, short_side_px=64, segment_s=2.0), "tiny", 2, 48, 128, 2, 1.0, 1, 1, 1, 1)
+REAL = Mode(clips=2048, features=FeatureParams(), size="base", frames=8, crop=224, audio_frames=800, batch=32,
+            loader_s=15.0, steps=10, warmup=3, blocks=3, workers=15, compile=True)  # fmt: skip
+DRY = Mode(clips=24, features=FeatureParams(num_frames=4, short_side_px=64, segment_s=2.0), size="tiny", frames=2,
+           crop=48, audio_frames=128, batch=2, loader_s=1.0, steps=1, warmup=1, blocks=1, workers=1)  # fmt: skip
 
 
 class Budget:
@@ -265,17 +267,14 @@ PART_RUNS: dict[str, Callable[[Check], dict[str, Any]]] = {
 
 
 def run_part(check: Check, part: str) -> dict[str, Any]:
-    """The figures of `part` (one of PARTS) with its seconds; a note instead where it is left out (compile in a dry
-    run; less of the budget left than the part needs, or in a dry run, which runs every part it can, none), its
-    error and traceback where it fails. After the sdpa part, training takes its fastest backend with
-    `check.sdpa_fastest`."""
+    """The figures of `part` (one of PARTS) with its seconds, or its error and traceback where it fails; a note
+    instead where it is left out: compile in a dry run, any part when less of the budget is left than it needs (a
+    dry run needs none). After the sdpa part, training takes the fastest backend where `check.sdpa_fastest`."""
     if part == "compile" and check.dry_run:
         return {"note": "dry run: compile left out (minutes on the CPU)"}
-    needed = 0 if check.dry_run else MIN_SECONDS[part]
-    if check.budget.left() < needed:
-        return {
-            "note": f"skipped: {check.budget.left():.0f} s of the budget left, the part needs ~{MIN_SECONDS[part]} s"
-        }
+    left = check.budget.left()
+    if left < (0 if check.dry_run else MIN_SECONDS[part]):
+        return {"note": f"skipped: {left:.0f} s of the budget left, the part needs ~{MIN_SECONDS[part]} s"}
     started = time.perf_counter()
     try:
         result = PART_RUNS[part](check)
