@@ -1,10 +1,12 @@
 """The one-way rule of the house: data flows `shards ← preprocess`, `shards ← pipelines ← mbt ← serve/experiments`,
 and imports go the same way, never back. Every import of every module is read (those inside functions too, and
-`importlib.import_module("...")` with a literal name); a back-arrow fails with the file, the line and the rule."""
+`importlib.import_module("...")` with a literal name); a back-arrow fails with the file, the line and the rule.
+Tools are thin command lines over the packages: a tool that loads another tool (to reuse its code) fails too."""
 
 from __future__ import annotations
 
 import ast
+import re
 from pathlib import Path
 
 import pytest
@@ -12,7 +14,7 @@ import pytest
 REPO = Path(__file__).resolve().parents[1]
 
 # Which of the project's packages each may import. `tools/` are thin command lines over all of them; nothing imports
-# `tools` or `tests`.
+# `tools` or `tests` (and a tool loads no other tool: `tool_loads`).
 ALLOWED: dict[str, frozenset[str]] = {
     "shards": frozenset(),
     "preprocess": frozenset({"shards"}),
@@ -84,3 +86,75 @@ def test_a_back_arrow_is_named(tmp_path: Path, package: str, source: str, offend
     (tmp_path / package / "m.py").write_text(source)
     (problem,) = layer_violations(tmp_path)
     assert problem.startswith(f"{package}/m.py:") and f"{package} imports {offender}" in problem
+
+
+# A path to a tool: "tools/x.py" (with any folder before it), or a bare "x.py" where x is a tool's name.
+TOOL_PATH = re.compile(r"(?:.*/)?tools/\w+\.py|(?P<name>\w+)\.py")
+
+
+def docstrings(tree: ast.AST) -> set[int]:
+    """ids of the docstring constants of `tree`'s module, classes and functions (prose, not paths)."""
+    found = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Module | ast.ClassDef | ast.FunctionDef | ast.AsyncFunctionDef) and node.body:
+            first = node.body[0]
+            if isinstance(first, ast.Expr) and isinstance(first.value, ast.Constant):
+                found.add(id(first.value))
+    return found
+
+
+def tool_loads(root: Path) -> list[str]:
+    """Every place under `root`/tools where a tool loads another file of tools/, as 'file:line: what': an import of
+    a tool (`import bench_model`, `from tools.x import ...`), runpy, `spec_from_file_location`, or a string that
+    is a path to a tool. Tests may load tools; tools may not."""
+    tools = {path.stem for path in (root / "tools").glob("*.py")}
+    problems = []
+    for path in sorted((root / "tools").rglob("*.py")):
+        tree = ast.parse(path.read_text(), str(path))
+        where = f"{path.relative_to(root)}:"
+        for line, name in imported_names(tree):
+            top = name.split(".")[0]
+            if top in tools | {"tools", "runpy"}:
+                problems.append(f"{where}{line}: imports {name}")
+        prose = docstrings(tree)
+        for node in ast.walk(tree):
+            call = getattr(node.func, "attr", getattr(node.func, "id", None)) if isinstance(node, ast.Call) else None
+            if call in ("spec_from_file_location", "SourceFileLoader"):
+                problems.append(f"{where}{node.lineno}: loads a file with {ast.unparse(node.func)}")
+            elif isinstance(node, ast.Constant) and isinstance(node.value, str) and id(node) not in prose:
+                match = TOOL_PATH.fullmatch(node.value)
+                if match and (match["name"] is None or match["name"] in tools):
+                    problems.append(f"{where}{node.lineno}: names the tool file {node.value!r}")
+    return problems
+
+
+def test_tools_load_no_other_tool() -> None:
+    assert tool_loads(REPO) == []
+
+
+@pytest.mark.parametrize(
+    ("source", "offence"),
+    [
+        ("import importlib.util\nspec = importlib.util.spec_from_file_location('t', 'x')\n", "loads a file with"),
+        ("import runpy\n", "imports runpy"),
+        ("import importlib.machinery as m\nm.SourceFileLoader('t', 'x').load_module()\n", "loads a file with"),
+        ("def f():\n    import bench_model\n", "imports bench_model"),
+        ("from tools.bench_model import train_step\n", "imports tools.bench_model"),
+        ("from pathlib import Path\nPath(__file__).with_name('bench_model.py')\n", "names the tool file"),
+        ("SIBLING = 'tools/bench_model.py'\n", "names the tool file"),
+    ],
+)
+def test_a_tool_loading_a_tool_is_named(tmp_path: Path, source: str, offence: str) -> None:
+    (tmp_path / "tools").mkdir()
+    (tmp_path / "tools" / "bench_model.py").write_text('"""Reads tools/other.py in its docstring: prose."""\n')
+    (tmp_path / "tools" / "gpu_check.py").write_text(source)
+    (problem,) = tool_loads(tmp_path)
+    assert problem.startswith("tools/gpu_check.py:") and offence in problem
+
+
+def test_tests_may_load_tools(tmp_path: Path) -> None:
+    (tmp_path / "tools").mkdir()
+    (tmp_path / "tools" / "gpu_check.py").write_text('"""Run as python tools/gpu_check.py."""\nNAME = "out.py"\n')
+    (tmp_path / "tests").mkdir()
+    (tmp_path / "tests" / "conftest.py").write_text("import runpy\nrunpy.run_path('tools/gpu_check.py')\n")
+    assert tool_loads(tmp_path) == []

@@ -8,96 +8,28 @@ Measures, on the same clips and the same number of processes:
   jobs_2  two partitioned jobs at once with one worker each (--num-jobs 2), for the N-job scaling.
 It also projects the core-hours to shard AudioSet-2M and VGGSound at the measured clips/s per core.
 Each is run --repeats times and the fastest run counts. Goals: job_vs_ffmpeg <= 1.2, speedup_2w >= 1.8.
-The last line is name=value pairs.
+The last line is name=value pairs. The measurements are `bench.preprocess`'s.
 """
 
 from __future__ import annotations
 
 import argparse
-import multiprocessing
 import os
-import shutil
-import subprocess
 import sys
 import tempfile
-import time
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-from bench.photo_clips import PHOTOS, make_photo_clips
+from bench.preprocess import (
+    AUDIOSET_2M_SEGMENTS,
+    VGGSOUND_SEGMENTS,
+    frame_rate_costs,
+    job_against_ffmpeg,
+    job_inputs,
+    projected_core_hours,
+)
 from experiments.demo_data import make_demo_dataset
-from preprocess.datasets import read_audioset_classes, read_audioset_segments
-from preprocess.decode import decode_command
 from preprocess.ffmpeg_run import require_ffmpeg
-from preprocess.job import JobSpec, run_job
-from preprocess.videos import AUDIOSET_NAME_TEMPLATES, VideoIndex
-from shards.manifest import load_manifest
 from shards.schema import FeatureParams
-from shards.tar import iter_tar_samples
-
-
-def bare_decode_seconds(paths: list[Path], segment_s: float, params: FeatureParams, workers: int) -> float:
-    """Wall time of decoding every clip with ffmpeg (outputs discarded), `workers` ffmpeg processes at once."""
-
-    def decode(path: Path) -> None:
-        subprocess.run(decode_command(path, 0.0, segment_s, params, "", null_outputs=True), capture_output=True)
-
-    start = time.perf_counter()
-    with ThreadPoolExecutor(workers) as pool:  # each thread only waits on its ffmpeg process
-        list(pool.map(decode, paths))
-    return time.perf_counter() - start
-
-
-AUDIOSET_2M_SEGMENTS = 2_041_789  # unbalanced_train_segments.csv
-VGGSOUND_SEGMENTS = 200_000  # about: vggsound.csv lists ~200k clips
-
-
-def job_seconds(spec_kwargs: dict, workers: int, scratch: Path, num_jobs: int = 1) -> float:
-    """Wall time of the whole shard job into a fresh folder: `num_jobs` partitioned jobs at once (as a job
-    array would run them), each with `workers` workers, until the last one has merged the manifest."""
-    out = Path(tempfile.mkdtemp(dir=scratch))
-    specs = [JobSpec(out_dir=out, workers=workers, progress=False, num_jobs=num_jobs, job_index=i, **spec_kwargs)
-             for i in range(num_jobs)]  # fmt: skip
-    start = time.perf_counter()
-    if num_jobs == 1:
-        run_job(specs[0])
-    else:
-        jobs = [multiprocessing.get_context("fork").Process(target=run_job, args=(spec,)) for spec in specs]
-        for job in jobs:
-            job.start()
-        for job in jobs:
-            job.join()
-        if any(job.exitcode for job in jobs) or not (out / "manifest.json").is_file():
-            raise RuntimeError("a partitioned job failed")
-    seconds = time.perf_counter() - start
-    shutil.rmtree(out)
-    return seconds
-
-
-def frame_rate_costs(data: Path, rates: list[float], workers: int, clips: int) -> list[dict[str, float]]:
-    """For each frame rate: bytes per clip (all of it, and its frames) and the job's clips/s, sharding `clips` 10 s
-    clips of natural content (`bench.photo_clips`) into a fresh folder; one run each."""
-    rows = make_photo_clips(data / "photo-videos", clips)
-    results = []
-    for fps in rates:
-        params = FeatureParams(num_frames=max(round(fps * 10.0), 1))
-        out = Path(tempfile.mkdtemp(dir=data))
-        spec = JobSpec(
-            dataset="bench", split="train", rows=rows, multi_label=True, videos_dir=data / "photo-videos",
-            out_dir=out, classes=[{"index": i, "id": n, "name": n} for i, n in enumerate(PHOTOS)],
-            name_templates=AUDIOSET_NAME_TEMPLATES, params=params, shard_size=clips, workers=workers, progress=False,
-        )  # fmt: skip
-        start = time.perf_counter()
-        run_job(spec)
-        seconds = time.perf_counter() - start
-        manifest = load_manifest(out)
-        total = sum(shard.bytes for shard in manifest.shards) / manifest.num_samples
-        frames = sum(len(m) for shard in manifest.shards for _, sample in iter_tar_samples(out / shard.name)
-                     for e, m in sample.items() if e.endswith(".jpg")) / manifest.num_samples  # fmt: skip
-        results.append({"fps": fps, "frames": params.num_frames, "bytes_per_clip": total, "frame_bytes": frames,
-                        "clips_per_s": clips / seconds})  # fmt: skip
-        shutil.rmtree(out)
-    return results
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -140,33 +72,14 @@ def main(argv: list[str] | None = None) -> int:
         demo = make_demo_dataset(args.data, clips=args.clips, seconds=args.seconds, size=(width, height),
                                  grain=args.grain)  # fmt: skip
         labels, videos, segment_files = demo.class_labels_csv, demo.videos_dir, [demo.train_csv, demo.eval_csv]
-    classes = read_audioset_classes(labels)
-    rows = [row for path in segment_files for row in read_audioset_segments(path, [mid for mid, _ in classes])]
     params = FeatureParams(segment_s=min(args.seconds, 10.0) if not args.videos else 10.0)
-    index = VideoIndex(videos)
-    paths = [index.find(row, AUDIOSET_NAME_TEMPLATES) for row in rows]
-    spec = {
-        "dataset": "bench", "split": "train", "rows": rows, "multi_label": True, "videos_dir": videos,
-        "classes": [{"index": i, "id": mid, "name": name} for i, (mid, name) in enumerate(classes)],
-        "name_templates": AUDIOSET_NAME_TEMPLATES, "params": params,
-        "shard_size": 4,  # 6 shards of the 24 clips: partitioned jobs split the work by shard
-    }  # fmt: skip
-    scratch = Path(tempfile.mkdtemp(prefix="mbt-bench-"))
-    try:
-        bare_decode_seconds(paths[:2], params.segment_s, params, args.workers)  # warm the page cache
-        bare, job, job_1w, jobs_2 = [], [], [], []
-        for _ in range(args.repeats):  # interleaved, so that drift in the machine's speed hits all alike
-            bare.append(bare_decode_seconds(paths, params.segment_s, params, args.workers))
-            job.append(job_seconds(spec, args.workers, scratch))
-            job_1w.append(job_seconds(spec, 1, scratch))
-            jobs_2.append(job_seconds(spec, 1, scratch, num_jobs=2))
-    finally:
-        shutil.rmtree(scratch)
-    n, cores = len(rows), len(os.sched_getaffinity(0))
-    bare_s, job_s, job_1w_s, jobs_2_s = min(bare), min(job), min(job_1w), min(jobs_2)
+    paths, spec = job_inputs(labels, videos, segment_files, params)
+    best = job_against_ffmpeg(paths, spec, args.workers, args.repeats)
+    n, cores = len(paths), len(os.sched_getaffinity(0))
+    bare_s, job_s, job_1w_s, jobs_2_s = best["bare"], best["job"], best["job_1w"], best["jobs_2"]
     per_core = n / job_s / min(args.workers, cores)
-    audioset_core_h = AUDIOSET_2M_SEGMENTS / per_core / 3600
-    vggsound_core_h = VGGSOUND_SEGMENTS / per_core / 3600
+    hours = projected_core_hours(per_core)
+    audioset_core_h, vggsound_core_h = hours["audioset"], hours["vggsound"]
     print(f"clips={n} segment_s={params.segment_s} workers={args.workers} cores={cores} repeats={args.repeats}")
     print(f"bare ffmpeg decode, {args.workers} processes: {bare_s:7.2f} s  {n / bare_s:6.2f} clips/s")
     print(f"shard job, {args.workers} workers:           {job_s:7.2f} s  {n / job_s:6.2f} clips/s")

@@ -11,10 +11,10 @@ values (`mbt.config.TrainConfig`: SGD with momentum).
              model's crop, frames and log-mel length), iterated across epochs; its workers are started and its
              first batch is taken before any timing.
 After --warmup untimed steps of each feed, --blocks rounds each time --steps steps of the synthetic feed, then of the
-real one, so that drift of the machine hits both (`bench.timing.time_rounds`); each feed's rate is its total clips over
-its total time (each step timed until its work on the device is done, so that a step's time holds its wait for its
-batches). loader_vs_synthetic = real clips/s / synthetic clips/s; goal >= 0.95 (the loader never starves the
-model).
+real one, so that drift of the machine hits both (`bench.train.loader_vs_synthetic` over `bench.timing.time_rounds`);
+each feed's rate is its total clips over its total time (each step timed until its work on the device is done, so
+that a step's time holds its wait for its batches). loader_vs_synthetic = real clips/s / synthetic clips/s; goal
+>= 0.95 (the loader never starves the model).
 
 Model: --size from `mbt.flops.SIZES` (widths, depth, heads, fusion layer) over a real run's input from the shards:
 their classes, all their stored frames (or --frames), crops of 224 px (or --crop) and 800 log-mel frames (or
@@ -38,105 +38,32 @@ check against bursts of load from other processes on a shared machine.
 from __future__ import annotations
 
 import argparse
-import itertools
 import os
-import statistics
 import sys
-from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any
 
 import torch
 
-from bench.timing import device_name, resolve_device_args, time_rounds
-from mbt.config import TrainConfig
+from bench.timing import device_name, resolve_device_args
+from bench.train import (
+    FEEDS,
+    add_mfu,
+    loader_vs_synthetic,
+    model_config,
+    recipe_augment,
+    recipe_train_step,
+    start_feeds,
+    synthetic_batch,
+)
 from mbt.fits import fits
-from mbt.flops import SIZES, count_flops, describe, example_inputs, size_config
-from mbt.model import MBT, MBTConfig
-from mbt.step import TrainStep
+from mbt.flops import SIZES, count_flops, describe
 from pipelines import build_loader, open_split, resolve_loader
 from shards.layout import split_dir
-from shards.manifest import Manifest
 
 REPO = Path(__file__).resolve().parents[1]
 DEFAULT_SHARDS = REPO / split_dir("demo", "train")
 CPU_DEFAULTS = {"size": "small", "batch": 2, "steps": 1, "warmup": 1, "blocks": 24}  # about 4 minutes on 2 cores
 CUDA_DEFAULTS = {"size": "base", "batch": 32, "steps": 10, "warmup": 5, "blocks": 3}
-FEEDS = ("synthetic", "real")
-RECIPE = TrainConfig()  # the MBT recipe: SGD, momentum, label smoothing, mixup, clipping, stochastic depth
-
-
-def model_config(
-    size: str, manifest: Manifest, frames: int | None = None, crop: int | None = None, audio_frames: int | None = None
-) -> MBTConfig:
-    """The MBTConfig of `size` (widths, depth, fusion layer) over a real run's input from the shards of `manifest`:
-    their classes, `frames` (default: all they store), `crop` pixels (default: the recipe's 224), `audio_frames`
-    (default: the recipe's 800, cut to theirs); with the recipe's stochastic depth."""
-    features = manifest.features
-    return size_config(
-        size,
-        num_classes=manifest.num_classes,
-        num_frames=frames or features.num_frames,
-        img_size=crop or RECIPE.augment.crop_px,
-        audio_frames=audio_frames or min(RECIPE.augment.audio_frames, features.fbank_frames),
-        drop_path_rate=RECIPE.model.drop_path_rate,
-    )
-
-
-def synthetic_batch(cfg: MBTConfig, batch: int, multi_label: bool, device: torch.device) -> dict[str, Any]:
-    """A batch of the loaders' contract for `cfg` on `device`: video (B, F, 3, H, W) and audio (B, 1, T, mel)
-    float32, labels multi-hot float32 (B, C) or int64 class indices (B,), keys."""
-    if multi_label:
-        labels = (torch.rand(batch, cfg.num_classes, device=device) < 0.05).float()
-    else:
-        labels = torch.randint(0, cfg.num_classes, (batch,), device=device)
-    return {**example_inputs(cfg, batch, device), "labels": labels, "key": [f"synthetic{i}" for i in range(batch)]}
-
-
-def check_contract(real: dict[str, Any], synthetic: dict[str, Any]) -> None:
-    """Raise ValueError unless the loader's batch has the synthetic batch's shapes and dtypes."""
-    for name in ("video", "audio", "labels"):
-        got, want = real[name], synthetic[name]
-        if got.shape != want.shape or got.dtype != want.dtype:
-            raise ValueError(
-                f"the loader's {name} is {tuple(got.shape)} {got.dtype}, the model expects {tuple(want.shape)} "
-                f"{want.dtype}: the shards do not fit --frames / --crop / --batch"
-            )
-
-
-def endless(loader: Any) -> Iterator[dict[str, Any]]:
-    """The loader's training batches, epoch after epoch, without end."""
-    epoch = 0
-    while True:
-        loader.set_epoch(epoch)
-        yield from loader
-        epoch += 1
-
-
-def bench(
-    train_step: TrainStep,
-    feeds: dict[str, Iterator[dict[str, Any]]],
-    steps: int,
-    warmup: int,
-    blocks: int,
-    device: torch.device | None = None,
-) -> dict[str, float]:
-    """Each feed's (an iterator of batches) {feed}_clips_s (total clips / total time) and {feed}_step_s (median
-    step) of `train_step`, after `warmup` untimed steps each, over `blocks` rounds of `steps` timed steps of each
-    feed in turn; with loader_vs_synthetic (from the totals) and loader_vs_synthetic_median."""
-    step_index = itertools.count()  # one count for both feeds: mixup draws anew at every step
-
-    def step_on(batches: Iterator[dict[str, Any]]) -> Callable[[], float]:
-        return lambda: train_step(batches, next(step_index))
-
-    calls = {feed: step_on(batches) for feed, batches in feeds.items()}
-    times = time_rounds(calls, blocks, warmup, repeats=steps, device=device)
-    clips = train_step.clips  # per step, the same for both feeds: the loaders give whole training batches
-    result = {f"{feed}_clips_s": clips * len(times[feed]) / sum(times[feed]) for feed in feeds}
-    result |= {f"{feed}_step_s": statistics.median(times[feed]) for feed in feeds}
-    result["loader_vs_synthetic"] = result["real_clips_s"] / result["synthetic_clips_s"]
-    result["loader_vs_synthetic_median"] = result["synthetic_step_s"] / result["real_step_s"]
-    return result
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -172,29 +99,21 @@ def main(argv: list[str] | None = None) -> int:
     split = open_split(args.shards)
     manifest = split.manifest
     model_cfg = model_config(args.size, manifest, args.frames, args.crop, args.audio_frames)
-    augment = RECIPE.augment.replace(
-        crop_px=model_cfg.img_size, frames_used=model_cfg.num_frames, audio_frames=model_cfg.audio_frames
-    )
+    augment = recipe_augment(model_cfg)
     if problems := fits(model_cfg, augment, manifest, f"the shards in {args.shards}"):
         print(
             "error: the model does not fit the shards (--frames, --audio-frames): " + "; ".join(problems),
             file=sys.stderr,
         )
         return 2
-    cfg = RECIPE.replace(
-        model=model_cfg, augment=augment, batch_size=args.batch * args.grad_accum, grad_accum=args.grad_accum
-    )
     loader = build_loader(
         split, train=True, batch_size=args.batch, loader=args.loader, num_workers=args.workers, augment=augment,
         device=device,
     )  # fmt: skip
-    torch.manual_seed(0)
-    model = MBT(model_cfg).to(device)
-    train_step = TrainStep(model, cfg, manifest.multi_label, len(loader), device)
-
-    synthetic = synthetic_batch(model_cfg, args.batch, manifest.multi_label, device)
-    batches = endless(loader)
-    check_contract(next(batches), synthetic)  # workers started and the first batch taken before any timing
+    train_step = recipe_train_step(
+        model_cfg, augment, args.batch, manifest.multi_label, len(loader), device, grad_accum=args.grad_accum
+    )
+    feeds = start_feeds(loader, synthetic_batch(model_cfg, args.batch, manifest.multi_label, device))
     print(
         f"MBT size={args.size}: {describe(model_cfg)}; batch={args.batch}x{args.grad_accum} warmup={args.warmup} "
         f"steps={args.steps} blocks={args.blocks} on {device_name(device)}"
@@ -203,16 +122,16 @@ def main(argv: list[str] | None = None) -> int:
         f"real feed: {resolve_loader(args.loader)} loader, {args.workers} workers, {manifest.num_samples} clips "
         f"({len(loader)} batches per epoch) from {args.shards}"
     )
-    feeds = {"synthetic": itertools.repeat(synthetic), "real": batches}
-    result = bench(train_step, feeds, args.steps, args.warmup, args.blocks, device)
+    result = loader_vs_synthetic(train_step, feeds, args.steps, args.warmup, args.blocks, device)
 
-    tflops_per_clip = count_flops(model_cfg)["train_gflops"] / 1e3
+    train_gflops = count_flops(model_cfg)["train_gflops"]
+    if args.peak_tflops:
+        add_mfu(result, train_gflops, args.peak_tflops)
     for feed in FEEDS:
         clips_s = result[f"{feed}_clips_s"]
         line = f"{feed:<9} {clips_s:8.2f} clips/s  median step {result[f'{feed}_step_s']:.3f} s  "
-        line += f"{clips_s * tflops_per_clip:.3g} TFLOP/s"
+        line += f"{clips_s * train_gflops / 1e3:.3g} TFLOP/s"
         if args.peak_tflops:
-            result[f"{feed}_mfu"] = clips_s * tflops_per_clip / args.peak_tflops
             line += f"  MFU {result[f'{feed}_mfu']:.1%} of {args.peak_tflops:g} dense bf16"
         print(line)
     verdict = "met" if result["loader_vs_synthetic"] >= 0.95 else "NOT met"

@@ -1,8 +1,9 @@
 """Parameters and FLOPs of the MBT variants (bottleneck, cross, late, video, audio) at one size, MBT-B by default.
 
-FLOPs are counted by `mbt.flops.count_flops`: `torch.utils.flop_counter.FlopCounterMode` on the `meta` device (a
-multiply-add counts as 2 FLOPs; shapes only, so MBT-B costs no real compute), attention matmuls included, training
-FLOPs counted on a real backward pass, not assumed to be 3x forward. Sizes are `mbt.flops.SIZES`.
+FLOPs are counted by `mbt.flops.count_flops` for each variant (`bench.model.variant_flops`):
+`torch.utils.flop_counter.FlopCounterMode` on the `meta` device (a multiply-add counts as 2 FLOPs; shapes only, so
+MBT-B costs no real compute), attention matmuls included, training FLOPs counted on a real backward pass, not
+assumed to be 3x forward. Sizes are `mbt.flops.SIZES`.
 The last line is name=value pairs.
 """
 
@@ -12,25 +13,8 @@ import argparse
 import sys
 from typing import Any
 
-from mbt.flops import SIZES, count_flops, describe, size_config
-from mbt.model import FUSIONS, MBTConfig
-
-
-def report(cfgs: list[MBTConfig]) -> list[dict[str, Any]]:
-    """`count_flops` of each config, in order."""
-    return [count_flops(cfg) for cfg in cfgs]
-
-
-def comparisons(rows: list[dict[str, Any]]) -> dict[str, float]:
-    """Bottleneck fusion's forward FLOPs relative to vanilla cross-attention and to late fusion (where present)."""
-    gflops = {row["fusion"]: row["forward_gflops"] for row in rows}
-    out = {}
-    if "bottleneck" in gflops and "cross" in gflops:
-        out["bottleneck_vs_cross"] = gflops["bottleneck"] / gflops["cross"]
-    if "bottleneck" in gflops and "late" in gflops:
-        out["bottleneck_vs_late"] = gflops["bottleneck"] / gflops["late"]
-    return out
-
+from bench.model import fusion_comparisons, variant_flops
+from mbt.flops import SIZES, describe, size_config
 
 COLUMNS = (
     ("variant", "fusion", "{}"),
@@ -62,7 +46,7 @@ def summary_line(rows: list[dict[str, Any]]) -> str:
     """The name=value line: each variant's forward GFLOPs, the comparisons, and MBT's parameters and training FLOPs."""
     by_fusion = {row["fusion"]: row for row in rows}
     pairs = {f"{row['fusion']}_gflops": f"{row['forward_gflops']:.5g}" for row in rows}
-    pairs |= {name: f"{value:.4f}" for name, value in comparisons(rows).items()}
+    pairs |= {name: f"{value:.4f}" for name, value in fusion_comparisons(rows).items()}
     main = by_fusion.get("bottleneck", rows[0])
     pairs |= {"train_gflops": f"{main['train_gflops']:.5g}", "params_m": f"{main['params_m']:.2f}"}
     return " ".join(f"{k}={v}" for k, v in pairs.items())
@@ -88,14 +72,14 @@ def main(argv: list[str] | None = None) -> int:
         num_bottlenecks=args.num_bottlenecks,
         num_frames=args.frames,
     )
-    rows = report([base.replace(fusion=fusion) for fusion in FUSIONS])
+    rows = variant_flops(base)
     print(
         f"MBT size={args.size}: {describe(base)}; FLOPs per clip, FlopCounterMode on meta (MAC = 2 FLOPs), "
         "training = forward + backward, both counted"
     )
     print(format_table(rows, markdown=args.markdown))
     by_fusion = {row["fusion"]: row["forward_gflops"] for row in rows}
-    ratios = comparisons(rows)
+    ratios = fusion_comparisons(rows)
     print(
         f"bottleneck vs cross fusion: {by_fusion['bottleneck']:.5g} vs {by_fusion['cross']:.5g} GFLOP "
         f"= {ratios['bottleneck_vs_cross']:.3f}x ({1 - ratios['bottleneck_vs_cross']:.1%} less)"

@@ -1,4 +1,5 @@
-"""tools/bench_train.py: loader-fed against synthetic-fed training at the tiny size, on the demo's training shards."""
+"""tools/bench_train.py and `bench.train`: loader-fed against synthetic-fed training at the tiny size, on the demo's
+training shards."""
 
 from __future__ import annotations
 
@@ -7,6 +8,7 @@ from pathlib import Path
 import pytest
 from conftest import load_tool
 
+from bench.train import model_config
 from shards.manifest import load_manifest
 
 bench_train = load_tool("bench_train")
@@ -25,11 +27,11 @@ def test_bench_train_prints_the_ratio(train_shards: Path, capsys: pytest.Capture
 
 def test_model_fits_the_shards(train_shards: Path) -> None:
     manifest = load_manifest(train_shards)
-    cfg = bench_train.model_config("tiny", manifest)
+    cfg = model_config("tiny", manifest)
     assert cfg.num_classes == manifest.num_classes
     assert cfg.num_frames == manifest.features.num_frames
     assert (cfg.img_size, cfg.audio_frames) == (224, min(800, manifest.features.fbank_frames))
-    small = bench_train.model_config("tiny", manifest, frames=2, crop=32, audio_frames=64)
+    small = model_config("tiny", manifest, frames=2, crop=32, audio_frames=64)
     assert (small.num_frames, small.img_size, small.audio_frames) == (2, 32, 64)
 
 

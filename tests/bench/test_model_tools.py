@@ -1,5 +1,5 @@
-"""tools/model_report.py and tools/bench_model.py: FLOP counts that agree with the model's structure, and both
-tools' command lines at the tiny size."""
+"""tools/model_report.py, tools/bench_model.py and `bench.model`: FLOP counts that agree with the model's structure,
+and both tools' command lines at the tiny size."""
 
 from __future__ import annotations
 
@@ -10,6 +10,7 @@ import pytest
 import torch
 from conftest import REPO, load_tool
 
+from bench.model import variant_flops
 from bench.timing import peak_tflops
 from mbt.flops import count_flops, size_config
 from mbt.model import FUSIONS, MBTConfig
@@ -33,7 +34,7 @@ def head_params_m(cfg: MBTConfig) -> float:
 @pytest.fixture(scope="module")
 def tiny_rows() -> dict[str, dict]:
     """count_flops of each variant at the tiny size, by fusion."""
-    return {row["fusion"]: row for row in model_report.report([TINY.replace(fusion=f) for f in FUSIONS])}
+    return {row["fusion"]: row for row in variant_flops(TINY)}
 
 
 def test_flops_follow_the_fusion(tiny_rows: dict[str, dict]) -> None:
