@@ -24,12 +24,13 @@ from mbt.classes import ClassListError, checked_record
 from mbt.config import ConfigError, config_from_dict, validate
 from mbt.model import MBTConfig
 from pipelines.config import AugmentConfig
-from shards.schema import READABLE_SCHEMA_VERSIONS, FeatureParams, SchemaError
+from shards.schema import FeatureParams, SchemaError, check_schema_version
 
 CHECKPOINT_DIR = "checkpoints"
 _NAME = re.compile(r"^step-(\d{8})\.pt$")
 RESUME_KEYS = ("model", "optimizer", "schedule", "step", "loader", "rng", "config")
 RESUME_ADVICE = "delete it to resume from the previous checkpoint"
+TRAINED_ON = "the shards it was trained on"  # what a checkpoint's or an export's schema version belongs to
 
 
 class CheckpointFileError(RuntimeError):
@@ -134,9 +135,7 @@ def _features(record: Any) -> tuple[FeatureParams | None, int | None]:
         return None, None
     if not isinstance(record, dict) or not isinstance(record.get("params"), dict):
         raise SchemaError("its 'features' record is not a mapping with 'params'")
-    version = record.get("schema_version")
-    if version not in READABLE_SCHEMA_VERSIONS:
-        raise SchemaError(f"its shard schema version {version!r:.20} is not one of {READABLE_SCHEMA_VERSIONS}")
+    version = check_schema_version(record.get("schema_version"), TRAINED_ON)
     try:
         return FeatureParams.from_dict(record["params"]), version
     except SchemaError:

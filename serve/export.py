@@ -24,7 +24,7 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
-from mbt.checkpoint import CheckpointFileError, latest_checkpoint, load_trained, non_finite_tensors
+from mbt.checkpoint import TRAINED_ON, CheckpointFileError, latest_checkpoint, load_trained, non_finite_tensors
 from mbt.classes import ClassListError, checked_record, class_record
 from mbt.config import ConfigError, config_from_dict, validate
 from mbt.config_io import read_yaml
@@ -34,7 +34,7 @@ from pipelines.config import VIDEO_MEAN, VIDEO_STD, AugmentConfig
 from pipelines.sources import split_manifest
 from shards.atomic import commit, tmp_path_for, write_bytes_atomic
 from shards.manifest import LogmelStats, Manifest
-from shards.schema import READABLE_SCHEMA_VERSIONS, FeatureParams, SchemaError
+from shards.schema import FeatureParams, SchemaError, check_schema_version
 
 WEIGHTS_FILE = "model.safetensors"
 CONFIG_FILE = "config.json"
@@ -194,9 +194,7 @@ def _preprocessing(data: dict[str, Any], path: Path) -> tuple[MBTConfig, Preproc
         validate(cfg.replace(train_shards="", eval_shards=""), train=False)
         record = checked_record({"classes": data["classes"], "multi_label": data["multi_label"]}, str(path))
         features = FeatureParams.from_dict(data["features"])
-        version = data["schema_version"]
-        if version not in READABLE_SCHEMA_VERSIONS:
-            raise ValueError(f"shard schema version {version!r:.40} is not one this code reads")
+        version = check_schema_version(data["schema_version"], TRAINED_ON)
     except (KeyError, TypeError, ValueError, ConfigError, ClassListError, SchemaError) as err:
         problem = str(err).replace("\n", "; ") if not isinstance(err, KeyError) else f"no field {err}"
         raise ExportError(f"{path}: not a usable export config: {problem}") from None

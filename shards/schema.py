@@ -50,6 +50,16 @@ class SchemaError(ValueError):
     """A shard, sample or manifest does not follow this schema; the message names the file/key."""
 
 
+def check_schema_version(version: object, where: str) -> int:
+    """`version` when this code reads shards of that schema version (READABLE_SCHEMA_VERSIONS); otherwise SchemaError
+    '`where`: schema version V, this code reads versions 1, 2'. The one check of every record of a schema version:
+    a manifest, a checkpoint's features, an export's config."""
+    if not is_int(version) or version not in READABLE_SCHEMA_VERSIONS:
+        readable = ", ".join(map(str, READABLE_SCHEMA_VERSIONS))
+        raise SchemaError(f"{where}: schema version {version!r:.40}, this code reads versions {readable}")
+    return version
+
+
 def is_int(value: object) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
 

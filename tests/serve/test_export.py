@@ -19,8 +19,8 @@ from experiments.demo_data import DemoDataset
 from mbt.checkpoint import CheckpointFileError, latest_checkpoint
 from serve.export import CONFIG_FILE, WEIGHTS_FILE, ExportError, from_checkpoint, load_pretrained
 from serve.predict import Predictor, Segment
-from shards.manifest import load_manifest
-from shards.schema import SCHEMA_VERSION
+from shards.manifest import load_manifest, parse_manifest
+from shards.schema import SCHEMA_VERSION, SchemaError
 
 
 @pytest.fixture(scope="module")
@@ -138,6 +138,28 @@ def test_export_of_a_folder_without_checkpoints_is_one_error_line(
     assert load_tool("export_model").main([str(tmp_path), str(tmp_path / "out")]) == 1
     error = capsys.readouterr().err
     assert error == f"error: {tmp_path}: a folder without checkpoints/step-*.pt (not a training run)\n"
+
+
+def test_a_schema_version_this_code_cannot_read_is_refused_alike_everywhere(
+    run: Path, exported: Path, train_shards: Path, tmp_path: Path
+) -> None:
+    """A manifest, a checkpoint and an export record the shards' schema version; one check reads all three."""
+    words = "schema version 3, this code reads versions 1, 2"
+    manifest = json.loads((train_shards / "manifest.json").read_text())
+    with pytest.raises(SchemaError, match=words):
+        parse_manifest(json.dumps({**manifest, "schema_version": 3}), "manifest.json")
+    checkpoint = tmp_path / "step-00000001.pt"
+    state = torch.load(latest_checkpoint(run), weights_only=True)
+    state["features"]["schema_version"] = 3
+    torch.save(state, checkpoint)
+    with pytest.raises(CheckpointFileError, match=f"{checkpoint}: .*the shards it was trained on: {words}"):
+        from_checkpoint(checkpoint)
+    folder = tmp_path / "export"
+    folder.mkdir()
+    config = json.loads((exported / CONFIG_FILE).read_text())
+    (folder / CONFIG_FILE).write_text(json.dumps({**config, "schema_version": 3}))
+    with pytest.raises(ExportError, match=f"{folder / CONFIG_FILE}: .*the shards it was trained on: {words}"):
+        load_pretrained(folder)
 
 
 def test_the_old_home_of_load_pretrained_names_the_new_one() -> None:
