@@ -35,7 +35,7 @@ from pipelines import LOADERS
 from pipelines.config import SHUFFLE_BUFFER_SAMPLES, AugmentConfig
 from shards.layout import split_dir
 from shards.manifest import LogmelStats, load_manifest
-from shards.schema import SchemaError
+from shards.schema import MAX_FRAMES, SchemaError
 
 PRESETS = ("audioset", "vggsound", "custom", "demo")
 OPTIMIZERS = ("sgd", "adamw")
@@ -65,15 +65,15 @@ INT_LIMITS: dict[str, tuple[int, int, str]] = {
     "model.embed_dim": (1, 8_192, "channels"),
     "model.depth": (1, 128, "blocks per tower"),
     "model.num_heads": (1, 256, "attention heads"),
-    "model.num_frames": (1, 99, "frames per clip, the shard schema's most"),
-    "model.tubelet_frames": (1, 99, "frames per tubelet"),
+    "model.num_frames": (1, MAX_FRAMES, "frames per clip, the shard schema's most"),
+    "model.tubelet_frames": (1, MAX_FRAMES, "frames per tubelet"),
     "model.img_size": (1, 1_024, "pixels"),
     "model.patch_size": (1, 256, "pixels"),
     "model.audio_frames": (1, 10_000, "log-mel frames"),
     "model.num_mel_bins": (1, 1_024, "mel bins"),
     "model.audio_patch_stride": (1, 256, "log-mel frames and bins"),
     "augment.crop_px": (1, 1_024, "pixels"),
-    "augment.frames_used": (1, 99, "frames per clip"),
+    "augment.frames_used": (1, MAX_FRAMES, "frames per clip"),
     "augment.eval_short_side_px": (1, 4_096, "pixels"),
     "augment.audio_frames": (1, 10_000, "log-mel frames"),
     "augment.freq_mask_px": (0, 1_024, "mel bins"),

@@ -31,7 +31,7 @@ from pipelines.transforms import SampleBuilder, normalize_video
 from preprocess.clip import ClipTask, process_clip
 from preprocess.datasets import ClipRow
 from serve.export import Preprocessing
-from shards.schema import META_EXT, FeatureParams, SchemaError
+from shards.schema import MAX_FRAMES, META_EXT, FeatureParams, SchemaError
 
 CLIP_KEY = "clip"  # the key each window's sample is built under
 PROGRESS_MIN_WINDOWS = 4  # a progress bar for inputs of at least this many windows
@@ -68,7 +68,7 @@ def window_features(features: FeatureParams, window_s: float | None) -> FeatureP
     if window_s is None or window_s == features.segment_s:
         return features
     num_frames = round(window_s * features.frames_per_s)
-    if not 1 <= num_frames <= 99 or window_s <= 0:
+    if not 1 <= num_frames <= MAX_FRAMES or window_s <= 0:
         raise ValueError(f"--window-s {window_s:g} holds {num_frames} frames at {features.frames_per_s:g} per second")
     return dataclasses.replace(features, segment_s=float(window_s), num_frames=num_frames).validate()
 

@@ -32,6 +32,9 @@ import numpy as np
 # then a little early).
 SCHEMA_VERSION = 2
 READABLE_SCHEMA_VERSIONS = (1, 2)
+# Frames per clip are 1..MAX_FRAMES wherever they are counted (the shard job's options, feature parameters, the model
+# and the loaders' settings, a prediction window): member names frame00.jpg … frame98.jpg keep two digits.
+MAX_FRAMES = 99
 
 LOGMEL_EXT = "logmel.f16"
 LABELS_EXT = "labels.i32"
@@ -131,8 +134,8 @@ class FeatureParams:
         """`self` if every value can be produced and read (bounded sizes); SchemaError naming the field otherwise."""
         checks = [
             (
-                is_int(self.num_frames) and 1 <= self.num_frames <= 99,
-                f"num_frames must be in 1..99, got {self.num_frames}",
+                is_int(self.num_frames) and 1 <= self.num_frames <= MAX_FRAMES,
+                f"num_frames must be in 1..{MAX_FRAMES}, got {self.num_frames}",
             ),
             (
                 is_int(self.short_side_px) and 16 <= self.short_side_px <= 4096 and self.short_side_px % 2 == 0,

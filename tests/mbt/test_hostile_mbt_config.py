@@ -17,7 +17,7 @@ import mbt.config_io
 from mbt.config import ConfigError, TrainConfig, load_config, validate
 from mbt.train import main
 from shards.manifest import LogmelStats, Manifest
-from shards.schema import FeatureParams
+from shards.schema import MAX_FRAMES, FeatureParams
 
 
 def write_split(folder: Path, names: list[str], multi_label: bool = True) -> Path:
@@ -243,6 +243,13 @@ def test_main_refuses_before_any_work(
     err = capsys.readouterr().err
     assert err.startswith(f"error: --config {path}: ") and "Traceback" not in err
     assert not Path(cfg.out_dir).exists()
+
+
+def test_frames_settings_are_bounded_by_the_shard_schema() -> None:
+    for key in ("model.num_frames", "model.tubelet_frames", "augment.frames_used"):
+        assert mbt.config.INT_LIMITS[key][:2] == (1, MAX_FRAMES)
+    with pytest.raises(ConfigError, match=rf"--model.num_frames must be in 1\.\.{MAX_FRAMES} .*got {MAX_FRAMES + 1}"):
+        load_config(["--model.num_frames", str(MAX_FRAMES + 1)])
 
 
 def test_every_limit_names_a_field() -> None:
