@@ -34,7 +34,7 @@ from mbt.model import MBTConfig
 from pipelines import LOADERS
 from pipelines.config import SHUFFLE_BUFFER_SAMPLES, AugmentConfig
 from shards.layout import split_dir
-from shards.manifest import LogmelStats, load_manifest
+from shards.manifest import load_manifest
 from shards.schema import MAX_FRAMES, SchemaError
 
 PRESETS = ("audioset", "vggsound", "custom", "demo")
@@ -231,16 +231,6 @@ def config_help() -> str:
         "values: numbers, true/false, none, comma lists for tuples; keys and their demo values:",
         *keys_help(TrainConfig, config_to_dict(preset("demo"))),
     ])  # fmt: skip
-
-
-def with_logmel_norm(cfg: TrainConfig, stats: LogmelStats) -> TrainConfig:
-    """`cfg` with the log-mel normalization that is None (`augment.logmel_mean`, `augment.logmel_std`) set from the
-    training split's statistics `stats` (its manifest's): the model's input normalization, which training resolves
-    before any loader is built, so that config.yaml and every checkpoint keep it and every evaluation uses it."""
-    augment = cfg.augment
-    mean = stats.mean if augment.logmel_mean is None else augment.logmel_mean
-    std = stats.std if augment.logmel_std is None else augment.logmel_std
-    return cfg.replace(augment=augment.replace(logmel_mean=mean, logmel_std=std))
 
 
 def with_split_classes(cfg: TrainConfig) -> TrainConfig:

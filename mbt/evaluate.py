@@ -52,7 +52,7 @@ from mbt.results import (
     write_results,
 )
 from pipelines import LOADERS, LoaderError, Split, build_loader, open_split
-from pipelines.config import AugmentConfig
+from pipelines.config import AugmentConfig, records_logmel_norm
 from shards.manifest import Manifest
 
 Predictions = dict[str, tuple[np.ndarray, np.ndarray]]  # key → (clip-averaged logits (C,), label (C,) or ())
@@ -235,8 +235,7 @@ def check_inputs(trained: TrainedModel, manifest: Manifest, shards: str | Path, 
     except ClassListError as err:
         raise EvaluationError(str(err)) from None
     problems = []
-    augment = trained.augment
-    if "audio" in trained.model.modalities and (augment.logmel_mean is None or augment.logmel_std is None):
+    if "audio" in trained.model.modalities and not records_logmel_norm(trained.augment):
         log.warning(
             "warning: %s records no log-mel normalization (an older checkpoint): %s is normalized with its own "
             "manifest's statistics, not the training split's",

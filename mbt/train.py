@@ -40,7 +40,6 @@ from mbt.config import (
     per_rank_batch,
     save_config,
     validate,
-    with_logmel_norm,
     with_split_classes,
 )
 from mbt.dist import DistInfo, all_gather_objects, barrier, cleanup, init_distributed
@@ -51,6 +50,7 @@ from mbt.run_dir import RunDirError, check_resume, locked_run_dir, restore
 from mbt.run_log import RunLog, plot_curves
 from mbt.step import NonFiniteLoss, TrainStep
 from pipelines import LoaderError, Split, build_loader, open_split
+from pipelines.config import with_logmel_norm
 
 
 class TrainingError(RuntimeError):
@@ -82,11 +82,12 @@ def train(cfg: TrainConfig, dist: DistInfo) -> dict[str, Any]:
     Before anything is written to the run directory it is locked, and its latest checkpoint, if any, must be a whole
     training checkpoint of the same settings and classes (`mbt.run_dir.check_resume`) whose every part loads into
     this run's model, optimizer, schedule and loader; then config.yaml is written. The log-mel normalization left
-    unset is the training split's (`mbt.config.with_logmel_norm`) for every loader of the run, evaluation included.
+    unset is the training split's (`pipelines.config.with_logmel_norm`) for every loader of the run, evaluation
+    included.
     """
     run_dir = Path(cfg.out_dir)
     split = open_split(cfg.train_shards)
-    cfg = with_logmel_norm(cfg, split.manifest.logmel)
+    cfg = cfg.replace(augment=with_logmel_norm(cfg.augment, split.manifest.logmel))
     eval_split = open_split(cfg.eval_shards) if cfg.eval_shards else None  # once per run, for every evaluation
     record = class_record(split.manifest, f"--train_shards {cfg.train_shards}")
     with locked_run_dir(run_dir, dist):
@@ -96,7 +97,7 @@ def train(cfg: TrainConfig, dist: DistInfo) -> dict[str, Any]:
                 state = load_checkpoint(resume)
             except CheckpointFileError as err:
                 raise CheckpointFileError(f"{err}; {RESUME_ADVICE}") from None
-            for warning in check_resume(state, resume, cfg, record, dist.world_size):
+            for warning in check_resume(state, resume, cfg, record, split.manifest.logmel, dist.world_size):
                 if dist.is_main:
                     print(f"warning: {warning}", file=sys.stderr)
         return _train(cfg, dist, (split, eval_split), record, state, resume)

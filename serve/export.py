@@ -30,7 +30,7 @@ from mbt.config import ConfigError, config_from_dict, validate
 from mbt.config_io import read_yaml
 from mbt.model import MBT, MBTConfig
 from pipelines import LoaderError
-from pipelines.config import VIDEO_MEAN, VIDEO_STD, AugmentConfig
+from pipelines.config import VIDEO_MEAN, VIDEO_STD, AugmentConfig, records_logmel_norm, with_logmel_norm
 from pipelines.sources import split_manifest
 from shards.atomic import commit, tmp_path_for, write_bytes_atomic
 from shards.manifest import LogmelStats, Manifest
@@ -106,8 +106,8 @@ def from_checkpoint(path: str | Path, features_from: str | None = None) -> tuple
     checkpoint = resolve_checkpoint(path)
     trained = load_trained(checkpoint)
     augment = trained.augment
-    normalized = augment.logmel_mean is not None and augment.logmel_std is not None
-    if features_from is None and trained.features is not None and trained.classes is not None and normalized:
+    recorded = trained.features is not None and trained.classes is not None and records_logmel_norm(augment)
+    if features_from is None and recorded:
         record, features, version = trained.classes, trained.features, trained.schema_version
     else:  # an older checkpoint, or features asked for from another split
         source = features_from or _training_split(checkpoint)
@@ -117,8 +117,7 @@ def from_checkpoint(path: str | Path, features_from: str | None = None) -> tuple
         except (LoaderError, ClassListError) as err:
             problem = f"the feature parameters of {source} cannot be read: {err}"
             raise CheckpointFileError(f"{checkpoint}: {problem}") from None
-        if not normalized:
-            augment = augment.replace(logmel_mean=manifest.logmel.mean, logmel_std=manifest.logmel.std)
+        augment = with_logmel_norm(augment, manifest.logmel)
         features, version = manifest.features, manifest.schema_version
     prep = Preprocessing(features, augment, record["classes"], record["multi_label"], version)
     model = MBT(trained.model)

@@ -21,7 +21,6 @@ from mbt.config import (
     preset,
     save_config,
     validate,
-    with_logmel_norm,
     with_split_classes,
 )
 from mbt.model import MBTConfig
@@ -119,7 +118,11 @@ def test_demo_preset_is_a_tiny_cpu_model() -> None:
     assert (a.video_crop, a.color_prob) == ("inception", 0.0)  # the demo's labels are colours
     assert (cfg.optimizer, cfg.lr, cfg.weight_decay, cfg.label_smoothing) == ("adamw", 3e-3, 0.05, 0.0)
     assert validate(cfg.replace(train_shards="", eval_shards=""), train=False)
-    assert (cfg.train_shards, cfg.eval_shards, cfg.out_dir) == ("data/shards/demo/train", "data/shards/demo/eval", "runs/demo")
+    assert (cfg.train_shards, cfg.eval_shards, cfg.out_dir) == (
+        "data/shards/demo/train",
+        "data/shards/demo/eval",
+        "runs/demo",
+    )
 
 
 def test_every_preset_validates_against_matching_manifests(tmp_path: Path) -> None:
@@ -545,12 +548,3 @@ def test_streamed_and_patterned_splits_are_checked_against_the_model(demo_cfg: T
         validate(demo_cfg.replace(eval_shards="pipe:cat /nowhere/manifest.json"))
     with pytest.raises(ConfigError, match=r"--shuffle_buffer must be in 1\.\.65536"):
         validate(demo_cfg.replace(shuffle_buffer=0))
-
-
-def test_logmel_normalization_left_unset_is_the_training_splits() -> None:
-    stats = LogmelStats(count=4, total=-8.0, total_sq=32.0)  # mean -2, std 2
-    cfg = preset("demo")
-    assert with_logmel_norm(cfg, stats).augment == cfg.augment.replace(logmel_mean=-2.0, logmel_std=2.0)
-    given = cfg.replace(augment=cfg.augment.replace(logmel_mean=1.5))
-    resolved = with_logmel_norm(given, stats).augment
-    assert (resolved.logmel_mean, resolved.logmel_std) == (1.5, 2.0)  # the value given is kept
