@@ -22,7 +22,7 @@ from torch.nn.modules.utils import consume_prefix_in_state_dict_if_present
 
 from mbt.classes import ClassListError, checked_record
 from mbt.config import ConfigError, config_from_dict, validate
-from mbt.model import MBTConfig
+from mbt.model import MBT, MBTConfig
 from pipelines.config import AugmentConfig
 from shards.schema import FeatureParams, SchemaError, check_schema_version
 
@@ -126,6 +126,19 @@ def load_trained(path: Path) -> TrainedModel:
             f"{path}: the checkpoint's config or class record cannot be used: {problems}"
         ) from None
     return TrainedModel(state, train_cfg.model, train_cfg.augment, classes, features, schema_version)
+
+
+def build_model(trained: TrainedModel, path: str | Path) -> MBT:
+    """The MBT of `trained`'s model config holding its weights (on the CPU, as `MBT` builds it); CheckpointFileError
+    naming `path`, the checkpoint it was read from, when the weights do not fit that config."""
+    model = MBT(trained.model)
+    try:
+        model.load_state_dict(trained.state)
+    except RuntimeError as err:  # torch's message runs over lines; errors are printed as one line
+        raise CheckpointFileError(
+            f"{path}: the weights do not fit its model config: {' '.join(str(err).split())}"
+        ) from None
+    return model
 
 
 def _features(record: Any) -> tuple[FeatureParams | None, int | None]:

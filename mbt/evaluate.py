@@ -34,14 +34,13 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
-from mbt.checkpoint import CheckpointFileError, TrainedModel, load_trained
+from mbt.checkpoint import CheckpointFileError, TrainedModel, build_model, load_trained
 from mbt.classes import ClassListError, class_record, record_difference
 from mbt.config import INT_LIMITS
 from mbt.dist import DistInfo, all_gather_objects, cleanup, init_distributed
 from mbt.embeddings import Embedding, forward_with_embeddings, mean_embedding, rows_as_numpy, write_embeddings
 from mbt.fits import fits
 from mbt.metrics import average_precision_per_class, compute_metrics
-from mbt.model import MBT
 from mbt.results import (
     CONFUSION_FILE,
     CONFUSION_PLOT,
@@ -283,11 +282,7 @@ def run(args: argparse.Namespace) -> int:
     split = open_split(args.shards)
     manifest = split.manifest
     check_inputs(trained, manifest, args.shards, args.checkpoint)
-    model = MBT(trained.model)
-    try:
-        model.load_state_dict(trained.state)
-    except RuntimeError as err:
-        raise EvaluationError(f"{args.checkpoint}: the weights do not fit its model config: {err}") from None
+    model = build_model(trained, args.checkpoint)
     info = init_distributed()
     model.to(info.device)
     metrics = evaluate_split(

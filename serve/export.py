@@ -24,7 +24,14 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
-from mbt.checkpoint import TRAINED_ON, CheckpointFileError, latest_checkpoint, load_trained, non_finite_tensors
+from mbt.checkpoint import (
+    TRAINED_ON,
+    CheckpointFileError,
+    build_model,
+    latest_checkpoint,
+    load_trained,
+    non_finite_tensors,
+)
 from mbt.classes import ClassListError, checked_record, class_record
 from mbt.config import ConfigError, config_from_dict, validate
 from mbt.config_io import read_yaml
@@ -120,12 +127,7 @@ def from_checkpoint(path: str | Path, features_from: str | None = None) -> tuple
         augment = with_logmel_norm(augment, manifest.logmel)
         features, version = manifest.features, manifest.schema_version
     prep = Preprocessing(features, augment, record["classes"], record["multi_label"], version)
-    model = MBT(trained.model)
-    try:
-        model.load_state_dict(trained.state)
-    except RuntimeError as err:
-        raise CheckpointFileError(f"{checkpoint}: the weights do not fit its model config: {err}") from None
-    return model.eval(), prep
+    return build_model(trained, checkpoint).eval(), prep
 
 
 def export_config(model: MBTConfig, prep: Preprocessing) -> dict[str, Any]:

@@ -76,6 +76,18 @@ def test_the_checkpoint_carries_the_feature_parameters_and_older_ones_read_the_t
         from_checkpoint(new)
 
 
+def test_weights_of_another_model_are_refused_naming_the_checkpoint(run: Path, tmp_path: Path) -> None:
+    """As `mbt.evaluate` refuses them (`mbt.checkpoint.build_model`)."""
+    checkpoint = tmp_path / "step-00000001.pt"
+    state = torch.load(latest_checkpoint(run), weights_only=True)
+    state["model"] = {k: v for k, v in state["model"].items() if k != "head.bias"}
+    torch.save(state, checkpoint)
+    with pytest.raises(CheckpointFileError) as err:
+        from_checkpoint(checkpoint)
+    assert str(err.value).startswith(f"{checkpoint}: the weights do not fit its model config: ")
+    assert str(err.value).endswith('Missing key(s) in state_dict: "head.bias".')  # one line
+
+
 def _drop(name: str) -> Callable[[Path], None]:
     return lambda folder: (folder / name).unlink()
 
