@@ -21,8 +21,9 @@ import torch
 from torch.nn.modules.utils import consume_prefix_in_state_dict_if_present
 
 from mbt.classes import ClassListError, checked_record
-from mbt.config import ConfigError, config_from_dict, validate
+from mbt.config import ConfigError, config_from_dict
 from mbt.model import MBT, MBTConfig
+from mbt.validate import validate
 from pipelines.config import AugmentConfig
 from shards.schema import FeatureParams, SchemaError, check_schema_version
 

@@ -33,9 +33,10 @@ from mbt.checkpoint import (
     non_finite_tensors,
 )
 from mbt.classes import ClassListError, checked_record, class_record
-from mbt.config import ConfigError, config_from_dict, validate
+from mbt.config import ConfigError, config_from_dict
 from mbt.config_io import read_yaml
 from mbt.model import MBT, MBTConfig
+from mbt.validate import validate
 from pipelines import LoaderError
 from pipelines.config import VIDEO_MEAN, VIDEO_STD, AugmentConfig, records_logmel_norm, with_logmel_norm
 from pipelines.sources import split_manifest
