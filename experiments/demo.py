@@ -147,9 +147,10 @@ def show_results(run_dir: Path, videos: Path) -> list[str]:
     """Lines saying where the evaluation files of `run_dir` are, and what it predicts (tools/predict.py's code) for
     the first held-out video found in `videos` next to the labels its CSV gives; the command that does the same."""
     from mbt.results import METRICS_FILE, PER_CLASS_AP_FILE, PER_CLASS_AP_PLOT, PREDICTIONS_FILE
-    from serve.export import from_checkpoint  # the data packages only when asked
-    from serve.predict import Predictor, Segment
-    from serve.predict_io import top_lines
+    from serve.load import from_checkpoint  # the data packages only when asked
+    from serve.outputs import top_lines
+    from serve.predict import Predictor
+    from serve.segments import Segment
 
     files = ", ".join(f for f in (METRICS_FILE, PER_CLASS_AP_FILE, PER_CLASS_AP_PLOT, PREDICTIONS_FILE))
     lines = [f"evaluation files of {run_dir.name}: {run_dir / 'eval'}/{{{files}}}"]

@@ -1,5 +1,6 @@
-"""Export and load (tools/export_model.py, serve.export): an exported model predicts the checkpoint's logits, its
-config.json holds what using it elsewhere needs, and a damaged export is refused with an error naming the file."""
+"""Export and load (tools/export_model.py, serve.export, serve.load): an exported model predicts the checkpoint's
+logits, its config.json holds what using it elsewhere needs, and a damaged export is refused with an error naming
+the file; checkpoints and exports are refused with the words evaluation and the manifest parser use."""
 
 from __future__ import annotations
 
@@ -17,8 +18,9 @@ from tiny_run import TINY_AUG, eval_videos, make_run
 import serve
 from experiments.demo_data import DemoDataset
 from mbt.checkpoint import CheckpointFileError, latest_checkpoint
-from serve.export import CONFIG_FILE, WEIGHTS_FILE, ExportError, from_checkpoint, load_pretrained
-from serve.predict import Predictor, Segment
+from serve.load import CONFIG_FILE, WEIGHTS_FILE, ExportError, from_checkpoint, load_pretrained
+from serve.predict import Predictor
+from serve.segments import Segment
 from shards.manifest import load_manifest, parse_manifest
 from shards.schema import SCHEMA_VERSION, SchemaError
 

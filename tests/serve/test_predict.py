@@ -22,8 +22,9 @@ from mbt.dist import DistInfo
 from mbt.evaluate import evaluate_split
 from mbt.train import main as train_main
 from pipelines import open_split
-from serve.export import from_checkpoint
-from serve.predict import Predictor, Segment, window_features
+from serve.load import from_checkpoint
+from serve.predict import Predictor, window_features
+from serve.segments import Segment
 from shards.schema import MAX_FRAMES, FeatureParams
 
 SINGLE = DistInfo(rank=0, local_rank=0, world_size=1, device=torch.device("cpu"))
