@@ -29,11 +29,11 @@ import numpy as np
 import torch
 
 from experiments.demo_data import DEMO_CLASSES
-from mbt.config import ConfigError, TrainConfig, preset, validate
+from mbt.config import ConfigError, TrainConfig, preset
 from mbt.dist import DistInfo, cleanup, init_distributed
 from mbt.evaluate import EvaluationError
 from mbt.flops import count_flops
-from mbt.train import EXPECTED_ERRORS, train
+from mbt.train import EXPECTED_ERRORS, prepare_run, train
 from shards.layout import RAW_ROOT, SHARDS_ROOT
 
 VARIANTS = {
@@ -97,10 +97,10 @@ def run_variant(cfg: TrainConfig, dist: DistInfo, name: str) -> dict[str, Any]:
     """Train and evaluate `cfg` from scratch in its run folder; its result row (also written there as
     summary.json): metrics, group APs, forward GFLOPs and parameters per clip, wall time of training + evaluation."""
     run_dir = Path(cfg.out_dir)
-    validate(cfg, dist.world_size)
+    cfg, splits = prepare_run(cfg, dist.world_size)
     _fresh_run_dir(run_dir)
     start = time.perf_counter()
-    metrics = train(cfg, dist)
+    metrics = train(cfg, dist, splits)
     train_s = time.perf_counter() - start
     flops = count_flops(cfg.model)
     model = cfg.model
@@ -147,9 +147,10 @@ def show_results(run_dir: Path, videos: Path) -> list[str]:
     """Lines saying where the evaluation files of `run_dir` are, and what it predicts (tools/predict.py's code) for
     the first held-out video found in `videos` next to the labels its CSV gives; the command that does the same."""
     from mbt.results import METRICS_FILE, PER_CLASS_AP_FILE, PER_CLASS_AP_PLOT, PREDICTIONS_FILE
-    from serve.export import from_checkpoint  # the data packages only when asked
-    from serve.predict import Predictor, Segment
-    from serve.predict_io import top_lines
+    from serve.load import from_checkpoint  # the data packages only when asked
+    from serve.outputs import top_lines
+    from serve.predict import Predictor
+    from serve.segments import Segment
 
     files = ", ".join(f for f in (METRICS_FILE, PER_CLASS_AP_FILE, PER_CLASS_AP_PLOT, PREDICTIONS_FILE))
     lines = [f"evaluation files of {run_dir.name}: {run_dir / 'eval'}/{{{files}}}"]

@@ -21,15 +21,17 @@ import torch
 from torch.nn.modules.utils import consume_prefix_in_state_dict_if_present
 
 from mbt.classes import ClassListError, checked_record
-from mbt.config import ConfigError, config_from_dict, validate
-from mbt.model import MBTConfig
+from mbt.config import ConfigError, config_from_dict
+from mbt.model import MBT, MBTConfig
+from mbt.validate import validate
 from pipelines.config import AugmentConfig
-from shards.schema import READABLE_SCHEMA_VERSIONS, FeatureParams, SchemaError
+from shards.schema import FeatureParams, SchemaError, check_schema_version
 
 CHECKPOINT_DIR = "checkpoints"
 _NAME = re.compile(r"^step-(\d{8})\.pt$")
 RESUME_KEYS = ("model", "optimizer", "schedule", "step", "loader", "rng", "config")
 RESUME_ADVICE = "delete it to resume from the previous checkpoint"
+TRAINED_ON = "the shards it was trained on"  # what a checkpoint's or an export's schema version belongs to
 
 
 class CheckpointFileError(RuntimeError):
@@ -127,6 +129,19 @@ def load_trained(path: Path) -> TrainedModel:
     return TrainedModel(state, train_cfg.model, train_cfg.augment, classes, features, schema_version)
 
 
+def build_model(trained: TrainedModel, path: str | Path) -> MBT:
+    """The MBT of `trained`'s model config holding its weights (on the CPU, as `MBT` builds it); CheckpointFileError
+    naming `path`, the checkpoint it was read from, when the weights do not fit that config."""
+    model = MBT(trained.model)
+    try:
+        model.load_state_dict(trained.state)
+    except RuntimeError as err:  # torch's message runs over lines; errors are printed as one line
+        raise CheckpointFileError(
+            f"{path}: the weights do not fit its model config: {' '.join(str(err).split())}"
+        ) from None
+    return model
+
+
 def _features(record: Any) -> tuple[FeatureParams | None, int | None]:
     """The feature parameters and schema version a checkpoint records (`{"params": ..., "schema_version": v}`), or
     (None, None) when it records none; SchemaError when the record is not one."""
@@ -134,9 +149,7 @@ def _features(record: Any) -> tuple[FeatureParams | None, int | None]:
         return None, None
     if not isinstance(record, dict) or not isinstance(record.get("params"), dict):
         raise SchemaError("its 'features' record is not a mapping with 'params'")
-    version = record.get("schema_version")
-    if version not in READABLE_SCHEMA_VERSIONS:
-        raise SchemaError(f"its shard schema version {version!r:.20} is not one of {READABLE_SCHEMA_VERSIONS}")
+    version = check_schema_version(record.get("schema_version"), TRAINED_ON)
     try:
         return FeatureParams.from_dict(record["params"]), version
     except SchemaError:

@@ -3,9 +3,9 @@
 Resolution order (later wins): `--preset NAME` (default demo), then each `--config FILE.yaml` (a mapping of the same
 fields, with nested `model:` and `augment:` mappings), then `--key value` flags (`--lr 0.1`, `--model.depth 6`,
 `--augment.resize_scale 0.5,1.0`), read by `mbt.config_io` and bounded as they are read (`INT_LIMITS`, finite
-floats). `validate` rejects values that cannot work before any work starts, with a message that says what to
-change. `config_to_dict` / `config_from_dict` round-trip exactly (checkpoints and `out_dir/config.yaml` store the
-resolved config).
+floats). `mbt.validate.validate` rejects values that cannot work before any work starts, with a message that says
+what to change. `config_to_dict` / `config_from_dict` round-trip exactly (checkpoints and `out_dir/config.yaml`
+store the resolved config).
 """
 
 from __future__ import annotations
@@ -17,7 +17,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from mbt.classes import record_difference
 from mbt.config_io import (
     ConfigError,
     build,
@@ -26,16 +25,12 @@ from mbt.config_io import (
     plain,
     read_config,
     split_command_line,
-    value_problems,
     write_yaml,
 )
-from mbt.fits import split_problems, token_problems
 from mbt.model import MBTConfig
-from pipelines import LOADERS
 from pipelines.config import SHUFFLE_BUFFER_SAMPLES, AugmentConfig
 from shards.layout import split_dir
-from shards.manifest import LogmelStats, load_manifest
-from shards.schema import SchemaError
+from shards.schema import MAX_FRAMES
 
 PRESETS = ("audioset", "vggsound", "custom", "demo")
 OPTIMIZERS = ("sgd", "adamw")
@@ -65,15 +60,15 @@ INT_LIMITS: dict[str, tuple[int, int, str]] = {
     "model.embed_dim": (1, 8_192, "channels"),
     "model.depth": (1, 128, "blocks per tower"),
     "model.num_heads": (1, 256, "attention heads"),
-    "model.num_frames": (1, 99, "frames per clip, the shard schema's most"),
-    "model.tubelet_frames": (1, 99, "frames per tubelet"),
+    "model.num_frames": (1, MAX_FRAMES, "frames per clip, the shard schema's most"),
+    "model.tubelet_frames": (1, MAX_FRAMES, "frames per tubelet"),
     "model.img_size": (1, 1_024, "pixels"),
     "model.patch_size": (1, 256, "pixels"),
     "model.audio_frames": (1, 10_000, "log-mel frames"),
     "model.num_mel_bins": (1, 1_024, "mel bins"),
     "model.audio_patch_stride": (1, 256, "log-mel frames and bins"),
     "augment.crop_px": (1, 1_024, "pixels"),
-    "augment.frames_used": (1, 99, "frames per clip"),
+    "augment.frames_used": (1, MAX_FRAMES, "frames per clip"),
     "augment.eval_short_side_px": (1, 4_096, "pixels"),
     "augment.audio_frames": (1, 10_000, "log-mel frames"),
     "augment.freq_mask_px": (0, 1_024, "mel bins"),
@@ -136,7 +131,7 @@ class TrainConfig:
 
 # The presets of the MBT recipe (TrainConfig's defaults on MBT-B/16, stochastic depth 0.3): classes and the
 # training and evaluation splits under data/shards/<name>/. custom: your own shards (tools/shard_csv.py), the head
-# sized by the training split's manifest when training starts (num_classes 0, `with_split_classes`).
+# sized by the training split's manifest when training starts (num_classes 0, `mbt.splits.with_split_classes`).
 RECIPE_DATA: dict[str, tuple[int, str, str]] = {
     "audioset": (527, "balanced_train", "eval"),
     "vggsound": (309, "train", "test"),
@@ -219,7 +214,7 @@ def save_config(cfg: TrainConfig, path: str | Path) -> Path:
 def load_config(argv: Sequence[str] | None = None) -> TrainConfig:
     """The config from `--preset`, then `--config FILE.yaml` (repeatable), then `--key value` / `--key=value` flags
     (`argv` defaults to sys.argv[1:]; '-' in keys reads as '_'). `--help` prints the keys and exits.
-    Not validated against the shards or the world size: call `validate` for that."""
+    Not validated against the shards or the world size: call `mbt.validate.validate` for that."""
     preset_name, files, flags = split_command_line(list(sys.argv[1:] if argv is None else argv), config_help)
     return read_config(TrainConfig, config_to_dict(preset(preset_name or "demo")), files, flags, INT_LIMITS)
 
@@ -231,151 +226,3 @@ def config_help() -> str:
         "values: numbers, true/false, none, comma lists for tuples; keys and their demo values:",
         *keys_help(TrainConfig, config_to_dict(preset("demo"))),
     ])  # fmt: skip
-
-
-def with_logmel_norm(cfg: TrainConfig, stats: LogmelStats) -> TrainConfig:
-    """`cfg` with the log-mel normalization that is None (`augment.logmel_mean`, `augment.logmel_std`) set from the
-    training split's statistics `stats` (its manifest's): the model's input normalization, which training resolves
-    before any loader is built, so that config.yaml and every checkpoint keep it and every evaluation uses it."""
-    augment = cfg.augment
-    mean = stats.mean if augment.logmel_mean is None else augment.logmel_mean
-    std = stats.std if augment.logmel_std is None else augment.logmel_std
-    return cfg.replace(augment=augment.replace(logmel_mean=mean, logmel_std=std))
-
-
-def with_split_classes(cfg: TrainConfig) -> TrainConfig:
-    """`cfg` with `model.num_classes` 0 (the `custom` preset: the data's own head) set to the number of classes of
-    the training split's manifest; `cfg` as it is when the count is set or the manifest cannot be read (`validate`
-    then names the problem). Training resolves it before validating, so config.yaml and checkpoints keep the count."""
-    if cfg.model.num_classes != 0 or not cfg.train_shards:
-        return cfg
-    try:
-        manifest = load_manifest(cfg.train_shards)
-    except (SchemaError, OSError):
-        return cfg
-    return cfg.replace(model=cfg.model.replace(num_classes=manifest.num_classes))
-
-
-def per_rank_batch(cfg: TrainConfig, world_size: int) -> int:
-    """Samples each rank feeds per forward/backward: the global batch over ranks and accumulation steps."""
-    problem = _batch_problem(cfg, world_size)
-    if problem:
-        raise ConfigError(problem)
-    return cfg.batch_size // (world_size * cfg.grad_accum)
-
-
-def validate(cfg: TrainConfig, world_size: int = 1, *, train: bool = True) -> TrainConfig:
-    """`cfg` if it can run on `world_size` processes, else ConfigError listing every problem and what to change.
-
-    Checks the values (`INT_LIMITS`, finite floats, ranges), that model and augmentation agree (crop
-    = img_size, audio frames), the model's tokens (`mbt.fits.token_problems`), and, for each shard folder given,
-    that its manifest exists and fits the model (`mbt.fits.split_problems`: frames, log-mel frames, mel bins,
-    classes), and that the training and evaluation splits have the same classes.
-    `train=False` (evaluation) leaves train_shards, out_dir and the --init_* files unchecked.
-    """
-    aug, model = cfg.augment, cfg.model
-    checks = [
-        (world_size >= 1, f"world size must be at least 1, got {world_size}"),
-        (cfg.optimizer in OPTIMIZERS, f"--optimizer {cfg.optimizer!r} is not one of {', '.join(OPTIMIZERS)}"),
-        (cfg.loader in LOADERS, f"--loader {cfg.loader!r} is not one of {', '.join(LOADERS)}"),
-        (cfg.device in DEVICES, f"--device {cfg.device!r} is not one of {', '.join(DEVICES)}"),
-        (
-            cfg.sdpa_backend in SDPA_BACKENDS,
-            f"--sdpa_backend {cfg.sdpa_backend!r} is not one of {', '.join(SDPA_BACKENDS)}",
-        ),
-        (cfg.lr > 0, f"--lr must be positive, got {cfg.lr}"),
-        (0 <= cfg.momentum < 1, f"--momentum must be in [0, 1), got {cfg.momentum}"),
-        (cfg.weight_decay >= 0, f"--weight_decay must be 0 or more, got {cfg.weight_decay}"),
-        (
-            0 <= cfg.warmup_epochs <= cfg.epochs,
-            f"--warmup_epochs must be in [0, epochs={cfg.epochs}], got {cfg.warmup_epochs}",
-        ),
-        (0 <= cfg.label_smoothing < 1, f"--label_smoothing must be in [0, 1), got {cfg.label_smoothing}"),
-        (
-            cfg.clip_grad_norm is None or cfg.clip_grad_norm >= 0,
-            f"--clip_grad_norm must be none, 0 (off) or positive, got {cfg.clip_grad_norm}",
-        ),
-        (0 < model.mlp_ratio <= 16, f"--model.mlp_ratio must be in (0, 16], got {model.mlp_ratio}"),
-        *(
-            (0 <= getattr(model, name) < 1, f"--model.{name} must be in [0, 1), got {getattr(model, name)}")
-            for name in ("drop_rate", "attn_drop_rate", "drop_path_rate")
-        ),
-        (0 <= aug.flip_prob <= 1, f"--augment.flip_prob must be in [0, 1], got {aug.flip_prob}"),
-        (
-            0 < aug.resize_scale[0] <= aug.resize_scale[1] <= 1,
-            f"--augment.resize_scale must be two area fractions 0 < low <= high <= 1, got {aug.resize_scale}",
-        ),
-        (
-            0 < aug.resize_ratio[0] <= aug.resize_ratio[1] <= 100,
-            f"--augment.resize_ratio must be two aspect ratios 0 < low <= high <= 100, got {aug.resize_ratio}",
-        ),
-        (aug.mixup_alpha >= 0, f"--augment.mixup_alpha must be 0 (off) or positive, got {aug.mixup_alpha}"),
-        (
-            aug.logmel_std is None or aug.logmel_std > 0,
-            f"--augment.logmel_std must be positive (log-mels are divided by it), got {aug.logmel_std}",
-        ),
-        (
-            aug.crop_px == model.img_size,
-            f"--augment.crop_px {aug.crop_px} differs from --model.img_size {model.img_size}: set both to one size",
-        ),
-        (
-            aug.eval_short_side_px >= aug.crop_px,
-            f"--augment.eval_short_side_px {aug.eval_short_side_px} is below --augment.crop_px {aug.crop_px}: "
-            "evaluation could not centre-crop; raise it",
-        ),
-        (
-            aug.audio_frames == model.audio_frames,
-            f"--augment.audio_frames {aug.audio_frames} differs from --model.audio_frames {model.audio_frames}: "
-            "set both to one length",
-        ),
-    ]
-    problems = value_problems(cfg, INT_LIMITS)
-    problems += [message for ok, message in checks if not ok]
-    if model.num_classes == 0 and not (train and cfg.train_shards):
-        problems.append("--model.num_classes is 0 (the training split's) but no training split is read: set it")
-    problems += token_problems(model)
-    if world_size >= 1 and cfg.batch_size >= 1 and cfg.grad_accum >= 1 and (batch := _batch_problem(cfg, world_size)):
-        problems.append(batch)
-    if train:
-        problems += _run_problems(cfg)
-    splits = [("eval_shards", cfg.eval_shards)]
-    if train:
-        splits.insert(0, ("train_shards", cfg.train_shards))
-    records = {}
-    for key, folder in splits:
-        if folder:
-            found, records[key] = split_problems(model, aug, key, folder)
-            problems += found
-    if records.get("train_shards") and records.get("eval_shards"):
-        names = f"--train_shards {cfg.train_shards}", f"--eval_shards {cfg.eval_shards}"
-        if difference := record_difference(records["train_shards"], records["eval_shards"], *names):
-            problems.append(
-                f"the training and evaluation splits have different classes: {difference}; evaluate on a split "
-                "sharded with the training split's class list"
-            )
-    if problems:
-        raise ConfigError("\n".join(problems))
-    return cfg
-
-
-def _run_problems(cfg: TrainConfig) -> list[str]:
-    """What keeps `cfg` from starting a training: no training split, no run folder, a missing --init_* file."""
-    problems = []
-    if not cfg.train_shards:
-        problems.append("--train_shards is empty: set it to a folder of training shards")
-    if not cfg.out_dir:
-        problems.append("--out_dir is empty: name the run's folder")
-    for key, path in (("init_video", cfg.init_video), ("init_audio", cfg.init_audio)):
-        if path is not None and not Path(path).is_file():
-            problems.append(f"--{key} {path}: no such file; give a local timm ViT checkpoint or none")
-    return problems
-
-
-def _batch_problem(cfg: TrainConfig, world_size: int) -> str | None:
-    divisor = world_size * cfg.grad_accum
-    if divisor < 1 or cfg.batch_size % divisor:
-        return (
-            f"global batch {cfg.batch_size} is not divisible by world size {world_size} × grad_accum "
-            f"{cfg.grad_accum} = {divisor}: change --batch_size or --grad_accum"
-        )
-    return None

@@ -34,14 +34,13 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
-from mbt.checkpoint import CheckpointFileError, TrainedModel, load_trained
+from mbt.checkpoint import CheckpointFileError, TrainedModel, build_model, load_trained
 from mbt.classes import ClassListError, class_record, record_difference
 from mbt.config import INT_LIMITS
 from mbt.dist import DistInfo, all_gather_objects, cleanup, init_distributed
 from mbt.embeddings import Embedding, forward_with_embeddings, mean_embedding, rows_as_numpy, write_embeddings
 from mbt.fits import fits
 from mbt.metrics import average_precision_per_class, compute_metrics
-from mbt.model import MBT
 from mbt.results import (
     CONFUSION_FILE,
     CONFUSION_PLOT,
@@ -52,7 +51,7 @@ from mbt.results import (
     write_results,
 )
 from pipelines import LOADERS, LoaderError, Split, build_loader, open_split
-from pipelines.config import AugmentConfig
+from pipelines.config import AugmentConfig, records_logmel_norm
 from shards.manifest import Manifest
 
 Predictions = dict[str, tuple[np.ndarray, np.ndarray]]  # key → (clip-averaged logits (C,), label (C,) or ())
@@ -235,8 +234,7 @@ def check_inputs(trained: TrainedModel, manifest: Manifest, shards: str | Path, 
     except ClassListError as err:
         raise EvaluationError(str(err)) from None
     problems = []
-    augment = trained.augment
-    if "audio" in trained.model.modalities and (augment.logmel_mean is None or augment.logmel_std is None):
+    if "audio" in trained.model.modalities and not records_logmel_norm(trained.augment):
         log.warning(
             "warning: %s records no log-mel normalization (an older checkpoint): %s is normalized with its own "
             "manifest's statistics, not the training split's",
@@ -284,11 +282,7 @@ def run(args: argparse.Namespace) -> int:
     split = open_split(args.shards)
     manifest = split.manifest
     check_inputs(trained, manifest, args.shards, args.checkpoint)
-    model = MBT(trained.model)
-    try:
-        model.load_state_dict(trained.state)
-    except RuntimeError as err:
-        raise EvaluationError(f"{args.checkpoint}: the weights do not fit its model config: {err}") from None
+    model = build_model(trained, args.checkpoint)
     info = init_distributed()
     model.to(info.device)
     metrics = evaluate_split(

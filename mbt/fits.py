@@ -1,23 +1,18 @@
-"""Whether a model fits its inputs: the split it reads (`fits`: frames per clip, log-mel frames, mel bins, classes)
-and its own input sizes (`token_problems`). Training's `mbt.config.validate` and `mbt.evaluate` ask the same
-questions here, so that a split refused by one is refused by the other with the same words.
+"""The data's rules: whether a model reads the splits it is given (`fits`: frames per clip, log-mel frames, mel
+bins, classes) and whether a run's training and evaluation splits agree (`data_problems`). Training's validation
+(`mbt.validate`) and `mbt.evaluate` ask the same questions here, so that a split refused by one is refused by the
+other with the same words.
 """
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Any
 
-from mbt.classes import ClassListError, class_record
+from mbt.classes import ClassListError, class_record, record_difference
 from mbt.model import MBTConfig
-from pipelines import LoaderError
+from mbt.splits import RunSplits
 from pipelines.config import AugmentConfig, frames_fed, frames_problem
-from pipelines.sources import is_plain_path, split_manifest
-from shards.layout import legacy_hint
 from shards.manifest import Manifest
-from shards.schema import MANIFEST_NAME
-
-MAX_TOKENS = 16_384  # per tower: attention's memory grows with its square (MBT-B/16: 1568 video, 400 audio tokens)
 
 
 def fits(model: MBTConfig, augment: AugmentConfig, manifest: Manifest, where: str = "the shards") -> list[str]:
@@ -60,46 +55,28 @@ def fits(model: MBTConfig, augment: AugmentConfig, manifest: Manifest, where: st
     return problems
 
 
-def split_problems(
-    model: MBTConfig, augment: AugmentConfig, key: str, source: str
-) -> tuple[list[str], dict[str, Any] | None]:
-    """What keeps `model` from reading the split `source` (given as --key): its manifest is missing or cannot be
-    read, or `fits` finds problems; with the split's class record (None when it cannot be read). Reads the manifest
-    only, not the shards."""
-    if is_plain_path(source) and not (Path(source) / MANIFEST_NAME).is_file():
-        return [
-            f"--{key} {source}: no {MANIFEST_NAME} there; shard the split first (tools/shard_audioset.py or "
-            f"tools/shard_vggsound.py; `make demo-shards` makes the demo's) or point --{key} at a sharded split"
-            + legacy_hint(source)
-        ], None
-    try:
-        manifest = split_manifest(source)
-        record = class_record(manifest, f"--{key} {source}")
-    except LoaderError as err:
-        return [f"--{key}: {err}"], None
-    except ClassListError as err:
-        return [str(err)], None
-    return fits(model, augment, manifest, f"the shards in {source}"), record
-
-
-def token_problems(model: MBTConfig) -> list[str]:
-    """Patches that do not fit their input, or towers of more than MAX_TOKENS tokens."""
-    if model.patch_size < 1 or model.audio_patch_stride < 1:  # reported by the config's bounds
-        return []
-    if model.patch_size > min(model.img_size, model.audio_frames, model.num_mel_bins):
-        return [
-            f"--model.patch_size {model.patch_size} is larger than --model.img_size {model.img_size}, "
-            f"--model.audio_frames {model.audio_frames} or --model.num_mel_bins {model.num_mel_bins}: lower it"
-        ]
-    tokens = {
-        "video": model.num_frames
-        // (model.tubelet_frames if model.video_embed == "tubelet" else 1)
-        * (model.img_size // model.patch_size) ** 2,
-        "audio": model.audio_grid[0] * model.audio_grid[1],
-    }
-    return [
-        f"the {modality} tower would have {tokens[modality]} tokens, more than {MAX_TOKENS}: raise "
-        "--model.patch_size (or --model.audio_patch_stride) or lower the input size"
-        for modality in model.modalities
-        if tokens[modality] > MAX_TOKENS
-    ]
+def data_problems(model: MBTConfig, augment: AugmentConfig, splits: RunSplits) -> list[str]:
+    """What keeps `model`, fed by the loaders with `augment`, from reading the run's `splits` (training's first): a
+    split given that could not be opened (`splits.problems`), a class list that cannot be read, a split that does
+    not `fit`, and training and evaluation splits of different classes. Reads the opened splits' manifests only."""
+    problems: list[str] = []
+    records: dict[str, dict[str, Any]] = {}
+    for key, source in splits.sources.items():
+        split = splits.opened.get(key)
+        if split is None:
+            problems.append(splits.problems[key])
+            continue
+        try:
+            records[key] = class_record(split.manifest, f"--{key} {source}")
+        except ClassListError as err:
+            problems.append(str(err))
+            continue
+        problems += fits(model, augment, split.manifest, f"the shards in {source}")
+    if {"train_shards", "eval_shards"} <= records.keys():
+        names = (f"--{key} {splits.sources[key]}" for key in ("train_shards", "eval_shards"))
+        if difference := record_difference(records["train_shards"], records["eval_shards"], *names):
+            problems.append(
+                f"the training and evaluation splits have different classes: {difference}; evaluate on a split "
+                "sharded with the training split's class list"
+            )
+    return problems

@@ -23,6 +23,8 @@ from mbt.checkpoint import RESUME_ADVICE, CheckpointFileError, check_resume_stat
 from mbt.classes import ClassListError, checked_record, record_difference
 from mbt.config import ConfigError, TrainConfig, config_from_dict, config_to_dict
 from mbt.dist import DistInfo, broadcast_object
+from pipelines.config import records_logmel_norm, with_logmel_norm
+from shards.manifest import LogmelStats
 
 LOCK_NAME = "train.lock"
 RESUMABLE = frozenset(
@@ -78,12 +80,18 @@ def config_changes(old: TrainConfig, new: TrainConfig) -> list[str]:
 
 
 def check_resume(
-    state: Mapping[str, Any], path: Path, cfg: TrainConfig, record: Mapping[str, Any], world_size: int
+    state: Mapping[str, Any],
+    path: Path,
+    cfg: TrainConfig,
+    record: Mapping[str, Any],
+    stats: LogmelStats,
+    world_size: int,
 ) -> list[str]:
     """Raise unless the checkpoint `state` (read from `path`) can resume the training of `cfg` on the split whose
-    class record is `record`: CheckpointFileError if it is not a whole training checkpoint, ConfigError listing
-    the settings (old → new) or the classes that differ. Returns warnings: no class record or log-mel normalization
-    (an older checkpoint: `cfg`'s, resolved from the training split, is taken), another number of ranks."""
+    class record is `record` and log-mel statistics `stats`: CheckpointFileError if it is not a whole training
+    checkpoint, ConfigError listing the settings (old → new) or the classes that differ. Returns warnings: no class
+    record or log-mel normalization (an older checkpoint, which normalized by `pipelines.config.logmel_norm` with the
+    training split's statistics), another number of ranks."""
     check_resume_state(state, path)
     run_dir = path.parent.parent
     try:
@@ -91,15 +99,13 @@ def check_resume(
     except ConfigError as err:
         raise ConfigError(f"{path}: its config does not fit this version ({err}); pass a new --out_dir") from None
     warnings = []
-    if saved.augment.logmel_mean is None or saved.augment.logmel_std is None:
+    if not records_logmel_norm(saved.augment):
         augment = cfg.augment
         warnings.append(
             f"{path} records no log-mel normalization (an older checkpoint; it normalized with the training split's "
             f"statistics): this run records the training split's, mean {augment.logmel_mean} std {augment.logmel_std}"
         )
-        saved = saved.replace(
-            augment=saved.augment.replace(logmel_mean=augment.logmel_mean, logmel_std=augment.logmel_std)
-        )
+        saved = saved.replace(augment=with_logmel_norm(saved.augment, stats))
     problems = config_changes(saved, cfg)
     if "data" not in state:
         warnings.append(f"{path} records no class list (an older checkpoint): the training split's is not checked")

@@ -28,9 +28,10 @@ from typing import Any
 import numpy as np
 import torch
 
-from mbt.config import ConfigError, TrainConfig, config_to_dict, validate
+from mbt.config import ConfigError, TrainConfig, config_to_dict
 from mbt.flax_msgpack import FlaxMsgpackError, read_flax_msgpack
 from mbt.model import MBT, MBTConfig
+from mbt.validate import validate
 from pipelines.config import AugmentConfig
 
 # Where scenic's layouts keep the parameter tree: variables, optax TrainState, flax.optim TrainState, bare tree.

@@ -32,25 +32,18 @@ from mbt.checkpoint import (
     save_checkpoint,
 )
 from mbt.classes import ClassListError, class_record
-from mbt.config import (
-    ConfigError,
-    TrainConfig,
-    config_to_dict,
-    load_config,
-    per_rank_batch,
-    save_config,
-    validate,
-    with_logmel_norm,
-    with_split_classes,
-)
+from mbt.config import ConfigError, TrainConfig, config_to_dict, load_config, save_config
 from mbt.dist import DistInfo, all_gather_objects, barrier, cleanup, init_distributed
 from mbt.evaluate import EvaluationError, evaluate_split
 from mbt.model import MBT
 from mbt.pretrained import CheckpointError, init_from_vit
 from mbt.run_dir import RunDirError, check_resume, locked_run_dir, restore
 from mbt.run_log import RunLog, plot_curves
+from mbt.splits import RunSplits, open_run_splits, with_split_classes
 from mbt.step import NonFiniteLoss, TrainStep
-from pipelines import LoaderError, Split, build_loader, open_split
+from mbt.validate import per_rank_batch, validate
+from pipelines import LoaderError, Split, build_loader
+from pipelines.config import with_logmel_norm
 
 
 class TrainingError(RuntimeError):
@@ -76,18 +69,28 @@ def init_towers(model: MBT, cfg: TrainConfig) -> list[str]:
     return loaded
 
 
-def train(cfg: TrainConfig, dist: DistInfo) -> dict[str, Any]:
-    """Run (or resume) the training of `cfg` on this process; returns the last evaluation's metrics on rank 0.
+def prepare_run(cfg: TrainConfig, world_size: int) -> tuple[TrainConfig, RunSplits]:
+    """The config a training of `cfg` on `world_size` processes runs, and its splits, each opened once
+    (`mbt.splits.open_run_splits`): the head sized by the training split where `cfg` leaves it to the data
+    (`with_split_classes`), then validated against the splits; ConfigError listing every problem."""
+    splits = open_run_splits(cfg)
+    return validate(with_split_classes(cfg, splits), world_size, splits=splits), splits
+
+
+def train(cfg: TrainConfig, dist: DistInfo, splits: RunSplits) -> dict[str, Any]:
+    """Run (or resume) the training of `cfg` on this process over its `splits` (as `prepare_run` opened and
+    validated them); returns the last evaluation's metrics on rank 0.
 
     Before anything is written to the run directory it is locked, and its latest checkpoint, if any, must be a whole
     training checkpoint of the same settings and classes (`mbt.run_dir.check_resume`) whose every part loads into
     this run's model, optimizer, schedule and loader; then config.yaml is written. The log-mel normalization left
-    unset is the training split's (`mbt.config.with_logmel_norm`) for every loader of the run, evaluation included.
+    unset is the training split's (`pipelines.config.with_logmel_norm`) for every loader of the run, evaluation
+    included.
     """
-    run_dir = Path(cfg.out_dir)
-    split = open_split(cfg.train_shards)
-    cfg = with_logmel_norm(cfg, split.manifest.logmel)
-    eval_split = open_split(cfg.eval_shards) if cfg.eval_shards else None  # once per run, for every evaluation
+    run_dir, split, eval_split = Path(cfg.out_dir), splits.train, splits.eval
+    if split is None:  # prepare_run's validation refuses such a run; a caller that skipped it is told why
+        raise ConfigError("\n".join(splits.problems.values()) or "--train_shards is empty: set it")
+    cfg = cfg.replace(augment=with_logmel_norm(cfg.augment, split.manifest.logmel))
     record = class_record(split.manifest, f"--train_shards {cfg.train_shards}")
     with locked_run_dir(run_dir, dist):
         resume, state = latest_checkpoint(run_dir), None
@@ -96,7 +99,7 @@ def train(cfg: TrainConfig, dist: DistInfo) -> dict[str, Any]:
                 state = load_checkpoint(resume)
             except CheckpointFileError as err:
                 raise CheckpointFileError(f"{err}; {RESUME_ADVICE}") from None
-            for warning in check_resume(state, resume, cfg, record, dist.world_size):
+            for warning in check_resume(state, resume, cfg, record, split.manifest.logmel, dist.world_size):
                 if dist.is_main:
                     print(f"warning: {warning}", file=sys.stderr)
         return _train(cfg, dist, (split, eval_split), record, state, resume)
@@ -230,8 +233,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {err}", file=sys.stderr)
         return 2
     try:
-        cfg = validate(with_split_classes(cfg), dist.world_size)
-        metrics = train(cfg, dist)
+        cfg, splits = prepare_run(cfg, dist.world_size)
+        metrics = train(cfg, dist, splits)
         if dist.is_main:
             print(json.dumps({"out_dir": cfg.out_dir, **metrics}))
         return 0

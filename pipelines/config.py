@@ -76,11 +76,26 @@ class AugmentConfig:
 
 
 def logmel_norm(augment: AugmentConfig, stats: LogmelStats) -> tuple[float, float]:
-    """(mean, std) the loaders normalize log-mels with: the model's (`augment.logmel_mean/std`), else the split's
-    statistics `stats` (its manifest's)."""
-    if augment.logmel_mean is None or augment.logmel_std is None:
-        return stats.mean, stats.std
-    return augment.logmel_mean, augment.logmel_std
+    """(mean, std) log-mels are normalized with: the model's (`augment.logmel_mean`, `augment.logmel_std`), each
+    where it is set, else the split's statistics `stats` (its manifest's). The one normalization rule: training
+    writes its answer for the training split into the config (`with_logmel_norm`), the loaders normalize by it, and
+    a checkpoint that records no normalization (`records_logmel_norm`) is evaluated and served by it."""
+    mean = stats.mean if augment.logmel_mean is None else augment.logmel_mean
+    std = stats.std if augment.logmel_std is None else augment.logmel_std
+    return mean, std
+
+
+def with_logmel_norm(augment: AugmentConfig, stats: LogmelStats) -> AugmentConfig:
+    """`augment` with the normalization `logmel_norm` gives for the split of statistics `stats` written in: both
+    fields set, so that config.yaml, checkpoints and exports keep the model's normalization."""
+    mean, std = logmel_norm(augment, stats)
+    return augment.replace(logmel_mean=mean, logmel_std=std)
+
+
+def records_logmel_norm(augment: AugmentConfig) -> bool:
+    """Whether `augment` holds the model's whole log-mel normalization, so that no split's statistics are asked for
+    (the config of an older checkpoint does not)."""
+    return augment.logmel_mean is not None and augment.logmel_std is not None
 
 
 def frames_fed(augment: AugmentConfig, stored: int) -> int:

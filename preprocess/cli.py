@@ -13,7 +13,7 @@ from preprocess.datasets import DatasetError
 from preprocess.ffmpeg_run import ToolMissingError
 from preprocess.job import JobSpec, JobSummary, run_job
 from preprocess.job_state import JobError
-from shards.schema import FeatureParams, SchemaError
+from shards.schema import MAX_FRAMES, FeatureParams, SchemaError
 
 EXIT_INPUT_ERROR = 1
 MAX_SHORT_SIDE_PX = 4096
@@ -108,7 +108,12 @@ def check_options(args: argparse.Namespace) -> None:
             math.isfinite(args.segment_seconds) and 0.01 <= args.segment_seconds <= MAX_SEGMENT_S,
             f"in [0.01, {MAX_SEGMENT_S:g}] seconds (at least one 10 ms log-mel hop)",
         ),
-        ("--frames", num_frames(args), 1 <= num_frames(args) <= 99, "in 1..99 (--fps × --segment-seconds)"),
+        (
+            "--frames",
+            num_frames(args),
+            1 <= num_frames(args) <= MAX_FRAMES,
+            f"in 1..{MAX_FRAMES} (--fps × --segment-seconds)",
+        ),
         ("--shard-size", args.shard_size, 1 <= args.shard_size <= MAX_SHARD_SIZE, f"in 1..{MAX_SHARD_SIZE}"),
         ("--workers", args.workers, args.workers is None or 1 <= args.workers <= MAX_WORKERS, f"in 1..{MAX_WORKERS}"),
         ("--limit", args.limit, args.limit is None or args.limit >= 1, "at least 1"),

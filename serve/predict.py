@@ -16,7 +16,6 @@ from __future__ import annotations
 import dataclasses
 import json
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -30,8 +29,9 @@ from pipelines.torch_datasets import collate
 from pipelines.transforms import SampleBuilder, normalize_video
 from preprocess.clip import ClipTask, process_clip
 from preprocess.datasets import ClipRow
-from serve.export import Preprocessing
-from shards.schema import META_EXT, FeatureParams, SchemaError
+from serve.load import Preprocessing
+from serve.segments import Segment
+from shards.schema import MAX_FRAMES, META_EXT, FeatureParams, SchemaError
 
 CLIP_KEY = "clip"  # the key each window's sample is built under
 PROGRESS_MIN_WINDOWS = 4  # a progress bar for inputs of at least this many windows
@@ -40,16 +40,6 @@ PROGRESS_MIN_WINDOWS = 4  # a progress bar for inputs of at least this many wind
 class InputError(RuntimeError):
     """A video cannot be predicted (missing, not a video, no audio stream, shorter than one window); the message
     names the file."""
-
-
-@dataclass(frozen=True)
-class Segment:
-    """What to predict: the file `path` from `start_s` to `end_s` (None: its end), called `name` in results."""
-
-    path: Path
-    name: str
-    start_s: float = 0.0
-    end_s: float | None = None
 
 
 @dataclass
@@ -68,7 +58,7 @@ def window_features(features: FeatureParams, window_s: float | None) -> FeatureP
     if window_s is None or window_s == features.segment_s:
         return features
     num_frames = round(window_s * features.frames_per_s)
-    if not 1 <= num_frames <= 99 or window_s <= 0:
+    if not 1 <= num_frames <= MAX_FRAMES or window_s <= 0:
         raise ValueError(f"--window-s {window_s:g} holds {num_frames} frames at {features.frames_per_s:g} per second")
     return dataclasses.replace(features, segment_s=float(window_s), num_frames=num_frames).validate()
 
@@ -180,15 +170,3 @@ class Predictor:
             logits.append(np.stack([out_np[w * clips + c] for c in range(clips)]).mean(axis=0))
             if embed:
                 pooled.append(mean_embedding(rows_embedded[w * clips : (w + 1) * clips]))
-
-
-def probabilities(logits: np.ndarray, multi_label: bool) -> np.ndarray:
-    """Class probabilities of logits (..., C): sigmoid for multi-label models, softmax for single-label ones."""
-    scores = torch.from_numpy(np.asarray(logits, dtype=np.float64))
-    return (torch.sigmoid(scores) if multi_label else torch.softmax(scores, dim=-1)).numpy()
-
-
-def top_classes(probs: np.ndarray, names: list[str], k: int) -> list[tuple[str, float]]:
-    """The `k` most probable (name, probability) of probs (C,), most probable first (ties by class index)."""
-    order = np.argsort(-probs, kind="stable")[:k]
-    return [(names[i], float(probs[i])) for i in order]

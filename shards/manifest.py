@@ -19,10 +19,10 @@ from shards.atomic import write_bytes_atomic
 from shards.schema import (
     INDEX_SUFFIX,
     MANIFEST_NAME,
-    READABLE_SCHEMA_VERSIONS,
     SCHEMA_VERSION,
     FeatureParams,
     SchemaError,
+    check_schema_version,
     finite,
     is_int,
 )
@@ -182,13 +182,10 @@ def parse_manifest(text: str | bytes, where: str) -> Manifest:
         raise SchemaError(f"{where}: not valid JSON ({err}); re-run the shard job to rewrite it") from err
     if not isinstance(data, dict):
         raise SchemaError(f"{where}: not a manifest (a JSON {type(data).__name__}); re-run the shard job to rewrite it")
-    version = data.get("schema_version")
-    if version not in READABLE_SCHEMA_VERSIONS:
-        raise SchemaError(
-            f"{where}: schema version {version!r:.40}, this code reads versions "
-            f"{', '.join(map(str, READABLE_SCHEMA_VERSIONS))}; "
-            "re-shard the split with this version of tools/shard_*.py"
-        )
+    try:
+        version = check_schema_version(data.get("schema_version"), where)
+    except SchemaError as err:
+        raise SchemaError(f"{err}; re-shard the split with this version of tools/shard_*.py") from None
     try:
         shards, classes, failures = data["shards"], data["classes"], data["failures"]
         if not isinstance(shards, list) or len(shards) > MAX_SHARDS:

@@ -32,6 +32,9 @@ import numpy as np
 # then a little early).
 SCHEMA_VERSION = 2
 READABLE_SCHEMA_VERSIONS = (1, 2)
+# Frames per clip are 1..MAX_FRAMES wherever they are counted (the shard job's options, feature parameters, the model
+# and the loaders' settings, a prediction window): member names frame00.jpg … frame98.jpg keep two digits.
+MAX_FRAMES = 99
 
 LOGMEL_EXT = "logmel.f16"
 LABELS_EXT = "labels.i32"
@@ -48,6 +51,16 @@ _KEY_RE = re.compile(r"^[A-Za-z0-9_\-]+$")
 
 class SchemaError(ValueError):
     """A shard, sample or manifest does not follow this schema; the message names the file/key."""
+
+
+def check_schema_version(version: object, where: str) -> int:
+    """`version` when this code reads shards of that schema version (READABLE_SCHEMA_VERSIONS); otherwise SchemaError
+    '`where`: schema version V, this code reads versions 1, 2'. The one check of every record of a schema version:
+    a manifest, a checkpoint's features, an export's config."""
+    if not is_int(version) or version not in READABLE_SCHEMA_VERSIONS:
+        readable = ", ".join(map(str, READABLE_SCHEMA_VERSIONS))
+        raise SchemaError(f"{where}: schema version {version!r:.40}, this code reads versions {readable}")
+    return version
 
 
 def is_int(value: object) -> bool:
@@ -121,8 +134,8 @@ class FeatureParams:
         """`self` if every value can be produced and read (bounded sizes); SchemaError naming the field otherwise."""
         checks = [
             (
-                is_int(self.num_frames) and 1 <= self.num_frames <= 99,
-                f"num_frames must be in 1..99, got {self.num_frames}",
+                is_int(self.num_frames) and 1 <= self.num_frames <= MAX_FRAMES,
+                f"num_frames must be in 1..{MAX_FRAMES}, got {self.num_frames}",
             ),
             (
                 is_int(self.short_side_px) and 16 <= self.short_side_px <= 4096 and self.short_side_px % 2 == 0,

@@ -14,7 +14,8 @@ import sys
 from pathlib import Path
 
 from mbt.checkpoint import CheckpointFileError
-from serve.export import CONFIG_FILE, WEIGHTS_FILE, export_model
+from serve.export import export_model
+from serve.load import CONFIG_FILE, WEIGHTS_FILE
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -24,9 +24,10 @@ from mbt.embeddings import write_embeddings
 from mbt.plots import plot_timeline
 from preprocess.datasets import DatasetError
 from preprocess.ffmpeg_run import ToolMissingError, require_ffmpeg
-from serve.export import ExportError, load_model
-from serve.predict import InputError, Predictor, probabilities
-from serve.predict_io import gather_segments, record, timeline_path, top_lines, write_timeline_csv
+from serve.load import ExportError, load_model
+from serve.outputs import probabilities, record, timeline_path, top_lines, write_timeline_csv
+from serve.predict import InputError, Predictor
+from serve.segments import gather_segments
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:

@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
+from placeholder_split import write_placeholder_split
 
 from mbt.config import (
     PRESETS,
@@ -17,36 +18,30 @@ from mbt.config import (
     config_from_dict,
     config_to_dict,
     load_config,
-    per_rank_batch,
     preset,
     save_config,
-    validate,
-    with_logmel_norm,
-    with_split_classes,
 )
 from mbt.model import MBTConfig
+from mbt.splits import open_run_splits, with_split_classes
+from mbt.train import prepare_run
+from mbt.validate import per_rank_batch, validate
 from pipelines.config import AugmentConfig
-from shards.manifest import LogmelStats, Manifest, load_manifest
+from shards.manifest import load_manifest
 from shards.schema import FeatureParams
 
 
 def write_manifest(
-    folder: Path, num_frames: int = 8, segment_s: float = 10.0, num_classes: int = 8, num_mel_bins: int = 128
+    folder: Path,
+    num_frames: int = 8,
+    segment_s: float = 10.0,
+    num_classes: int = 8,
+    num_mel_bins: int = 128,
+    shards: int = 1,
 ) -> Path:
-    """A minimal manifest.json (no shards) in `folder`: what validate reads."""
-    folder.mkdir(parents=True, exist_ok=True)
-    Manifest(
-        dataset="audioset",
-        split="train",
-        features=FeatureParams(num_frames=num_frames, segment_s=segment_s, num_mel_bins=num_mel_bins),
-        classes=[{"index": i, "id": f"/m/{i}", "name": f"class {i}"} for i in range(num_classes)],
-        multi_label=True,
-        shards=[],
-        logmel=LogmelStats(),
-        failures=[],
-        job={},
-    ).write(folder)
-    return folder
+    """A split of these features and classes that opens, of placeholder samples: what validate reads."""
+    features = FeatureParams(num_frames=num_frames, segment_s=segment_s, num_mel_bins=num_mel_bins)
+    classes = [{"index": i, "id": f"/m/{i}", "name": f"class {i}"} for i in range(num_classes)]
+    return write_placeholder_split(folder, features, classes, shards=shards)
 
 
 # A small CPU config of fixed sizes (the demo preset of an earlier version): the validation tests do not move when
@@ -129,7 +124,7 @@ def test_every_preset_validates_against_matching_manifests(tmp_path: Path) -> No
         classes = cfg.model.num_classes or 5  # custom: 0, the training split's
         train = write_manifest(tmp_path / name / "train", num_classes=classes)
         test = write_manifest(tmp_path / name / "eval", num_classes=classes)
-        cfg = with_split_classes(cfg.replace(train_shards=str(train), eval_shards=str(test)))
+        cfg, _ = prepare_run(cfg.replace(train_shards=str(train), eval_shards=str(test)), world_size=1)
         assert cfg.model.num_classes == classes
         assert validate(cfg) is cfg
 
@@ -137,12 +132,29 @@ def test_every_preset_validates_against_matching_manifests(tmp_path: Path) -> No
 def test_the_custom_preset_takes_the_number_of_classes_of_the_training_split(tmp_path: Path) -> None:
     cfg = load_config(["--preset", "custom", "--train_shards", str(write_manifest(tmp_path / "t", num_classes=7))])
     assert cfg.model.num_classes == 0 and cfg.model.embed_dim == 768 and cfg.lr == 0.5  # MBT-B and its recipe
-    assert with_split_classes(cfg).model.num_classes == 7
-    assert with_split_classes(cfg.replace(model=cfg.model.replace(num_classes=3))).model.num_classes == 3  # given
+    splits = open_run_splits(cfg)
+    assert with_split_classes(cfg, splits).model.num_classes == 7
+    given = cfg.replace(model=cfg.model.replace(num_classes=3))
+    assert with_split_classes(given, splits).model.num_classes == 3
     unread = cfg.replace(train_shards=str(tmp_path / "missing"))
-    assert with_split_classes(unread) is unread  # validate names the missing split
+    unopened = open_run_splits(unread)
+    assert with_split_classes(unread, unopened) is unread  # validate names the missing split
+    assert "no manifest.json there" in unopened.problems["train_shards"]
     with pytest.raises(ConfigError, match="no training split is read"):
         validate(cfg.replace(model=cfg.model.replace(num_classes=0), train_shards=""), train=False)
+
+
+@pytest.mark.parametrize("streamed", [False, True], ids=["brace-pattern", "streamed"])
+def test_the_custom_preset_takes_the_classes_of_a_patterned_or_streamed_training_split(
+    tmp_path: Path, streamed: bool
+) -> None:
+    """The training split is opened once, however it is given, and its classes size the head before validation."""
+    folder = write_manifest(tmp_path / "t", num_frames=20, num_classes=7, shards=2)
+    source = f"pipe:cat {folder}/manifest.json" if streamed else f"{folder}/shard-{{000000..000001}}.tar"
+    cfg = load_config(["--preset", "custom", "--train_shards", source, "--eval_shards", ""])
+    resolved, splits = prepare_run(cfg, world_size=1)
+    assert resolved.model.num_classes == 7 and len(splits.train) == 2 and splits.eval is None
+    assert resolved == cfg.replace(model=cfg.model.replace(num_classes=7))
 
 
 def test_unknown_preset_lists_the_names() -> None:
@@ -533,12 +545,7 @@ def test_real_demo_shards(train_shards: Path) -> None:
 
 
 def test_streamed_and_patterned_splits_are_checked_against_the_model(demo_cfg: TrainConfig, tmp_path: Path) -> None:
-    other = write_manifest(tmp_path / "other", num_classes=10)
-    data = json.loads((other / "manifest.json").read_text())
-    data["shards"] = [
-        {"name": f"shard-00000{i}.tar", "num_samples": 1, "bytes": 1024, "sha256": "0" * 64} for i in range(2)
-    ]
-    (other / "manifest.json").write_text(json.dumps(data))  # validation reads the manifest, not the shards
+    other = write_manifest(tmp_path / "other", num_classes=10, shards=2)
     for source in (f"pipe:cat {other}/manifest.json", f"{other}/shard-{{000000..000001}}.tar"):
         with pytest.raises(ConfigError, match=r"--model.num_classes 8, but the shards in .* have 10 classes"):
             validate(demo_cfg.replace(train_shards=source))
@@ -546,12 +553,3 @@ def test_streamed_and_patterned_splits_are_checked_against_the_model(demo_cfg: T
         validate(demo_cfg.replace(eval_shards="pipe:cat /nowhere/manifest.json"))
     with pytest.raises(ConfigError, match=r"--shuffle_buffer must be in 1\.\.65536"):
         validate(demo_cfg.replace(shuffle_buffer=0))
-
-
-def test_logmel_normalization_left_unset_is_the_training_splits() -> None:
-    stats = LogmelStats(count=4, total=-8.0, total_sq=32.0)  # mean -2, std 2
-    cfg = preset("demo")
-    assert with_logmel_norm(cfg, stats).augment == cfg.augment.replace(logmel_mean=-2.0, logmel_std=2.0)
-    given = cfg.replace(augment=cfg.augment.replace(logmel_mean=1.5))
-    resolved = with_logmel_norm(given, stats).augment
-    assert (resolved.logmel_mean, resolved.logmel_std) == (1.5, 2.0)  # the value given is kept

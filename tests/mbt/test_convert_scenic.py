@@ -15,7 +15,7 @@ import torch
 from conftest import load_tool
 
 from mbt import flax_msgpack
-from mbt.checkpoint import load_trained
+from mbt.checkpoint import build_model, load_trained
 from mbt.flax_msgpack import read_flax_msgpack
 from mbt.model import MBT
 from mbt.scenic import ScenicCheckpointError, ScenicOptions, convert
@@ -45,10 +45,7 @@ def scenic_tree() -> dict:
 
 
 def model_of(checkpoint: Path) -> MBT:
-    trained = load_trained(checkpoint)  # what mbt.evaluate reads
-    model = MBT(trained.model).eval()
-    model.load_state_dict(trained.state)
-    return model
+    return build_model(load_trained(checkpoint), checkpoint).eval()  # what mbt.evaluate reads
 
 
 def scenic_inputs() -> tuple[dict[str, np.ndarray], torch.Tensor, torch.Tensor]:

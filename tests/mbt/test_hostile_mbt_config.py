@@ -10,25 +10,21 @@ from pathlib import Path
 
 import pytest
 import yaml
+from placeholder_split import write_placeholder_split
 from test_config import BASE
 
 import mbt.config
 import mbt.config_io
-from mbt.config import ConfigError, TrainConfig, load_config, validate
+from mbt.config import ConfigError, TrainConfig, load_config
 from mbt.train import main
-from shards.manifest import LogmelStats, Manifest
-from shards.schema import FeatureParams
+from mbt.validate import validate
+from shards.schema import MAX_FRAMES, FeatureParams
 
 
 def write_split(folder: Path, names: list[str], multi_label: bool = True) -> Path:
-    """A manifest.json (no shards) of classes `names`, shaped like the demo preset's shards."""
-    folder.mkdir(parents=True, exist_ok=True)
-    Manifest(
-        dataset="audioset", split=folder.name, features=FeatureParams(),
-        classes=[{"index": i, "id": f"/m/{name}", "name": name} for i, name in enumerate(names)],
-        multi_label=multi_label, shards=[], logmel=LogmelStats(), failures=[], job={},
-    ).write(folder)  # fmt: skip
-    return folder
+    """A split of classes `names` that opens, of placeholder samples, shaped like the demo preset's shards."""
+    classes = [{"index": i, "id": f"/m/{name}", "name": name} for i, name in enumerate(names)]
+    return write_placeholder_split(folder, FeatureParams(), classes, multi_label)
 
 
 CLASSES = [f"class {i}" for i in range(8)]
@@ -243,6 +239,13 @@ def test_main_refuses_before_any_work(
     err = capsys.readouterr().err
     assert err.startswith(f"error: --config {path}: ") and "Traceback" not in err
     assert not Path(cfg.out_dir).exists()
+
+
+def test_frames_settings_are_bounded_by_the_shard_schema() -> None:
+    for key in ("model.num_frames", "model.tubelet_frames", "augment.frames_used"):
+        assert mbt.config.INT_LIMITS[key][:2] == (1, MAX_FRAMES)
+    with pytest.raises(ConfigError, match=rf"--model.num_frames must be in 1\.\.{MAX_FRAMES} .*got {MAX_FRAMES + 1}"):
+        load_config(["--model.num_frames", str(MAX_FRAMES + 1)])
 
 
 def test_every_limit_names_a_field() -> None:

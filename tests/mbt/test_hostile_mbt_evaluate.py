@@ -190,6 +190,16 @@ def test_checkpoints_of_bad_contents_are_refused_before_building_the_model(
     assert not (tmp_path / "out").exists()
 
 
+def test_weights_of_another_model_are_one_error_line(
+    eval_shards: Path, tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    """The model is rebuilt from a checkpoint by `mbt.checkpoint.build_model`, here as in serve: the same words."""
+    checkpoint = save_checkpoint(tmp_path / "ckpt.pt", eval_shards, model=MBT(TINY.replace(depth=1)).state_dict())
+    line = error_line(cli_args(checkpoint, eval_shards, tmp_path / "out"), capsys)
+    assert line.startswith(f"mbt.evaluate: error: {checkpoint}: the weights do not fit its model config: ")
+    assert "towers.video.blocks.1" in line and not (tmp_path / "out").exists()
+
+
 @pytest.mark.parametrize(("flag", "value"), [("--batch-size", str(10**9)), ("--num-workers", "100000")])
 def test_cli_bounds_batch_size_and_workers(
     eval_shards: Path, tmp_path: Path, capsys: pytest.CaptureFixture, flag: str, value: str

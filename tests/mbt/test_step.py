@@ -105,7 +105,8 @@ def test_the_step_runs_attention_under_the_configured_backend(backend, monkeypat
 
 
 def test_an_unknown_sdpa_backend_is_refused():
-    from mbt.config import ConfigError, validate
+    from mbt.config import ConfigError
+    from mbt.validate import validate
 
     with pytest.raises(ConfigError, match="--sdpa_backend 'fast' is not one of auto, flash, cudnn"):
         validate(TrainConfig(sdpa_backend="fast", train_shards="", eval_shards=""), train=False)

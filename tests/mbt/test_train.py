@@ -21,9 +21,10 @@ import yaml
 from test_evaluate import raw_evaluation_audio, record_evaluation_audio, split_with_other_statistics
 
 from mbt.checkpoint import checkpoint_path, latest_checkpoint, list_checkpoints, load_checkpoint
-from mbt.config import ConfigError, TrainConfig, config_from_dict, load_config, validate
+from mbt.config import ConfigError, TrainConfig, config_from_dict, load_config
 from mbt.evaluate import main as evaluate_main
 from mbt.train import main
+from mbt.validate import validate
 from shards.manifest import load_manifest
 
 REPO = Path(__file__).resolve().parents[2]
@@ -237,6 +238,18 @@ def test_evaluation_normalizes_with_the_training_splits_statistics(
     stats = load_manifest(train_shards).logmel
     raw = raw_evaluation_audio(other, cfg.augment, cfg.eval_batch_size)
     torch.testing.assert_close(torch.cat(audio_seen), (raw - stats.mean) / stats.std, rtol=0, atol=1e-5)
+
+
+@pytest.mark.parametrize("streamed", [False, True], ids=["brace-pattern", "streamed"])
+def test_the_custom_preset_trains_on_a_patterned_or_streamed_training_split(
+    train_shards: Path, tmp_path: Path, streamed: bool
+) -> None:
+    """The head takes the classes of the training split as main opened it, however it is given."""
+    source = f"pipe:cat {train_shards}/manifest.json" if streamed else f"{train_shards}/shard-{{000000..000004}}.tar"
+    out = tmp_path / "run"
+    assert main(["--preset", "custom", *train_args(source, "", out, "--max_steps", "1")]) == 0
+    saved = yaml.safe_load((out / "config.yaml").read_text())
+    assert saved["train_shards"] == source and saved["model"]["num_classes"] == load_manifest(train_shards).num_classes
 
 
 def test_empty_eval_shards_trains_without_evaluation(train_shards: Path, tmp_path: Path) -> None:

@@ -19,9 +19,9 @@ from pipelines.augment import (
     scale_jitter_box,
     spec_augment,
 )
-from pipelines.config import AugmentConfig
+from pipelines.config import AugmentConfig, logmel_norm, records_logmel_norm, with_logmel_norm
 from pipelines.torch_loader import TorchLoader
-from shards.manifest import load_manifest
+from shards.manifest import LogmelStats, load_manifest
 
 
 def test_defaults_are_scenics_audioset_config():
@@ -138,3 +138,17 @@ def test_the_loaders_normalize_with_the_models_statistics(train_shards, eval_sha
     theirs = next(iter(TorchLoader(open_split(eval_shards), False, 1, augment=model, num_workers=0)))["audio"]
     raw = own * eval_stats.std + eval_stats.mean
     torch.testing.assert_close(theirs, (raw - train_stats.mean) / train_stats.std, atol=1e-4, rtol=1e-4)
+
+
+def test_one_normalization_rule_the_models_statistics_else_the_splits() -> None:
+    """Each of the model's mean and std where set, else the split's: what the loaders normalize with and what
+    training writes into the config (an older checkpoint records neither)."""
+    stats = LogmelStats(count=4, total=-8.0, total_sq=32.0)  # mean -2, std 2
+    unset = AugmentConfig()
+    assert logmel_norm(unset, stats) == (-2.0, 2.0) and not records_logmel_norm(unset)
+    assert with_logmel_norm(unset, stats) == unset.replace(logmel_mean=-2.0, logmel_std=2.0)
+    given = unset.replace(logmel_mean=1.5)
+    assert logmel_norm(given, stats) == (1.5, 2.0) and not records_logmel_norm(given)  # the value given is kept
+    model = with_logmel_norm(given, stats)
+    assert (model.logmel_mean, model.logmel_std) == (1.5, 2.0) and records_logmel_norm(model)
+    assert with_logmel_norm(model, LogmelStats(count=1, total=9.0, total_sq=90.0)) == model  # the model's stays

@@ -4,6 +4,7 @@ SLURM environment."""
 
 from __future__ import annotations
 
+import argparse
 import os
 import shutil
 from pathlib import Path
@@ -12,11 +13,12 @@ import pytest
 from conftest import audioset_args, load_tool
 from test_hostile_pre_job import args_with_videos, demo_ytids, keys_in
 
-from preprocess.cli import partition
+from preprocess.cli import add_job_arguments, check_options, partition
 from preprocess.datasets import ClipRow, DatasetError, read_audioset_segments, read_vggsound, split_name_from_segments
 from preprocess.job_state import JobError
 from preprocess.videos import AUDIOSET_NAME_TEMPLATES, VideoIndex, check_name_templates
 from shards.manifest import load_manifest
+from shards.schema import MAX_FRAMES
 
 shard_audioset = load_tool("shard_audioset")
 
@@ -58,6 +60,14 @@ def test_a_link_loop_in_the_video_folder_is_a_missing_clip(demo, tmp_path):
     assert shard_audioset.main(args_with_videos(demo, out, videos, "--limit", "3")) == 0
     assert [(f["key"], f["reason"]) for f in load_manifest(out).failures] == [(f"{ytid}_0", "missing_file")]
     assert len(keys_in(out)) == 2
+
+
+def test_frames_per_clip_are_bounded_by_the_shard_schema() -> None:
+    parser = argparse.ArgumentParser()
+    add_job_arguments(parser)
+    check_options(parser.parse_args(["--videos", "v", "--frames", str(MAX_FRAMES)]))
+    with pytest.raises(JobError, match=rf"--frames must be in 1\.\.{MAX_FRAMES} "):
+        check_options(parser.parse_args(["--videos", "v", "--frames", str(MAX_FRAMES + 1)]))
 
 
 @pytest.mark.parametrize(

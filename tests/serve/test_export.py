@@ -1,5 +1,6 @@
-"""Export and load (tools/export_model.py, serve.export): an exported model predicts the checkpoint's logits, its
-config.json holds what using it elsewhere needs, and a damaged export is refused with an error naming the file."""
+"""Export and load (tools/export_model.py, serve.export, serve.load): an exported model predicts the checkpoint's
+logits, its config.json holds what using it elsewhere needs, and a damaged export is refused with an error naming
+the file; checkpoints and exports are refused with the words evaluation and the manifest parser use."""
 
 from __future__ import annotations
 
@@ -17,10 +18,11 @@ from tiny_run import TINY_AUG, eval_videos, make_run
 import serve
 from experiments.demo_data import DemoDataset
 from mbt.checkpoint import CheckpointFileError, latest_checkpoint
-from serve.export import CONFIG_FILE, WEIGHTS_FILE, ExportError, from_checkpoint, load_pretrained
-from serve.predict import Predictor, Segment
-from shards.manifest import load_manifest
-from shards.schema import SCHEMA_VERSION
+from serve.load import CONFIG_FILE, WEIGHTS_FILE, ExportError, from_checkpoint, load_pretrained
+from serve.predict import Predictor
+from serve.segments import Segment
+from shards.manifest import load_manifest, parse_manifest
+from shards.schema import SCHEMA_VERSION, SchemaError
 
 
 @pytest.fixture(scope="module")
@@ -74,6 +76,18 @@ def test_the_checkpoint_carries_the_feature_parameters_and_older_ones_read_the_t
     torch.save(state, checkpoint)
     with pytest.raises(CheckpointFileError, match=f"{checkpoint}: .*sample_rate_hz"):
         from_checkpoint(new)
+
+
+def test_weights_of_another_model_are_refused_naming_the_checkpoint(run: Path, tmp_path: Path) -> None:
+    """As `mbt.evaluate` refuses them (`mbt.checkpoint.build_model`)."""
+    checkpoint = tmp_path / "step-00000001.pt"
+    state = torch.load(latest_checkpoint(run), weights_only=True)
+    state["model"] = {k: v for k, v in state["model"].items() if k != "head.bias"}
+    torch.save(state, checkpoint)
+    with pytest.raises(CheckpointFileError) as err:
+        from_checkpoint(checkpoint)
+    assert str(err.value).startswith(f"{checkpoint}: the weights do not fit its model config: ")
+    assert str(err.value).endswith('Missing key(s) in state_dict: "head.bias".')  # one line
 
 
 def _drop(name: str) -> Callable[[Path], None]:
@@ -138,6 +152,28 @@ def test_export_of_a_folder_without_checkpoints_is_one_error_line(
     assert load_tool("export_model").main([str(tmp_path), str(tmp_path / "out")]) == 1
     error = capsys.readouterr().err
     assert error == f"error: {tmp_path}: a folder without checkpoints/step-*.pt (not a training run)\n"
+
+
+def test_a_schema_version_this_code_cannot_read_is_refused_alike_everywhere(
+    run: Path, exported: Path, train_shards: Path, tmp_path: Path
+) -> None:
+    """A manifest, a checkpoint and an export record the shards' schema version; one check reads all three."""
+    words = "schema version 3, this code reads versions 1, 2"
+    manifest = json.loads((train_shards / "manifest.json").read_text())
+    with pytest.raises(SchemaError, match=words):
+        parse_manifest(json.dumps({**manifest, "schema_version": 3}), "manifest.json")
+    checkpoint = tmp_path / "step-00000001.pt"
+    state = torch.load(latest_checkpoint(run), weights_only=True)
+    state["features"]["schema_version"] = 3
+    torch.save(state, checkpoint)
+    with pytest.raises(CheckpointFileError, match=f"{checkpoint}: .*the shards it was trained on: {words}"):
+        from_checkpoint(checkpoint)
+    folder = tmp_path / "export"
+    folder.mkdir()
+    config = json.loads((exported / CONFIG_FILE).read_text())
+    (folder / CONFIG_FILE).write_text(json.dumps({**config, "schema_version": 3}))
+    with pytest.raises(ExportError, match=f"{folder / CONFIG_FILE}: .*the shards it was trained on: {words}"):
+        load_pretrained(folder)
 
 
 def test_the_old_home_of_load_pretrained_names_the_new_one() -> None:

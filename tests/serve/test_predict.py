@@ -22,8 +22,10 @@ from mbt.dist import DistInfo
 from mbt.evaluate import evaluate_split
 from mbt.train import main as train_main
 from pipelines import open_split
-from serve.export import from_checkpoint
-from serve.predict import Predictor, Segment
+from serve.load import from_checkpoint
+from serve.predict import Predictor, window_features
+from serve.segments import Segment
+from shards.schema import MAX_FRAMES, FeatureParams
 
 SINGLE = DistInfo(rank=0, local_rank=0, world_size=1, device=torch.device("cpu"))
 
@@ -135,6 +137,13 @@ def test_each_bad_input_gets_one_error_line_and_the_others_are_predicted(
 def test_a_window_shorter_than_the_models_input_is_refused(run: Path, capsys: pytest.CaptureFixture) -> None:
     assert load_tool("predict").main(["x.mp4", "--model", str(run), "--window-s", "1"]) == 1
     assert "shorter than the model's audio input of 1.6 s" in capsys.readouterr().err
+
+
+def test_a_window_holds_1_to_max_frames() -> None:
+    features = FeatureParams(num_frames=20, segment_s=10.0)  # 2 frames a second
+    assert window_features(features, MAX_FRAMES / 2).num_frames == MAX_FRAMES
+    with pytest.raises(ValueError, match=f"--window-s {(MAX_FRAMES + 1) / 2:g} holds {MAX_FRAMES + 1} frames"):
+        window_features(features, (MAX_FRAMES + 1) / 2)
 
 
 def test_a_model_that_cannot_be_read_is_one_error_line(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:

@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 
 from mbt.config import preset
-from mbt.fits import split_problems
+from mbt.splits import open_run_splits
 from shards.layout import SHARDS_ROOT, legacy_hint, split_dir
 
 
@@ -34,5 +34,5 @@ def test_a_split_at_the_old_default_place_is_named_with_the_move(
     assert f"mv {old} {new}" in hint
     assert legacy_hint(tmp_path / "elsewhere") == ""  # an explicit folder elsewhere: nothing to say
     cfg = preset("audioset")
-    (problem,), _ = split_problems(cfg.model, cfg.augment, "eval_shards", cfg.eval_shards)
+    problem = open_run_splits(cfg, train=False).problems["eval_shards"]
     assert "no manifest.json there" in problem and f"mv {old} {new}" in problem

@@ -23,7 +23,7 @@ from torchvision.io import encode_jpeg
 
 from shards.index import IndexFileError, parse_index
 from shards.manifest import ShardInfo, parse_manifest
-from shards.schema import FeatureParams, Sample, SchemaError, encode_sample
+from shards.schema import MAX_FRAMES, FeatureParams, Sample, SchemaError, check_schema_version, encode_sample
 from shards.tar import TarReadError, tar_members, tar_samples
 from shards.writer import ShardWriter
 
@@ -241,6 +241,21 @@ def test_schema_versions_1_and_2_load_and_others_are_refused(version: int) -> No
     assert manifest.schema_version == version and manifest.features.frames_per_s == 0.8
     with pytest.raises(SchemaError, match="schema version 3, this code reads versions 1, 2"):
         parse_manifest(json.dumps({**MANIFEST, "schema_version": 3}), "m.json")
+
+
+@pytest.mark.parametrize("version", [3, 0, None, True, 2.0, "2"])
+def test_the_schema_check_reads_versions_1_and_2_only(version: object) -> None:
+    """One check for manifests, checkpoints and exports; a bool or a float is no version, even if it equals one."""
+    assert [check_schema_version(v, "x") for v in (1, 2)] == [1, 2]
+    with pytest.raises(SchemaError, match=r"^x: schema version .*, this code reads versions 1, 2$"):
+        check_schema_version(version, "x")
+
+
+def test_feature_parameters_hold_1_to_max_frames() -> None:
+    assert FeatureParams(num_frames=MAX_FRAMES).validate().num_frames == MAX_FRAMES
+    for frames in (0, MAX_FRAMES + 1):
+        with pytest.raises(SchemaError, match=rf"num_frames must be in 1\.\.{MAX_FRAMES}, got {frames}"):
+            FeatureParams(num_frames=frames).validate()
 
 
 @pytest.mark.parametrize(

@@ -1,5 +1,5 @@
-"""What `tools/predict.py` reads and writes: its inputs as segments (video files, the files of a folder, or the rows
-of a segments CSV) and its results as records (`--json`), a timeline CSV per video and top-k lines.
+"""What `tools/predict.py` predicts, as segments (a file, from a start to an end): the video files given, the video
+files of a folder given, or the rows of a segments CSV.
 
 A segments CSV has a header with a `video` column (a path inside the video folder: `--videos`, default the CSV's
 folder) and optional `start` and `end` columns (seconds or HH:MM:SS.ff), read by the shard job's own parsers: a path
@@ -8,20 +8,25 @@ that leads out of the folder is refused, as the shard job refuses it.
 
 from __future__ import annotations
 
-import csv
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
-
-import numpy as np
 
 from preprocess.custom_csv import parse_time
 from preprocess.datasets import ClipRow, DatasetError, csv_rows
 from preprocess.videos import VideoIndex
-from serve.predict import Prediction, Segment, probabilities, top_classes
 
 VIDEO_SUFFIXES = frozenset({".mp4", ".mkv", ".webm", ".avi", ".mov", ".flv", ".mpg", ".mpeg", ".ts", ".m4v", ".ogv"})
-TIMELINE_SUFFIX = ".timeline.csv"
+
+
+@dataclass(frozen=True)
+class Segment:
+    """What to predict: the file `path` from `start_s` to `end_s` (None: its end), called `name` in results."""
+
+    path: Path
+    name: str
+    start_s: float = 0.0
+    end_s: float | None = None
 
 
 def read_segments_csv(path: Path, videos: Path | None = None) -> list[Segment]:
@@ -66,58 +71,3 @@ def gather_segments(inputs: Sequence[str | Path], videos: Path | None = None) ->
         else:
             segments.append(Segment(item, str(item)))
     return segments
-
-
-def summary_probabilities(prediction: Prediction, multi_label: bool) -> np.ndarray:
-    """The class probabilities (C,) of a whole prediction: the mean over its windows' probabilities."""
-    return probabilities(prediction.logits, multi_label).mean(axis=0)
-
-
-def record(prediction: Prediction, names: list[str], multi_label: bool, k: int) -> dict[str, Any]:
-    """A prediction as plain JSON values: its top-k classes and, per window, its logits and top-k."""
-    probs = probabilities(prediction.logits, multi_label)
-    overall = top_classes(summary_probabilities(prediction, multi_label), names, k)
-    return {
-        "name": prediction.name,
-        "top": [{"class": n, "probability": p} for n, p in overall],
-        "windows": [
-            {
-                "start_s": start,
-                "end_s": end,
-                "top": [{"class": n, "probability": p} for n, p in top_classes(probs[w], names, k)],
-                "logits": prediction.logits[w].tolist(),
-            }
-            for w, (start, end) in enumerate(prediction.windows)
-        ],
-    }
-
-
-def timeline_path(out_dir: Path, name: str, taken: set[Path]) -> Path:
-    """A free `out_dir/<stem>.timeline.csv` for the video `name` (a number added when two videos share a stem)."""
-    stem = Path(name.split("@")[0]).stem or "video"
-    path, n = out_dir / f"{stem}{TIMELINE_SUFFIX}", 1
-    while path in taken:
-        n += 1
-        path = out_dir / f"{stem}-{n}{TIMELINE_SUFFIX}"
-    taken.add(path)
-    return path
-
-
-def write_timeline_csv(path: Path, prediction: Prediction, names: list[str], multi_label: bool) -> Path:
-    """Per window: start_s, end_s, the top class and its probability, then every class's probability."""
-    probs = probabilities(prediction.logits, multi_label)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with path.open("w", newline="") as f:
-        writer = csv.writer(f)
-        writer.writerow(["start_s", "end_s", "top_class", "top_probability", *names])
-        for (start, end), row in zip(prediction.windows, probs, strict=True):
-            best = int(np.argmax(row))
-            writer.writerow([f"{start:.3f}", f"{end:.3f}", names[best], f"{row[best]:.6f}", *(f"{p:.6f}" for p in row)])
-    return path
-
-
-def top_lines(prediction: Prediction, names: list[str], multi_label: bool, k: int) -> list[str]:
-    """The lines printed for a prediction: its name, then its top-k classes with probabilities."""
-    windows = f" ({len(prediction.windows)} windows)" if len(prediction.windows) > 1 else ""
-    top = top_classes(summary_probabilities(prediction, multi_label), names, k)
-    return [f"{prediction.name}{windows}:"] + [f"  {p:.3f}  {n}" for n, p in top]

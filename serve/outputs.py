@@ -1,0 +1,83 @@
+"""What `tools/predict.py` makes of a prediction: class probabilities and the top classes, the record `--json`
+writes, a timeline CSV per video (`--window-s`) and the lines printed.
+"""
+
+from __future__ import annotations
+
+import csv
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from serve.predict import Prediction
+
+TIMELINE_SUFFIX = ".timeline.csv"
+
+
+def probabilities(logits: np.ndarray, multi_label: bool) -> np.ndarray:
+    """Class probabilities of logits (..., C): sigmoid for multi-label models, softmax for single-label ones."""
+    scores = torch.from_numpy(np.asarray(logits, dtype=np.float64))
+    return (torch.sigmoid(scores) if multi_label else torch.softmax(scores, dim=-1)).numpy()
+
+
+def top_classes(probs: np.ndarray, names: list[str], k: int) -> list[tuple[str, float]]:
+    """The `k` most probable (name, probability) of probs (C,), most probable first (ties by class index)."""
+    order = np.argsort(-probs, kind="stable")[:k]
+    return [(names[i], float(probs[i])) for i in order]
+
+
+def summary_probabilities(prediction: Prediction, multi_label: bool) -> np.ndarray:
+    """The class probabilities (C,) of a whole prediction: the mean over its windows' probabilities."""
+    return probabilities(prediction.logits, multi_label).mean(axis=0)
+
+
+def record(prediction: Prediction, names: list[str], multi_label: bool, k: int) -> dict[str, Any]:
+    """A prediction as plain JSON values: its top-k classes and, per window, its logits and top-k."""
+    probs = probabilities(prediction.logits, multi_label)
+    overall = top_classes(summary_probabilities(prediction, multi_label), names, k)
+    return {
+        "name": prediction.name,
+        "top": [{"class": n, "probability": p} for n, p in overall],
+        "windows": [
+            {
+                "start_s": start,
+                "end_s": end,
+                "top": [{"class": n, "probability": p} for n, p in top_classes(probs[w], names, k)],
+                "logits": prediction.logits[w].tolist(),
+            }
+            for w, (start, end) in enumerate(prediction.windows)
+        ],
+    }
+
+
+def timeline_path(out_dir: Path, name: str, taken: set[Path]) -> Path:
+    """A free `out_dir/<stem>.timeline.csv` for the video `name` (a number added when two videos share a stem)."""
+    stem = Path(name.split("@")[0]).stem or "video"
+    path, n = out_dir / f"{stem}{TIMELINE_SUFFIX}", 1
+    while path in taken:
+        n += 1
+        path = out_dir / f"{stem}-{n}{TIMELINE_SUFFIX}"
+    taken.add(path)
+    return path
+
+
+def write_timeline_csv(path: Path, prediction: Prediction, names: list[str], multi_label: bool) -> Path:
+    """Per window: start_s, end_s, the top class and its probability, then every class's probability."""
+    probs = probabilities(prediction.logits, multi_label)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with path.open("w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(["start_s", "end_s", "top_class", "top_probability", *names])
+        for (start, end), row in zip(prediction.windows, probs, strict=True):
+            best = int(np.argmax(row))
+            writer.writerow([f"{start:.3f}", f"{end:.3f}", names[best], f"{row[best]:.6f}", *(f"{p:.6f}" for p in row)])
+    return path
+
+
+def top_lines(prediction: Prediction, names: list[str], multi_label: bool, k: int) -> list[str]:
+    """The lines printed for a prediction: its name, then its top-k classes with probabilities."""
+    windows = f" ({len(prediction.windows)} windows)" if len(prediction.windows) > 1 else ""
+    top = top_classes(summary_probabilities(prediction, multi_label), names, k)
+    return [f"{prediction.name}{windows}:"] + [f"  {p:.3f}  {n}" for n, p in top]
