@@ -1,5 +1,5 @@
-"""Figures a person reads after training: per-class AP (best and worst classes), the most-confused class pairs of a
-single-label split (with their table), and a video's timeline of class probabilities. matplotlib, off-screen (Agg).
+"""Figures a person reads after an evaluation: per-class AP (best and worst classes) and the most-confused class pairs
+of a single-label split (with their table). matplotlib, off-screen (Agg).
 """
 
 from __future__ import annotations
@@ -13,10 +13,10 @@ import numpy as np
 
 SHOWN_CLASSES = 15  # best and worst, each
 SHOWN_PAIRS = 20
-TIMELINE_CLASSES = 6
 
 
-def _pyplot() -> Any:
+def pyplot() -> Any:
+    """matplotlib.pyplot on the off-screen Agg backend (no display needed)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -25,19 +25,20 @@ def _pyplot() -> Any:
     return plt
 
 
-def _label(names: Sequence[str] | None, c: int) -> str:
+def class_label(names: Sequence[str] | None, c: int) -> str:
+    """The name of class `c`, or "class c" where the names give none."""
     return names[c] if names and names[c] else f"class {c}"
 
 
 def plot_per_class_ap(path: Path, ap: np.ndarray, names: Sequence[str] | None = None) -> Path:
     """A bar chart of the SHOWN_CLASSES best and worst classes by AP (C,) (classes without positives left out)."""
-    plt = _pyplot()
+    plt = pyplot()
     order = [int(c) for c in np.argsort(-np.nan_to_num(ap, nan=-1.0), kind="stable") if not np.isnan(ap[c])]
     shown = order if len(order) <= 2 * SHOWN_CLASSES else order[:SHOWN_CLASSES] + order[-SHOWN_CLASSES:]
     fig, ax = plt.subplots(figsize=(8, 1.5 + 0.28 * max(len(shown), 1)))
     ax.barh(range(len(shown)), [ap[c] for c in shown], color=["tab:green" if c in order[:SHOWN_CLASSES] else
                                                               "tab:red" for c in shown])  # fmt: skip
-    ax.set_yticks(range(len(shown)), [_label(names, c) for c in shown], fontsize=8)
+    ax.set_yticks(range(len(shown)), [class_label(names, c) for c in shown], fontsize=8)
     ax.invert_yaxis()
     ax.set(xlim=(0, 1), xlabel="average precision", title=f"per-class AP: best and worst of {len(order)} classes")
     fig.tight_layout()
@@ -68,33 +69,15 @@ def write_confusion(
         writer = csv.writer(f)
         writer.writerow(["true_index", "true_name", "predicted_index", "predicted_name", "count", "fraction"])
         for t, p, count, support in pairs:
-            writer.writerow([t, _label(names, t), p, _label(names, p), count, f"{count / support:.6f}"])
-    plt = _pyplot()
+            writer.writerow([t, class_label(names, t), p, class_label(names, p), count, f"{count / support:.6f}"])
+    plt = pyplot()
     fig, ax = plt.subplots(figsize=(9, 1.5 + 0.3 * max(len(pairs), 1)))
     ax.barh(range(len(pairs)), [count for _, _, count, _ in pairs], color="tab:orange")
-    ax.set_yticks(range(len(pairs)), [f"{_label(names, t)} → {_label(names, p)}" for t, p, _, _ in pairs], fontsize=8)
+    ticks = [f"{class_label(names, t)} → {class_label(names, p)}" for t, p, _, _ in pairs]
+    ax.set_yticks(range(len(pairs)), ticks, fontsize=8)
     ax.invert_yaxis()
     ax.set(xlabel="samples", title="most-confused pairs (true → predicted)" if pairs else "no sample misclassified")
     fig.tight_layout()
     fig.savefig(png_path, dpi=100)
     plt.close(fig)
     return pairs
-
-
-def plot_timeline(
-    path: Path, windows: Sequence[tuple[float, float]], probs: np.ndarray, names: Sequence[str], title: str
-) -> Path:
-    """The probabilities (W, C) over time (each window at its centre) of the TIMELINE_CLASSES classes that reach
-    the highest probability anywhere."""
-    plt = _pyplot()
-    centres = [(start + end) / 2 for start, end in windows]
-    shown = np.argsort(-probs.max(axis=0), kind="stable")[:TIMELINE_CLASSES]
-    fig, ax = plt.subplots(figsize=(10, 4))
-    for c in shown:
-        ax.plot(centres, probs[:, c], marker="o", label=_label(names, int(c)))
-    ax.set(xlabel="time (s, window centre)", ylabel="probability", ylim=(0, 1.02), title=title)
-    ax.legend(fontsize=8, loc="upper right")
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-    return path

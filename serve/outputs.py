@@ -1,19 +1,22 @@
 """What `tools/predict.py` makes of a prediction: class probabilities and the top classes, the record `--json`
-writes, a timeline CSV per video (`--window-s`) and the lines printed.
+writes, a timeline CSV and PNG per video (`--window-s`) and the lines printed.
 """
 
 from __future__ import annotations
 
 import csv
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 
+from mbt.plots import class_label, pyplot
 from serve.predict import Prediction
 
 TIMELINE_SUFFIX = ".timeline.csv"
+TIMELINE_CLASSES = 6  # classes drawn in a timeline PNG
 
 
 def probabilities(logits: np.ndarray, multi_label: bool) -> np.ndarray:
@@ -81,3 +84,22 @@ def top_lines(prediction: Prediction, names: list[str], multi_label: bool, k: in
     windows = f" ({len(prediction.windows)} windows)" if len(prediction.windows) > 1 else ""
     top = top_classes(summary_probabilities(prediction, multi_label), names, k)
     return [f"{prediction.name}{windows}:"] + [f"  {p:.3f}  {n}" for n, p in top]
+
+
+def plot_timeline(
+    path: Path, windows: Sequence[tuple[float, float]], probs: np.ndarray, names: Sequence[str], title: str
+) -> Path:
+    """The probabilities (W, C) over time (each window at its centre) of the TIMELINE_CLASSES classes that reach
+    the highest probability anywhere."""
+    plt = pyplot()
+    centres = [(start + end) / 2 for start, end in windows]
+    shown = np.argsort(-probs.max(axis=0), kind="stable")[:TIMELINE_CLASSES]
+    fig, ax = plt.subplots(figsize=(10, 4))
+    for c in shown:
+        ax.plot(centres, probs[:, c], marker="o", label=class_label(names, int(c)))
+    ax.set(xlabel="time (s, window centre)", ylabel="probability", ylim=(0, 1.02), title=title)
+    ax.legend(fontsize=8, loc="upper right")
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path

@@ -21,11 +21,10 @@ from pathlib import Path
 
 from mbt.checkpoint import CheckpointFileError
 from mbt.embeddings import write_embeddings
-from mbt.plots import plot_timeline
 from preprocess.datasets import DatasetError
 from preprocess.ffmpeg_run import ToolMissingError, require_ffmpeg
 from serve.load import ExportError, load_model
-from serve.outputs import probabilities, record, timeline_path, top_lines, write_timeline_csv
+from serve.outputs import plot_timeline, probabilities, record, timeline_path, top_lines, write_timeline_csv
 from serve.predict import InputError, Predictor
 from serve.segments import gather_segments
 

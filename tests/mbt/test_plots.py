@@ -1,5 +1,5 @@
-"""Result figures and tables: the most-confused pairs of a single-label evaluation, per-class AP and timelines as
-PNG files, and the evaluation's files named by the split's classes."""
+"""Result figures and tables: the most-confused pairs of a single-label evaluation, per-class AP as PNG files, and the
+evaluation's files named by the split's classes."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ import numpy as np
 
 from mbt.evaluate import write_results
 from mbt.metrics import average_precision_per_class
-from mbt.plots import confused_pairs, plot_timeline
+from mbt.plots import confused_pairs
 
 NAMES = ["dog", "cat", "bird"]
 
@@ -46,9 +46,3 @@ def test_multi_label_results_hold_per_class_ap_with_names_and_a_figure(tmp_path:
     rows = list(csv.DictReader((tmp_path / "per_class_ap.csv").open()))
     assert [r["class_name"] for r in rows] == NAMES and rows[2]["ap"] == "nan"
     assert (tmp_path / "per_class_ap.png").stat().st_size > 0
-
-
-def test_a_timeline_figure_is_written(tmp_path: Path) -> None:
-    probs = np.array([[0.9, 0.1, 0.2], [0.5, 0.5, 0.2], [0.1, 0.9, 0.2]])
-    path = plot_timeline(tmp_path / "t.png", [(0, 2), (1, 3), (2, 4)], probs, NAMES, "video")
-    assert path.stat().st_size > 0
