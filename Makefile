@@ -23,7 +23,8 @@ export UV_PYTHON_DOWNLOADS := never
 # imports in 6.4 s from source, 2.5 s compiled, on the 2-core machine).
 export UV_COMPILE_BYTECODE := 1
 
-.PHONY: setup sync ffmpeg check-env lock lock-upgrade lock-check test test-fast lint demo demo-data demo-shards ablation
+.PHONY: setup sync ffmpeg check-env lock lock-upgrade lock-check test test-fast lint docs-check demo demo-data demo-shards \
+  ablation
 
 setup: ffmpeg $(STAMP)
 
@@ -80,6 +81,10 @@ ffmpeg:
 lint: setup
 	$(PY) -m ruff check .
 	$(PY) -m ruff format --check .
+
+# Every command README.md and docs/*.md show, run in scratch checkouts (devenv/docs_check.py; docs/development.md).
+docs-check: setup
+	$(PY) -m devenv.docs_check
 
 test: check-env lint
 	$(PY) -m pytest -q

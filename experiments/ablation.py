@@ -144,9 +144,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--fusion-layers", type=_ints, default=None, help="comma list (default: every layer)")
     parser.add_argument("--bottlenecks", type=_ints, default=[1, 4, 16], help="comma list (default 1,4,16)")
     parser.add_argument("--seed", type=int, default=0, help="training seed (default 0)")
+    parser.add_argument("--epochs", type=int, default=None, help="epochs per run (default: the demo preset's)")
     args = parser.parse_args(argv)
     torch.set_num_threads(1)  # as experiments.demo: the tiny model is faster on one thread
     base = preset("demo")
+    if args.epochs:
+        base = base.replace(epochs=args.epochs, eval_every_epochs=args.epochs)
     try:
         runs = ablation_runs(base.model.depth, base.model.fusion_layer, args.bottlenecks, args.fusion_layers)
         rows = run_ablation(args.shards, args.out, runs, args.seed, base)
