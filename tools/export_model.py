@@ -1,5 +1,5 @@
 """Export a trained MBT as a folder that stands alone: model.safetensors and config.json (model config, classes,
-feature parameters, normalization, the shards' schema version). `mbt.load_pretrained(OUT_DIR)` loads it.
+feature parameters, normalization, the shards' schema version). `serve.load_pretrained(OUT_DIR)` loads it.
 
     python tools/export_model.py runs/demo/bottleneck exported/demo
     python tools/export_model.py step-00001000.pt out --features-from data/shards/audioset/balanced_train
