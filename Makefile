@@ -86,8 +86,10 @@ lint: setup
 docs-check: setup
 	$(PY) -m devenv.docs_check
 
+# Everything CI runs: the lock and the environment, lint, the whole suite, then every command of the README and docs/.
 test: check-env lint
 	$(PY) -m pytest -q
+	$(PY) -m devenv.docs_check
 
 # The edit-test loop: lint and the suite without the tests marked slow (torchrun, subprocesses, end-to-end tools).
 test-fast: setup
