@@ -3,13 +3,15 @@
 A record is plain data, `{"classes": [{"index": i, "id": str, "name": str}, ...], "multi_label": bool}`, so that
 a checkpoint holding it still loads with `torch.load(weights_only=True)`. Two splits or a split and a checkpoint
 fit each other only when their records are equal: the same ids and names in the same order, the same label kind.
+Names and ids are shown to people (printed, plotted, written to CSVs): one holding a control character is refused.
 """
 
 from __future__ import annotations
 
 from typing import Any
 
-from shards.manifest import Manifest
+from shards.manifest import MAX_CLASSES, Manifest
+from shards.text import excerpt, name_problem, printable
 
 
 class ClassListError(ValueError):
@@ -38,8 +40,8 @@ def record_difference(old: dict[str, Any], new: dict[str, Any], old_name: str, n
     for a, b in zip(old["classes"], new["classes"], strict=False):
         if a != b:
             return (
-                f"class {a['index']} is {a['name']!r} ({a['id']}) in {old_name} but {b['name']!r} ({b['id']}) "
-                f"in {new_name}"
+                f"class {a['index']} is {excerpt(a['name'])} ({printable(a['id'])}) in {old_name} but "
+                f"{excerpt(b['name'])} ({printable(b['id'])}) in {new_name}"
             )
     if len(old["classes"]) != len(new["classes"]):
         return f"{old_name} has {len(old['classes'])} classes, {new_name} {len(new['classes'])}"
@@ -47,8 +49,8 @@ def record_difference(old: dict[str, Any], new: dict[str, Any], old_name: str, n
 
 
 def _class_list(classes: Any, where: str) -> list[dict[str, Any]]:
-    if not isinstance(classes, list) or not classes:
-        raise ClassListError(f"{where}: the class list is not a non-empty list")
+    if not isinstance(classes, list) or not 1 <= len(classes) <= MAX_CLASSES:
+        raise ClassListError(f"{where}: the class list is not a list of 1..{MAX_CLASSES} classes")
     out = []
     for i, entry in enumerate(classes):
         if not (
@@ -58,7 +60,14 @@ def _class_list(classes: Any, where: str) -> list[dict[str, Any]]:
             and isinstance(entry.get("name"), str)
         ):
             raise ClassListError(
-                f"{where}: class {i} is not a mapping of index {i}, a string id and a string name: {entry!r:.200}"
+                f"{where}: class {i} is not a mapping of index {i}, a string id and a string name: "
+                f"{excerpt(entry, 200)}"
             )
+        for field in ("id", "name"):
+            if problem := name_problem(entry[field]):
+                raise ClassListError(
+                    f"{where}: class {i}'s {field} {excerpt(entry[field])} {problem}; fix the class list at its source "
+                    "(the class file the split was sharded from) and make this file again"
+                )
         out.append({"index": i, "id": entry["id"], "name": entry["name"]})
     return out

@@ -23,7 +23,7 @@ from dataclasses import dataclass
 from typing import IO
 
 from pipelines.config import LoaderError
-from shards.manifest import MANIFEST_NAME
+from shards.manifest import MANIFEST_NAME, MAX_MANIFEST_BYTES
 
 PIPE = "pipe:"
 
@@ -43,9 +43,6 @@ _READ_CHUNK = 1 << 20
 
 # A stream with no data for this long is given up (and read again): object stores answer within seconds.
 STREAM_STALL_S = 300.0
-
-# A manifest is a few MB (AudioSet-2M: ~4,000 shards and its failures); more is not one.
-MAX_MANIFEST_BYTES = 1 << 29
 
 _STDERR_TAIL = 2000
 

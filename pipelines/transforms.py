@@ -26,6 +26,7 @@ from shards.schema import (
     parse_labels,
     parse_logmel,
 )
+from shards.text import printable
 
 
 def eval_windows(total: int, window: int, num_clips: int) -> list[int]:
@@ -201,7 +202,9 @@ class SampleBuilder:
         """The sample's rows from its members `raw` (at least `member_exts(windows)`); LoaderError naming the shard
         and key if a member is missing or cannot be decoded."""
         needed = sorted({int(i) for ids, _ in windows for i in ids})
-        decoded, logmel, label_ids = decode_members(f"{shard_name}: sample {key}", raw, needed, self.manifest)
+        decoded, logmel, label_ids = decode_members(
+            f"{shard_name}: sample {printable(key)}", raw, needed, self.manifest
+        )
         by_id = dict(zip(needed, decoded, strict=True))
         labels = self._labels(label_ids)
         aug = self.aug

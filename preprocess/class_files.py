@@ -3,7 +3,8 @@ of its CSV, as the manifest's `{"index", "id", "name"}` entries; and the lookup 
 
 A class file is one name per line, or a CSV with one of the headers `index,id,name` (this project's),
 `index,mid,display_name` (AudioSet's class_labels_indices.csv) or `id,key,...` (EPIC-KITCHENS-100's
-verb and noun class files: `id` is the index, `key` the name). Bad input raises `DatasetError` naming file:line.
+verb and noun class files: `id` is the index, `key` the name). Bad input raises `DatasetError` naming file:line;
+class ids and names, from a class file or from the CSV's labels, must be printable (`check_class_name`).
 """
 
 from __future__ import annotations
@@ -12,8 +13,16 @@ import os
 from collections.abc import Iterable
 from typing import Any
 
-from preprocess.datasets import DatasetError, csv_rows, read_audioset_classes, read_class_list, read_lines
+from preprocess.datasets import (
+    DatasetError,
+    check_class_name,
+    csv_rows,
+    read_audioset_classes,
+    read_class_list,
+    read_lines,
+)
 from shards.manifest import MAX_CLASSES
+from shards.text import excerpt
 
 LABEL_TYPES = ("auto", "names", "indices")
 _INDEXED_HEADERS = (("index", "id", "name"), ("index", "mid", "display_name"))
@@ -47,14 +56,15 @@ def _read_indexed(path: str | os.PathLike, header: list[str]) -> list[dict[str, 
             raise DatasetError(f"{source}: expected {len(header)} columns {','.join(header)}, got {len(fields)}")
         index, class_id, name = (fields[0], fields[0], fields[1]) if epic else fields
         if index != str(len(classes)):
-            raise DatasetError(f"{source}: index {index[:40]!r} out of order, expected {len(classes)}")
+            raise DatasetError(f"{source}: index {excerpt(index, 40)} out of order, expected {len(classes)}")
         if len(classes) >= MAX_CLASSES:
             raise DatasetError(f"{source}: more than {MAX_CLASSES} classes")
         for what, value in (("id", class_id), ("name", name)):
             if not value:
                 raise DatasetError(f"{source}: empty class {what}")
             if (what, value) in source_of:
-                raise DatasetError(f"{source}: class {what} {value!r} already given at {source_of[what, value]}")
+                raise DatasetError(f"{source}: class {what} {excerpt(value)} already given at {source_of[what, value]}")
+            check_class_name(value, f"class {what}", source)
             source_of[what, value] = source
         classes.append(class_entry(len(classes), class_id, name))
     if not classes:
@@ -71,7 +81,7 @@ def choose_label_type(label_type: str, labels: Iterable[str], classes: list[dict
     """'names' or 'indices': as stated, or (auto) indices when every label is a number and no class in a given class
     file is named or identified by one (then a label '3' is that class, not index 3)."""
     if label_type not in LABEL_TYPES:
-        raise DatasetError(f"--label-type must be one of {', '.join(LABEL_TYPES)}, got {label_type!r}")
+        raise DatasetError(f"--label-type must be one of {', '.join(LABEL_TYPES)}, got {excerpt(label_type)}")
     if label_type != "auto":
         return label_type
     numeric_classes = classes is not None and any(is_index(c["id"]) or is_index(c["name"]) for c in classes)
@@ -81,13 +91,14 @@ def choose_label_type(label_type: str, labels: Iterable[str], classes: list[dict
 def index_labels(labels: tuple[str, ...], source: str) -> tuple[str, ...]:
     """Labels written as class indices, normalised ('007' is class 7); DatasetError naming `source` for any other."""
     if bad := next((label for label in labels if not is_index(label)), None):
-        raise DatasetError(f"{source}: label {bad[:80]!r} is not a class index (--label-type indices)")
+        raise DatasetError(f"{source}: label {excerpt(bad)} is not a class index (--label-type indices)")
     return tuple(label.lstrip("0") or "0" for label in labels)
 
 
 def collect_classes(rows: Iterable[tuple[str, tuple[str, ...]]], label_type: str, where: str) -> list[dict[str, Any]]:
     """The classes of a CSV without a class file, from its rows' (source, labels): the distinct label names sorted,
-    or for indices 0..max (named by their number); DatasetError naming `where` when no row has a label."""
+    or for indices 0..max (named by their number); DatasetError naming `where` when no row has a label, or the
+    first line of a label that is no printable class name."""
     first_source: dict[str, str] = {}
     for source, labels in rows:
         for label in labels:
@@ -97,10 +108,12 @@ def collect_classes(rows: Iterable[tuple[str, tuple[str, ...]]], label_type: str
     if label_type == "names":
         if len(first_source) > MAX_CLASSES:
             raise DatasetError(f"{where}: {len(first_source)} distinct labels: more than {MAX_CLASSES} classes")
+        for label, source in first_source.items():
+            check_class_name(label, "label", source)
         return [class_entry(i, name, name) for i, name in enumerate(sorted(first_source))]
     for label, source in first_source.items():
         if len(label) > 7 or int(label) >= MAX_CLASSES:
-            raise DatasetError(f"{source}: class index {label[:40]} is not below {MAX_CLASSES}")
+            raise DatasetError(f"{source}: class index {excerpt(label, 40)} is not below {MAX_CLASSES}")
     return [class_entry(i, str(i), str(i)) for i in range(max(int(label) for label in first_source) + 1)]
 
 

@@ -29,6 +29,7 @@ from preprocess.datasets import (
     DatasetError,
     csv_rows,
 )
+from shards.text import excerpt
 
 _HMS_RE = re.compile(r"([0-9]{1,7}):([0-5][0-9]):([0-5][0-9](?:\.[0-9]*)?)")
 _NOT_KEY_CHARS_RE = re.compile(r"[^A-Za-z0-9_-]")
@@ -118,7 +119,7 @@ def parse_time(text: str, what: str, source: str) -> float:
     if seconds <= MAX_SECONDS:
         return seconds
     raise DatasetError(
-        f"{source}: {what} {text[:40]!r} is not a time: write seconds (12.5) or HH:MM:SS.ff (00:01:02.50), "
+        f"{source}: {what} {excerpt(text, 40)} is not a time: write seconds (12.5) or HH:MM:SS.ff (00:01:02.50), "
         f"at most {MAX_SECONDS:.0f} s"
     )
 
@@ -126,7 +127,7 @@ def parse_time(text: str, what: str, source: str) -> float:
 def folder_name(name: str, option: str) -> str:
     """`name` if it can name an output folder (letters, digits, '_', '-', '.' not first); else DatasetError."""
     if not _SPLIT_NAME_RE.fullmatch(name):
-        raise DatasetError(f"{option} {name[:80]!r}: it names a folder: letters, digits, '_', '-', '.' (not first)")
+        raise DatasetError(f"{option} {excerpt(name)}: it names a folder: letters, digits, '_', '-', '.' (not first)")
     return name
 
 
@@ -139,18 +140,18 @@ def key_stem(text: str) -> str:
 def _check_video(text: str, by_id: bool, source: str) -> str:
     """The video cell as a path inside the video folder (normalised), or an id (a file name, no '/')."""
     if not text or "\x00" in text or len(text) > (MAX_ID_CHARS if by_id else MAX_VIDEO_CHARS):
-        raise DatasetError(f"{source}: video {text[:80]!r} is empty or too long to be a file name")
+        raise DatasetError(f"{source}: video {excerpt(text)} is empty or too long to be a file name")
     if by_id:
         if "/" in text:
             raise DatasetError(
-                f"{source}: video id {text[:80]!r} holds '/': name templates find files by id in the video folder; "
+                f"{source}: video id {excerpt(text)} holds '/': name templates find files by id in the video folder; "
                 "leave out --name-template to read the column as paths"
             )
         return text
     path = PurePosixPath(text)
     if path.is_absolute() or ".." in path.parts or not path.parts:
         raise DatasetError(
-            f"{source}: video {text[:80]!r} is not a path inside --videos: write it relative to that folder, "
+            f"{source}: video {excerpt(text)} is not a path inside --videos: write it relative to that folder, "
             "without '..'"
         )
     return str(path)
@@ -164,7 +165,8 @@ def _column(header: list[str], name: str | None, default: str, option: str, wher
     if name is None:
         return None
     raise DatasetError(
-        f"{where}: no column {wanted!r} in the header ({', '.join(header)}); name the column with {option}"
+        f"{where}: no column {excerpt(wanted)} in the header ({excerpt(', '.join(header), 200)}); name the column "
+        f"with {option}"
     )
 
 
@@ -176,7 +178,7 @@ def _parse_rows(path: str | os.PathLike, layout: CsvLayout) -> tuple[list[_Parse
     where, header = next(rows, (os.fspath(path), []))
     for i, name in enumerate(header):
         if not name or name in header[:i]:
-            raise DatasetError(f"{where}: column {i + 1} of the header is empty or repeated ({name!r})")
+            raise DatasetError(f"{where}: column {i + 1} of the header is empty or repeated ({excerpt(name)})")
     video = _column(header, layout.video_column, "video", "--video-column", where)
     label = _column(header, layout.label_column, "label", "--label-column", where)
     start = _column(header, layout.start_column, "start", "--start-column", where)
@@ -197,7 +199,7 @@ def _parse_rows(path: str | os.PathLike, layout: CsvLayout) -> tuple[list[_Parse
             start_s = parse_time(fields[start], "start", source)
             end_s = parse_time(fields[end], "end", source)
             if end_s <= start_s:
-                raise DatasetError(f"{source}: end {fields[end]} is not after start {fields[start]}")
+                raise DatasetError(f"{source}: end {excerpt(fields[end])} is not after start {excerpt(fields[start])}")
         labels = dict.fromkeys(t.strip() for t in fields[label].split(layout.label_separator) if t.strip())
         parsed.append(
             _Parsed(
@@ -222,8 +224,8 @@ def _label_mode(parsed: list[_Parsed], stated: bool | None) -> tuple[bool, str]:
         flag = "--multi-label" if stated else "--single-label"
         if not stated and several is not None:
             raise DatasetError(
-                f"{several.source}: {len(several.labels)} labels {list(several.labels)[:8]}, but {flag} says one "
-                "per row (a class name holding the separator? set --label-separator)"
+                f"{several.source}: {len(several.labels)} labels {excerpt(list(several.labels), 200)}, but {flag} "
+                "says one per row (a class name holding the separator? set --label-separator)"
             )
         return stated, f"{kind} (stated by {flag})"
     if several is not None:
@@ -259,7 +261,7 @@ def read_custom_csv(path: str | os.PathLike, layout: CsvLayout) -> CustomTable:
         unknown = [label for label in row.labels if label not in index_of]
         if unknown and not layout.drop_unknown_labels:  # only a class file leaves labels out
             raise DatasetError(
-                f"{row.source}: label {unknown[0][:80]!r} is not a class {classes_from} (as {label_type}); "
+                f"{row.source}: label {excerpt(unknown[0])} is not a class {classes_from} (as {label_type}); "
                 "pass --drop-unknown-labels to drop it"
             )
         labels = tuple(sorted({index_of[label] for label in row.labels if label in index_of}))
@@ -283,15 +285,17 @@ def _select_split(parsed: list[_Parsed], split: str | None, has_split: bool, pat
     values = sorted({row.split or "" for row in parsed})
     if has_split and split is None:
         raise DatasetError(
-            f"{os.fspath(path)}: the CSV has a split column ({', '.join(values)[:200]}); pass --split NAME to shard "
-            "one split (the splits are sharded one at a time, into their own folders)"
+            f"{os.fspath(path)}: the CSV has a split column ({excerpt(', '.join(values), 200)}); pass --split NAME "
+            "to shard one split (the splits are sharded one at a time, into their own folders)"
         )
     if split is None:
         return parsed
     folder_name(split, "--split")
     kept = [row for row in parsed if row.split == split]
     if not kept:
-        raise DatasetError(f"{os.fspath(path)}: no row of split {split!r}; its split column holds {values[:20]}")
+        raise DatasetError(
+            f"{os.fspath(path)}: no row of split {excerpt(split)}; its split column holds {excerpt(values, 200)}"
+        )
     return kept
 
 

@@ -1,15 +1,20 @@
 """Readers for the AudioSet and VGGSound CSV files (the lookup of a clip's video file is `preprocess.videos`).
 
 Every reader returns `ClipRow`s whose `key` is the shard key (no dots: DALI takes everything after the first
-dot as the extension). Bad input raises `DatasetError` naming the file and line and saying what to do.
+dot as the extension). Bad input raises `DatasetError` naming the file and line and saying what to do, quoting what
+it read as a bounded excerpt; lines, fields per line and rows are bounded, and class names must be printable.
 """
 
 import csv
+import itertools
 import os
 import re
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+
+from shards.manifest import MAX_CLASSES, MAX_SPLIT_SAMPLES
+from shards.text import excerpt, name_problem
 
 VGGSOUND_SPLITS: tuple[str, ...] = ("train", "test")
 VGGSOUND_SEGMENT_S = 10.0
@@ -22,6 +27,10 @@ MAX_SECONDS = 1_000_000.0
 _SPLIT_NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*")
 _WHOLE_SECONDS_RE = re.compile(r"[0-9]+")
 _SECONDS_RE = re.compile(r"[0-9]+(?:\.[0-9]*)?")  # float() would also take '1_0', 'nan', '1e3' and non-ASCII digits
+# A CSV line: AudioSet's are ~100 characters, a row of many labels a few KB; read no further than this into one.
+MAX_LINE_CHARS = 1 << 20
+MAX_FIELDS = 1024  # columns of a row (the readers look each header name up among the others)
+MAX_ROWS = MAX_SPLIT_SAMPLES  # a split's rows, as the shard job plans them
 
 
 class DatasetError(ValueError):
@@ -48,11 +57,23 @@ class ClipRow:
 
 
 def read_lines(path: str | os.PathLike) -> Iterator[tuple[int, str]]:
-    """Yields (1-based line number, line) of a UTF-8 text file; an unreadable file -> DatasetError."""
+    """Yields (1-based line number, line) of a UTF-8 text file; an unreadable file, a line longer than
+    MAX_LINE_CHARS (refused before more of it is read) or more than MAX_ROWS lines -> DatasetError."""
     try:
         # utf-8-sig: a BOM written by a spreadsheet would otherwise end up in the first field.
         with open(path, encoding="utf-8-sig") as f:
-            yield from enumerate(f, start=1)
+            for line_no in itertools.count(1):
+                line = f.readline(MAX_LINE_CHARS + 1)
+                if not line:
+                    return
+                if len(line) > MAX_LINE_CHARS and not line.endswith("\n"):
+                    raise DatasetError(
+                        f"{os.fspath(path)}:{line_no}: a line of more than {MAX_LINE_CHARS} characters, starting "
+                        f"{excerpt(line)}: not a CSV row or class name; is this the right file?"
+                    )
+                if line_no > MAX_ROWS + 1:  # + 1: a header
+                    raise DatasetError(f"{os.fspath(path)}: more than {MAX_ROWS} lines; split it into smaller files")
+                yield line_no, line
     except (OSError, UnicodeDecodeError) as e:
         raise DatasetError(f"{os.fspath(path)}: cannot read it as UTF-8 text ({e})") from e
 
@@ -60,7 +81,8 @@ def read_lines(path: str | os.PathLike) -> Iterator[tuple[int, str]]:
 def csv_rows(path: str | os.PathLike, skip_comments: bool = False) -> Iterator[tuple[str, list[str]]]:
     """Yields (`path:LINE`, fields) for each non-blank line, parsed as one CSV record (no multi-line fields).
 
-    With skip_comments, lines starting with '#' are skipped. A broken quote -> DatasetError naming the line.
+    With skip_comments, lines starting with '#' are skipped. A broken quote or more than MAX_FIELDS fields ->
+    DatasetError naming the line.
     """
     for line_no, line in read_lines(path):
         if not line.strip() or (skip_comments and line.startswith("#")):
@@ -69,14 +91,16 @@ def csv_rows(path: str | os.PathLike, skip_comments: bool = False) -> Iterator[t
         try:
             fields = next(csv.reader([line], skipinitialspace=True, strict=True))
         except csv.Error as e:
-            raise DatasetError(f"{source}: malformed CSV line ({e}): {line.rstrip()!r}") from e
+            raise DatasetError(f"{source}: malformed CSV line ({e}): {excerpt(line.rstrip())}") from e
+        if len(fields) > MAX_FIELDS:
+            raise DatasetError(f"{source}: {len(fields)} fields, more than a row of a dataset CSV has ({MAX_FIELDS})")
         yield source, [field.strip() for field in fields]
 
 
 def _check_ytid(ytid: str, source: str) -> None:
     if not _YTID_RE.fullmatch(ytid) or len(ytid) > MAX_YTID_CHARS:
         raise DatasetError(
-            f"{source}: {ytid[:80]!r} is not a YouTube id (letters, digits, '_' and '-' only, "
+            f"{source}: {excerpt(ytid)} is not a YouTube id (letters, digits, '_' and '-' only, "
             f"at most {MAX_YTID_CHARS} of them)"
         )
 
@@ -92,7 +116,8 @@ def read_audioset_classes(path: str | os.PathLike) -> list[tuple[str, str]]:
     """Reads class_labels_indices.csv (header `index,mid,display_name`) -> [(mid, display_name)] by index.
 
     The index column must count 0, 1, 2, ... in order and mids must be distinct; a missing file, a bad header,
-    a malformed row or an empty class list -> DatasetError naming file:line.
+    a malformed row, a mid or name that is no printable name (`check_class_name`) or an empty class list, or one of
+    more than MAX_CLASSES -> DatasetError naming file:line.
     """
     rows = csv_rows(path)
     header_source, header = next(rows, (os.fspath(path), None))
@@ -105,11 +130,15 @@ def read_audioset_classes(path: str | os.PathLike) -> list[tuple[str, str]]:
             raise DatasetError(f"{source}: expected 3 columns index,mid,display_name, got {len(fields)}")
         index, mid, display_name = fields
         if index != str(len(classes)):
-            raise DatasetError(f"{source}: index {index!r} out of order, expected {len(classes)}")
+            raise DatasetError(f"{source}: index {excerpt(index)} out of order, expected {len(classes)}")
+        if len(classes) >= MAX_CLASSES:
+            raise DatasetError(f"{source}: more than {MAX_CLASSES} classes")
         if not mid:
             raise DatasetError(f"{source}: empty mid")
         if mid in first_line_of_mid:
-            raise DatasetError(f"{source}: mid {mid} already defined at {first_line_of_mid[mid]}")
+            raise DatasetError(f"{source}: mid {excerpt(mid)} already defined at {first_line_of_mid[mid]}")
+        check_class_name(mid, "mid", source)
+        check_class_name(display_name, "display_name", source)
         first_line_of_mid[mid] = source
         classes.append((mid, display_name))
     if not classes:
@@ -117,10 +146,18 @@ def read_audioset_classes(path: str | os.PathLike) -> list[tuple[str, str]]:
     return classes
 
 
+def check_class_name(name: str, what: str, source: str) -> str:
+    """`name` if a class name (or id) read at `source` can be shown to people: DatasetError naming `source` when it
+    holds a control character (terminal escapes; printed, plotted and written to CSVs) or is pages long."""
+    if problem := name_problem(name):
+        raise DatasetError(f"{source}: {what} {excerpt(name)} {problem}; remove it from the file")
+    return name
+
+
 def _parse_seconds(text: str, what: str, source: str) -> float:
     if not _SECONDS_RE.fullmatch(text) or float(text) > MAX_SECONDS:
         raise DatasetError(
-            f"{source}: {what} {text[:40]!r} is not a number of seconds: write a finite value in "
+            f"{source}: {what} {excerpt(text, 40)} is not a number of seconds: write a finite value in "
             f"[0, {MAX_SECONDS:.0f}] as digits with an optional decimal point"
         )
     return float(text)
@@ -158,7 +195,7 @@ def read_audioset_segments(
                 labels.add(class_of_mid[mid])
             elif not drop_unknown_labels:
                 raise DatasetError(
-                    f"{source}: label {mid} is not in the class list; pass --drop-unknown-labels to drop it"
+                    f"{source}: label {excerpt(mid)} is not in the class list; pass --drop-unknown-labels to drop it"
                 )
         key = f"{ytid}_{round(start_s * 1000)}"
         _claim_key(key, source, source_of_key)
@@ -169,7 +206,8 @@ def read_audioset_segments(
 def read_class_list(path: str | os.PathLike) -> list[str]:
     """Reads one class name per line (surrounding whitespace stripped, blank lines ignored) in file order.
 
-    A duplicate name or an empty list -> DatasetError naming the file (and both lines).
+    A duplicate name, a name that is no printable name (`check_class_name`), an empty list or one of more than
+    MAX_CLASSES names -> DatasetError naming the file (and both lines).
     """
     names: list[str] = []
     line_of_name: dict[str, int] = {}
@@ -177,11 +215,13 @@ def read_class_list(path: str | os.PathLike) -> list[str]:
         name = line.strip()
         if not name:
             continue
+        source = f"{os.fspath(path)}:{line_no}"
         if name in line_of_name:
-            raise DatasetError(
-                f"{os.fspath(path)}:{line_no}: class {name!r} already listed at line {line_of_name[name]}"
-            )
+            raise DatasetError(f"{source}: class {excerpt(name)} already listed at line {line_of_name[name]}")
+        if len(names) >= MAX_CLASSES:
+            raise DatasetError(f"{source}: more than {MAX_CLASSES} classes")
         line_of_name[name] = line_no
+        check_class_name(name, "class", source)
         names.append(name)
     if not names:
         raise DatasetError(f"{os.fspath(path)}: no class names")
@@ -195,11 +235,12 @@ def read_vggsound(
 
     split is 'train' or 'test'. With classes None the class names are the sorted distinct labels of ALL rows
     (both splits, so train and test share one list); given classes, a label of a `split` row outside it ->
-    DatasetError naming file:line. Rows are 10 s from an integer start; a malformed row or a key listed twice
-    in `split` -> DatasetError naming file:line.
+    DatasetError naming file:line. Rows are 10 s from an integer start; a malformed row, a label that is no
+    printable class name (`check_class_name`), more than MAX_CLASSES labels or a key listed twice in `split` ->
+    DatasetError naming file:line.
     """
     if split not in VGGSOUND_SPLITS:
-        raise DatasetError(f"split {split!r} is not one of {', '.join(VGGSOUND_SPLITS)}")
+        raise DatasetError(f"split {excerpt(split)} is not one of {', '.join(VGGSOUND_SPLITS)}")
     parsed: list[tuple[str, str, int, str, str]] = []
     for source, fields in csv_rows(path):
         if len(fields) != 4:
@@ -208,15 +249,18 @@ def read_vggsound(
         _check_ytid(ytid, source)
         if not _WHOLE_SECONDS_RE.fullmatch(start_text) or int(start_text) > MAX_SECONDS:
             raise DatasetError(
-                f"{source}: start {start_text[:40]!r} is not a whole number of seconds in [0, {MAX_SECONDS:.0f}]"
+                f"{source}: start {excerpt(start_text, 40)} is not a whole number of seconds in [0, {MAX_SECONDS:.0f}]"
             )
         if not label:
             raise DatasetError(f"{source}: empty label")
+        check_class_name(label, "label", source)
         if row_split not in VGGSOUND_SPLITS:
-            raise DatasetError(f"{source}: split {row_split!r} is not one of {', '.join(VGGSOUND_SPLITS)}")
+            raise DatasetError(f"{source}: split {excerpt(row_split)} is not one of {', '.join(VGGSOUND_SPLITS)}")
         parsed.append((source, ytid, int(start_text), label, row_split))
 
     class_names = list(classes) if classes is not None else sorted({label for _, _, _, label, _ in parsed})
+    if len(class_names) > MAX_CLASSES:
+        raise DatasetError(f"{os.fspath(path)}: {len(class_names)} distinct labels, more than {MAX_CLASSES} classes")
     class_of_name = {name: index for index, name in enumerate(class_names)}
     rows: list[ClipRow] = []
     source_of_key: dict[str, str] = {}
@@ -224,7 +268,7 @@ def read_vggsound(
         if row_split != split:
             continue
         if label not in class_of_name:
-            raise DatasetError(f"{source}: label {label!r} is not in the class list")
+            raise DatasetError(f"{source}: label {excerpt(label)} is not in the class list")
         key = f"{ytid}_{start_s:06d}"
         _claim_key(key, source, source_of_key)
         rows.append(ClipRow(key, ytid, float(start_s), start_s + VGGSOUND_SEGMENT_S, (class_of_name[label],), source))
@@ -240,7 +284,7 @@ def split_name_from_segments(path: str | os.PathLike) -> str:
     split = Path(path).name.removesuffix(".csv").removesuffix("_segments")
     if not _SPLIT_NAME_RE.fullmatch(split):
         raise DatasetError(
-            f"{os.fspath(path)}: {split!r} is not a usable split name (letters, digits, '_', '-', '.', not first); "
-            "rename the file, e.g. eval_segments.csv"
+            f"{os.fspath(path)}: {excerpt(split)} is not a usable split name (letters, digits, '_', '-', '.', not "
+            "first); rename the file, e.g. eval_segments.csv"
         )
     return split

@@ -35,6 +35,7 @@ from shards.schema import (
     split_member_name,
 )
 from shards.tar import TarReadError, tar_members
+from shards.text import printable
 
 HASH_CHUNK_BYTES = 1 << 20
 # A shard whose every sample is bad would otherwise print thousands of lines saying the same thing.
@@ -116,7 +117,7 @@ def read_samples(path: Path, exts: list[str]) -> tuple[list[tuple[str, dict[str,
                 if not samples or samples[-1][0] != member.key:
                     samples.append((member.key, {}))
                 if member.ext in samples[-1][1]:
-                    raise TarReadError(f"sample {member.key}: member {member.ext} twice")
+                    raise TarReadError(f"sample {printable(member.key)}: member {printable(member.ext)} twice")
                 samples[-1][1][member.ext] = member.payload or b""
     except (OSError, SchemaError) as err:  # TarReadError: not a whole, sound tar
         if samples and set(samples[-1][1]) != set(exts):

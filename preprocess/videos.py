@@ -15,6 +15,7 @@ from collections.abc import Sequence
 from pathlib import Path, PurePosixPath
 
 from preprocess.datasets import ClipRow, DatasetError
+from shards.text import excerpt
 
 AUDIOSET_NAME_TEMPLATES: tuple[str, ...] = (
     "{ytid}.*",
@@ -81,12 +82,14 @@ class VideoIndex:
             matches = self._glob(pattern)
             if len(matches) > 1:
                 raise DatasetError(
-                    f"clip {row.key}: {len(matches)} files in {self.folder} match {pattern!r}: "
-                    f"{', '.join(matches)}; pass --name-template with a pattern that picks one"
+                    f"clip {row.key}: {len(matches)} files in {self.folder} match {excerpt(pattern)}: "
+                    f"{excerpt(', '.join(matches), 200)}; pass --name-template with a pattern that picks one"
                 )
             if matches:
                 return self.folder / matches[0]
-        raise FileNotFoundError(f"clip {row.key}: no file in {self.folder} matches any of {', '.join(tried)}")
+        raise FileNotFoundError(
+            f"clip {row.key}: no file in {self.folder} matches any of {', '.join(map(excerpt, tried))}"
+        )
 
     def resolve_path(self, row: ClipRow) -> Path:
         """The file `row.video_path` names inside this folder, its links resolved (the path that is decoded).
@@ -96,16 +99,17 @@ class VideoIndex:
         """
         relative = PurePosixPath(row.video_path or "")
         if relative.is_absolute() or ".." in relative.parts or not relative.parts:
-            raise DatasetError(f"clip {row.key}: video {row.video_path!r} is not a path inside {self.folder}")
+            raise DatasetError(f"clip {row.key}: video {excerpt(row.video_path)} is not a path inside {self.folder}")
         root = os.path.realpath(self.folder)
         real = os.path.realpath(os.path.join(root, relative))
         if os.path.commonpath([root, real]) != root:
             raise DatasetError(
-                f"clip {row.key}: video {row.video_path} leads to {real}, outside the video folder {self.folder}; "
+                f"clip {row.key}: video {excerpt(row.video_path)} leads to {excerpt(real)}, outside the video folder "
+                f"{self.folder}; "
                 "put the file itself (not a link out of the folder) there"
             )
         if not os.path.exists(real):
-            raise FileNotFoundError(f"clip {row.key}: no file {row.video_path} in {self.folder}")
+            raise FileNotFoundError(f"clip {row.key}: no file {excerpt(row.video_path)} in {self.folder}")
         return Path(real)
 
 

@@ -15,6 +15,7 @@ from pathlib import Path
 from preprocess.custom_csv import parse_time
 from preprocess.datasets import ClipRow, DatasetError, csv_rows
 from preprocess.videos import VideoIndex
+from shards.text import excerpt
 
 VIDEO_SUFFIXES = frozenset({".mp4", ".mkv", ".webm", ".avi", ".mov", ".flv", ".mpg", ".mpeg", ".ts", ".m4v", ".ogv"})
 
@@ -37,7 +38,7 @@ def read_segments_csv(path: Path, videos: Path | None = None) -> list[Segment]:
         raise DatasetError(f"{path}: empty; expected a header with a video column")
     header = [name.lower() for name in rows[0][1]]
     if "video" not in header:
-        raise DatasetError(f"{rows[0][0]}: no 'video' column in the header {','.join(header)[:200]}")
+        raise DatasetError(f"{rows[0][0]}: no 'video' column in the header {excerpt(','.join(header), 200)}")
     column = {name: header.index(name) for name in ("video", "start", "end") if name in header}
     index = VideoIndex(videos or path.parent)
     segments = []

@@ -14,6 +14,7 @@ from pathlib import Path
 from shards.manifest import ShardInfo
 from shards.schema import SchemaError, split_member_name
 from shards.tar import tar_members
+from shards.text import excerpt
 
 # DALI's index files (tools/wds2idx.py in DALI) start with this version tag.
 WDS_INDEX_VERSION = "v1.2"
@@ -92,12 +93,14 @@ def parse_index(path: Path, shard: ShardInfo) -> list[SampleRef]:
             ext, offset, size_text, name = fields[i : i + 4]
             ok = _EXT_RE.fullmatch(ext) and _DECIMAL_RE.fullmatch(offset) and _DECIMAL_RE.fullmatch(size_text)
             if not ok or name != f"{key}.{ext}" or ext in members:
-                raise IndexFileError(f"{path}:{line_no}: malformed member {' '.join(fields[i : i + 4])!r:.120}; {redo}")
+                raise IndexFileError(
+                    f"{path}:{line_no}: malformed member {excerpt(' '.join(fields[i : i + 4]))}; {redo}"
+                )
             start, length = int(offset), int(size_text)
             if start < 512 or start + length > shard.bytes:
                 raise IndexFileError(
-                    f"{path}:{line_no}: member {name} at bytes {start}..{start + length} lies outside {shard.name} "
-                    f"({shard.bytes} bytes); {redo}"
+                    f"{path}:{line_no}: member {excerpt(name)} at bytes {start}..{start + length} lies outside "
+                    f"{shard.name} ({shard.bytes} bytes); {redo}"
                 )
             members[ext] = (start, length)
         refs.append(SampleRef(shard=-1, key=key, members=members))

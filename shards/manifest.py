@@ -1,7 +1,7 @@
 """A split's `manifest.json`: the shards it lists (name, samples, bytes, sha256), the log-mel statistics, the
 classes, the feature parameters and every failure of the job that wrote it; parsed strictly, because manifests travel
-through shared buckets: a manifest names only shards the writer names, its counts and sizes are bounded, and its
-numbers are finite.
+through shared buckets: a manifest names only shards the writer names, its size, counts and sizes are bounded (a
+shard's samples by its bytes), its numbers are finite and its class names printable.
 """
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from shards.atomic import write_bytes_atomic
+from shards.atomic import read_small_file, write_bytes_atomic
 from shards.schema import (
     INDEX_SUFFIX,
     MANIFEST_NAME,
@@ -26,6 +26,7 @@ from shards.schema import (
     finite,
     is_int,
 )
+from shards.text import excerpt, name_problem
 
 # What SHARD_PATTERN writes: a manifest naming anything else (a path, `../`, a shell word) is refused.
 SHARD_NAME_RE = re.compile(r"^shard-[0-9]{6,9}\.tar$")
@@ -35,6 +36,12 @@ MAX_SHARD_SAMPLES = 10_000_000
 MAX_SHARD_BYTES = 1 << 40
 MAX_CLASSES = 1_000_000
 MAX_SHARDS = 10_000_000
+# A split's samples: AudioSet-2M has 2,041,789; loaders allocate an order over all of them (8 bytes each).
+MAX_SPLIT_SAMPLES = 100_000_000
+# A manifest is a few MB (AudioSet-2M: ~4,000 shards and its failures); more is not one.
+MAX_MANIFEST_BYTES = 1 << 29
+# The least a sample takes in a tar: a header each for a frame, the log-mel, the labels and meta.json.
+MIN_SAMPLE_BYTES = 4 * 512
 
 
 @dataclass(frozen=True)
@@ -56,22 +63,26 @@ class ShardInfo:
         sizes in bounds, a sha256 in hex; SchemaError naming `where` otherwise."""
         if not isinstance(data, Mapping) or set(data) != {"name", "num_samples", "bytes", "sha256"}:
             raise SchemaError(
-                f"{where}: a shard entry must hold exactly name, num_samples, bytes, sha256: {data!r:.200}"
+                f"{where}: a shard entry must hold exactly name, num_samples, bytes, sha256: {excerpt(data, 200)}"
             )
         name, count, size, digest = data["name"], data["num_samples"], data["bytes"], data["sha256"]
         if not isinstance(name, str) or not SHARD_NAME_RE.fullmatch(name):
             raise SchemaError(
-                f"{where}: shard name {name!r:.100} is not one the shard writer gives (shard-NNNNNN.tar); "
+                f"{where}: shard name {excerpt(name)} is not one the shard writer gives (shard-NNNNNN.tar); "
                 "a manifest may name only shards of its own folder"
             )
         if not (is_int(count) and 1 <= count <= MAX_SHARD_SAMPLES):
-            raise SchemaError(f"{where}: {name}: num_samples {count!r:.50} is not in 1..{MAX_SHARD_SAMPLES}")
+            raise SchemaError(f"{where}: {name}: num_samples {excerpt(count)} is not in 1..{MAX_SHARD_SAMPLES}")
         if not (is_int(size) and 2 * 512 <= size <= MAX_SHARD_BYTES and size % 512 == 0):
             raise SchemaError(
-                f"{where}: {name}: bytes {size!r:.50} is not a tar's size (a multiple of 512 up to 1 TiB)"
+                f"{where}: {name}: bytes {excerpt(size)} is not a tar's size (a multiple of 512 up to 1 TiB)"
+            )
+        if count * MIN_SAMPLE_BYTES > size:
+            raise SchemaError(
+                f"{where}: {name}: {count} samples cannot fit in {size} bytes (each takes at least {MIN_SAMPLE_BYTES})"
             )
         if not isinstance(digest, str) or not _SHA256_RE.fullmatch(digest):
-            raise SchemaError(f"{where}: {name}: sha256 {digest!r:.80} is not 64 lowercase hex digits")
+            raise SchemaError(f"{where}: {name}: sha256 {excerpt(digest)} is not 64 lowercase hex digits")
         return cls(name, count, size, digest)
 
 
@@ -107,8 +118,9 @@ class LogmelStats:
         count, total, total_sq = data["count"], data["sum"], data["sum_sq"]
         if not (is_int(count) and count >= 0 and finite(total) and finite(total_sq) and total_sq >= 0):
             raise SchemaError(
-                f"log-mel statistics count={count!r:.40} sum={total!r:.40} sum_sq={total_sq!r:.40} are not a count and "
-                "finite sums (a clip with NaN or infinite audio was summed?)"
+                f"log-mel statistics count={excerpt(count, 40)} sum={excerpt(total, 40)} "
+                f"sum_sq={excerpt(total_sq, 40)} are not a count and finite sums (a clip with NaN or infinite audio "
+                "was summed?)"
             )
         stats = cls(count, float(total), float(total_sq))
         if not (math.isfinite(stats.mean) and math.isfinite(stats.std)):
@@ -160,12 +172,32 @@ class Manifest:
 
 
 def load_manifest(folder: str | Path) -> Manifest:
-    """The manifest of the split in `folder`; SchemaError naming the file if it is missing, invalid or of
-    another schema version."""
+    """The manifest of the split in `folder`; SchemaError naming the file if it is missing, invalid, larger than
+    MAX_MANIFEST_BYTES (checked before it is read) or of another schema version."""
     path = Path(folder) / MANIFEST_NAME
     if not path.is_file():
         raise SchemaError(f"{path}: no manifest; shard the split first (tools/shard_audioset.py, shard_vggsound.py)")
-    return parse_manifest(path.read_bytes(), str(path))
+    try:
+        text = read_small_file(path, MAX_MANIFEST_BYTES)
+    except (OSError, ValueError) as err:
+        raise SchemaError(f"{path}: cannot be read as a manifest ({err}); re-run the shard job to rewrite it") from None
+    return parse_manifest(text, str(path))
+
+
+def check_classes(classes: object, where: str) -> list[dict[str, Any]]:
+    """`classes` if it is a manifest's class list: 1..MAX_CLASSES mappings whose name (where given) is a string and
+    whose name and id hold text a person can be shown (`shards.text.name_problem`); SchemaError naming `where`
+    otherwise. (What a model needs of a class, an index and string id and name, is `mbt.classes`' check.)"""
+    if not isinstance(classes, list) or not 1 <= len(classes) <= MAX_CLASSES:
+        raise SchemaError(f"{where}: classes must be a list of 1..{MAX_CLASSES} entries")
+    for i, entry in enumerate(classes):
+        if not (isinstance(entry, dict) and isinstance(entry.get("name", ""), str)):
+            raise SchemaError(f"{where}: each class must be a mapping whose name is a string (class {i} is not)")
+        for field_name in ("name", "id"):
+            value = entry.get(field_name)
+            if isinstance(value, str) and (problem := name_problem(value)):
+                raise SchemaError(f"{where}: class {i}'s {field_name} {excerpt(value)} {problem}")
+    return classes
 
 
 def _no_json_constants(name: str) -> None:
@@ -175,7 +207,9 @@ def _no_json_constants(name: str) -> None:
 def parse_manifest(text: str | bytes, where: str) -> Manifest:
     """A manifest from its JSON text, read from `where` (a path or URL that errors name); SchemaError if it is
     invalid, of another schema version, or claims what a manifest cannot (a shard name that is not the writer's,
-    counts or sizes out of bounds, NaN or infinite statistics)."""
+    counts or sizes out of bounds, NaN or infinite statistics, a class name holding control characters)."""
+    if len(text) > MAX_MANIFEST_BYTES:
+        raise SchemaError(f"{where}: more than {MAX_MANIFEST_BYTES} bytes, not a manifest; re-run the shard job")
     try:
         data = json.loads(text, parse_constant=_no_json_constants)
     except (UnicodeDecodeError, ValueError, RecursionError) as err:
@@ -190,19 +224,18 @@ def parse_manifest(text: str | bytes, where: str) -> Manifest:
         shards, classes, failures = data["shards"], data["classes"], data["failures"]
         if not isinstance(shards, list) or len(shards) > MAX_SHARDS:
             raise SchemaError(f"shards must be a list of at most {MAX_SHARDS} entries")
-        if not isinstance(classes, list) or not 1 <= len(classes) <= MAX_CLASSES:
-            raise SchemaError(f"classes must be a list of 1..{MAX_CLASSES} entries")
-        if not all(isinstance(c, dict) and isinstance(c.get("name", ""), str) for c in classes):
-            raise SchemaError("each class must be a mapping whose name is a string")
+        check_classes(classes, where)
         if not isinstance(failures, list) or not all(isinstance(f, dict) for f in failures):
             raise SchemaError("failures must be a list of mappings")
         if not isinstance(data["multi_label"], bool):
-            raise SchemaError(f"multi_label must be true or false, got {data['multi_label']!r:.40}")
+            raise SchemaError(f"multi_label must be true or false, got {excerpt(data['multi_label'], 40)}")
         if not all(isinstance(data[k], str) for k in ("dataset", "split")):
             raise SchemaError("dataset and split must be strings")
         infos = [ShardInfo.from_dict(entry, where) for entry in shards]
         if len({info.name for info in infos}) != len(infos):
             raise SchemaError("a shard is listed twice")
+        if (total := sum(info.num_samples for info in infos)) > MAX_SPLIT_SAMPLES:
+            raise SchemaError(f"its shards hold {total} samples, more than a split may ({MAX_SPLIT_SAMPLES})")
         return Manifest(
             dataset=data["dataset"],
             split=data["split"],
@@ -219,4 +252,6 @@ def parse_manifest(text: str | bytes, where: str) -> Manifest:
         message = str(err) if str(err).startswith(where) else f"{where}: {err}"
         raise SchemaError(f"{message}; re-run the shard job to rewrite it") from None
     except (KeyError, TypeError, ValueError, AttributeError) as err:
-        raise SchemaError(f"{where}: missing or malformed field ({err!r}); re-run the shard job to rewrite it") from err
+        raise SchemaError(
+            f"{where}: missing or malformed field ({excerpt(err, 200)}); re-run the shard job to rewrite it"
+        ) from err

@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import IO
 
 from shards.schema import SchemaError, split_member_name
+from shards.text import excerpt, printable
 
 BLOCK = 512
 _PAX_MAX_BYTES = 1 << 20  # a pax header holds a path or two: anything larger is not a shard's
@@ -113,7 +114,7 @@ def tar_members(fileobj: IO[bytes], limit: int, exts: frozenset[str] | None = No
         size = _number(header, 124, 136, "size")
         if "size" in pax:
             if not pax["size"].isdigit():
-                raise TarReadError(f"pax size {pax['size']!r:.40} is not a number")
+                raise TarReadError(f"pax size {excerpt(pax['size'], 40)} is not a number")
             size = int(pax["size"])
         kind = header[156:157]
         name = pax.get("path") or long_name
@@ -123,7 +124,7 @@ def tar_members(fileobj: IO[bytes], limit: int, exts: frozenset[str] | None = No
                 name = (prefix + b"/" + base if prefix else base).decode()
             except UnicodeDecodeError:
                 raise TarReadError(f"member name at byte {at} is not UTF-8") from None
-        what = f"member {name[:100]}"
+        what = f"member {printable(name)}"
         padding = -size % BLOCK
         if kind in (b"x", b"L", b"g"):
             if size > _PAX_MAX_BYTES:
@@ -163,7 +164,7 @@ def tar_samples(
                 yield key, members
             key, members, seen = member.key, {}, set()
         elif member.ext in seen:
-            raise TarReadError(f"sample {key}: member {member.ext} twice")
+            raise TarReadError(f"sample {printable(key)}: member {printable(member.ext)} twice")
         seen.add(member.ext)
         if member.payload is not None:
             members[member.ext] = member.payload

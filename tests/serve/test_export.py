@@ -104,6 +104,12 @@ def _other_depth(folder: Path) -> None:
     (folder / CONFIG_FILE).write_text(json.dumps(config))
 
 
+def _escaped_class_name(folder: Path) -> None:
+    config = json.loads((folder / CONFIG_FILE).read_text())
+    config["classes"][0]["name"] = "dog\x1b]0;pwned\x07"
+    (folder / CONFIG_FILE).write_text(json.dumps(config))
+
+
 def _edit_weights(change: Callable[[dict[str, torch.Tensor]], None]) -> Callable[[Path], None]:
     def edit(folder: Path) -> None:
         state = load_file(str(folder / WEIGHTS_FILE))
@@ -128,6 +134,7 @@ def _nan(state: dict[str, torch.Tensor]) -> None:
         (_drop(WEIGHTS_FILE), WEIGHTS_FILE, "no such file"),
         (_bad_json, CONFIG_FILE, "not valid JSON"),
         (_other_depth, WEIGHTS_FILE, "missing towers.video.blocks.2"),
+        (_escaped_class_name, CONFIG_FILE, "class 0's name 'dog\\x1b]0;pwned\\x07' holds the control character"),
         (_edit_weights(_reshape), WEIGHTS_FILE, "head.weight has shape ("),
         (_edit_weights(_nan), WEIGHTS_FILE, "NaN or infinite weights in head.bias"),
         (lambda folder: (folder / WEIGHTS_FILE).write_bytes(b"\0" * 7), WEIGHTS_FILE, "not a readable safetensors"),

@@ -9,6 +9,7 @@ import resource
 import shutil
 import subprocess
 import sys
+import tracemalloc
 from collections.abc import Callable
 from pathlib import Path
 
@@ -24,8 +25,8 @@ from pipelines.reading import SampleReader, shard_samples
 from pipelines.sources import SplitIndex, StreamSplit
 from pipelines.torch_loader import TorchLoader
 from preprocess.verify import verify_split
-from shards.manifest import load_manifest
-from shards.schema import LABELS_DTYPE, LABELS_EXT, LOGMEL_DTYPE, LOGMEL_EXT, frame_ext
+from shards.manifest import MAX_MANIFEST_BYTES, load_manifest
+from shards.schema import LABELS_DTYPE, LABELS_EXT, LOGMEL_DTYPE, LOGMEL_EXT, SchemaError, frame_ext
 from shards.tar import iter_tar_samples
 from shards.writer import ShardWriter
 
@@ -238,4 +239,25 @@ def test_manifest_with_nan_statistics_fails_verification(train_shards: Path, tmp
     report = verify_split(split)
     assert not report.ok and "NaN is not a number JSON allows" in report.errors[0]
     with pytest.raises(LoaderError, match="NaN is not a number JSON allows"):
+        SplitIndex(split)
+
+
+def test_a_manifest_larger_than_its_bound_is_refused_before_it_is_read(train_shards: Path, tmp_path: Path) -> None:
+    """Before: the whole file was read, then parsed (600 MB here, of a sparse file that takes no disk)."""
+    split = Path(shutil.copytree(train_shards, tmp_path / "split"))
+    tracemalloc.start()
+    load_manifest(split)
+    normal = tracemalloc.get_traced_memory()[1]
+    tracemalloc.reset_peak()
+    with open(split / "manifest.json", "r+b") as f:
+        f.truncate(MAX_MANIFEST_BYTES + (64 << 20))
+    try:
+        too_large = rf"manifest\.json: cannot be read as a manifest \(larger than {MAX_MANIFEST_BYTES} bytes\)"
+        with pytest.raises(SchemaError, match=too_large):
+            load_manifest(split)
+        hostile = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert hostile < 2 * normal, (hostile, normal)
+    with pytest.raises(LoaderError, match="larger than"):
         SplitIndex(split)
