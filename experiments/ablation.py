@@ -11,7 +11,6 @@ against forward GFLOPs per clip, as the paper plots mAP against GFLOPs:
 from __future__ import annotations
 
 import argparse
-import csv
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -24,6 +23,7 @@ from mbt.config import ConfigError, TrainConfig, preset
 from mbt.dist import cleanup, init_distributed
 from mbt.train import EXPECTED_ERRORS
 from shards.layout import SHARDS_ROOT
+from shards.text import CsvWriter
 
 CSV_NAME = "ablation.csv"
 PNG_NAME = "ablation.png"
@@ -90,9 +90,9 @@ def write_csv(rows: Sequence[dict[str, Any]], path: Path) -> Path:
     """`rows` as CSV with the COLUMNS header."""
     path.parent.mkdir(parents=True, exist_ok=True)
     with open(path, "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=COLUMNS, extrasaction="ignore")
-        writer.writeheader()
-        writer.writerows(rows)
+        writer = CsvWriter(f)
+        writer.writerow(COLUMNS)
+        writer.writerows([row.get(column, "") for column in COLUMNS] for row in rows)
     return path
 
 

@@ -4,12 +4,13 @@ of a single-label split (with their table). matplotlib, off-screen (Agg).
 
 from __future__ import annotations
 
-import csv
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+
+from shards.text import CsvWriter
 
 SHOWN_CLASSES = 15  # best and worst, each
 SHOWN_PAIRS = 20
@@ -66,7 +67,7 @@ def write_confusion(
     """The most-confused pairs as a CSV (true, predicted, count, fraction of the true class) and a bar chart."""
     pairs = confused_pairs(logits, labels)
     with csv_path.open("w", newline="") as f:
-        writer = csv.writer(f)
+        writer = CsvWriter(f)
         writer.writerow(["true_index", "true_name", "predicted_index", "predicted_name", "count", "fraction"])
         for t, p, count, support in pairs:
             writer.writerow([t, class_label(names, t), p, class_label(names, p), count, f"{count / support:.6f}"])

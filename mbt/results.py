@@ -4,7 +4,6 @@ figures a person reads (per-class AP with the split's class names, the most-conf
 
 from __future__ import annotations
 
-import csv
 import json
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -14,6 +13,7 @@ import numpy as np
 
 from mbt.metrics import json_values
 from mbt.plots import plot_per_class_ap, write_confusion
+from shards.text import CsvWriter
 
 METRICS_FILE = "metrics.json"
 PREDICTIONS_FILE = "predictions.npz"
@@ -39,7 +39,7 @@ def write_results(
     np.savez(out_dir / PREDICTIONS_FILE, keys=np.asarray(keys, dtype=str), logits=logits, labels=labels)
     if per_class_ap is not None:
         with (out_dir / PER_CLASS_AP_FILE).open("w", newline="") as f:
-            writer = csv.writer(f)
+            writer = CsvWriter(f)
             writer.writerow(["class_index", "class_name", "ap"])
             for c, ap in enumerate(per_class_ap):
                 writer.writerow([c, class_names[c] if class_names else "", f"{ap:.6f}"])

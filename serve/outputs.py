@@ -4,7 +4,6 @@ writes, a timeline CSV and PNG per video (`--window-s`) and the lines printed.
 
 from __future__ import annotations
 
-import csv
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -14,6 +13,7 @@ import torch
 
 from mbt.plots import class_label, pyplot
 from serve.predict import Prediction
+from shards.text import MAX_NAME_CHARS, CsvWriter, printable
 
 TIMELINE_SUFFIX = ".timeline.csv"
 TIMELINE_CLASSES = 6  # classes drawn in a timeline PNG
@@ -71,7 +71,7 @@ def write_timeline_csv(path: Path, prediction: Prediction, names: list[str], mul
     probs = probabilities(prediction.logits, multi_label)
     path.parent.mkdir(parents=True, exist_ok=True)
     with path.open("w", newline="") as f:
-        writer = csv.writer(f)
+        writer = CsvWriter(f)
         writer.writerow(["start_s", "end_s", "top_class", "top_probability", *names])
         for (start, end), row in zip(prediction.windows, probs, strict=True):
             best = int(np.argmax(row))
@@ -80,10 +80,12 @@ def write_timeline_csv(path: Path, prediction: Prediction, names: list[str], mul
 
 
 def top_lines(prediction: Prediction, names: list[str], multi_label: bool, k: int) -> list[str]:
-    """The lines printed for a prediction: its name, then its top-k classes with probabilities."""
+    """The lines printed for a prediction: its name, then its top-k classes with probabilities (text from data with
+    its control characters escaped: a file name may hold any)."""
     windows = f" ({len(prediction.windows)} windows)" if len(prediction.windows) > 1 else ""
     top = top_classes(summary_probabilities(prediction, multi_label), names, k)
-    return [f"{prediction.name}{windows}:"] + [f"  {p:.3f}  {n}" for n, p in top]
+    name = printable(prediction.name, MAX_NAME_CHARS)
+    return [f"{name}{windows}:"] + [f"  {p:.3f}  {printable(n, MAX_NAME_CHARS)}" for n, p in top]
 
 
 def plot_timeline(

@@ -85,6 +85,13 @@ def test_tiny_demo_writes_the_summary(shards: Path, tmp_path: Path) -> None:
     assert again[0]["train_s"] > 0
 
 
+def test_the_ablation_csv_cannot_hold_a_formula(tmp_path: Path) -> None:
+    row = dict.fromkeys(COLUMNS, 0.5) | {"sweep": "=1+1", "name": "late", "fusion": "late", "ap_cross": -0.25}
+    with open(write_csv([row], tmp_path / "a.csv"), newline="") as f:
+        (read,) = csv.DictReader(f)
+    assert read["sweep"] == "'=1+1" and read["name"] == "late" and read["ap_cross"] == "-0.25"
+
+
 def test_ablation_runs_cover_both_sweeps() -> None:
     runs = ablation_runs(depth=4, fusion_layer=2, bottlenecks=[1, 4, 16])
     layers = [(c["fusion"], c.get("fusion_layer")) for sweep, c in runs if sweep == "fusion_layer"]

@@ -1,5 +1,5 @@
 """Result figures and tables: the most-confused pairs of a single-label evaluation, per-class AP as PNG files, and the
-evaluation's files named by the split's classes."""
+evaluation's files named by the split's classes (a class name that a spreadsheet would run written as text)."""
 
 from __future__ import annotations
 
@@ -46,3 +46,21 @@ def test_multi_label_results_hold_per_class_ap_with_names_and_a_figure(tmp_path:
     rows = list(csv.DictReader((tmp_path / "per_class_ap.csv").open()))
     assert [r["class_name"] for r in rows] == NAMES and rows[2]["ap"] == "nan"
     assert (tmp_path / "per_class_ap.png").stat().st_size > 0
+
+
+FORMULAS = ['=HYPERLINK("http://x","click")', "@SUM(A1:A9)", "-dog"]  # '-dog' holds no formula: kept
+
+
+def test_class_names_that_a_spreadsheet_would_run_are_written_as_text(tmp_path: Path) -> None:
+    write_results(tmp_path / "s", {}, ["a", "b", "c"], one_hot_logits([1, 2, 0]), np.array([0, 1, 2]), None, FORMULAS)
+    rows = list(csv.DictReader((tmp_path / "s" / "confusion.csv").open()))
+    assert [(r["true_name"], r["predicted_name"]) for r in rows] == [
+        ("'" + FORMULAS[0], "'" + FORMULAS[1]),
+        ("'" + FORMULAS[1], "-dog"),
+        ("-dog", "'" + FORMULAS[0]),
+    ]
+    labels = np.eye(3, dtype=np.float32)
+    write_results(tmp_path / "m", {}, ["a", "b", "c"], labels, labels, np.ones(3), FORMULAS)
+    rows = list(csv.DictReader((tmp_path / "m" / "per_class_ap.csv").open()))
+    assert [r["class_name"] for r in rows] == ["'" + FORMULAS[0], "'" + FORMULAS[1], "-dog"]
+    assert [r["ap"] for r in rows] == ["1.000000"] * 3

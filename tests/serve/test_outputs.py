@@ -1,15 +1,30 @@
-"""What prediction writes for a person: a video's timeline of class probabilities as a PNG."""
+"""What prediction writes for a person: a video's timeline of class probabilities as a PNG and a CSV, and the lines
+printed (text from data neutralised in both)."""
 
 from __future__ import annotations
 
+import csv
 from pathlib import Path
 
 import numpy as np
 
-from serve.outputs import TIMELINE_CLASSES, plot_timeline
+from serve.outputs import TIMELINE_CLASSES, plot_timeline, top_lines, write_timeline_csv
+from serve.predict import Prediction
 
 
 def test_a_timeline_figure_is_written(tmp_path: Path) -> None:
     probs = np.array([[0.9, 0.1, 0.2], [0.5, 0.5, 0.2], [0.1, 0.9, 0.2]])
     path = plot_timeline(tmp_path / "t.png", [(0, 2), (1, 3), (2, 4)], probs, ["dog", "cat", "bird"], "video")
     assert path.stat().st_size > 0 and TIMELINE_CLASSES >= 3
+
+
+def test_the_timeline_csv_and_the_printed_lines_neutralise_text_from_data(tmp_path: Path) -> None:
+    names = ["=cmd|' /C calc'!A0", "Dog"]
+    prediction = Prediction("clip\x1b[2J.mp4", [(0.0, 2.0), (1.0, 3.0)], np.array([[3.0, -1.0], [-1.0, 3.0]]))
+    path = write_timeline_csv(tmp_path / "t.csv", prediction, names, multi_label=True)
+    rows = list(csv.reader(path.open()))
+    assert rows[0] == ["start_s", "end_s", "top_class", "top_probability", "'" + names[0], "Dog"]
+    assert rows[1][:3] == ["0.000", "2.000", "'" + names[0]] and rows[2][2] == "Dog"
+    lines = top_lines(prediction, ["Dog\x1b]0;x\x07", "Cat"], multi_label=True, k=2)
+    assert lines[0] == "clip\\x1b[2J.mp4 (2 windows):" and "Dog\\x1b]0;x\\x07" in lines[1]
+    assert not any("\x1b" in line for line in lines)
