@@ -12,13 +12,13 @@ from pathlib import Path
 from preprocess.datasets import DatasetError
 from preprocess.ffmpeg_run import ToolMissingError
 from preprocess.job import JobSpec, JobSummary, run_job
-from preprocess.job_state import JobError
+from preprocess.job_state import MAX_JOBS, MAX_SHARD_SIZE, JobError
 from shards.schema import MAX_FRAMES, FeatureParams, SchemaError
+from shards.text import excerpt
 
 EXIT_INPUT_ERROR = 1
 MAX_SHORT_SIDE_PX = 4096
 MAX_SEGMENT_S = 3600.0
-MAX_SHARD_SIZE = 10_000  # a shard's samples are held in memory until it is written
 MAX_WORKERS = 1024
 
 
@@ -136,7 +136,7 @@ def _env_int(env: Mapping[str, str], name: str) -> int:
     try:
         return int(text)
     except ValueError:
-        raise JobError(f"environment variable {name}={text!r:.40} is not an integer; fix the job array") from None
+        raise JobError(f"environment variable {name}={excerpt(text)} is not an integer; fix the job array") from None
 
 
 def partition(num_jobs: int | None, job_index: int | None, env: Mapping[str, str] = os.environ) -> tuple[int, int]:
@@ -146,6 +146,10 @@ def partition(num_jobs: int | None, job_index: int | None, env: Mapping[str, str
     if job_index is None and "SLURM_ARRAY_TASK_ID" in env:
         job_index = _env_int(env, "SLURM_ARRAY_TASK_ID") - _env_int(env, "SLURM_ARRAY_TASK_MIN")
     num_jobs, job_index = num_jobs or 1, job_index or 0
+    if num_jobs > MAX_JOBS:
+        raise JobError(
+            f"--num-jobs (or SLURM_ARRAY_TASK_COUNT) is {num_jobs}: at most {MAX_JOBS} parts; use fewer, larger ones"
+        )
     if num_jobs < 1 or not 0 <= job_index < num_jobs:
         raise JobError(f"job index {job_index} is not in 0..{num_jobs - 1}: check --num-jobs/--job-index or the array")
     return num_jobs, job_index

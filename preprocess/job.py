@@ -34,13 +34,12 @@ from preprocess.clip import ClipTask, process_clip
 from preprocess.datasets import ClipRow, DatasetError
 from preprocess.decode import default_decode_timeout_s, remove_stale_scratch
 from preprocess.ffmpeg_run import die_with_parent, require_ffmpeg
+from preprocess.job_merge import merge
 from preprocess.job_state import (
     JobError,
-    check_identity,
-    check_partition,
+    claim_folder,
     done_records,
     load_record,
-    merge,
     output_errors,
     part_lock,
     plan_shards,
@@ -215,9 +214,7 @@ def run_job(spec: JobSpec) -> JobSummary:
     check_name_templates(spec.name_templates)
     with output_errors():
         spec.out_dir.mkdir(parents=True, exist_ok=True)
-        identity = spec.identity()
-        check_identity(spec.out_dir, identity)
-        check_partition(spec.out_dir, spec.num_jobs)
+        claim_folder(spec.out_dir, spec.identity(), spec.num_jobs)
         with part_lock(spec.out_dir, spec.job_index, spec.num_jobs):
             return _run_part(spec, t0)
 
@@ -225,9 +222,9 @@ def run_job(spec: JobSpec) -> JobSummary:
 def _run_part(spec: JobSpec, t0: float) -> JobSummary:
     plan = plan_shards(len(spec.rows), spec.shard_size, spec.seed)
     mine = [k for k in range(len(plan)) if k % spec.num_jobs == spec.job_index]
-    pending = [k for k in mine if load_record(spec.out_dir, k) is None]
+    pending = [k for k in mine if load_record(spec.out_dir, k, plan[k].size) is None]
     if not pending and (spec.out_dir / MANIFEST_NAME).is_file():
-        return _summary(spec, done_records(spec.out_dir, len(plan)), 0, 0, t0, done=True)
+        return _summary(spec, done_records(spec.out_dir, plan), 0, 0, t0, done=True)
     remove_stale_shard_tmp(spec.out_dir, pending)
     processed = 0
     if pending:
@@ -253,7 +250,7 @@ def _run_part(spec: JobSpec, t0: float) -> JobSummary:
                     bar.update(1)
                 write_shard(spec.out_dir, k, results)
                 processed += len(results)
-    _, missing = merge(spec.out_dir)
-    summary = _summary(spec, done_records(spec.out_dir, len(plan)), processed, len(pending), t0, done=False)
-    summary.missing_parts = sorted({k % spec.num_jobs for k in missing})
+    _, waiting = merge(spec.out_dir)
+    summary = _summary(spec, done_records(spec.out_dir, plan), processed, len(pending), t0, done=False)
+    summary.missing_parts = waiting.parts(spec.num_jobs)
     return summary

@@ -6,16 +6,17 @@ after its tar and index), so a job killed at any moment redoes only the shards w
 exist the split's `manifest.json` and `failures.csv` are written from them.
 
 `_state/job.json` holds what the shards depend on (a rerun must match it) and `_state/partition.json` how many jobs
-the split's parts are cut into; each part is written by one job at a time (a flock on `_state/part-I.lock`). State
-files are data too: a damaged `job.json`/`partition.json` stops the job saying what to do, a damaged shard record
-makes its shard be redone. Any OSError writing the folder (a full disk) is a JobError naming the file.
+the split's parts are cut into; both are checked and written under a flock on `_state/job.lock` (of two parts
+started at once with different arguments, one is refused), and each part is written by one job at a time (a flock on
+`_state/part-I.lock`). State files are data too: a damaged `job.json`/`partition.json` stops the job saying what to
+do (its counts are bounded), a damaged shard record (or one that does not hold its planned rows) makes its shard be
+redone. Any OSError writing the folder (a full disk) is a JobError naming the file. `preprocess.job_merge` writes
+the manifest from the records.
 """
 
 from __future__ import annotations
 
-import csv
 import errno
-import io
 import json
 import math
 import os
@@ -29,15 +30,10 @@ from typing import Any
 import numpy as np
 
 from shards.atomic import LockedError, exclusive_lock, read_small_file, write_bytes_atomic
-from shards.manifest import LogmelStats, Manifest, ShardInfo
-from shards.schema import (
-    FAILURES_NAME,
-    MANIFEST_NAME,
-    SHARD_PATTERN,
-    FeatureParams,
-    SchemaError,
-    split_member_name,
-)
+from shards.limits import is_count
+from shards.manifest import MAX_SPLIT_SAMPLES, LogmelStats, ShardInfo
+from shards.schema import MANIFEST_NAME, SHARD_PATTERN, SchemaError, split_member_name
+from shards.text import excerpt
 from shards.writer import ShardWriter
 
 STATE_DIR = "_state"
@@ -45,6 +41,7 @@ JOB_FILE = "job.json"
 PARTITION_FILE = "partition.json"
 FAILURE_FIELDS = ("key", "source", "file", "reason", "message")
 STATE_MAX_BYTES = 64 << 20  # a record lists at most a shard's failures; job.json the classes
+STATE_LOCK_WAIT_S = 30.0  # another part's check-and-write of job.json and partition.json takes milliseconds
 _DISK_FULL = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)
 _TMP_SUFFIX_RE = re.compile(r"(\.[0-9]+)?\.tmp$")  # errors name the file being written, not its temporary name
 
@@ -54,7 +51,20 @@ class JobError(RuntimeError):
 
 
 # A split's rows: AudioSet-2M has 2,041,789; a job.json claiming far more is damaged (its plan would not fit memory).
-MAX_ROWS = 100_000_000
+MAX_ROWS = MAX_SPLIT_SAMPLES
+MAX_SHARD_SIZE = 10_000  # a shard's samples are held in memory until it is written
+# Jobs a split is cut into: a SLURM array holds ~1,000 (its default MaxArraySize is 1001); parts are listed by number.
+MAX_JOBS = 100_000
+
+
+def count_shards(num_rows: int, shard_size: int) -> int:
+    """How many shards the plan of `num_rows` rows in shards of about `shard_size` has, without planning them."""
+    return math.ceil(num_rows / shard_size)
+
+
+def shard_rows(num_rows: int, num_shards: int, index: int) -> int:
+    """How many rows shard `index` of the plan holds (np.array_split's sizes: the first n % k parts one more)."""
+    return num_rows // num_shards + (index < num_rows % num_shards)
 
 
 def plan_shards(num_rows: int, shard_size: int, seed: int) -> list[np.ndarray]:
@@ -62,7 +72,7 @@ def plan_shards(num_rows: int, shard_size: int, seed: int) -> list[np.ndarray]:
     if shard_size < 1:
         raise JobError(f"--shard-size must be at least 1, got {shard_size}")
     order = np.random.default_rng(seed).permutation(num_rows)
-    return [part for part in np.array_split(order, math.ceil(num_rows / shard_size)) if part.size]
+    return [part for part in np.array_split(order, count_shards(num_rows, shard_size)) if part.size]
 
 
 def _shard_name(index: int) -> str:
@@ -74,16 +84,17 @@ def record_path(out_dir: Path, index: int) -> Path:
     return out_dir / STATE_DIR / (_shard_name(index).removesuffix(".tar") + ".json")
 
 
-def load_record(out_dir: Path, index: int) -> dict[str, Any] | None:
-    """The record of a finished shard, or None when the shard must be (re)done: no record, an unreadable or
-    malformed one (not the shape write_shard writes, NaN statistics), or a shard/index file gone or of another
-    size than recorded (a full re-hash is verify_shards' job)."""
+def load_record(out_dir: Path, index: int, rows: int) -> dict[str, Any] | None:
+    """The record of finished shard `index` of `rows` planned rows, or None when the shard must be (re)done: no
+    record, an unreadable or malformed one (not the shape write_shard writes, NaN statistics, samples and failures
+    that do not add up to `rows`), or a shard/index file gone or of another size than recorded (a full re-hash is
+    verify_shards' job)."""
     path = record_path(out_dir, index)
     try:
         record = json.loads(read_small_file(path, STATE_MAX_BYTES))
     except (OSError, ValueError, RecursionError):
         return None
-    if not _is_record(record, index, str(path)):
+    if not _is_record(record, index, rows, str(path)):
         return None
     if shard := record["shard"]:
         tar = out_dir / shard["name"]
@@ -92,13 +103,14 @@ def load_record(out_dir: Path, index: int) -> dict[str, Any] | None:
     return record
 
 
-def _is_record(record: Any, index: int, where: str) -> bool:
-    """Whether `record` has the shape that write_shard gives shard `index`."""
+def _is_record(record: Any, index: int, rows: int, where: str) -> bool:
+    """Whether `record` has the shape that write_shard gives shard `index` of `rows` rows."""
     if not isinstance(record, dict) or not {"index", "shard", "logmel", "failures"} <= set(record):
         return False
     shard, failures = record["shard"], record["failures"]
     try:
-        if shard is not None and ShardInfo.from_dict(shard, where).name != _shard_name(index):
+        info = None if shard is None else ShardInfo.from_dict(shard, where)
+        if info is not None and info.name != _shard_name(index):
             return False
         LogmelStats.from_dict(record["logmel"])
     except (SchemaError, KeyError, TypeError):
@@ -106,12 +118,13 @@ def _is_record(record: Any, index: int, where: str) -> bool:
     return (
         record["index"] == index
         and isinstance(failures, list)
+        and (0 if info is None else info.num_samples) + len(failures) == rows
         and all(isinstance(f, dict) and set(f) == set(FAILURE_FIELDS) for f in failures)
         and all(isinstance(v, str) for f in failures for v in f.values())
     )
 
 
-def _read_state(path: Path, fix: str) -> dict[str, Any] | None:
+def read_state(path: Path, fix: str) -> dict[str, Any] | None:
     """The JSON object in the state file `path`, or None when there is none; JobError naming it and `fix` when it
     cannot be used (not UTF-8 JSON, not an object, a FIFO, huge)."""
     try:
@@ -130,26 +143,47 @@ def _write_state(path: Path, data: dict[str, Any], **dumps_options: Any) -> None
     write_bytes_atomic(path, (json.dumps(data, **dumps_options) + "\n").encode())
 
 
-def _identity_fix(out_dir: Path) -> str:
+def identity_fix(out_dir: Path) -> str:
     return f"restore it, or delete {out_dir} and shard again (or use another --out)"
 
 
-def check_identity(out_dir: Path, identity: dict[str, Any]) -> None:
-    """Record `identity` in a new folder; JobError when the folder holds shards of other inputs or arguments."""
-    path = out_dir / STATE_DIR / JOB_FILE
-    previous = _read_state(path, _identity_fix(out_dir))
-    if previous is not None:
-        changed = sorted(k for k in set(previous) | set(identity) if previous.get(k) != identity.get(k))
-        if changed:
-            raise JobError(
-                f"{out_dir} holds shards made with other inputs or arguments (differs in: {', '.join(changed)}); "
-                "rerun with the original arguments to resume, or use another --out (or delete the folder)"
-            )
-    elif (out_dir / MANIFEST_NAME).exists() or any(out_dir.glob("shard-*.tar")):
+def claim_folder(out_dir: Path, identity: dict[str, Any], num_jobs: int) -> None:
+    """Record `identity` and the partition into `num_jobs` parts in a new folder, or check them against what the
+    folder records, as one step under `_state/job.lock`: JobError when the folder holds shards of other inputs or
+    arguments, of an unknown job, or is cut into another number of parts (two parts started at the same instant
+    with different arguments included: the second sees what the first wrote)."""
+    state = out_dir / STATE_DIR
+    # Checked before _state is made: a job writes job.json before any shard, so this cannot race with one.
+    if not (state / JOB_FILE).exists() and ((out_dir / MANIFEST_NAME).exists() or any(out_dir.glob("shard-*.tar"))):
         raise JobError(f"{out_dir} holds shards of an unknown job; use another --out or delete the folder")
-    else:
-        path.parent.mkdir(parents=True, exist_ok=True)
+    state.mkdir(parents=True, exist_ok=True)
+    lock = state / "job.lock"
+    try:
+        with exclusive_lock(lock, wait_s=STATE_LOCK_WAIT_S):
+            _check_identity(out_dir, identity)
+            _check_partition(out_dir, num_jobs)
+    except LockedError as err:
+        raise JobError(
+            f"another job ({err.holder or 'pid unknown'}) has held {lock} for {STATE_LOCK_WAIT_S:g} s while checking "
+            f"{out_dir}; stop it if it hangs, then run this again"
+        ) from None
+
+
+def _check_identity(out_dir: Path, identity: dict[str, Any]) -> None:
+    """Write `identity` to job.json when there is none; JobError naming what differs from the one there."""
+    path = out_dir / STATE_DIR / JOB_FILE
+    previous = read_state(path, identity_fix(out_dir))
+    if previous is None:
         _write_state(path, identity, indent=1, sort_keys=True)
+        return
+    changed = sorted(k for k in set(previous) | set(identity) if previous.get(k) != identity.get(k))
+    if changed:
+        names = [k if k in identity else excerpt(k) for k in changed[:10]]  # keys only job.json has are data
+        more = f" and {len(changed) - 10} more" if len(changed) > 10 else ""
+        raise JobError(
+            f"{out_dir} holds shards made with other inputs or arguments (differs in: {', '.join(names)}{more}); "
+            "rerun with the original arguments to resume, or use another --out (or delete the folder)"
+        )
 
 
 def write_shard(out_dir: Path, index: int, results: list[tuple[list | None, Any]]) -> dict[str, Any]:
@@ -168,88 +202,30 @@ def write_shard(out_dir: Path, index: int, results: list[tuple[list | None, Any]
     return record
 
 
-def _write_failures_csv(out_dir: Path, failures: list[dict[str, str]]) -> None:
-    buffer = io.StringIO()
-    writer = csv.DictWriter(buffer, fieldnames=FAILURE_FIELDS, lineterminator="\n")
-    writer.writeheader()
-    writer.writerows(failures)
-    write_bytes_atomic(out_dir / FAILURES_NAME, buffer.getvalue().encode())
-
-
-def _finish(out_dir: Path, identity: dict[str, Any], records: list[dict[str, Any]]) -> Manifest:
-    """Write the split's manifest and failures.csv from the job's identity and every shard's record."""
-    failures = sorted((f for r in records for f in r["failures"]), key=lambda f: f["key"])
-    manifest = Manifest(
-        dataset=identity["dataset"],
-        split=identity["split"],
-        features=FeatureParams.from_dict(identity["features"]),
-        classes=identity["classes"],
-        multi_label=identity["multi_label"],
-        shards=[ShardInfo(**r["shard"]) for r in records if r["shard"]],
-        logmel=sum((LogmelStats.from_dict(r["logmel"]) for r in records), LogmelStats()),
-        failures=failures,
-        job={k: v for k, v in identity.items() if k != "classes"},
-    )
-    _write_failures_csv(out_dir, failures)
-    manifest.write(out_dir)
-    return manifest
-
-
-def merge(out_dir: Path) -> tuple[Manifest | None, list[int]]:
-    """(the manifest, []) once every shard of the split's plan has its record, written now; else (None, the shard
-    numbers still missing). Reads only `_state/`: the parts of a partitioned job may have run anywhere."""
-    identity_path = out_dir / STATE_DIR / JOB_FILE
-    identity = _read_state(identity_path, _identity_fix(out_dir))
-    if identity is None:
-        raise JobError(f"{out_dir}: no {STATE_DIR}/{JOB_FILE}; not the output folder of a shard job")
-    num_rows, shard_size, seed = (identity.get(k) for k in ("num_rows", "shard_size", "seed"))
-    counts = _is_count(num_rows, MAX_ROWS) and num_rows >= 1 and _is_count(shard_size) and shard_size >= 1
-    if not (counts and _is_count(seed, math.inf)):
-        raise JobError(
-            f"{identity_path} is damaged (num_rows, shard_size, seed are not counts in range); {_identity_fix(out_dir)}"
-        )
-    num_shards = len(plan_shards(num_rows, shard_size, seed))
-    records = [load_record(out_dir, k) for k in range(num_shards)]
-    missing = [k for k, r in enumerate(records) if r is None]
-    if missing:
-        return None, missing
-    try:
-        with output_errors():
-            return _finish(out_dir, identity, records), []  # type: ignore[arg-type]
-    except (KeyError, TypeError, ValueError) as err:  # fields of job.json that run_job did not compare
-        raise JobError(f"{identity_path} is damaged ({type(err).__name__}: {err}); {_identity_fix(out_dir)}") from err
-
-
-def _is_count(value: object, most: float = 10**9) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool) and 0 <= value <= most
-
-
 def read_partition(out_dir: Path) -> int | None:
     """The number of jobs the split's parts are cut into, as `_state/partition.json` records it (None: no file yet);
-    JobError naming the file when it is damaged."""
+    JobError naming the file when it is damaged or claims more than MAX_JOBS."""
     path = out_dir / STATE_DIR / PARTITION_FILE
     fix = "delete it and run every part with the same --num-jobs (it is written again)"
-    data = _read_state(path, fix)
+    data = read_state(path, fix)
     if data is None:
         return None
     num_jobs = data.get("num_jobs")
-    if not _is_count(num_jobs) or num_jobs < 1:
-        raise JobError(f"{path} is damaged (num_jobs {num_jobs!r:.40} is not a count); {fix}")
+    if not is_count(num_jobs, 1, MAX_JOBS):
+        raise JobError(f"{path} is damaged (num_jobs {excerpt(num_jobs)} is not a count in 1..{MAX_JOBS}); {fix}")
     return num_jobs
 
 
-def check_partition(out_dir: Path, num_jobs: int) -> None:
+def _check_partition(out_dir: Path, num_jobs: int) -> None:
     """All parts of a split must cut it the same way: the first part records N, the others must agree."""
-    path = out_dir / STATE_DIR / PARTITION_FILE
     recorded = read_partition(out_dir)
-    if recorded is not None:
-        if recorded != num_jobs:
-            raise JobError(
-                f"{out_dir} is being sharded as {recorded} jobs, this job says {num_jobs} (--num-jobs or "
-                f"SLURM_ARRAY_TASK_COUNT); run every part with the same number, or use another --out"
-            )
-    else:
-        _write_state(path, {"num_jobs": num_jobs})
+    if recorded is None:
+        _write_state(out_dir / STATE_DIR / PARTITION_FILE, {"num_jobs": num_jobs})
+    elif recorded != num_jobs:
+        raise JobError(
+            f"{out_dir} is being sharded as {recorded} jobs, this job says {num_jobs} (--num-jobs or "
+            f"SLURM_ARRAY_TASK_COUNT); run every part with the same number, or use another --out"
+        )
 
 
 def remove_stale_shard_tmp(out_dir: Path, shards: list[int]) -> None:
@@ -290,6 +266,6 @@ def part_lock(out_dir: Path, job_index: int, num_jobs: int) -> Iterator[None]:
         ) from None
 
 
-def done_records(out_dir: Path, num_shards: int) -> list[dict[str, Any]]:
-    """The records of the finished shards among the first `num_shards`."""
-    return [r for r in (load_record(out_dir, k) for k in range(num_shards)) if r is not None]
+def done_records(out_dir: Path, plan: list[np.ndarray]) -> list[dict[str, Any]]:
+    """The records of the finished shards of `plan`."""
+    return [r for k, rows in enumerate(plan) if (r := load_record(out_dir, k, rows.size)) is not None]

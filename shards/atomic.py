@@ -7,9 +7,12 @@ import fcntl
 import os
 import socket
 import stat
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
+
+from shards.text import printable
 
 TMP_SUFFIX = ".tmp"
 
@@ -58,11 +61,15 @@ def write_bytes_atomic(path: Path, data: bytes) -> Path:
 
 def read_small_file(path: Path, max_bytes: int) -> bytes:
     """The bytes of the regular file `path`; FileNotFoundError when there is none, ValueError saying why when it is
-    not a regular file (a FIFO would block, a device never end) or holds more than `max_bytes`."""
+    not a regular file (a FIFO would block, a device never end) or holds more than `max_bytes` (its size is
+    checked before it is read)."""
     fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
     with os.fdopen(fd, "rb") as f:
-        if not stat.S_ISREG(os.fstat(fd).st_mode):
+        info = os.fstat(fd)
+        if not stat.S_ISREG(info.st_mode):
             raise ValueError("not a regular file")
+        if info.st_size > max_bytes:
+            raise ValueError(f"larger than {max_bytes} bytes")
         data = f.read(max_bytes + 1)
     if len(data) > max_bytes:
         raise ValueError(f"larger than {max_bytes} bytes")
@@ -78,16 +85,22 @@ class LockedError(RuntimeError):
 
 
 @contextmanager
-def exclusive_lock(path: Path) -> Iterator[None]:
-    """Hold an exclusive flock on `path` (created if needed; this pid and host written in it) for the block, at once or
-    LockedError when another open file holds it. The kernel drops the lock when the holder dies, even by SIGKILL."""
+def exclusive_lock(path: Path, wait_s: float = 0.0) -> Iterator[None]:
+    """Hold an exclusive flock on `path` (created if needed; this pid and host written in it) for the block, as soon
+    as no other open file holds it, or LockedError when one still does after `wait_s` seconds (0: at once). The
+    kernel drops the lock when the holder dies, even by SIGKILL."""
     fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
     try:
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            holder = os.pread(fd, 256, 0).decode(errors="replace").strip()
-            raise LockedError(path, holder) from None
+        deadline = time.monotonic() + wait_s
+        while True:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                if time.monotonic() >= deadline:
+                    holder = printable(os.pread(fd, 256, 0).decode(errors="replace").strip())
+                    raise LockedError(path, holder) from None
+                time.sleep(0.01)
         with naming_errors(path):
             os.ftruncate(fd, 0)
             os.pwrite(fd, f"pid {os.getpid()} on {socket.gethostname()}\n".encode(), 0)

@@ -10,7 +10,10 @@ import argparse
 import sys
 from pathlib import Path
 
-from preprocess.job_state import JobError, merge, read_partition
+from preprocess.job_merge import merge
+from preprocess.job_state import JobError, read_partition
+
+SHOWN_PARTS = 20  # a 1,000-part job just started waits for 999
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -18,7 +21,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("folder", type=Path, help="the output folder of the shard job (--out)")
     args = parser.parse_args(argv)
     try:
-        manifest, missing = merge(args.folder)
+        manifest, pending = merge(args.folder)
         num_jobs = read_partition(args.folder) or 1
     except JobError as err:
         print(f"error: {err}", file=sys.stderr)
@@ -27,9 +30,11 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{args.folder}: manifest written: {manifest.num_samples} samples in {len(manifest.shards)} shards, "
               f"{len(manifest.failures)} failures")  # fmt: skip
         return 0
-    parts = sorted({k % num_jobs for k in missing})
+    parts = pending.parts(num_jobs)
+    more = f", … ({len(parts) - SHOWN_PARTS} more)" if len(parts) > SHOWN_PARTS else ""
     print(
-        f"{args.folder}: {len(missing)} shards not done, of parts {parts} (job indices of {num_jobs}); "
+        f"{args.folder}: {pending.count} shards not done, of parts [{', '.join(map(str, parts[:SHOWN_PARTS]))}{more}] "
+        f"(job indices of {num_jobs}); "
         "rerun those parts with the same arguments (they resume), then this",
         file=sys.stderr,
     )

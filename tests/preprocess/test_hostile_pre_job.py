@@ -247,7 +247,7 @@ def test_damaged_state_file_is_an_error_naming_it(demo, tmp_path, capsys, name, 
         (lambda out: out.write_text("x"), "cannot write {out} (File exists); fix that"),
         (
             lambda out: (out.mkdir(), (out / STATE_DIR).write_text("x")),
-            "{out}/_state/job.json is damaged or unreadable",
+            "cannot write {out}/_state (File exists); fix that",
         ),
         (
             lambda out: (out.mkdir(), (out / STATE_DIR / "part-0.lock").mkdir(parents=True)),
