@@ -15,7 +15,7 @@ from collections.abc import Sequence
 from pathlib import Path, PurePosixPath
 
 from preprocess.datasets import ClipRow, DatasetError
-from shards.text import excerpt
+from shards.text import excerpt, printable
 
 AUDIOSET_NAME_TEMPLATES: tuple[str, ...] = (
     "{ytid}.*",
@@ -30,6 +30,10 @@ VGGSOUND_NAME_TEMPLATES: tuple[str, ...] = ("{ytid}_{start_s:06d}.*",)
 TEMPLATE_FIELDS: tuple[str, ...] = ("ytid", "start", "end", "start_s", "end_s", "start_ms", "end_ms")
 _MAX_FORMAT_WIDTH = 99  # a format spec's width/precision: '{ytid:>999999999}' would allocate a GB per row
 _LITERAL_PREFIX_RE = re.compile(r"[^*?[]*")
+# Messages (recorded in failures.csv) show a path or pattern whole up to PATH_MAX, its control characters escaped,
+# and at most this many of the files that match a pattern.
+_SHOWN_CHARS = 4096
+_SHOWN_MATCHES = 10
 
 
 class VideoIndex:
@@ -81,15 +85,16 @@ class VideoIndex:
             tried.append(pattern)
             matches = self._glob(pattern)
             if len(matches) > 1:
+                more = f", … ({len(matches) - _SHOWN_MATCHES} more)" if len(matches) > _SHOWN_MATCHES else ""
                 raise DatasetError(
-                    f"clip {row.key}: {len(matches)} files in {self.folder} match {excerpt(pattern)}: "
-                    f"{excerpt(', '.join(matches), 200)}; pass --name-template with a pattern that picks one"
+                    f"clip {row.key}: {len(matches)} files in {self.folder} match {excerpt(pattern, _SHOWN_CHARS)}: "
+                    f"{', '.join(printable(m, _SHOWN_CHARS) for m in matches[:_SHOWN_MATCHES])}{more}; pass "
+                    "--name-template with a pattern that picks one"
                 )
             if matches:
                 return self.folder / matches[0]
-        raise FileNotFoundError(
-            f"clip {row.key}: no file in {self.folder} matches any of {', '.join(map(excerpt, tried))}"
-        )
+        shown = ", ".join(printable(pattern, _SHOWN_CHARS) for pattern in tried)
+        raise FileNotFoundError(f"clip {row.key}: no file in {self.folder} matches any of {shown}")
 
     def resolve_path(self, row: ClipRow) -> Path:
         """The file `row.video_path` names inside this folder, its links resolved (the path that is decoded).
@@ -98,18 +103,20 @@ class VideoIndex:
         from the CSV, which is data: it must not send the job to other files); no such file -> FileNotFoundError.
         """
         relative = PurePosixPath(row.video_path or "")
+        video = printable(row.video_path or "", _SHOWN_CHARS)
         if relative.is_absolute() or ".." in relative.parts or not relative.parts:
-            raise DatasetError(f"clip {row.key}: video {excerpt(row.video_path)} is not a path inside {self.folder}")
+            shown = excerpt(row.video_path, _SHOWN_CHARS)
+            raise DatasetError(f"clip {row.key}: video {shown} is not a path inside {self.folder}")
         root = os.path.realpath(self.folder)
         real = os.path.realpath(os.path.join(root, relative))
         if os.path.commonpath([root, real]) != root:
             raise DatasetError(
-                f"clip {row.key}: video {excerpt(row.video_path)} leads to {excerpt(real)}, outside the video folder "
+                f"clip {row.key}: video {video} leads to {printable(real, _SHOWN_CHARS)}, outside the video folder "
                 f"{self.folder}; "
                 "put the file itself (not a link out of the folder) there"
             )
         if not os.path.exists(real):
-            raise FileNotFoundError(f"clip {row.key}: no file {excerpt(row.video_path)} in {self.folder}")
+            raise FileNotFoundError(f"clip {row.key}: no file {video} in {self.folder}")
         return Path(real)
 
 
