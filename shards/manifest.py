@@ -234,8 +234,11 @@ def parse_manifest(text: str | bytes, where: str) -> Manifest:
         infos = [ShardInfo.from_dict(entry, where) for entry in shards]
         if len({info.name for info in infos}) != len(infos):
             raise SchemaError("a shard is listed twice")
-        if (total := sum(info.num_samples for info in infos)) > MAX_SPLIT_SAMPLES:
-            raise SchemaError(f"its shards hold {total} samples, more than a split may ({MAX_SPLIT_SAMPLES})")
+        if (samples := sum(info.num_samples for info in infos)) + len(failures) > MAX_SPLIT_SAMPLES:
+            raise SchemaError(
+                f"its shards hold {samples} samples and it lists {len(failures)} failures, more rows than a split may "
+                f"have ({MAX_SPLIT_SAMPLES})"
+            )
         return Manifest(
             dataset=data["dataset"],
             split=data["split"],
