@@ -21,7 +21,9 @@ import torch
 from experiments.demo import run_variant, variant_config
 from mbt.config import ConfigError, TrainConfig, preset
 from mbt.dist import cleanup, init_distributed
+from mbt.plots import pyplot, save_figure
 from mbt.train import EXPECTED_ERRORS
+from shards.atomic import atomic_write
 from shards.layout import SHARDS_ROOT
 from shards.text import CsvWriter
 
@@ -89,7 +91,7 @@ def run_ablation(
 def write_csv(rows: Sequence[dict[str, Any]], path: Path) -> Path:
     """`rows` as CSV with the COLUMNS header."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "w", newline="") as f:
+    with atomic_write(path, "w", newline="") as f:
         writer = CsvWriter(f)
         writer.writerow(COLUMNS)
         writer.writerows([row.get(column, "") for column in COLUMNS] for row in rows)
@@ -99,12 +101,7 @@ def write_csv(rows: Sequence[dict[str, Any]], path: Path) -> Path:
 def plot_ablation(rows: Sequence[dict[str, Any]], path: Path) -> Path:
     """The PNG: cross-modal AP (y) against forward GFLOPs per clip (x); bottleneck and cross fusion by fusion layer
     as two lines (points labelled Lf), late fusion as one point, bottleneck counts as a third line (labelled B)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(7, 4.5))
+    fig, ax = pyplot().subplots(figsize=(7, 4.5))
     series = (
         ("fusion_layer", "bottleneck", "bottleneck, by fusion layer", "o-", "Lf={fusion_layer}"),
         ("fusion_layer", "cross", "cross-attention, by fusion layer", "s-", "Lf={fusion_layer}"),
@@ -125,9 +122,7 @@ def plot_ablation(rows: Sequence[dict[str, Any]], path: Path) -> Path:
     ax.legend(fontsize=8, loc="best")
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path)
 
 
 def _ints(text: str) -> list[int]:

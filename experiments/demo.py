@@ -34,6 +34,7 @@ from mbt.dist import DistInfo, cleanup, init_distributed
 from mbt.evaluate import EvaluationError
 from mbt.flops import count_flops
 from mbt.train import EXPECTED_ERRORS, prepare_run, train
+from shards.atomic import write_bytes_atomic
 from shards.layout import RAW_ROOT, SHARDS_ROOT
 
 VARIANTS = {
@@ -118,7 +119,7 @@ def run_variant(cfg: TrainConfig, dist: DistInfo, name: str) -> dict[str, Any]:
         "num_eval_clips": metrics["num_samples"],
         "run_dir": str(run_dir),
     }
-    (run_dir / SUMMARY).write_text(json.dumps(row, indent=1) + "\n")
+    write_bytes_atomic(run_dir / SUMMARY, (json.dumps(row, indent=1) + "\n").encode())
     return row
 
 
@@ -211,9 +212,8 @@ def format_table(summary: Sequence[dict[str, Any]]) -> str:
 def write_summary(out: Path, rows: Sequence[dict[str, Any]]) -> Path:
     """`out/summary.json`: {"variants": aggregate(rows), "runs": rows}."""
     out.mkdir(parents=True, exist_ok=True)
-    path = out / SUMMARY
-    path.write_text(json.dumps({"variants": aggregate(rows), "runs": list(rows)}, indent=1) + "\n")
-    return path
+    text = json.dumps({"variants": aggregate(rows), "runs": list(rows)}, indent=1) + "\n"
+    return write_bytes_atomic(out / SUMMARY, text.encode())
 
 
 def parse_variants(text: str) -> list[str]:
@@ -251,13 +251,13 @@ def main(argv: list[str] | None = None) -> int:
         base = base.replace(epochs=args.epochs, eval_every_epochs=args.epochs)
     try:
         rows = run_demo(args.shards, args.out, variants, args.seeds, base)
+        path = write_summary(args.out, rows)
     except ConfigError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
     except EXPECTED_ERRORS as err:
         print(f"error: {err}", file=sys.stderr)
         return 1
-    path = write_summary(args.out, rows)
     single = sum(c.modality != "cross" for c in DEMO_CLASSES)
     print(
         f"\nMBT demo: held-out split of {rows[0]['num_eval_clips']} clips, {len(DEMO_CLASSES)} classes ({single} "

@@ -10,7 +10,6 @@ reads before any of them is used, `load_trained` the parts evaluation reads.
 
 from __future__ import annotations
 
-import os
 import pickle
 import re
 from collections.abc import Mapping
@@ -25,6 +24,7 @@ from mbt.config import ConfigError, config_from_dict
 from mbt.model import MBT, MBTConfig
 from mbt.validate import validate
 from pipelines.config import AugmentConfig
+from shards.atomic import DiskFullError, atomic_write
 from shards.schema import FeatureParams, SchemaError, check_schema_version
 
 CHECKPOINT_DIR = "checkpoints"
@@ -56,15 +56,16 @@ def latest_checkpoint(run_dir: Path) -> Path | None:
 
 
 def save_checkpoint(run_dir: Path, step: int, state: dict[str, Any], keep: int) -> Path:
-    """Write `state` as the checkpoint of `step` (temporary file, fsync, rename), then keep only the last `keep`."""
+    """Write `state` as the checkpoint of `step` (temporary file, fsync, rename), then keep only the last `keep`.
+    A full disk is DiskFullError naming the file and the checkpoint a rerun resumes from; nothing of it is left."""
     path = checkpoint_path(run_dir, step)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "wb") as f:
-        torch.save(state, f)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    try:
+        with atomic_write(path) as f:
+            torch.save(state, f)
+    except DiskFullError as err:
+        previous = latest_checkpoint(run_dir)
+        raise DiskFullError(f"{err} (it resumes from {previous or 'the start'})") from err
     for old in list_checkpoints(run_dir)[: -max(keep, 1)]:
         old.unlink()
     return path

@@ -8,11 +8,15 @@ is rank 0 of 1; the helpers below then act on this process alone, so callers nee
 from __future__ import annotations
 
 import os
+import pickle
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
 
 import torch
 import torch.distributed as torch_dist
+
+T = TypeVar("T")
 
 
 @dataclass(frozen=True)
@@ -93,3 +97,32 @@ def broadcast_object(obj: Any, src: int = 0) -> Any:
     box = [obj]
     torch_dist.broadcast_object_list(box, src=src)
     return box[0]
+
+
+def on_main_rank(fn: Callable[[], T]) -> T | None:
+    """`fn()` run by rank 0 alone (a file it writes): its result there, None on the other ranks. When it raises,
+    every rank raises (the others a copy of rank 0's error), so that no rank waits at a collective another has left:
+    the outcome is broadcast, and every rank must call this. In a single process it is `fn()`."""
+    if not is_distributed():
+        return fn()
+    result, error = None, None
+    if torch_dist.get_rank() == 0:
+        try:
+            result = fn()
+        except Exception as err:
+            error = err
+    shared = broadcast_object(None if error is None else _portable(error))
+    if error is not None:
+        raise error
+    if shared is not None:
+        raise shared
+    return result
+
+
+def _portable(err: Exception) -> Exception:
+    """`err` if it survives pickling (a broadcast), else a RuntimeError with its type and message."""
+    try:
+        pickle.loads(pickle.dumps(err))
+    except Exception:
+        return RuntimeError(f"rank 0: {type(err).__name__}: {err}")
+    return err

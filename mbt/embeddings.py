@@ -16,6 +16,7 @@ import numpy as np
 import torch
 
 from mbt.model import MBT
+from shards.atomic import atomic_write
 
 Embedding = dict[str, np.ndarray]  # name → float32 array of one clip: "video" (D,), "audio" (D,), "bottleneck" (B, D)
 
@@ -62,9 +63,11 @@ def mean_embedding(clips: Sequence[Embedding]) -> Embedding:
 
 
 def write_embeddings(path: Path, keys: Sequence[str], embeddings: Sequence[Embedding]) -> Path:
-    """`path` (.npz): `keys` (N,) and one array per name, (N, D) per tower and (N, B, D) for the bottleneck."""
+    """`path` (.npz, written atomically; a full disk is DiskFullError naming it): `keys` (N,) and one array per name,
+    (N, D) per tower and (N, B, D) for the bottleneck."""
     path.parent.mkdir(parents=True, exist_ok=True)
     names = list(embeddings[0]) if embeddings else []
     arrays = {name: np.stack([e[name] for e in embeddings]) for name in names}
-    np.savez(path, keys=np.asarray(list(keys), dtype=str), **arrays)
+    with atomic_write(path) as f:
+        np.savez(f, keys=np.asarray(list(keys), dtype=str), **arrays)
     return path

@@ -37,7 +37,7 @@ from tqdm import tqdm
 from mbt.checkpoint import CheckpointFileError, TrainedModel, build_model, load_trained
 from mbt.classes import ClassListError, class_record, record_difference
 from mbt.config import INT_LIMITS
-from mbt.dist import DistInfo, all_gather_objects, cleanup, init_distributed
+from mbt.dist import DistInfo, all_gather_objects, cleanup, init_distributed, on_main_rank
 from mbt.embeddings import Embedding, forward_with_embeddings, mean_embedding, rows_as_numpy, write_embeddings
 from mbt.fits import fits
 from mbt.metrics import average_precision_per_class, compute_metrics
@@ -134,7 +134,7 @@ def evaluate(
     `amp_bf16`) and its training mode is restored after; a DDP wrapper is unwrapped, since ranks run different
     numbers of batches. On rank 0: the metrics (`mbt.metrics.compute_metrics`), written with the predictions under
     `out_dir` if given (`class_names` label the per-class AP rows) and the embeddings to `embeddings_path` if given;
-    None on the other ranks.
+    None on the other ranks. What fails there (logits, a full disk) is raised on every rank.
     """
     module = model.module if isinstance(model, DistributedDataParallel) else model
     was_training = module.training
@@ -151,21 +151,23 @@ def evaluate(
     if embeddings_path is not None:
         for part in all_gather_objects(local_embeddings):
             embeddings.update(part)
-    if not dist.is_main:
-        return None
-    if not predictions:
-        raise EvaluationError("the loader gave no samples on any rank")
-    keys = sorted(predictions)
-    logits = np.stack([predictions[k][0] for k in keys])
-    labels = np.stack([predictions[k][1] for k in keys])
-    check_predictions(keys, logits, labels, multi_label)
-    metrics = compute_metrics(logits, labels, multi_label)
-    if out_dir is not None:
-        per_class_ap = average_precision_per_class(logits, labels) if multi_label else None
-        write_results(Path(out_dir), metrics, keys, logits, labels, per_class_ap, class_names)
-    if embeddings_path is not None:
-        write_embeddings(Path(embeddings_path), keys, [embeddings[k] for k in keys])
-    return metrics
+
+    def report() -> dict[str, Any]:  # rank 0
+        if not predictions:
+            raise EvaluationError("the loader gave no samples on any rank")
+        keys = sorted(predictions)
+        logits = np.stack([predictions[k][0] for k in keys])
+        labels = np.stack([predictions[k][1] for k in keys])
+        check_predictions(keys, logits, labels, multi_label)
+        metrics = compute_metrics(logits, labels, multi_label)
+        if out_dir is not None:
+            per_class_ap = average_precision_per_class(logits, labels) if multi_label else None
+            write_results(Path(out_dir), metrics, keys, logits, labels, per_class_ap, class_names)
+        if embeddings_path is not None:
+            write_embeddings(Path(embeddings_path), keys, [embeddings[k] for k in keys])
+        return metrics
+
+    return on_main_rank(report)
 
 
 def evaluate_split(

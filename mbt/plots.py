@@ -10,6 +10,7 @@ from typing import Any
 
 import numpy as np
 
+from shards.atomic import atomic_write
 from shards.text import CsvWriter
 
 SHOWN_CLASSES = 15  # best and worst, each
@@ -24,6 +25,16 @@ def pyplot() -> Any:
     import matplotlib.pyplot as plt
 
     return plt
+
+
+def save_figure(fig: Any, path: Path) -> Path:
+    """Write `fig` to `path` as a PNG (100 dpi) atomically and close it; a full disk is DiskFullError naming `path`."""
+    try:
+        with atomic_write(path) as f:
+            fig.savefig(f, format="png", dpi=100)
+    finally:
+        pyplot().close(fig)
+    return path
 
 
 def class_label(names: Sequence[str] | None, c: int) -> str:
@@ -43,9 +54,7 @@ def plot_per_class_ap(path: Path, ap: np.ndarray, names: Sequence[str] | None = 
     ax.invert_yaxis()
     ax.set(xlim=(0, 1), xlabel="average precision", title=f"per-class AP: best and worst of {len(order)} classes")
     fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path)
 
 
 def confused_pairs(logits: np.ndarray, labels: np.ndarray, limit: int = SHOWN_PAIRS) -> list[tuple[int, int, int, int]]:
@@ -66,7 +75,7 @@ def write_confusion(
 ) -> list[tuple[int, int, int, int]]:
     """The most-confused pairs as a CSV (true, predicted, count, fraction of the true class) and a bar chart."""
     pairs = confused_pairs(logits, labels)
-    with csv_path.open("w", newline="") as f:
+    with atomic_write(csv_path, "w", newline="") as f:
         writer = CsvWriter(f)
         writer.writerow(["true_index", "true_name", "predicted_index", "predicted_name", "count", "fraction"])
         for t, p, count, support in pairs:
@@ -79,6 +88,5 @@ def write_confusion(
     ax.invert_yaxis()
     ax.set(xlabel="samples", title="most-confused pairs (true → predicted)" if pairs else "no sample misclassified")
     fig.tight_layout()
-    fig.savefig(png_path, dpi=100)
-    plt.close(fig)
+    save_figure(fig, png_path)
     return pairs

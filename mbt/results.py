@@ -13,6 +13,7 @@ import numpy as np
 
 from mbt.metrics import json_values
 from mbt.plots import plot_per_class_ap, write_confusion
+from shards.atomic import atomic_write, write_bytes_atomic
 from shards.text import CsvWriter
 
 METRICS_FILE = "metrics.json"
@@ -35,10 +36,12 @@ def write_results(
     """Write metrics.json, predictions.npz (keys (N,), logits (N, C), labels) and, when `per_class_ap` (C,) is
     given, per_class_ap.csv and .png into `out_dir`; for single-label labels (N,), confusion.csv and .png."""
     out_dir.mkdir(parents=True, exist_ok=True)
-    (out_dir / METRICS_FILE).write_text(json.dumps(json_values(dict(metrics)), indent=2, allow_nan=False) + "\n")
-    np.savez(out_dir / PREDICTIONS_FILE, keys=np.asarray(keys, dtype=str), logits=logits, labels=labels)
+    text = json.dumps(json_values(dict(metrics)), indent=2, allow_nan=False) + "\n"
+    write_bytes_atomic(out_dir / METRICS_FILE, text.encode())
+    with atomic_write(out_dir / PREDICTIONS_FILE) as f:
+        np.savez(f, keys=np.asarray(keys, dtype=str), logits=logits, labels=labels)
     if per_class_ap is not None:
-        with (out_dir / PER_CLASS_AP_FILE).open("w", newline="") as f:
+        with atomic_write(out_dir / PER_CLASS_AP_FILE, "w", newline="") as f:
             writer = CsvWriter(f)
             writer.writerow(["class_index", "class_name", "ap"])
             for c, ap in enumerate(per_class_ap):

@@ -24,6 +24,7 @@ from mbt.classes import ClassListError, checked_record, record_difference
 from mbt.config import ConfigError, TrainConfig, config_from_dict, config_to_dict
 from mbt.dist import DistInfo, broadcast_object
 from pipelines.config import records_logmel_norm, with_logmel_norm
+from shards.atomic import DISK_FULL_ERRNOS, disk_full
 from shards.manifest import LogmelStats
 
 LOCK_NAME = "train.lock"
@@ -59,6 +60,8 @@ def locked_run_dir(run_dir: Path, dist: DistInfo) -> Iterator[None]:
             )
         except OSError as err:
             problem = f"--out_dir {run_dir}: cannot make or lock it ({err.strerror}); pass a writable folder"
+            if err.errno in DISK_FULL_ERRNOS:
+                problem = str(disk_full(run_dir / LOCK_NAME, err.errno))
     problem = broadcast_object(problem)
     try:
         if problem:

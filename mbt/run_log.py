@@ -7,41 +7,78 @@ leave out any line that is not a metrics row rather than fail at the end of a tr
 
 from __future__ import annotations
 
+import io
+import itertools
 import json
 import math
+import os
+import socket
+import time
 from pathlib import Path
 from typing import Any
 
 from mbt.metrics import json_values
+from mbt.plots import pyplot, save_figure
+from shards.atomic import append_bytes
+
+EVENTS_VERSION = "brain.Event:2"  # the first event of a TensorBoard events file
+_EVENT_FILES = itertools.count()  # two logs opened by one process in one second get two files
 
 
 class RunLog:
-    """Rank 0's logs: metrics.jsonl, TensorBoard, the final PNG of the curves (no-ops on other ranks)."""
+    """Rank 0's logs: metrics.jsonl and a TensorBoard events file, opened at the first row (training calls them on
+    rank 0 alone, through `mbt.dist.on_main_rank`). Each row is appended to both whole or not at all, in this thread
+    (TensorBoard's own writer appends from a thread of its own, whose failure would print a traceback and surface
+    rows later), so a full disk is DiskFullError naming the file, raised by the row that met it."""
 
-    def __init__(self, run_dir: Path, enabled: bool) -> None:
-        self.enabled = enabled
+    def __init__(self, run_dir: Path) -> None:
         self.path = run_dir / "metrics.jsonl"
-        self.writer = None
-        if enabled:
-            from torch.utils.tensorboard import SummaryWriter
-
-            self.writer = SummaryWriter(str(run_dir / "tensorboard"))
-            if self.path.is_file() and self.path.stat().st_size and not _ends_with_newline(self.path):
-                with open(self.path, "a") as f:
-                    f.write("\n")
+        self.tensorboard_dir = run_dir / "tensorboard"
+        self.events: Path | None = None
 
     def write(self, row: dict[str, Any]) -> None:
-        if not self.enabled:
-            return
-        with open(self.path, "a") as f:
-            f.write(json.dumps(json_values(row), allow_nan=False) + "\n")
-        for name, value in row.items():
-            if name != "step" and isinstance(value, int | float):
-                self.writer.add_scalar(name, value, row["step"])
+        """Append `row` (a "step" and values; the numbers become TensorBoard scalars at that step)."""
+        from torch.utils.tensorboard.summary import scalar
 
-    def close(self) -> None:
-        if self.writer is not None:
-            self.writer.close()
+        if self.events is None:
+            self.events = self._open()
+        append_bytes(self.path, (json.dumps(json_values(row), allow_nan=False) + "\n").encode())
+        now = time.time()
+        scalars = [
+            _event(wall_time=now, step=row["step"], summary=scalar(name, value))
+            for name, value in row.items()
+            if name != "step" and isinstance(value, int | float)
+        ]
+        append_bytes(self.events, _records(scalars))
+
+    def _open(self) -> Path:
+        """A new events file (TensorBoard reads every one in the folder), and metrics.jsonl continued on a new line
+        where a killed run cut it."""
+        self.tensorboard_dir.mkdir(parents=True, exist_ok=True)
+        name = f"events.out.tfevents.{int(time.time()):010d}.{socket.gethostname()}.{os.getpid()}.{next(_EVENT_FILES)}"
+        events = append_bytes(
+            self.tensorboard_dir / name, _records([_event(wall_time=time.time(), file_version=EVENTS_VERSION)])
+        )
+        if self.path.is_file() and self.path.stat().st_size and not _ends_with_newline(self.path):
+            append_bytes(self.path, b"\n")
+        return events
+
+
+def _event(**fields: Any) -> Any:
+    from tensorboard.compat.proto.event_pb2 import Event
+
+    return Event(**fields)
+
+
+def _records(events: list[Any]) -> bytes:
+    """`events` framed as TensorBoard's records (length, CRCs), as its own writer frames them."""
+    from tensorboard.summary.writer.record_writer import RecordWriter
+
+    buffer = io.BytesIO()
+    writer = RecordWriter(buffer)
+    for event in events:
+        writer.write(event.SerializeToString())
+    return buffer.getvalue()
 
 
 def read_rows(jsonl: Path) -> tuple[list[dict[str, Any]], int]:
@@ -63,11 +100,7 @@ def read_rows(jsonl: Path) -> tuple[list[dict[str, Any]], int]:
 
 def plot_curves(jsonl: Path, png: Path) -> int:
     """Loss and validation metric against step, from metrics.jsonl; returns how many lines were left out."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = pyplot()
     rows, skipped = read_rows(jsonl)
     train = [r for r in rows if _number(r.get("loss"))]
     evals = [r for r in rows if _number(r.get("eval_metric"))]
@@ -79,8 +112,7 @@ def plot_curves(jsonl: Path, png: Path) -> int:
         ax_eval.plot([r["step"] for r in evals], [r["eval_metric"] for r in evals], marker="o")
         ax_eval.set(xlabel="step", ylabel=name, title=f"validation {name}")
     fig.tight_layout()
-    fig.savefig(png, dpi=100)
-    plt.close(fig)
+    save_figure(fig, png)
     return skipped
 
 

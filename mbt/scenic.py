@@ -19,7 +19,6 @@ The rgb tower is this project's video tower, the spectrogram tower its audio tow
 from __future__ import annotations
 
 import math
-import os
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -33,6 +32,7 @@ from mbt.flax_msgpack import FlaxMsgpackError, read_flax_msgpack
 from mbt.model import MBT, MBTConfig
 from mbt.validate import validate
 from pipelines.config import AugmentConfig
+from shards.atomic import atomic_write
 
 # Where scenic's layouts keep the parameter tree: variables, optax TrainState, flax.optim TrainState, bare tree.
 PARAM_PATHS = (("params",), ("optimizer", "target"), ("optimizer", "target", "params"), ("target",), ())
@@ -274,10 +274,10 @@ def convert(path: str | Path, options: ScenicOptions) -> dict[str, Any]:
 
 
 def write_checkpoint(checkpoint: dict[str, Any], out: str | Path) -> Path:
-    """Write `checkpoint` (`convert`'s) to `out` atomically (a temporary name, then a rename); parents made."""
+    """Write `checkpoint` (`convert`'s) to `out` atomically (a temporary name, then a rename; a full disk is
+    DiskFullError naming `out`); parents made."""
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(out.name + ".tmp")
-    torch.save(checkpoint, tmp)
-    os.replace(tmp, out)
+    with atomic_write(out) as f:
+        torch.save(checkpoint, f)
     return out

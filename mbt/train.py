@@ -4,10 +4,12 @@
 The loop reads top to bottom: config → process group → splits (opened once) → model (DDP) → the training step with
 its optimizer and schedule (`mbt.step.TrainStep`) → resume → for each step: the step (mixup, forward under
 autocast, loss, backward accumulated over micro-batches, clip, update) → log, checkpoint, evaluate. Rank 0 alone
-logs and saves. A run directory holds `config.yaml`, `checkpoints/`, `metrics.jsonl`, TensorBoard events and, at
-the end, `curves.png`; run the same command again and it resumes from the last checkpoint, with the losses an
-uninterrupted run would have had. One training writes a run directory at a time, and it resumes only with the
-settings and classes of its checkpoints (`mbt.run_dir`); what cannot run is printed as one `error: ...` line.
+logs and saves, and every rank raises what fails there (`mbt.dist.on_main_rank`): a full disk is one line naming the
+file, and all ranks leave together. A run directory holds `config.yaml`, `checkpoints/`, `metrics.jsonl`,
+TensorBoard events and, at the end, `curves.png`; run the same command again and it resumes from the last
+checkpoint, with the losses an uninterrupted run would have had. One training writes a run directory at a time, and
+it resumes only with the settings and classes of its checkpoints (`mbt.run_dir`); what cannot run is printed as one
+`error: ...` line.
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ from __future__ import annotations
 import json
 import sys
 import time
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -23,6 +26,7 @@ from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
 from mbt.checkpoint import (
+    CHECKPOINT_DIR,
     RESUME_ADVICE,
     CheckpointFileError,
     latest_checkpoint,
@@ -33,7 +37,7 @@ from mbt.checkpoint import (
 )
 from mbt.classes import ClassListError, class_record
 from mbt.config import ConfigError, TrainConfig, config_to_dict, load_config, save_config
-from mbt.dist import DistInfo, all_gather_objects, barrier, cleanup, init_distributed
+from mbt.dist import DistInfo, all_gather_objects, cleanup, init_distributed, on_main_rank
 from mbt.evaluate import EvaluationError, evaluate_split
 from mbt.model import MBT
 from mbt.pretrained import CheckpointError, init_from_vit
@@ -44,6 +48,7 @@ from mbt.step import NonFiniteLoss, TrainStep
 from mbt.validate import per_rank_batch, validate
 from pipelines import LoaderError, Split, build_loader
 from pipelines.config import with_logmel_norm
+from shards.atomic import remove_stale_tmp
 
 
 class TrainingError(RuntimeError):
@@ -143,10 +148,10 @@ def _train(
         step = restore(state, resume, parts, dist.rank, len(loader))
         if dist.is_main:
             print(f"resumed from {resume} at step {step}")
-    if dist.is_main:
-        save_config(cfg, run_dir / "config.yaml")
+    on_main_rank(lambda: remove_stale_tmp(run_dir / CHECKPOINT_DIR))  # a killed save's partial file
+    on_main_rank(lambda: save_config(cfg, run_dir / "config.yaml"))
 
-    log = RunLog(run_dir, dist.is_main)
+    log = RunLog(run_dir)
     bar = tqdm(total=total_steps, initial=step, disable=not dist.is_main, unit="step", dynamic_ncols=True)
     metrics: dict[str, Any] | None = None
     clips_seen, t_last = 0, time.perf_counter()
@@ -162,19 +167,29 @@ def _train(
             )
         # Every rank's RNG and stream position (the DALI loader's pipeline checkpoint differs per rank).
         states, positions = all_gather_objects(rng_state()), all_gather_objects(loader.state_dict())
-        if dist.is_main:
-            save_checkpoint(run_dir, at_step, {
-                "model": model.state_dict(), "optimizer": optimizer.state_dict(), "schedule": schedule.state_dict(),
-                "step": at_step, "epoch": at_step // steps_per_epoch, "loader": positions,
-                "rng": states, "config": config_to_dict(cfg), "data": record, "features": features,
-            }, keep=cfg.keep_checkpoints)  # fmt: skip
-        barrier()
+        # Rank 0 writes; a full disk there is raised on every rank, so that none waits at the next collective.
+        on_main_rank(lambda: save_checkpoint(run_dir, at_step, {
+            "model": model.state_dict(), "optimizer": optimizer.state_dict(), "schedule": schedule.state_dict(),
+            "step": at_step, "epoch": at_step // steps_per_epoch, "loader": positions,
+            "rng": states, "config": config_to_dict(cfg), "data": record, "features": features,
+        }, keep=cfg.keep_checkpoints))  # fmt: skip
 
     def evaluate_on_split(out_dir: Path | None) -> dict[str, Any] | None:  # every rank; metrics on rank 0
         return evaluate_split(
             model, eval_split, dist, cfg.augment, f"--eval_shards {cfg.eval_shards}", out_dir, cfg.bf16,
             batch_size=cfg.eval_batch_size, loader=cfg.loader, num_workers=cfg.num_workers, device=device,
         )  # fmt: skip
+
+    def log_evaluation(at_step: int, epoch: int, metrics: dict[str, Any] | None) -> None:  # rank 0: the metrics
+        if metrics is not None:
+            name = "mAP" if record["multi_label"] else "top1"
+            log.write({"step": at_step, "epoch": epoch, "eval_metric": metrics[name], "eval_metric_name": name,
+                       **{f"eval_{k}": v for k, v in metrics.items()}})  # fmt: skip
+            bar.write(f"step {at_step} epoch {epoch}: " + " ".join(f"{k}={v:.4g}" for k, v in metrics.items()))
+
+    def finish_log() -> None:  # rank 0
+        if log.path.is_file() and (skipped := plot_curves(log.path, run_dir / "curves.png")):
+            print(f"warning: {log.path}: {skipped} line(s) are not metrics rows and were left out of the curves")
 
     finished_before = step >= total_steps  # resumed a finished run: only its final evaluation is run again
     while step < total_steps:
@@ -198,7 +213,8 @@ def _train(
                 clips_seen, t_last = 0, now
                 lr = schedule.get_last_lr()[0]
                 bar.set_postfix(loss=f"{loss_value:.4f}", lr=f"{lr:.2e}", clips_s=f"{rate:.1f}", epoch=epoch)
-                log.write({"step": step, "epoch": epoch, "loss": loss_value, "lr": lr, "clips_per_s": rate})
+                on_main_rank(partial(log.write, {"step": step, "epoch": epoch, "loss": loss_value, "lr": lr,
+                                                 "clips_per_s": rate}))  # fmt: skip
             if step % cfg.checkpoint_every_steps == 0 or step == total_steps:
                 save(step)
             if step >= total_steps:
@@ -207,17 +223,11 @@ def _train(
         if eval_split is not None and (final or (step // steps_per_epoch) % cfg.eval_every_epochs == 0):
             with torch.random.fork_rng(devices=[]):  # nor may evaluation's loader move it
                 metrics = evaluate_on_split(run_dir / "eval" if final else None)
-            if dist.is_main and metrics is not None:
-                name = "mAP" if record["multi_label"] else "top1"
-                log.write({"step": step, "epoch": epoch, "eval_metric": metrics[name], "eval_metric_name": name,
-                           **{f"eval_{k}": v for k, v in metrics.items()}})  # fmt: skip
-                bar.write(f"step {step} epoch {epoch}: " + " ".join(f"{k}={v:.4g}" for k, v in metrics.items()))
+            on_main_rank(partial(log_evaluation, step, epoch, metrics))
     if finished_before and eval_split is not None:  # the same on every rank (metrics is None on all but rank 0)
         metrics = evaluate_on_split(run_dir / "eval")
     bar.close()
-    log.close()
-    if dist.is_main and log.path.is_file() and (skipped := plot_curves(log.path, run_dir / "curves.png")):
-        print(f"warning: {log.path}: {skipped} line(s) are not metrics rows and were left out of the curves")
+    on_main_rank(finish_log)
     return metrics or {}
 
 

@@ -28,6 +28,7 @@ import ffmpeg
 import numpy as np
 
 from preprocess.ffmpeg_run import DecodeError, error_lines, open_regular_file, run_ffmpeg
+from shards.atomic import DiskFullError, disk_full
 from shards.schema import FeatureParams
 
 # Demuxers of downloaded videos (ffmpeg matches a name within a demuxer's alias list: "mov" is mov,mp4,m4a,3gp,...).
@@ -134,6 +135,16 @@ def _select_expr(times: list[float]) -> str:
 
 def _scratch_dir() -> str:
     return "/dev/shm" if os.access("/dev/shm", os.W_OK) else tempfile.gettempdir()
+
+
+def _scratch_full(duration_s: float, params: FeatureParams) -> DiskFullError | None:
+    """The error of a failed decode that was the scratch folder's, not the clip's: its own files removed, the folder
+    has less room than one decode may write (`output_cap_bytes`), so every clip would fail alike. A hostile clip that
+    filled the folder freed it again, and stays the clip's failure."""
+    folder = _scratch_dir()
+    if shutil.disk_usage(folder).free >= output_cap_bytes(duration_s, params):
+        return None
+    return disk_full(f"{folder} (the scratch folder of ffmpeg's decoded frames)")
 
 
 def remove_stale_scratch() -> list[str]:
@@ -263,7 +274,7 @@ def decode_clip(
     Raises DecodeError with reason 'unreadable' (not media, truncated, corrupt: ffmpeg's message), 'not_media' (a
     playlist, a concat list, an image: a format outside MEDIA_DEMUXERS), 'no_video' (no video stream), 'no_frames'
     (the segment holds no video frame), 'missing_file', 'not_a_file' (FIFO, device), 'timeout' or 'too_large' (an
-    output file over its cap).
+    output file over its cap); DiskFullError when the decode failed for want of room in its scratch folder.
     """
     timeout_s = default_decode_timeout_s(duration_s) if timeout_s is None else timeout_s
     deadline = time.monotonic() + timeout_s
@@ -271,6 +282,8 @@ def decode_clip(
     try:
         frames, audio, streams, stderr = _run_decode(fd, start_s, duration_s, params, deadline, timeout_s)
     except DecodeError as err:  # ffmpeg's messages name the input /dev/fd/N: name the file instead
+        if full := _scratch_full(duration_s, params):
+            raise full from None
         raise DecodeError(err.reason, str(err).replace(f"file:/dev/fd/{fd}", os.fspath(path))) from None
     finally:
         os.close(fd)

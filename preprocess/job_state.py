@@ -16,7 +16,6 @@ the manifest from the records.
 
 from __future__ import annotations
 
-import errno
 import json
 import math
 import os
@@ -29,7 +28,15 @@ from typing import Any
 
 import numpy as np
 
-from shards.atomic import LockedError, exclusive_lock, read_small_file, write_bytes_atomic
+from shards.atomic import (
+    DISK_FULL_ERRNOS,
+    DiskFullError,
+    LockedError,
+    disk_full,
+    exclusive_lock,
+    read_small_file,
+    write_bytes_atomic,
+)
 from shards.limits import is_count
 from shards.manifest import MAX_SPLIT_SAMPLES, LogmelStats, ShardInfo
 from shards.schema import MANIFEST_NAME, SHARD_PATTERN, SchemaError, split_member_name
@@ -42,7 +49,7 @@ PARTITION_FILE = "partition.json"
 FAILURE_FIELDS = ("key", "source", "file", "reason", "message")
 STATE_MAX_BYTES = 64 << 20  # a record lists at most a shard's failures; job.json the classes
 STATE_LOCK_WAIT_S = 30.0  # another part's check-and-write of job.json and partition.json takes milliseconds
-_DISK_FULL = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)
+KEPT = "(finished shards are kept)"
 _TMP_SUFFIX_RE = re.compile(r"(\.[0-9]+)?\.tmp$")  # errors name the file being written, not its temporary name
 
 
@@ -242,12 +249,14 @@ def output_errors() -> Iterator[None]:
     naming the file and saying what to do; the writers have removed their temporary files."""
     try:
         yield
+    except DiskFullError as err:
+        raise JobError(f"{err} {KEPT}") from err
     except OSError as err:
         where = _TMP_SUFFIX_RE.sub("", os.fsdecode(err.filename)) if err.filename else "the output folder"
-        fix = "free space" if err.errno in _DISK_FULL else "fix that"
+        if err.errno in DISK_FULL_ERRNOS:  # raised outside the writers (a mkdir, a lock file)
+            raise JobError(f"{disk_full(where, err.errno)} {KEPT}") from err
         raise JobError(
-            f"cannot write {where} ({err.strerror or err}); {fix} and run the same command again "
-            "(finished shards are kept)"
+            f"cannot write {where} ({err.strerror or err}); fix that and run the same command again {KEPT}"
         ) from err
 
 

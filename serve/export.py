@@ -18,7 +18,7 @@ from safetensors.torch import save_file
 from mbt.model import MBTConfig
 from pipelines.config import VIDEO_MEAN, VIDEO_STD
 from serve.load import CONFIG_FILE, FORMAT, FORMAT_VERSION, WEIGHTS_FILE, Preprocessing, from_checkpoint
-from shards.atomic import commit, tmp_path_for, write_bytes_atomic
+from shards.atomic import atomic_path, write_bytes_atomic
 
 
 def export_config(model: MBTConfig, prep: Preprocessing) -> dict[str, Any]:
@@ -44,14 +44,12 @@ def export_config(model: MBTConfig, prep: Preprocessing) -> dict[str, Any]:
 
 def export_model(source: str | Path, out_dir: str | Path, features_from: str | None = None) -> Path:
     """Write the model of the checkpoint or run `source` as `out_dir`/model.safetensors and config.json (each
-    written to a temporary name, then renamed); returns `out_dir`."""
+    written to a temporary name, then renamed; a full disk is DiskFullError naming the file); returns `out_dir`."""
     model, prep = from_checkpoint(source, features_from)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    weights = out / WEIGHTS_FILE
-    tmp = tmp_path_for(weights)
-    save_file({name: t.contiguous() for name, t in model.state_dict().items()}, str(tmp))
-    commit(tmp, weights)
+    with atomic_path(out / WEIGHTS_FILE) as tmp:  # safetensors writes a file by name only
+        save_file({name: t.contiguous() for name, t in model.state_dict().items()}, str(tmp))
     text = json.dumps(export_config(model.cfg, prep), indent=1, allow_nan=False) + "\n"
     write_bytes_atomic(out / CONFIG_FILE, text.encode())
     return out

@@ -11,8 +11,9 @@ from typing import Any
 import numpy as np
 import torch
 
-from mbt.plots import class_label, pyplot
+from mbt.plots import class_label, pyplot, save_figure
 from serve.predict import Prediction
+from shards.atomic import atomic_write
 from shards.text import MAX_NAME_CHARS, CsvWriter, printable
 
 TIMELINE_SUFFIX = ".timeline.csv"
@@ -70,7 +71,7 @@ def write_timeline_csv(path: Path, prediction: Prediction, names: list[str], mul
     """Per window: start_s, end_s, the top class and its probability, then every class's probability."""
     probs = probabilities(prediction.logits, multi_label)
     path.parent.mkdir(parents=True, exist_ok=True)
-    with path.open("w", newline="") as f:
+    with atomic_write(path, "w", newline="") as f:
         writer = CsvWriter(f)
         writer.writerow(["start_s", "end_s", "top_class", "top_probability", *names])
         for (start, end), row in zip(prediction.windows, probs, strict=True):
@@ -102,6 +103,4 @@ def plot_timeline(
     ax.set(xlabel="time (s, window centre)", ylabel="probability", ylim=(0, 1.02), title=title)
     ax.legend(fontsize=8, loc="upper right")
     fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path)

@@ -3,17 +3,19 @@
 The tar is written member by member with deterministic headers (mtime 0, root owner, mode 0644), so the same
 samples always give the same bytes and sha256. The index is DALI's wds2idx format (`v1.2 N`, then per sample
 `ext data_offset size name` for each member), built from the offsets while writing: no second pass, no DALI.
-Both files are written under temporary names and renamed when complete.
+Both files are written under temporary names and renamed when complete; a full disk is `shards.atomic`'s
+DiskFullError naming the shard or its index, with nothing of either left behind.
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import io
 import tarfile
 from pathlib import Path
 
-from shards.atomic import commit, naming_errors, tmp_path_for
+from shards.atomic import atomic_write, commit, tmp_path_for, writing
 from shards.index import format_index
 from shards.manifest import ShardInfo
 from shards.schema import INDEX_SUFFIX, SchemaError, split_member_name
@@ -59,7 +61,7 @@ class ShardWriter:
 
     def _write(self, data: bytes) -> None:
         assert self._file is not None, "shard already closed"
-        with naming_errors(self._tmp):
+        with writing(self.path):
             self._file.write(data)
         self._sha.update(data)
         self._offset += len(data)
@@ -79,20 +81,14 @@ class ShardWriter:
 
     def close(self) -> ShardInfo:
         """Finish the tar, write the index, rename both into place; returns what the manifest lists. On an OSError
-        (a full disk) no temporary file is left once the `with` block is left."""
+        (a full disk: DiskFullError naming the file) no temporary file is left once the `with` block is left."""
         self._write(_END_OF_ARCHIVE)
         assert self._file is not None
-        with naming_errors(self._tmp):
+        with writing(self.path):
             self._file.close()
         self._file = None
-        index_tmp = tmp_path_for(self.index_path)
-        try:
-            with naming_errors(index_tmp):
-                index_tmp.write_text(format_index(self._index))
-            commit(index_tmp, self.index_path)
-        except BaseException:
-            index_tmp.unlink(missing_ok=True)
-            raise
+        with atomic_write(self.index_path, "w") as f:
+            f.write(format_index(self._index))
         commit(self._tmp, self.path)
         return ShardInfo(
             name=self.path.name, num_samples=len(self.keys), bytes=self._offset, sha256=self._sha.hexdigest()
@@ -101,6 +97,7 @@ class ShardWriter:
     def abort(self) -> None:
         """Drop the unfinished shard."""
         if self._file is not None:
-            self._file.close()
+            with contextlib.suppress(OSError):  # the failed write is the error being raised; closing repeats it
+                self._file.close()
             self._file = None
         self._tmp.unlink(missing_ok=True)

@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import importlib.util
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 from types import ModuleType
 
 import pytest
+from full_disk import FullDisk, small_tmpfs
 
 from experiments.demo_data import DemoDataset, make_demo_dataset
 
@@ -74,3 +76,10 @@ def train_shards(demo: DemoDataset, tmp_path_factory: pytest.TempPathFactory) ->
 def eval_shards(demo: DemoDataset, tmp_path_factory: pytest.TempPathFactory) -> Path:
     """The demo's 3 evaluation clips in 2 shards (2, 1)."""
     return shard_demo_split(demo, tmp_path_factory.mktemp("shards") / "eval", "eval", shard_size=2)
+
+
+@pytest.fixture
+def full_disk(tmp_path: Path) -> Iterator[FullDisk]:
+    """A 16 MiB tmpfs at tmp_path/disk that the test fills when it wants a full disk (skipped without mount)."""
+    with small_tmpfs(tmp_path / "disk", "16m") as disk:
+        yield disk

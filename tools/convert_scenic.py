@@ -33,10 +33,10 @@ def main(argv: list[str] | None = None) -> int:
     )  # fmt: skip
     try:
         checkpoint = convert(args.checkpoint, options)
-    except ScenicCheckpointError as err:
+        out = write_checkpoint(checkpoint, args.out)
+    except (ScenicCheckpointError, OSError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 1
-    out = write_checkpoint(checkpoint, args.out)
     model = checkpoint["config"]["model"]
     print(f"{args.checkpoint} -> {out}: {', '.join(f'{k}={v}' for k, v in model.items())}")
     return 0

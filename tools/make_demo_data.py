@@ -42,7 +42,7 @@ def main(argv: list[str] | None = None) -> int:
             size=args.size,
             workers=args.workers,
         )
-    except (ValueError, RuntimeError) as error:
+    except (ValueError, RuntimeError, OSError) as error:  # OSError: a full disk (shards.atomic.DiskFullError)
         print(f"{parser.prog}: error: {error}", file=sys.stderr)
         return 1
     print(

@@ -8,8 +8,9 @@ Inputs: video files, folders (their video files) or segments CSVs (a header with
 training checkpoint, a run folder (its latest checkpoint) or an exported model (tools/export_model.py). Each video is
 decoded and featurized by the shard job's code and fed as the evaluation loaders feed it (4 synchronized test clips,
 logits averaged). With --window-s, windows every --hop-s cover each whole file and a timeline CSV and PNG per video
-go to --out-dir. A video that cannot be predicted gets one `error:` line and the others go on; the exit status is 1
-when any failed, 2 on a usage error.
+go to --out-dir. A video that cannot be predicted gets one `error:` line and the others go on; an output that
+cannot be written (a full disk) stops it with one `error:` line. The exit status is 1 when any failed, 2 on a usage
+error.
 """
 
 from __future__ import annotations
@@ -23,10 +24,11 @@ from mbt.checkpoint import CheckpointFileError
 from mbt.embeddings import write_embeddings
 from preprocess.datasets import DatasetError
 from preprocess.ffmpeg_run import ToolMissingError, require_ffmpeg
-from serve.load import ExportError, load_model
+from serve.load import ExportError, Preprocessing, load_model
 from serve.outputs import plot_timeline, probabilities, record, timeline_path, top_lines, write_timeline_csv
 from serve.predict import InputError, Predictor
-from serve.segments import gather_segments
+from serve.segments import Segment, gather_segments
+from shards.atomic import write_bytes_atomic
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -64,6 +66,15 @@ def main(argv: list[str] | None = None) -> int:
     except (CheckpointFileError, ExportError, DatasetError, ToolMissingError, ValueError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 1
+    try:
+        return predict_all(args, predictor, prep, segments)
+    except OSError as err:  # an output that cannot be written (a full disk: DiskFullError names the file)
+        print(f"error: {err}", file=sys.stderr)
+        return 1
+
+
+def predict_all(args: argparse.Namespace, predictor: Predictor, prep: Preprocessing, segments: list[Segment]) -> int:
+    """Predict every segment, print its top classes and write the outputs asked for; the exit status."""
     names, multi = prep.class_names, prep.multi_label
     records, keys, embeddings, failed, taken = [], [], [], 0, set()
     embed, progress = args.embeddings is not None, sys.stderr.isatty()
@@ -86,8 +97,8 @@ def main(argv: list[str] | None = None) -> int:
             print(f"  timeline: {csv_path}, {png_path}")
     if args.json is not None:
         args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps({"classes": names, "multi_label": multi, "videos": records}, indent=1) + "\n")
-        print(f"wrote {args.json}")
+        text = json.dumps({"classes": names, "multi_label": multi, "videos": records}, indent=1) + "\n"
+        print(f"wrote {write_bytes_atomic(args.json, text.encode())}")
     if args.embeddings is not None and embeddings:
         print(f"wrote {write_embeddings(args.embeddings, keys, embeddings)}")
     if failed:

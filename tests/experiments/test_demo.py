@@ -1,5 +1,5 @@
 """The demo's runner (`experiments.demo`) and the ablation (`experiments.ablation`): summaries, the table, the CSV and
-the PNG, on tiny runs over the session's demo shards (2 s clips: 200 log-mel frames, 8 frames)."""
+the PNG, on tiny runs over the session's demo shards (2 s clips: 200 log-mel frames, 8 frames); each on a full disk."""
 
 from __future__ import annotations
 
@@ -8,11 +8,13 @@ import json
 from pathlib import Path
 
 import pytest
+from full_disk import FullDisk
 
 from experiments.ablation import COLUMNS, ablation_runs, plot_ablation, run_ablation, write_csv
 from experiments.demo import METRICS, aggregate, format_table, parse_variants, run_demo, write_summary
 from experiments.demo_data import DEMO_CLASSES
 from mbt.config import TrainConfig, preset
+from shards.atomic import RERUN, DiskFullError
 
 ROW_KEYS = {
     "variant", "fusion", "fusion_layer", "num_bottlenecks", "seed", "mAP", "ap_visual", "ap_audible", "ap_single",
@@ -118,3 +120,24 @@ def test_tiny_ablation_writes_csv_and_png(shards: Path, tmp_path: Path) -> None:
     assert (tmp_path / "ablation" / "ablation.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert write_csv(rows[:1], path).read_text().count("\n") == 2
     assert plot_ablation([], tmp_path / "empty.png").is_file()
+
+
+@pytest.mark.slow
+def test_the_ablations_files_and_the_summary_on_a_full_disk_name_the_file(full_disk: FullDisk) -> None:
+    ablation = {"sweep": "fusion_layer", "name": "bn", "fusion": "bottleneck", "fusion_layer": 2, "num_bottlenecks": 4,
+                "forward_gflops": 0.1, "params_m": 0.2, "train_s": 1.0}  # fmt: skip
+    rows = [{**row("bottleneck", seed, 0.5), **ablation} for seed in range(40)]
+    folder = full_disk.folder
+    writers = {
+        "ablation.csv": lambda rows: write_csv(rows, folder / "ablation.csv"),
+        "ablation.png": lambda rows: plot_ablation(rows, folder / "ablation.png"),
+        "summary.json": lambda rows: write_summary(folder, rows),
+    }
+    for name, write in writers.items():
+        write(rows[:1])
+        previous = (folder / name).read_bytes()
+        full_disk.fill()
+        with pytest.raises(DiskFullError, match=f"^cannot write {folder / name}: No space left on device; {RERUN}$"):
+            write(rows)
+        assert (folder / name).read_bytes() == previous and not list(folder.glob("*.tmp"))
+        full_disk.free()

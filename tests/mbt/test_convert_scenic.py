@@ -1,7 +1,8 @@
 """tools/convert_scenic.py and `mbt.scenic`: scenic's MBT (flax) converted into this project's MBT gives scenic's
 logits. The fixture `tests/data/scenic_mbt_tiny` (its README says how it was made) holds a tiny scenic MBT (depth 2,
 width 64, 16x16x2 tubelets, 'token' classifier, fusion layer 1) with non-trivial random parameters, a fixed input,
-scenic's logits and its activations at each stage. Damaged or unexpected files are refused naming the file and key."""
+scenic's logits and its activations at each stage. Damaged or unexpected files are refused naming the file and key;
+a full disk is one error line naming the output."""
 
 from __future__ import annotations
 
@@ -19,6 +20,7 @@ from mbt.checkpoint import build_model, load_trained
 from mbt.flax_msgpack import read_flax_msgpack
 from mbt.model import MBT
 from mbt.scenic import ScenicCheckpointError, ScenicOptions, convert
+from shards.atomic import RERUN
 
 FIXTURE = Path(__file__).parents[1] / "data" / "scenic_mbt_tiny"
 PARAMS = FIXTURE / "params.msgpack"
@@ -216,3 +218,11 @@ def test_what_the_shapes_do_not_say_is_asked_for(tmp_path, monkeypatch, capsys):
     assert convert_scenic.main([str(PARAMS), str(tmp_path / "out.pt"), *FLAGS]) == 1
     assert "bytes, more than a scenic checkpoint's (1000); not read" in capsys.readouterr().err
     assert not (tmp_path / "out.pt").exists()
+
+
+def test_a_full_disk_is_one_error_line_naming_the_output(full_disk, capsys):
+    out = full_disk.folder / "tiny.pt"
+    full_disk.fill()
+    assert convert_scenic.main([str(PARAMS), str(out), *FLAGS]) == 1
+    assert capsys.readouterr().err == f"error: cannot write {out}: No space left on device; {RERUN}\n"
+    assert full_disk.files() == []

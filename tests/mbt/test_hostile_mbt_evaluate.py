@@ -1,6 +1,7 @@
 """Hostile inputs to evaluation: logits that are NaN or infinite, labels outside the classes, a split of other
 classes than the checkpoint's, checkpoints that are corrupt, hold non-finite weights or an absurd model config;
-each an EvaluationError (or `mbt.evaluate: error: ...` line) naming the keys or file, with nothing written."""
+each an EvaluationError (or `mbt.evaluate: error: ...` line) naming the keys or file, with nothing written; and a
+full disk, one error line naming the file being written, with nothing partial left."""
 
 from __future__ import annotations
 
@@ -11,6 +12,7 @@ import math
 import os
 import random
 import re
+import shutil
 from pathlib import Path
 from typing import Any
 
@@ -18,12 +20,14 @@ import numpy as np
 import pytest
 import torch
 from dist_evaluate_main import NUM_CLASSES, ToyModel, toy_batches
+from full_disk import PAGE, FullDisk
 from test_evaluate import AUG, SINGLE, TINY, cli_args
 
 from experiments.demo import group_ap
 from mbt.evaluate import EvaluationError, evaluate, main
 from mbt.metrics import compute_metrics, topk_accuracy
 from mbt.model import MBT, MBTConfig
+from shards.atomic import RERUN
 
 
 def poison(batches: list[dict[str, Any]], key: str, value: float) -> None:
@@ -234,3 +238,27 @@ def test_demo_refuses_a_per_class_table_it_cannot_read(tmp_path: Path, table: st
     path.write_text(table)
     with pytest.raises(EvaluationError, match=re.escape(f"{path}: {message}")):
         group_ap(path)
+
+
+WRITTEN = ["metrics.json", "predictions.npz", "per_class_ap.csv", "per_class_ap.png", "emb.npz"]  # in this order
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("named", WRITTEN)
+def test_a_full_disk_is_one_error_line_naming_the_file_and_nothing_partial_is_left(
+    eval_shards: Path, tmp_path: Path, full_disk: FullDisk, capsys: pytest.CaptureFixture, named: str
+) -> None:
+    checkpoint = save_checkpoint(tmp_path / "ckpt.pt", eval_shards)
+    out = full_disk.folder / "eval"
+    args = [*cli_args(checkpoint, eval_shards, out), "--embeddings", str(out / "emb.npz")]
+    assert main(args) == 0
+    before = WRITTEN[: WRITTEN.index(named)]  # the files written before `named`, in whole pages on a tmpfs
+    room = sum(math.ceil((out / name).stat().st_size / PAGE) * PAGE for name in before)
+    shutil.rmtree(out)
+    out.mkdir()
+    full_disk.fill(leave_bytes=room)
+    expected = f"mbt.evaluate: error: cannot write {out / named}: No space left on device; {RERUN}"
+    assert error_line(args, capsys) == expected
+    assert sorted(p.name for p in out.iterdir()) == sorted(before)
+    full_disk.free()
+    assert main(args) == 0

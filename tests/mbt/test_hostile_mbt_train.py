@@ -18,6 +18,8 @@ from typing import Any
 import pytest
 import torch
 import yaml
+from full_disk import FullDisk
+from tensorboard.backend.event_processing.event_file_loader import EventFileLoader
 from test_evaluate import split_with_other_statistics
 from test_train import train_args
 
@@ -25,6 +27,7 @@ from mbt.checkpoint import checkpoint_path, latest_checkpoint
 from mbt.run_dir import LOCK_NAME
 from mbt.run_log import RunLog, plot_curves
 from mbt.train import main
+from shards.atomic import RERUN, DiskFullError
 from shards.manifest import load_manifest
 
 # 9 clips, batch 2: steps 1 and 2 checkpointed, then evaluated on the 3 evaluation clips.
@@ -428,6 +431,33 @@ def test_init_video_from_a_vit_of_the_model_loads(
     assert f"init: video tower <- {path}" in capsys.readouterr().out
 
 
+def test_a_full_disk_stops_the_log_at_the_row_that_met_it_with_whole_rows_in_both_files(full_disk: FullDisk) -> None:
+    log = RunLog(full_disk.folder)
+    log.write({"step": 1, "loss": 0.5})
+    full_disk.fill()  # each file keeps the rest of its last page: the events' rows are the longer, they fill first
+    with pytest.raises(DiskFullError) as err:
+        for step in range(2, 1000):
+            log.write({"step": step, "epoch": 0, "loss": 0.5, "lr": 0.1, "clips_per_s": 3.0})
+    assert str(err.value) == f"cannot write {log.events}: No space left on device; {RERUN}"
+    rows = [json.loads(line) for line in log.path.read_text().splitlines()]
+    logged = [(e.step, e.summary.value[0].tag) for e in EventFileLoader(str(log.events)).Load() if e.summary.value]
+    # TensorBoard reads row 1's loss and the 4 scalars of every later row but the last, which met the full disk.
+    assert logged[:2] == [(1, "loss"), (2, "epoch")] and len(logged) == 1 + 4 * (len(rows) - 2)
+    assert logged[-1] == (rows[-2]["step"], "clips_per_s")
+
+
+@pytest.mark.slow
+def test_a_full_disk_at_the_start_is_an_error_naming_config_yaml(
+    train_shards: Path, full_disk: FullDisk, capsys: pytest.CaptureFixture
+) -> None:
+    out = full_disk.folder / "run"
+    full_disk.fill()
+    assert main(train_args(train_shards, "", out, "--max_steps", "1")) == 1
+    expected = f"error: cannot write {out / 'config.yaml'}: No space left on device; {RERUN}"
+    assert capsys.readouterr().err.strip().splitlines()[-1] == expected
+    assert sorted(p.name for p in out.iterdir()) == [LOCK_NAME]
+
+
 def test_metrics_log_cut_mid_line_is_continued_and_plotted(tmp_path: Path) -> None:
     log_path = tmp_path / "metrics.jsonl"
     rows = [
@@ -438,9 +468,8 @@ def test_metrics_log_cut_mid_line_is_continued_and_plotted(tmp_path: Path) -> No
         b'{"step": 2, "loss": NaN}',
     ]
     log_path.write_bytes(b"\n".join(rows) + b'\n{"step": 3, "lo')
-    log = RunLog(tmp_path, enabled=True)
+    log = RunLog(tmp_path)
     log.write({"step": 4, "epoch": 0, "loss": 0.25})
-    log.close()
     lines = log_path.read_text(errors="replace").splitlines()
     assert lines[-2] == '{"step": 3, "lo' and json.loads(lines[-1])["step"] == 4
     assert plot_curves(log_path, tmp_path / "curves.png") == 4  # the list, the text step, the bytes, the cut row

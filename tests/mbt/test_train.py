@@ -13,13 +13,16 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
 import torch
 import yaml
+from full_disk import FullDisk
 from test_evaluate import raw_evaluation_audio, record_evaluation_audio, split_with_other_statistics
 
+import mbt.train
 from mbt.checkpoint import checkpoint_path, latest_checkpoint, list_checkpoints, load_checkpoint
 from mbt.config import ConfigError, TrainConfig, config_from_dict, load_config
 from mbt.evaluate import main as evaluate_main
@@ -65,6 +68,11 @@ def read_rows(run_dir: Path) -> list[dict]:
 def losses_by_step(run_dir: Path) -> dict[int, float]:
     """The loss logged for each step; the last row wins where a resumed run logged a step again."""
     return {row["step"]: row["loss"] for row in read_rows(run_dir) if "loss" in row}
+
+
+def error_lines(stderr: str) -> list[str]:
+    """The `error:` lines of a run's stderr (the progress bar writes there too, and ends without a newline)."""
+    return re.findall(r"error: [^\r\n]*", stderr)
 
 
 def assert_same_weights(a: Path, b: Path) -> None:
@@ -194,6 +202,38 @@ def test_rerunning_a_finished_run_only_evaluates(
     assert f"at step {TOTAL_STEPS}" in capsys.readouterr().out
     assert read_rows(out) == rows
     assert json.loads((out / "eval" / "metrics.json").read_text())["mAP"] == rows[-1]["eval_metric"]
+
+
+@pytest.mark.slow
+def test_a_full_disk_at_a_checkpoint_stops_the_run_and_the_rerun_resumes_from_the_previous(
+    reference_run: Path, train_shards: Path, eval_shards: Path, full_disk: FullDisk, monkeypatch, capsys
+) -> None:
+    out = full_disk.folder / "run"
+    args = train_args(train_shards, eval_shards, out, *RUN)
+    save = mbt.train.save_checkpoint
+
+    def fill_then_save(run_dir: Path, step: int, *rest: Any, **keywords: Any) -> Path:
+        if step == 6:
+            full_disk.fill()
+        return save(run_dir, step, *rest, **keywords)
+
+    monkeypatch.setattr(mbt.train, "save_checkpoint", fill_then_save)
+    capsys.readouterr()
+    assert main(args) == 1
+    assert error_lines(capsys.readouterr().err) == [
+        f"error: cannot write {checkpoint_path(out, 6)}: No space left on device; free space, then rerun the same "
+        f"command (it resumes from {checkpoint_path(out, 4)})"
+    ]
+    assert latest_checkpoint(out) == checkpoint_path(out, 4) and not list(out.rglob("*.tmp"))
+    full_disk.free()
+    monkeypatch.undo()
+    assert main(args) == 0
+    assert f"resumed from {checkpoint_path(out, 4)} at step 4" in capsys.readouterr().out
+    reference, resumed = losses_by_step(reference_run), losses_by_step(out)
+    assert sorted(resumed) == list(range(1, TOTAL_STEPS + 1))
+    for step in range(5, TOTAL_STEPS + 1):
+        assert resumed[step] == pytest.approx(reference[step], rel=0, abs=1e-6), f"step {step}"
+    assert_same_weights(latest_checkpoint(reference_run), latest_checkpoint(out))
 
 
 @pytest.mark.slow

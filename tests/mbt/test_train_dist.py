@@ -1,11 +1,13 @@
 """Training under torchrun with gloo on CPU (tests/dist_train_check.py runs `mbt.train.main` and records each rank's
-clips and final parameters): two processes on one node, two "nodes" on localhost with a c10d rendezvous, and a
-rank killed mid-run that torchrun's `--max-restarts` brings back to resume from the last checkpoint."""
+clips and final parameters): two processes on one node, two "nodes" on localhost with a c10d rendezvous, a rank
+killed mid-run that torchrun's `--max-restarts` brings back to resume from the last checkpoint, and a full disk at
+rank 0's checkpoint that every rank leaves at once."""
 
 from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -15,7 +17,8 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from dist_train_check import CRASH_MARKER, param_digest
+from dist_train_check import CRASH_MARKER, FILL_AT_STEP, FILL_DISK, param_digest
+from full_disk import FullDisk
 from test_train import RANDOM, losses_by_step, read_rows, train_args
 
 from mbt.checkpoint import checkpoint_path, latest_checkpoint, load_checkpoint
@@ -159,3 +162,33 @@ def test_failed_rank_restarts_and_resumes(
     for step in range(3, TOTAL_STEPS + 1):
         assert resumed[step] == pytest.approx(reference[step], rel=0, abs=1e-6), f"step {step}"
     assert found[0]["digest"] == records(two_process_run / "ranks", 2)[0]["digest"]
+
+
+def test_a_full_disk_at_rank_0s_checkpoint_stops_every_rank_at_once(
+    train_shards: Path, eval_shards: Path, full_disk: FullDisk, tmp_path: Path
+) -> None:
+    """Rank 0 cannot write the checkpoint of step 4: every rank raises its error within seconds (on main rank 1
+    waited at the barrier, or died of a broken connection), and a rerun would resume from step 2."""
+    out = full_disk.folder / "run"
+    # torchrun looks at its workers every 5 s, not 0.1 s: rank 1 returns and records its exit before it is ended.
+    cmd = torchrun("--standalone", "--nproc_per_node=2", "--monitor-interval=5", str(SCRIPT), str(tmp_path / "ranks"),
+                   *train_args(train_shards, eval_shards, out, *RUN))  # fmt: skip
+    log = tmp_path / "torchrun.log"
+    proc = launch(cmd, log, **{FILL_DISK: str(full_disk.folder), FILL_AT_STEP: "4"})
+    try:
+        assert proc.wait(timeout=TIMEOUT_S) != 0
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+    output = log.read_text()
+    found = [json.loads((tmp_path / "ranks" / f"rank-{r}.json").read_text()) for r in range(2)]
+    assert [rec["exit"] for rec in found] == [1, 1], output[-4000:]
+    filled_at = full_disk.filler.stat().st_mtime
+    assert all(rec["exited_at"] - filled_at < 30 for rec in found), output[-4000:]
+    message = (
+        f"error: cannot write {checkpoint_path(out, 4)}: No space left on device; free space, then rerun the same "
+        f"command (it resumes from {checkpoint_path(out, 2)})"
+    )
+    assert re.findall(r"error: [^\r\n]*", output) == [message]  # printed once, by rank 0
+    assert latest_checkpoint(out) == checkpoint_path(out, 2) and not list(out.rglob("*.tmp"))

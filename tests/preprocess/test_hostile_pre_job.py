@@ -29,7 +29,7 @@ from shards.schema import FAILURES_NAME
 from shards.tar import iter_tar_samples
 
 shard_audioset = load_tool("shard_audioset")
-FINISHED_KEPT = "free space and run the same command again (finished shards are kept)"
+FINISHED_KEPT = "free space, then rerun the same command (finished shards are kept)"
 
 
 def demo_ytids(demo) -> list[str]:
@@ -212,12 +212,47 @@ def test_full_disk_stops_the_job_cleanly_and_a_rerun_completes(demo, tmp_path, c
         fail_fsync_of(monkeypatch, where)
     assert shard_audioset.main(args) == 1
     err = capsys.readouterr().err
-    assert f"cannot write {out}" in err and f"{named} (No space left on device)" in err and FINISHED_KEPT in err
+    assert f"cannot write {out}" in err and f"{named}: No space left on device; {FINISHED_KEPT}" in err
     assert not list(out.rglob("*.tmp"))
     monkeypatch.undo()
     assert shard_audioset.main(args) == 0
     counts = keys_in(out)
     assert len(counts) == 5 and set(counts.values()) == {1} and not list(out.rglob("*.tmp"))
+
+
+@pytest.mark.slow
+def test_a_real_full_disk_stops_the_job_and_the_rerun_makes_the_uninterrupted_shards(
+    demo, train_shards, full_disk, capsys
+):
+    out = full_disk.folder / "train"
+    args = audioset_args(demo, out, "--shard-size", "2")  # the arguments that made train_shards
+    full_disk.fill(leave_bytes=200 << 10)  # the state files and one shard of ~140 KB fit
+    assert shard_audioset.main(args) == 1
+    err = capsys.readouterr().err
+    named = rf"{re.escape(str(out))}/shard-00000[1-4]\.(tar|idx)"
+    assert re.fullmatch(rf"error: cannot write {named}: No space left on device; {re.escape(FINISHED_KEPT)}\n", err)
+    assert not list(out.rglob("*.tmp")) and (out / "shard-000000.tar").is_file()
+    full_disk.free()
+    assert shard_audioset.main(args) == 0
+    assert load_manifest(out).shards == load_manifest(train_shards).shards
+    assert all((out / s.name).read_bytes() == (train_shards / s.name).read_bytes() for s in load_manifest(out).shards)
+
+
+@pytest.mark.slow
+def test_a_full_scratch_disk_stops_the_job_instead_of_failing_its_clips(demo, tmp_path, full_disk, capsys, monkeypatch):
+    """ffmpeg cannot write the frames it decodes: on main every clip was recorded as 'unreadable', for good."""
+    out = tmp_path / "out"
+    args = audioset_args(demo, out, "--shard-size", "2", "--limit", "4", "--workers", "1")
+    monkeypatch.setattr(decode, "_scratch_dir", lambda: str(full_disk.folder))  # the forked workers' too
+    full_disk.fill()
+    assert shard_audioset.main(args) == 1
+    scratch = f"{full_disk.folder} (the scratch folder of ffmpeg's decoded frames)"
+    assert capsys.readouterr().err == f"error: cannot write {scratch}: No space left on device; {FINISHED_KEPT}\n"
+    assert not list((out / STATE_DIR).glob("shard-*.json")) and not list(out.glob("shard-*"))
+    full_disk.free()
+    assert shard_audioset.main(args) == 0
+    manifest = load_manifest(out)
+    assert manifest.num_samples == 4 and manifest.failures == []
 
 
 @pytest.mark.parametrize(

@@ -1,10 +1,12 @@
 """Export and load (tools/export_model.py, serve.export, serve.load): an exported model predicts the checkpoint's
 logits, its config.json holds what using it elsewhere needs, and a damaged export is refused with an error naming
-the file; checkpoints and exports are refused with the words evaluation and the manifest parser use."""
+the file; checkpoints and exports are refused with the words evaluation and the manifest parser use; a full disk is
+one error line naming the file being written."""
 
 from __future__ import annotations
 
 import json
+import math
 from collections.abc import Callable
 from pathlib import Path
 
@@ -12,6 +14,7 @@ import numpy as np
 import pytest
 import torch
 from conftest import load_tool
+from full_disk import PAGE, FullDisk
 from safetensors.torch import load_file, save_file
 from tiny_run import TINY_AUG, eval_videos, make_run
 
@@ -21,6 +24,7 @@ from mbt.checkpoint import CheckpointFileError, latest_checkpoint
 from serve.load import CONFIG_FILE, WEIGHTS_FILE, ExportError, from_checkpoint, load_pretrained
 from serve.predict import Predictor
 from serve.segments import Segment
+from shards.atomic import RERUN
 from shards.manifest import load_manifest, parse_manifest
 from shards.schema import SCHEMA_VERSION, SchemaError
 
@@ -188,3 +192,20 @@ def test_the_old_home_of_load_pretrained_names_the_new_one() -> None:
 
     with pytest.raises(AttributeError, match="from serve import load_pretrained"):
         mbt.load_pretrained  # noqa: B018
+
+
+@pytest.mark.parametrize("named", [WEIGHTS_FILE, CONFIG_FILE])
+def test_a_full_disk_is_one_error_line_naming_the_file_and_nothing_partial_is_left(
+    run: Path, exported: Path, full_disk: FullDisk, capsys: pytest.CaptureFixture, named: str
+) -> None:
+    out = full_disk.folder / "model"
+    out.mkdir()
+    room = 0 if named == WEIGHTS_FILE else math.ceil((exported / WEIGHTS_FILE).stat().st_size / PAGE) * PAGE
+    full_disk.fill(leave_bytes=room)
+    capsys.readouterr()
+    assert load_tool("export_model").main([str(run), str(out)]) == 1
+    assert capsys.readouterr().err == f"error: cannot write {out / named}: No space left on device; {RERUN}\n"
+    assert [p.name for p in out.iterdir()] == ([] if named == WEIGHTS_FILE else [WEIGHTS_FILE])
+    full_disk.free()
+    assert load_tool("export_model").main([str(run), str(out)]) == 0
+    assert (out / WEIGHTS_FILE).read_bytes() == (exported / WEIGHTS_FILE).read_bytes()

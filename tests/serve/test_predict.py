@@ -1,12 +1,13 @@
 """Prediction on raw videos (tools/predict.py, serve.predict): the logits and embeddings of a demo video are those
 evaluation gives its shard sample (the same decode, features and test clips); timelines, segments CSVs and JSON;
-each bad input gets one error line naming it while the others are predicted; the demo run names its videos' classes
-and its timeline of two videos changes class at the cut."""
+each bad input gets one error line naming it while the others are predicted, a full disk one error line naming the
+file; the demo run names its videos' classes and its timeline of two videos changes class at the cut."""
 
 from __future__ import annotations
 
 import csv
 import json
+import math
 import subprocess
 from pathlib import Path
 
@@ -14,6 +15,7 @@ import numpy as np
 import pytest
 import torch
 from conftest import load_tool
+from full_disk import PAGE, FullDisk
 from media import make_clip, make_not_a_video
 from tiny_run import eval_videos, make_run
 
@@ -25,6 +27,7 @@ from pipelines import open_split
 from serve.load import from_checkpoint
 from serve.predict import Predictor, window_features
 from serve.segments import Segment
+from shards.atomic import RERUN
 from shards.schema import MAX_FRAMES, FeatureParams
 
 SINGLE = DistInfo(rank=0, local_rank=0, world_size=1, device=torch.device("cpu"))
@@ -210,3 +213,28 @@ def test_the_timeline_of_two_videos_changes_colour_at_the_cut(
     assert len(prediction.windows) == 3  # the first video, across the cut, the second video
     top_colour = [colours[int(np.argmax(row[colours]))] for row in prediction.logits]
     assert top_colour[0] == a and top_colour[-1] == b
+
+
+WRITTEN = ["tl/v.timeline.csv", "tl/v.timeline.png", "out.json", "emb.npz"]  # in this order
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("named", WRITTEN)
+def test_a_full_disk_is_one_error_line_naming_the_file_and_nothing_partial_is_left(
+    run: Path, demo: DemoDataset, full_disk: FullDisk, capsys: pytest.CaptureFixture, named: str
+) -> None:
+    video = full_disk.folder.parent / "v.mp4"
+    video.write_bytes(next(iter(eval_videos(demo).values())).read_bytes())
+    disk = full_disk.folder
+    args = [str(video), "--model", str(run), "--window-s", "2", "--out-dir", str(disk / "tl"),
+            "--json", str(disk / "out.json"), "--embeddings", str(disk / "emb.npz")]  # fmt: skip
+    assert load_tool("predict").main(args) == 0
+    before = WRITTEN[: WRITTEN.index(named)]  # the files written before `named`, in whole pages on a tmpfs
+    room = sum(math.ceil((disk / name).stat().st_size / PAGE) * PAGE for name in before)
+    for name in WRITTEN:
+        (disk / name).unlink()
+    full_disk.fill(leave_bytes=room)
+    capsys.readouterr()
+    assert load_tool("predict").main(args) == 1
+    assert capsys.readouterr().err == f"error: cannot write {disk / named}: No space left on device; {RERUN}\n"
+    assert sorted(str(p) for p in full_disk.files()) == sorted(before)

@@ -5,7 +5,9 @@ RECORD_DIR/rank-R.json:
     torchrun ... tests/support/dist_train_check.py RECORD_DIR [mbt.train flags ...]
 
 With MBT_TEST_CRASH_MARKER=PATH set, rank MBT_TEST_CRASH_RANK (default 1) SIGKILLs itself once, at its first step
-after a checkpoint exists, having created PATH (so that torchrun's restarted workers train on).
+after a checkpoint exists, having created PATH (so that torchrun's restarted workers train on). With
+MBT_TEST_FILL_DISK=FOLDER (a tmpfs, `full_disk.FullDisk`) rank 0 fills that disk just before it saves the checkpoint
+of step MBT_TEST_FILL_AT_STEP.
 """
 
 from __future__ import annotations
@@ -15,11 +17,13 @@ import json
 import os
 import signal
 import sys
+import time
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
 import torch
+from full_disk import FullDisk
 
 import mbt.step
 import mbt.train
@@ -28,6 +32,7 @@ from mbt.config import load_config
 
 CRASH_MARKER = "MBT_TEST_CRASH_MARKER"
 CRASH_RANK = "MBT_TEST_CRASH_RANK"
+FILL_DISK, FILL_AT_STEP = "MBT_TEST_FILL_DISK", "MBT_TEST_FILL_AT_STEP"
 
 
 def param_digest(state: Mapping[str, torch.Tensor]) -> str:
@@ -61,12 +66,21 @@ def main() -> int:
         keys.append(list(data["key"]))
         return mixup(data, *args)
 
+    save = mbt.train.save_checkpoint
+
+    def filling_save(run_dir: Path, step: int, *args: Any, **keywords: Any) -> Path:
+        if step == int(os.environ[FILL_AT_STEP]):
+            FullDisk(Path(os.environ[FILL_DISK])).fill()
+        return save(run_dir, step, *args, **keywords)
+
     mbt.train.MBT = RecordingMBT
     mbt.step.mixup = recording_mixup
+    if rank == 0 and FILL_DISK in os.environ:
+        mbt.train.save_checkpoint = filling_save
     code = mbt.train.main(argv)
     record = {
-        "rank": rank, "world_size": int(os.environ["WORLD_SIZE"]), "exit": code, "keys": keys,
-        "digest": param_digest(models[0].state_dict()),
+        "rank": rank, "world_size": int(os.environ["WORLD_SIZE"]), "exit": code, "exited_at": time.time(),
+        "keys": keys, "digest": param_digest(models[0].state_dict()),
     }  # fmt: skip
     record_dir.mkdir(parents=True, exist_ok=True)
     (record_dir / f"rank-{rank}.json").write_text(json.dumps(record))
