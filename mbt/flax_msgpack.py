@@ -28,7 +28,7 @@ CHUNKED = "__msgpack_chunked_array__"
 MAX_DEPTH = 64  # maps within maps: a training state nests about 10 deep
 MAX_LIST_ITEMS = 64  # numpy's most axes, a shape's length
 MAX_MAP_ITEMS = 1 << 20  # keys of one map: a layer's parameters, a tree's blocks, a chunked array's chunks
-LIMITS = {"max_array_len": MAX_LIST_ITEMS, "max_map_len": MAX_MAP_ITEMS}
+UNPACK_LIMITS = {"max_array_len": MAX_LIST_ITEMS, "max_map_len": MAX_MAP_ITEMS}
 
 
 class FlaxMsgpackError(ValueError):
@@ -37,7 +37,7 @@ class FlaxMsgpackError(ValueError):
 
 def _array(data: bytes) -> np.ndarray:
     """The array of one ndarray ExtType's data; ValueError unless it is (shape, plain dtype, exactly its bytes)."""
-    item = msgpack.unpackb(data, raw=True, **LIMITS)
+    item = msgpack.unpackb(data, raw=True, **UNPACK_LIMITS)
     if not isinstance(item, list | tuple) or len(item) != 3:
         raise ValueError("an array record is not (shape, dtype, bytes)")
     shape, name, buffer = item
@@ -105,7 +105,7 @@ def read_flax_msgpack(path: str | Path) -> dict[str, Any]:
     if size > MAX_FILE_BYTES:
         raise FlaxMsgpackError(f"{path}: {size} bytes, more than a scenic checkpoint's ({MAX_FILE_BYTES}); not read")
     try:
-        tree = msgpack.unpackb(path.read_bytes(), ext_hook=_ext_hook, raw=False, strict_map_key=True, **LIMITS)
+        tree = msgpack.unpackb(path.read_bytes(), ext_hook=_ext_hook, raw=False, strict_map_key=True, **UNPACK_LIMITS)
         if not isinstance(tree, dict):
             raise ValueError(f"it holds a {type(tree).__name__}, not a map of parameters")
         return _restore(tree, "")

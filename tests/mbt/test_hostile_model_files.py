@@ -49,6 +49,13 @@ MBT_L = MODEL.replace(embed_dim=1024, depth=24, num_heads=16)  # 604 million par
 CLASSES = [{"index": i, "id": f"/m/c{i}", "name": f"class {i}"} for i in range(MODEL.num_classes)]
 SCENIC_TINY = REPO / "tests" / "data" / "scenic_mbt_tiny" / "params.msgpack"
 PEAK_LIMIT = 2.0  # a hostile file's peak over the normal file's, both in processes of their own
+# The hostile files the `hostile` fixture makes, by case.
+CASES = (
+    "checkpoint-config-too-large", "checkpoint-config-other-model", "checkpoint-deflated", "checkpoint-repeated-tensor",
+    "export-config-too-large", "export-config-other-model", "export-stated-tensor", "vit-deflated-pth",
+    "vit-repeated-tensor-pth", "vit-stated-tensor-safetensors", "vit-deep-npz", "vit-deflated-npz", "vit-stated-npz",
+    "scenic-nested-lists", "run-config-too-large",
+)  # fmt: skip
 
 
 class Hostile(NamedTuple):
@@ -143,6 +150,7 @@ def hostile(normal: dict[str, Path], tmp_path_factory: pytest.TempPathFactory) -
         "scenic-nested-lists": ("scenic", folder / "lists.msgpack", "not a flax msgpack checkpoint"),
         "run-config-too-large": ("run-config", huge_run_config(folder / "config"), too_large),
     }  # fmt: skip
+    assert tuple(cases) == CASES
     return {
         case: Hostile(kind, path, message, *named or [path]) for case, (kind, path, message, *named) in cases.items()
     }
@@ -156,11 +164,8 @@ def test_the_bound_is_four_mbt_ls_and_a_huge_config_costs_no_memory() -> None:
 
 @pytest.mark.parametrize(
     "case",
-    [
-        "checkpoint-config-too-large", "checkpoint-config-other-model", "checkpoint-deflated",
-        "checkpoint-repeated-tensor", "export-config-too-large", "export-config-other-model", "export-stated-tensor",
-    ],
-)  # fmt: skip
+    [case for case in CASES if case.startswith(("checkpoint-", "export-"))],
+)
 def test_serve_refuses_each_hostile_checkpoint_or_export_naming_it(hostile: dict[str, Hostile], case: str) -> None:
     """`serve.load_model` takes a checkpoint, a run folder or an export, as tools/predict.py does."""
     file = hostile[case]
@@ -226,13 +231,8 @@ def test_normal_files_load(peaks: dict[str, tuple[int, str]]) -> None:
 @pytest.mark.slow
 @pytest.mark.parametrize(
     "case",
-    [
-        "checkpoint-config-too-large", "checkpoint-config-other-model", "checkpoint-deflated",
-        "checkpoint-repeated-tensor", "export-config-too-large", "export-config-other-model", "export-stated-tensor",
-        "vit-deflated-pth", "vit-repeated-tensor-pth", "vit-stated-tensor-safetensors", "vit-deep-npz",
-        "vit-deflated-npz", "vit-stated-npz", "scenic-nested-lists", "run-config-too-large",
-    ],
-)  # fmt: skip
+    CASES,
+)
 def test_a_hostile_file_is_refused_naming_it_at_the_memory_of_a_normal_one(
     peaks: dict[str, tuple[int, str]], hostile: dict[str, Hostile], case: str
 ) -> None:
