@@ -3,9 +3,11 @@
 `run_dir/checkpoints/step-00001234.pt` holds model, optimizer, schedule, step, epoch, the loader's stream position
 and RNG state of each rank, the resolved config, the class record of the training split (`mbt.classes`) and its
 feature parameters and shard schema version (what `tools/predict.py` decodes new videos with). Writes
-go to a temporary name, then a rename: a killed run leaves the previous checkpoint whole. Loading uses
-`torch.load(weights_only=True)`: tensors and plain containers only; `check_resume_state` checks the parts a resume
-reads before any of them is used, `load_trained` the parts evaluation reads.
+go to a temporary name, then a rename: a killed run leaves the previous checkpoint whole. Loading reads the zip's
+central directory first (`shards.bounded.zip_members`: records stored as torch writes them, no more than the file
+holds), then `torch.load(weights_only=True)`: tensors and plain containers only; `check_resume_state` checks the
+parts a resume reads before any of them is used, `load_trained` the parts evaluation reads, and `build_model` builds
+a model only once its config's size and shapes fit the weights (`mbt.model_size`).
 """
 
 from __future__ import annotations
@@ -22,9 +24,11 @@ from torch.nn.modules.utils import consume_prefix_in_state_dict_if_present
 from mbt.classes import ClassListError, checked_record
 from mbt.config import ConfigError, config_from_dict
 from mbt.model import MBT, MBTConfig
+from mbt.model_size import MAX_MODEL_FILE_BYTES, ModelFitError, build_fitted, unstored_problems
 from mbt.validate import validate
 from pipelines.config import AugmentConfig
 from shards.atomic import DiskFullError, atomic_write
+from shards.bounded import ContainerError, zip_members
 from shards.schema import FeatureParams, SchemaError, check_schema_version
 
 CHECKPOINT_DIR = "checkpoints"
@@ -73,12 +77,16 @@ def save_checkpoint(run_dir: Path, step: int, state: dict[str, Any], keep: int) 
 
 def load_checkpoint(path: Path) -> dict[str, Any]:
     """The checkpoint dict at `path` (weights_only: no code is run); CheckpointFileError naming the file when it is
-    missing, unreadable or not a dict."""
+    missing, unreadable, not a dict, or not a torch zip whose records are stored, within MAX_MODEL_FILE_BYTES and
+    the file's size (checked before torch reads it)."""
     path = Path(path)
     if not path.is_file():
         raise CheckpointFileError(f"{path}: no such checkpoint file")
     try:
+        zip_members(path, MAX_MODEL_FILE_BYTES)
         state = torch.load(path, map_location="cpu", weights_only=True)
+    except ContainerError as err:
+        raise CheckpointFileError(f"{path}: not a readable checkpoint ({err.problem})") from None
     except pickle.UnpicklingError:  # torch's message would suggest weights_only=False, which runs the file's code
         raise CheckpointFileError(
             f"{path}: not a checkpoint of tensors and plain values (it holds other objects, which are not loaded)"
@@ -112,6 +120,8 @@ def load_trained(path: Path) -> TrainedModel:
         )
     if not all(isinstance(name, str) and isinstance(value, torch.Tensor) for name, value in weights.items()):
         raise CheckpointFileError(f"{path}: its 'model' is not a mapping of parameter names to tensors")
+    if problems := unstored_problems(weights):
+        raise CheckpointFileError(f"{path}: its weights are not the tensors it stores: {problems[0]}")
     if bad := non_finite_tensors(weights):
         raise CheckpointFileError(f"{path}: its weights hold NaN or infinite values ({', '.join(bad[:5])})")
     state = dict(weights)
@@ -131,16 +141,13 @@ def load_trained(path: Path) -> TrainedModel:
 
 
 def build_model(trained: TrainedModel, path: str | Path) -> MBT:
-    """The MBT of `trained`'s model config holding its weights (on the CPU, as `MBT` builds it); CheckpointFileError
-    naming `path`, the checkpoint it was read from, when the weights do not fit that config."""
-    model = MBT(trained.model)
+    """The MBT of `trained`'s model config holding its weights (on the CPU, as `MBT` builds it), allocated only
+    once the config's size and shapes fit the weights (`mbt.model_size.build_fitted`); CheckpointFileError naming
+    `path`, the checkpoint it was read from, listing what does not fit."""
     try:
-        model.load_state_dict(trained.state)
-    except RuntimeError as err:  # torch's message runs over lines; errors are printed as one line
-        raise CheckpointFileError(
-            f"{path}: the weights do not fit its model config: {' '.join(str(err).split())}"
-        ) from None
-    return model
+        return build_fitted(trained.model, trained.state)
+    except ModelFitError as err:
+        raise CheckpointFileError(f"{path}: the weights do not fit its model config: {err}") from None
 
 
 def _features(record: Any) -> tuple[FeatureParams | None, int | None]:
@@ -169,6 +176,8 @@ def check_resume_state(state: Mapping[str, Any], path: Path) -> None:
     problems = []
     if not isinstance(state["model"], Mapping) or not all(isinstance(v, torch.Tensor) for v in state["model"].values()):
         problems.append("'model' is not a mapping of tensors")
+    elif unstored := unstored_problems(state["model"]):
+        problems.append(f"its weights are not the tensors it stores: {unstored[0]}")
     elif bad := non_finite_tensors(state["model"]):
         problems.append(f"its weights hold NaN or infinite values ({', '.join(bad[:5])})")
     if not all(isinstance(state[key], Mapping) for key in ("optimizer", "schedule", "config")):

@@ -28,6 +28,7 @@ from mbt.config_io import (
     write_yaml,
 )
 from mbt.model import MBTConfig
+from mbt.model_size import size_problems
 from pipelines.config import SHUFFLE_BUFFER_SAMPLES, AugmentConfig
 from shards.layout import split_dir
 from shards.schema import MAX_FRAMES
@@ -213,10 +214,12 @@ def save_config(cfg: TrainConfig, path: str | Path) -> Path:
 
 def load_config(argv: Sequence[str] | None = None) -> TrainConfig:
     """The config from `--preset`, then `--config FILE.yaml` (repeatable), then `--key value` / `--key=value` flags
-    (`argv` defaults to sys.argv[1:]; '-' in keys reads as '_'). `--help` prints the keys and exits.
-    Not validated against the shards or the world size: call `mbt.validate.validate` for that."""
+    (`argv` defaults to sys.argv[1:]; '-' in keys reads as '_'). `--help` prints the keys and exits. A file that
+    makes the model larger than `mbt.model_size.MAX_MODEL_PARAMS` is named. Not validated against the shards or
+    the world size: call `mbt.validate.validate` for that."""
     preset_name, files, flags = split_command_line(list(sys.argv[1:] if argv is None else argv), config_help)
-    return read_config(TrainConfig, config_to_dict(preset(preset_name or "demo")), files, flags, INT_LIMITS)
+    base = config_to_dict(preset(preset_name or "demo"))
+    return read_config(TrainConfig, base, files, flags, INT_LIMITS, lambda cfg: size_problems(cfg.model))
 
 
 def config_help() -> str:

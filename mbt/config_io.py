@@ -67,18 +67,25 @@ def split_command_line(
 
 
 def read_config(
-    cls: type[T], base: dict[str, Any], files: Sequence[Path], flags: Mapping[str, Any], limits: Limits
+    cls: type[T],
+    base: dict[str, Any],
+    files: Sequence[Path],
+    flags: Mapping[str, Any],
+    limits: Limits,
+    check: Callable[[T], list[str]] | None = None,
 ) -> T:
     """An instance of dataclass `cls`: the plain tree `base` with each YAML file of `files` merged over it in turn,
     then `flags`, its ints bounded by `limits`. ConfigError naming the file (or the command line) that brought an
-    unknown key or a wrong value."""
+    unknown key or a wrong value, or after which `check` (of values within their bounds) finds problems."""
     tree = base
     for path in files:
         tree = merge(tree, read_yaml(path), str(path), cls)
         try:  # built after each file, so that a wrong value is blamed on the file that brought it
-            build(cls, tree, limits)
+            problems = check(build(cls, tree, limits)) if check else []
         except ConfigError as err:
             raise ConfigError(f"--config {path}: {err}") from None
+        if problems:
+            raise ConfigError(f"--config {path}: {'; '.join(problems)}")
     return build(cls, merge(tree, flags, "command line", cls), limits)
 
 

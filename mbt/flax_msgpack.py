@@ -4,7 +4,11 @@ The file is a msgpack map of maps with string keys; each array is an ExtType (co
 data is msgpack of (shape, dtype name, C-order bytes); flax splits arrays over 2**30 bytes into
 `{'__msgpack_chunked_array__': True, 'shape': {'0': …}, 'chunks': {'0': array, …}}` maps. The bytes are untrusted
 (a checkpoint from the internet): nothing is unpickled, only plain dtypes are read, an array's bytes must be exactly
-what its shape and dtype declare, and the file is bounded by MAX_FILE_BYTES.
+what its shape and dtype declare (numpy then views them: every array is bytes the file holds, so together they are
+at most the file's size), and the file is bounded by MAX_FILE_BYTES. msgpack allocates a list of the length an
+array header states before reading its items (`dd ff ff ff ff`: 4 billion), so lists are bounded by MAX_LIST_ITEMS
+(flax writes sequences as maps; a list is an array record's (shape, dtype, bytes) or its shape) and maps by
+MAX_MAP_ITEMS.
 """
 
 from __future__ import annotations
@@ -22,6 +26,9 @@ DTYPES = ("float32", "float16", "float64", "bfloat16", "int8", "int16", "int32",
 EXT_NDARRAY, EXT_NPSCALAR = 1, 3
 CHUNKED = "__msgpack_chunked_array__"
 MAX_DEPTH = 64  # maps within maps: a training state nests about 10 deep
+MAX_LIST_ITEMS = 64  # numpy's most axes, a shape's length
+MAX_MAP_ITEMS = 1 << 20  # keys of one map: a layer's parameters, a tree's blocks, a chunked array's chunks
+UNPACK_LIMITS = {"max_array_len": MAX_LIST_ITEMS, "max_map_len": MAX_MAP_ITEMS}
 
 
 class FlaxMsgpackError(ValueError):
@@ -30,7 +37,7 @@ class FlaxMsgpackError(ValueError):
 
 def _array(data: bytes) -> np.ndarray:
     """The array of one ndarray ExtType's data; ValueError unless it is (shape, plain dtype, exactly its bytes)."""
-    item = msgpack.unpackb(data, raw=True)
+    item = msgpack.unpackb(data, raw=True, **UNPACK_LIMITS)
     if not isinstance(item, list | tuple) or len(item) != 3:
         raise ValueError("an array record is not (shape, dtype, bytes)")
     shape, name, buffer = item
@@ -98,7 +105,7 @@ def read_flax_msgpack(path: str | Path) -> dict[str, Any]:
     if size > MAX_FILE_BYTES:
         raise FlaxMsgpackError(f"{path}: {size} bytes, more than a scenic checkpoint's ({MAX_FILE_BYTES}); not read")
     try:
-        tree = msgpack.unpackb(path.read_bytes(), ext_hook=_ext_hook, raw=False, strict_map_key=True)
+        tree = msgpack.unpackb(path.read_bytes(), ext_hook=_ext_hook, raw=False, strict_map_key=True, **UNPACK_LIMITS)
         if not isinstance(tree, dict):
             raise ValueError(f"it holds a {type(tree).__name__}, not a map of parameters")
         return _restore(tree, "")

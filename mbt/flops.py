@@ -58,7 +58,8 @@ def count_flops(cfg: MBTConfig, batch: int = 1) -> dict[str, Any]:
     Returns {fusion, params_m, forward_gflops, attention_gflops (the forward's QK^T and AV matmuls),
     train_gflops (forward + backward, both counted), backward_ratio (train / forward)}.
     """
-    model = MBT(cfg).to("meta")  # built on CPU: the towers' init reads a tensor, which meta cannot
+    with torch.device("meta"):  # no memory, whatever the sizes
+        model = MBT(cfg)
     inputs = example_inputs(cfg, batch, "meta")
     model.eval()
     forward = FlopCounterMode(display=False)

@@ -139,7 +139,7 @@ class Tower(nn.Module):
         self.pos_embed = nn.Parameter(torch.zeros(1, self.num_prefix_tokens + math.prod(grid), dim))
         self.pos_drop = nn.Dropout(cfg.drop_rate)
         norm = partial(nn.LayerNorm, eps=1e-6)
-        rates = torch.linspace(0, cfg.drop_path_rate, cfg.depth).tolist()
+        rates = torch.linspace(0, cfg.drop_path_rate, cfg.depth, device="cpu").tolist()  # a plain list, even on meta
         act = partial(nn.GELU, approximate=GELUS[cfg.gelu])
         self.blocks = nn.ModuleList(
             Block(dim, cfg.num_heads, cfg.mlp_ratio, qkv_bias=True, proj_drop=cfg.drop_rate,

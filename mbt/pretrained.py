@@ -17,21 +17,24 @@ from __future__ import annotations
 
 import math
 import pickle
-import zipfile
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 from einops import rearrange
 from timm.models.vision_transformer import VisionTransformer, _load_weights
 
+from mbt.config import INT_LIMITS
 from mbt.embed import central_frame_kernel
 from mbt.model import MBT, Tower
+from mbt.model_size import unstored_problems
+from shards.bounded import ContainerError, npz_arrays, safetensors_header, zip_members
 
-MAX_NPZ_BYTES = 8 << 30  # the arrays an .npz declares: ViT-g/14 in float32 is about 4 GB
+# A ViT file: ViT-g/14's float32 weights are 4 GB, 12 GB with the AdamW moments of a training checkpoint.
+MAX_VIT_FILE_BYTES = 16 << 30
 MAX_VIT_PARAMS = 2_000_000_000  # the blocks' weights of the ViT an .npz describes, before it is built
+MAX_VIT_DEPTH = INT_LIMITS["model.depth"][1]  # a deeper ViT initialises no tower
 NPZ_PREFIXES = ("", "opt/target/", "params/", "params/img/")  # where the layouts timm's reader knows keep the ViT
 # A block's attention and MLP names: vision_transformer's (False) and big_vision's (True).
 NPZ_SUBLAYERS = {
@@ -52,7 +55,9 @@ def _summary(err: BaseException) -> str:
 def load_state_file(path: str | Path) -> dict[str, torch.Tensor]:
     """The timm state dict of a local ViT checkpoint: `.safetensors`, a `.pth`/`.pt`/`.bin` state dict (possibly
     under 'model' or 'state_dict', loaded with weights_only=True: no code in the file runs), or a JAX `.npz`
-    (`load_npz_vit`). CheckpointError naming the file when it is missing, unreadable, not a ViT's, or not finite."""
+    (`load_npz_vit`), each read only once what its header states fits the file and MAX_VIT_FILE_BYTES
+    (`shards.bounded`). CheckpointError naming the file when it is missing, unreadable, not a ViT's, or not
+    finite."""
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"{path}: no such checkpoint file (give a local ViT checkpoint; nothing is downloaded)")
@@ -68,9 +73,13 @@ def _load_torch_file(path: Path) -> dict[str, torch.Tensor]:
         if path.suffix == ".safetensors":
             from safetensors.torch import load_file
 
+            safetensors_header(path, MAX_VIT_FILE_BYTES)
             state = load_file(str(path))
         else:
+            zip_members(path, MAX_VIT_FILE_BYTES)
             state = torch.load(path, map_location="cpu", weights_only=True)
+    except ContainerError as err:
+        raise CheckpointError(f"{path}: not a readable ViT checkpoint ({err.problem})") from None
     except pickle.UnpicklingError:  # torch's advice (weights_only=False) would run the file's code: not given
         raise CheckpointError(f"{path}: not a ViT checkpoint of tensors (it holds other objects, not loaded)") from None
     except Exception as err:  # torch's and safetensors' errors for a file that is no checkpoint at all
@@ -80,18 +89,27 @@ def _load_torch_file(path: Path) -> dict[str, torch.Tensor]:
             state = state[key]
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
         raise CheckpointError(f"{path}: not a state dict of tensors")
+    if problems := unstored_problems(state):
+        raise CheckpointError(f"{path}: its weights are not the tensors it stores: {problems[0]}")
     return state
 
 
 def load_npz_vit(path: Path) -> dict[str, torch.Tensor]:
     """The timm state dict of the ViT in a JAX `.npz` of the vision_transformer or big_vision layout: a timm
     VisionTransformer of the width, depth, heads, MLP size, patch size and grid its arrays hold, filled by timm's
-    reader (`_load_weights`). CheckpointError naming the file when it is not such an archive."""
+    reader (`_load_weights`), built only once its size is within MAX_VIT_DEPTH and MAX_VIT_PARAMS (`npz_vit_args`)
+    and its parameters, counted on the meta device, are no more than the archive's arrays hold. CheckpointError
+    naming the file when it is not such an archive."""
     shapes = npz_shapes(path)
+    args = npz_vit_args(shapes, path)
     try:
-        vit = VisionTransformer(**npz_vit_args(shapes, path))
+        with torch.device("meta"):
+            params = sum(p.numel() for p in VisionTransformer(**args).parameters())
     except (AssertionError, ValueError, RuntimeError, TypeError) as err:  # sizes no ViT has (heads not dividing)
         raise CheckpointError(f"{path}: its arrays do not describe a ViT ({_summary(err)})") from None
+    if params > (stored := sum(math.prod(shape) for shape in shapes.values())):
+        raise CheckpointError(f"{path}: describes a ViT of {params} parameters, more than its arrays hold ({stored})")
+    vit = VisionTransformer(**args)
     try:
         _load_weights(vit, str(path))
     except Exception as err:  # a missing or misshapen array, or a damaged member: the same to the user
@@ -102,27 +120,14 @@ def load_npz_vit(path: Path) -> dict[str, torch.Tensor]:
 
 
 def npz_shapes(path: Path) -> dict[str, tuple[int, ...]]:
-    """The shape of each array of an `.npz`, read from the headers alone; CheckpointError naming the file when it is
-    no readable archive of arrays or its arrays would take more than MAX_NPZ_BYTES."""
-    readers = {(1, 0): np.lib.format.read_array_header_1_0, (2, 0): np.lib.format.read_array_header_2_0}
-    shapes, total = {}, 0
+    """The shape of each array of an `.npz`, read from the headers alone (`shards.bounded.npz_arrays`: each header's
+    shape x dtype is its member's bytes, the members within the file and MAX_VIT_FILE_BYTES); CheckpointError
+    naming the file when it is no readable archive of arrays."""
     try:
-        with zipfile.ZipFile(path) as archive:
-            for info in archive.infolist():
-                if not info.filename.endswith(".npy"):
-                    continue
-                with archive.open(info) as member:
-                    version = np.lib.format.read_magic(member)
-                    if version not in readers:
-                        raise ValueError(f"{info.filename} is a .npy of version {version}")
-                    shape, _, dtype = readers[version](member)
-                shapes[info.filename.removesuffix(".npy")] = shape
-                total += math.prod(shape) * dtype.itemsize
-    except (zipfile.BadZipFile, ValueError, OSError, EOFError) as err:
-        raise CheckpointError(f"{path}: not a readable .npz archive of arrays ({_summary(err)})") from None
-    if total > MAX_NPZ_BYTES:
-        raise CheckpointError(f"{path}: its arrays would take {total} bytes, more than a ViT's ({MAX_NPZ_BYTES})")
-    return shapes
+        arrays = npz_arrays(path, MAX_VIT_FILE_BYTES)
+    except ContainerError as err:
+        raise CheckpointError(f"{path}: not a readable .npz archive of arrays ({err.problem})") from None
+    return {name: shape for name, (shape, _) in arrays.items()}
 
 
 def npz_vit_args(shapes: dict[str, tuple[int, ...]], path: Path) -> dict[str, Any]:
@@ -155,8 +160,11 @@ def npz_vit_args(shapes: dict[str, tuple[int, ...]], path: Path) -> dict[str, An
     side = math.isqrt(max(grid_tokens, 0))
     if side < 1 or side * side != grid_tokens:
         raise CheckpointError(f"{path}: its position embedding of {pos[1]} tokens is not a square grid of patches")
-    if depth * (4 * width * width + 2 * width * hidden[-1]) > MAX_VIT_PARAMS:
-        raise CheckpointError(f"{path}: describes a ViT of more than {MAX_VIT_PARAMS} parameters; not read")
+    if depth > MAX_VIT_DEPTH or depth * (4 * width * width + 2 * width * hidden[-1]) > MAX_VIT_PARAMS:
+        raise CheckpointError(
+            f"{path}: describes a ViT of {depth} blocks of width {width}, more than {MAX_VIT_DEPTH} blocks or "
+            f"{MAX_VIT_PARAMS} parameters; not read"
+        )
     return {
         "img_size": (side * patch_h, side * patch_w), "patch_size": (patch_h, patch_w), "in_chans": in_chans,
         "embed_dim": width, "depth": depth, "num_heads": query[-2], "mlp_ratio": hidden[-1] / width,
@@ -195,7 +203,8 @@ def tower_pos_embed(vit: dict[str, torch.Tensor], tower: Tower) -> torch.Tensor:
     square patch grid resized to the tower's grid (`resize_pos_grid`; a tubelet grid's (rows, columns), the same
     for each time step), after its CLS position with `pool="cls"`."""
     pos, has_cls = vit["pos_embed"], tower.num_prefix_tokens == 1
-    if pos.shape == tower.pos_embed.shape and ("cls_token" in vit) == has_cls:
+    same_width = pos.ndim == 3 and pos.shape[2] == tower.pos_embed.shape[2]  # else not resized: the check names it
+    if not same_width or (pos.shape == tower.pos_embed.shape and ("cls_token" in vit) == has_cls):
         return pos
     cls_pos, grid, side = split_pos_embed(vit)
     *time, rows, cols = tower.grid_size
@@ -213,8 +222,9 @@ def vit_to_tower(vit: dict[str, torch.Tensor], tower: Tower) -> dict[str, torch.
             continue
         if key == "patch_embed.proj.weight" and value.ndim == 4 and value.shape[1] != target[key].shape[1]:
             value = value.sum(dim=1, keepdim=True)
-        if key == "patch_embed.proj.weight" and value.ndim == 4 and target[key].ndim == 5:  # 2D patches → tubelets
-            value = central_frame_kernel(value, target[key].shape[2])
+        kernel = target[key].shape
+        if key == "patch_embed.proj.weight" and len(kernel) == 5 and value.shape == kernel[:2] + kernel[3:]:
+            value = central_frame_kernel(value, kernel[2])  # 2D patches → tubelets (of another size: not made)
         out[key] = value
     if "pos_embed" in vit:
         out["pos_embed"] = tower_pos_embed(vit, tower)

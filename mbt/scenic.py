@@ -29,7 +29,8 @@ import torch
 
 from mbt.config import ConfigError, TrainConfig, config_to_dict
 from mbt.flax_msgpack import FlaxMsgpackError, read_flax_msgpack
-from mbt.model import MBT, MBTConfig
+from mbt.model import MBTConfig
+from mbt.model_size import fit_problems
 from mbt.validate import validate
 from pipelines.config import AugmentConfig
 from shards.atomic import atomic_write
@@ -236,18 +237,14 @@ def scenic_to_mbt(flat: dict[str, np.ndarray], options: ScenicOptions) -> tuple[
 
 
 def check_state(cfg: MBTConfig, state: dict[str, torch.Tensor]) -> None:
-    """ValueError listing the keys missing, unexpected or of another shape than MBT(cfg)'s, or holding NaN or
+    """ValueError listing what keeps `state` from being MBT(cfg)'s weights (`mbt.model_size.fit_problems`: a model
+    over its bound, keys missing, unexpected or of another shape; nothing allocated) or its keys holding NaN or
     infinite values."""
-    expected = {k: tuple(v.shape) for k, v in MBT(cfg).state_dict().items()}
-    missing, unexpected = sorted(set(expected) - set(state)), sorted(set(state) - set(expected))
-    mismatched = [f"{k}: {tuple(v.shape)} vs {expected[k]}" for k, v in state.items()
-                  if k in expected and tuple(v.shape) != expected[k]]  # fmt: skip
-    bad = [k for k, v in state.items() if not bool(torch.isfinite(v).all())]
-    if missing or unexpected or mismatched or bad:
-        raise ValueError(
-            f"the converted weights do not fit MBT({cfg}): missing {missing[:8]}, unexpected {unexpected[:8]}, "
-            f"of another shape {mismatched[:8]}, not finite {bad[:8]}"
-        )
+    problems = fit_problems(cfg, {k: v.shape for k, v in state.items()})[:8]
+    if bad := [k for k, v in state.items() if not bool(torch.isfinite(v).all())]:
+        problems.append(f"not finite {bad[:8]}")
+    if problems:
+        raise ValueError(f"the converted weights do not fit MBT({cfg}): {'; '.join(problems)}")
 
 
 def convert(path: str | Path, options: ScenicOptions) -> dict[str, Any]:
@@ -266,7 +263,7 @@ def convert(path: str | Path, options: ScenicOptions) -> dict[str, Any]:
         check_state(cfg, state)
     except FlaxMsgpackError as err:
         raise ScenicCheckpointError(str(err)) from None
-    except (ValueError, ConfigError) as err:
+    except (ValueError, ConfigError, RuntimeError) as err:  # RuntimeError: torch's, for an array it cannot reshape
         problems = " ".join(str(err).split())
         raise ScenicCheckpointError(f"{path}: not a scenic MBT checkpoint this converter maps: {problems}") from None
     source = {"file": Path(path).name, "params_at": where}

@@ -12,6 +12,7 @@ from mbt.config import DEVICES, INT_LIMITS, OPTIMIZERS, SDPA_BACKENDS, TrainConf
 from mbt.config_io import ConfigError, value_problems
 from mbt.fits import data_problems
 from mbt.model import MBTConfig
+from mbt.model_size import size_problems
 from mbt.splits import RunSplits, open_run_splits
 from pipelines import LOADERS
 
@@ -37,7 +38,8 @@ def validate(
 def recipe_problems(cfg: TrainConfig, world_size: int = 1, *, train: bool = True) -> list[str]:
     """What keeps `cfg` from running on `world_size` processes whatever the data: values out of their bounds
     (`INT_LIMITS`, finite floats, ranges), model and augmentation that disagree (crop = img_size, audio frames), the
-    towers' tokens, a batch that does not divide over the ranks and, for a training (`train`), the run's files."""
+    towers' tokens, the model's parameters (`mbt.model_size`, counted once everything else is within bounds), a
+    batch that does not divide over the ranks and, for a training (`train`), the run's files."""
     aug, model = cfg.augment, cfg.model
     checks = [
         (world_size >= 1, f"world size must be at least 1, got {world_size}"),
@@ -99,6 +101,8 @@ def recipe_problems(cfg: TrainConfig, world_size: int = 1, *, train: bool = True
     if model.num_classes == 0 and not (train and cfg.train_shards):
         problems.append("--model.num_classes is 0 (the training split's) but no training split is read: set it")
     problems += token_problems(model)
+    if not problems:  # every size within its bounds: the model is built on the meta device and counted
+        problems += size_problems(model)
     if world_size >= 1 and cfg.batch_size >= 1 and cfg.grad_accum >= 1 and (batch := _batch_problem(cfg, world_size)):
         problems.append(batch)
     if train:

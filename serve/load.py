@@ -34,10 +34,12 @@ from mbt.classes import ClassListError, checked_record, class_record
 from mbt.config import ConfigError, config_from_dict
 from mbt.config_io import read_yaml
 from mbt.model import MBT, MBTConfig
+from mbt.model_size import MAX_MODEL_FILE_BYTES, ModelFitError, build_fitted, check_fit
 from mbt.validate import validate
 from pipelines import LoaderError
 from pipelines.config import AugmentConfig, records_logmel_norm, with_logmel_norm
 from pipelines.sources import split_manifest
+from shards.bounded import ContainerError, safetensors_header
 from shards.manifest import LogmelStats, Manifest
 from shards.schema import FeatureParams, SchemaError, check_schema_version
 
@@ -171,33 +173,28 @@ def _preprocessing(data: dict[str, Any], path: Path) -> tuple[MBTConfig, Preproc
 
 def load_pretrained(folder: str | Path, device: str | torch.device = "cpu") -> tuple[MBT, Preprocessing]:
     """The exported model in `folder` on `device`, in eval mode, and its preprocessing. ExportError naming the file
-    when config.json or model.safetensors is missing, not valid, or its tensors are not the config's (missing,
-    unexpected or of another shape) or not finite."""
+    when config.json or model.safetensors is missing or not valid, or the tensors its header states are not the
+    config's model's (missing, unexpected, of another shape, or a model over `mbt.model_size.MAX_MODEL_PARAMS`):
+    all checked before anything is allocated from either file; or when the weights are not finite."""
     folder = Path(folder)
     config_path, weights_path = folder / CONFIG_FILE, folder / WEIGHTS_FILE
     model_cfg, prep = _preprocessing(_read_config(config_path), config_path)
     if not weights_path.is_file():
         raise ExportError(f"{weights_path}: no such file; export the model again (tools/export_model.py)")
     try:
+        header = safetensors_header(weights_path, MAX_MODEL_FILE_BYTES)
+        check_fit(model_cfg, {name: shape for name, (_, shape) in header.items()})
+    except ContainerError as err:
+        raise ExportError(f"{weights_path}: not a readable safetensors file ({err.problem})") from None
+    except ModelFitError as err:
+        raise ExportError(f"{weights_path}: the tensors do not fit {config_path.name}'s model: {err}") from None
+    try:
         state = load_file(str(weights_path))
     except (SafetensorError, OSError, ValueError) as err:
         raise ExportError(f"{weights_path}: not a readable safetensors file ({err})") from None
-    model = MBT(model_cfg)
-    expected = model.state_dict()
-    problems = [f"missing {name}" for name in expected if name not in state]
-    problems += [f"unexpected {name}" for name in state if name not in expected]
-    problems += [
-        f"{name} has shape {tuple(state[name].shape)}, the config's model {tuple(t.shape)}"
-        for name, t in expected.items()
-        if name in state and state[name].shape != t.shape
-    ]
-    if problems:
-        shown = "; ".join(problems[:5]) + ("; ..." if len(problems) > 5 else "")
-        raise ExportError(f"{weights_path}: the tensors do not fit {config_path.name}'s model: {shown}")
     if bad := non_finite_tensors(state):
         raise ExportError(f"{weights_path}: NaN or infinite weights in {', '.join(bad[:5])}")
-    model.load_state_dict(state)
-    return model.to(device).eval(), prep
+    return build_fitted(model_cfg, state).to(device).eval(), prep
 
 
 def load_model(source: str | Path, features_from: str | None = None) -> tuple[MBT, Preprocessing]:

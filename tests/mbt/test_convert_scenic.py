@@ -14,6 +14,7 @@ import numpy as np
 import pytest
 import torch
 from conftest import load_tool
+from hostile_files import nested_msgpack_lists
 
 from mbt import flax_msgpack
 from mbt.checkpoint import build_model, load_trained
@@ -166,14 +167,20 @@ DAMAGED = {
     "object dtype": (lambda: msgpack.packb({"x": OBJECT_ARRAY}), "dtype 'object'"),
     "bytes key": (lambda: msgpack.packb({b"params": 1}, use_bin_type=True), "a map key that is not a string"),
     "deep nesting": (lambda: b"\x81\xa1a" * 100 + b"\xc0", "maps nested more than 64 deep"),
+    "long lists": (lambda: nested_msgpack_lists(4096), "2048 exceeds max_array_len(64)"),
     "no Transformer": (lambda: flax_bytes({"state": {"x": np.zeros(2)}}), "top-level keys are ['state']"),
     "missing query": (
         lambda: edit(lambda p: p["Transformer"][ATTN.split("/")[1]]["MultiHeadDotProductAttention_0"]["query"].clear()),
         f"no '{ATTN}/query/kernel'",
     ),
+    "query size": (
+        lambda: edit(lambda p: p["Transformer"][ATTN.split("/")[1]]["MultiHeadDotProductAttention_0"]["query"].update(
+            kernel=np.zeros(3, np.float32))),
+        "shape '[64, 64]' is invalid for input of size 3",
+    ),
     "head shape": (
         lambda: edit(lambda p: p["output_projection"].update(bias=np.zeros(4, np.float32))),
-        "head.bias: (4,) vs (5,)",
+        "head.bias has shape (4,), the config's model (5,)",
     ),
     "tubelet grid": (
         lambda: edit(lambda p: p["Transformer"]["posembed_input"].update(pos_embedding=np.zeros((1, 8, 64), "f4"))),

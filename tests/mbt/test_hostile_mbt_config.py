@@ -67,6 +67,10 @@ def cfg(tmp_path: Path) -> TrainConfig:
         ("model:\n  num_classes: 100000000\n", r"--model.num_classes must be in 0\.\.100000"),
         ("model:\n  num_heads: 0\n", r"--model.num_heads must be in 1\.\.256"),
         ("model:\n  depth: 100000\n", r"--model.depth must be in 1\.\.128"),
+        (
+            "model:\n  embed_dim: 8192\n  depth: 128\n  num_heads: 64\n  mlp_ratio: 16\n",
+            r"the model would have [\d,]+ parameters, more than 2,500,000,000 \(four MBT-Ls",
+        ),
         ('out_dir: "runs/a\\0b"\n', r"--out_dir holds a NUL character: 'runs/a\\x00b'"),
         ('train_shards: "\\0"\n', "--train_shards holds a NUL character"),
     ],

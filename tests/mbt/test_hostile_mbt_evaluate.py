@@ -21,6 +21,7 @@ import pytest
 import torch
 from dist_evaluate_main import NUM_CLASSES, ToyModel, toy_batches
 from full_disk import PAGE, FullDisk
+from hostile_files import repeated_tensor, with_deflated_record
 from test_evaluate import AUG, SINGLE, TINY, cli_args
 
 from experiments.demo import group_ap
@@ -142,16 +143,17 @@ class _Trap:
 @pytest.mark.parametrize(
     ("write", "message"),
     [
-        (lambda p, good: p.write_bytes(good.read_bytes()[:1000]), "not a readable checkpoint (PytorchStreamReader"),
+        (lambda p, good: p.write_bytes(good.read_bytes()[:1000]), "not a readable checkpoint (not a zip archive: "),
         (
             lambda p, good: p.write_bytes(random.Random(1000).randbytes(1000)),
-            "not a checkpoint of tensors and plain values",
+            "not a readable checkpoint (not a zip archive: ",
         ),
         (lambda p, good: torch.save({"x": _Trap(p.with_name("trapped"))}, p), "not a checkpoint of tensors"),
         (lambda p, good: torch.save([1, 2], p), "holds a list, not a checkpoint dict"),
         (lambda p, good: p.mkdir(), "no such checkpoint file"),
+        (lambda p, good: with_deflated_record(good, p), "is compressed (method 8)"),
     ],
-    ids=["truncated", "random-bytes", "class-pickle", "list", "folder"],
+    ids=["truncated", "random-bytes", "class-pickle", "list", "folder", "deflated-2GiB"],
 )
 def test_unreadable_checkpoints_are_one_error_line(
     eval_shards: Path, tmp_path: Path, capsys: pytest.CaptureFixture, write: Any, message: str
@@ -179,9 +181,17 @@ def test_unreadable_checkpoints_are_one_error_line(
         (lambda s: s["config"]["augment"].update(num_test_clips=10**6), r"--augment.num_test_clips must be in 1..64"),
         (lambda s: s["data"]["classes"].pop(0), "class 0 is not a mapping of index 0"),
         (lambda s: s.update(data=[]), "its class record is not a mapping of 'classes' and 'multi_label'"),
+        (lambda s: s["model"].update({"head.weight": repeated_tensor()}), "its weights are not the tensors it stores"),
+        (
+            lambda s: s["config"]["model"].update(embed_dim=8192, depth=128, num_heads=64, mlp_ratio=16.0),
+            "parameters, more than 2,500,000,000",
+        ),
     ],
-    ids=["nan-weight", "not-tensors", "embed-dim", "zero-heads", "tokens", "test-clips", "class-index", "record"],
-)
+    ids=[
+        "nan-weight", "not-tensors", "embed-dim", "zero-heads", "tokens", "test-clips", "class-index", "record",
+        "repeated-tensor", "model-too-large",
+    ],
+)  # fmt: skip
 def test_checkpoints_of_bad_contents_are_refused_before_building_the_model(
     eval_shards: Path, tmp_path: Path, capsys: pytest.CaptureFixture, change: Any, message: str
 ) -> None:

@@ -19,6 +19,14 @@ import pytest
 import torch
 import yaml
 from full_disk import FullDisk
+from hostile_files import (
+    deep_vit_npz,
+    deflated_npz,
+    repeated_tensor,
+    stated_npz,
+    stated_tensor_safetensors,
+    with_deflated_record,
+)
 from tensorboard.backend.event_processing.event_file_loader import EventFileLoader
 from test_evaluate import split_with_other_statistics
 from test_train import train_args
@@ -261,26 +269,37 @@ def _write_truncated(path: Path, good: Path) -> None:
     path.write_bytes(good.read_bytes()[: good.stat().st_size // 2])
 
 
+def _with_repeated_weight(path: Path, good: Path) -> None:
+    """`good` with one weight a view of 2**31 elements over one stored number."""
+    state = torch.load(good, map_location="cpu", weights_only=True)
+    state["model"]["head.weight"] = repeated_tensor()
+    torch.save(state, path)
+
+
 @pytest.mark.parametrize(
     ("write", "message"),
     [
         (
             _write_truncated,
-            "not a readable checkpoint (PytorchStreamReader failed reading zip archive: failed finding central "
-            "directory);",
+            "not a readable checkpoint (not a zip archive: File is not a zip file);",
         ),
         (
             lambda path, _: path.write_bytes(random.Random(4096).randbytes(4096)),
-            "not a checkpoint of tensors and plain values",
+            "not a readable checkpoint (not a zip archive: ",
         ),
-        (lambda path, _: path.write_bytes(b""), "not a readable checkpoint (EOFError)"),
+        (lambda path, _: path.write_bytes(b""), "not a readable checkpoint (not a zip archive: "),
         (lambda path, _: torch.save({"x": _Trap(path.with_name("trapped"))}, path), "not a checkpoint of tensors"),
-        (lambda path, _: path.write_bytes(pickle.dumps(_Trap(path.with_name("trapped")))), "not a checkpoint"),
+        (lambda path, _: path.write_bytes(pickle.dumps(_Trap(path.with_name("trapped")))), "not a zip archive"),
         (lambda path, _: torch.save(torch.zeros(3), path), "holds a Tensor, not a checkpoint dict"),
         (lambda path, _: torch.save({"model": {}}, path), "not a training checkpoint (no optimizer, schedule, step"),
+        (lambda path, good: with_deflated_record(good, path), "is compressed (method 8)"),
+        (_with_repeated_weight, "its weights are not the tensors it stores"),
     ],
-    ids=["truncated", "random-bytes", "empty", "class-in-torch-save", "plain-pickle", "tensor", "partial-dict"],
-)
+    ids=[
+        "truncated", "random-bytes", "empty", "class-in-torch-save", "plain-pickle", "tensor", "partial-dict",
+        "deflated-2GiB", "repeated-tensor",
+    ],
+)  # fmt: skip
 def test_a_corrupt_latest_checkpoint_is_named(
     run: Path,
     train_shards: Path,
@@ -384,15 +403,21 @@ def _tower_weights(run: Path, path: Path, nan: bool) -> None:
     torch.save(vit, path)
 
 
+def _deflated_tower_weights(path: Path, run: Path) -> None:
+    """The video tower's weights as a ViT file with one record deflated from 2 GiB of zeros."""
+    _tower_weights(run, path.with_name("whole.pth"), nan=False)
+    with_deflated_record(path.with_name("whole.pth"), path)
+
+
 @pytest.mark.parametrize(
     ("name", "write", "message"),
     [
         (
             "random.pth",
             lambda p, run: p.write_bytes(random.Random(2048).randbytes(2048)),
-            "not a ViT checkpoint of tensors",
+            "not a readable ViT checkpoint (not a zip archive: ",
         ),
-        ("empty.pth", lambda p, run: p.write_bytes(b""), "not a readable ViT checkpoint (EOFError)"),
+        ("empty.pth", lambda p, run: p.write_bytes(b""), "not a readable ViT checkpoint (not a zip archive: "),
         ("trap.pth", lambda p, run: torch.save({"w": _Trap(p.with_name("trapped"))}, p), "not a ViT checkpoint of"),
         ("junk.safetensors", lambda p, run: p.write_bytes(b"\x08" + b"\0" * 7 + b"{}"), "not a readable ViT"),
         ("numbers.pth", lambda p, run: torch.save({"patch_embed.proj.weight": 3}, p), "not a state dict of tensors"),
@@ -400,6 +425,12 @@ def _tower_weights(run: Path, path: Path, nan: bool) -> None:
         ("ours.pt", lambda p, run: shutil.copy(latest_checkpoint(run), p), "does not fit the video tower"),
         ("nan.pth", lambda p, run: _tower_weights(run, p, nan=True), "its weights hold NaN or infinite values"),
         ("noise.npz", lambda p, run: p.write_bytes(random.Random(7).randbytes(2048)), "not a readable .npz archive"),
+        ("deflated.pth", _deflated_tower_weights, "is compressed (method 8)"),
+        ("repeated.pth", lambda p, run: torch.save({"pos_embed": repeated_tensor()}, p), "not the tensors it stores"),
+        ("stated.safetensors", lambda p, run: p.write_bytes(stated_tensor_safetensors()), "states bytes 0..2147483648"),
+        ("deflated.npz", lambda p, run: deflated_npz(p), "once read"),
+        ("stated.npz", lambda p, run: stated_npz(p), "embedding/kernel.npy states shape (16, 16, 8, 262144)"),
+        ("deep.npz", lambda p, run: deep_vit_npz(p), "parameters, more than its arrays hold"),
     ],
 )
 def test_init_video_that_is_no_vit_checkpoint_is_refused(
