@@ -18,7 +18,7 @@ import numpy as np
 
 from pipelines.config import LoaderError
 from pipelines.order import StreamUnit, shuffled
-from pipelines.pipe import STREAM_RETRIES, PipeStream, StreamError
+from pipelines.pipe import STREAM_RETRIES, PipeStream, StreamError, stream_deadline_s
 from pipelines.sources import SplitIndex, StreamSplit
 from shards.index import SampleRef, member_header_problem
 from shards.manifest import ShardInfo
@@ -133,14 +133,15 @@ def shard_samples(
 ) -> Iterator[tuple[int, str, dict[str, bytes]]]:
     """(index in the shard, key, members) of every sample of the shard that `url` streams.
 
-    Read to its end, the stream must hold the manifest's number of samples and bytes and the command must exit 0;
-    otherwise it is read again (up to `retries` times, skipping the samples already given) and then a LoaderError
-    names the URL. A consumer that stops early stops the command.
+    Read to its end, the stream must hold the manifest's number of samples and bytes, keep its reader waiting no
+    longer than `stream_deadline_s` of the manifest's bytes and the command must exit 0; otherwise it is read again
+    (up to `retries` times, skipping the samples already given) and then a LoaderError names the URL. A consumer
+    that stops early stops the command.
     """
     delivered = 0
     for attempt in range(retries + 1):
         try:
-            with PipeStream(url) as stream:
+            with PipeStream(url, deadline_s=stream_deadline_s(shard.bytes)) as stream:
                 count = 0
                 for count, (key, members) in enumerate(tar_samples(stream, shard.bytes, exts), start=1):
                     if count > shard.num_samples:

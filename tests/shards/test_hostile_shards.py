@@ -9,6 +9,7 @@ import resource
 import shutil
 import subprocess
 import sys
+import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -290,6 +291,53 @@ def test_a_stalled_stream_is_given_up(monkeypatch: pytest.MonkeyPatch, train_sha
     url = f"pipe:sleep 60; cat {train_shards}/{shard.name}"
     with pytest.raises(LoaderError, match="no data for 1 s"):
         list(shard_samples(url, shard, retries=0))
+
+
+TRICKLE = """import sys, time
+data = open(sys.argv[1], "rb").read()
+for i in range(0, len(data), 1024):  # 1 KB every 50 ms: never a stall
+    sys.stdout.buffer.write(data[i : i + 1024])
+    sys.stdout.buffer.flush()
+    time.sleep(0.05)
+"""
+
+
+@pytest.fixture
+def one_second_deadline(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Streams may keep their reader waiting 1 s in all (at most; a rate no stream reaches)."""
+    monkeypatch.setattr("pipelines.pipe.STREAM_DEADLINE_MIN_S", 1.0)
+    monkeypatch.setenv("MBT_STREAM_MIN_BYTES_PER_S", "1e12")
+
+
+def test_a_trickling_stream_is_given_up_at_its_deadline(
+    one_second_deadline: None, train_shards: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    script = tmp_path / "trickle.py"
+    script.write_text(TRICKLE)
+    shard = load_manifest(train_shards).shards[0]
+    url = f"pipe:{sys.executable} {script} {train_shards}/{shard.name}"  # ~7 s for the whole shard
+    started = time.monotonic()
+    with pytest.raises(LoaderError, match=r"bytes after waiting 1 s in all for data, past the stream's deadline .*"
+                                          r"MBT_STREAM_MIN_BYTES_PER_S(.|\n)*read 2 times"):  # fmt: skip
+        list(shard_samples(url, shard, retries=1))
+    assert time.monotonic() - started < 5
+    assert "reading it again" in caplog.text  # the path of a stall: read again, then named
+
+
+def test_only_waiting_for_data_counts_against_the_deadline(one_second_deadline: None, train_shards: Path) -> None:
+    shard = load_manifest(train_shards).shards[0]
+    samples = []
+    for sample in shard_samples(f"pipe:cat {train_shards}/{shard.name}", shard, retries=0):
+        samples.append(sample)
+        time.sleep(0.7)  # a slow consumer: 1.4 s in all
+    assert len(samples) == shard.num_samples == 2
+
+
+def test_a_minimum_rate_that_is_not_a_number_is_named(monkeypatch: pytest.MonkeyPatch, train_shards: Path) -> None:
+    monkeypatch.setenv("MBT_STREAM_MIN_BYTES_PER_S", "fast")
+    shard = load_manifest(train_shards).shards[0]
+    with pytest.raises(LoaderError, match="MBT_STREAM_MIN_BYTES_PER_S='fast' is not a positive number"):
+        list(shard_samples(f"pipe:cat {train_shards}/{shard.name}", shard))
 
 
 def test_manifest_with_nan_statistics_fails_verification(train_shards: Path, tmp_path: Path) -> None:
