@@ -8,8 +8,9 @@ Inputs: video files, folders (their video files) or segments CSVs (a header with
 training checkpoint, a run folder (its latest checkpoint) or an exported model (tools/export_model.py). Each video is
 decoded and featurized by the shard job's code and fed as the evaluation loaders feed it (4 synchronized test clips,
 logits averaged). With --window-s, windows every --hop-s cover each whole file and a timeline CSV and PNG per video
-go to --out-dir. A video that cannot be predicted gets one `error:` line and the others go on; the exit status is 1
-when any failed, 2 on a usage error.
+go to --out-dir; a timeline ends where the content ends (a `warning:` line when that is before the end its header
+claims). A video that cannot be predicted gets one `error:` line and the others go on; the exit status is 1 when any
+failed, 2 on a usage error.
 """
 
 from __future__ import annotations
@@ -74,6 +75,8 @@ def main(argv: list[str] | None = None) -> int:
             print(f"error: {err}", file=sys.stderr)
             failed += 1
             continue
+        for warning in prediction.warnings:
+            print(f"warning: {warning}", file=sys.stderr)
         print("\n".join(top_lines(prediction, names, multi, args.top_k)))
         records.append(record(prediction, names, multi, args.top_k))
         keys += [f"{prediction.name}@{start:g}" for start, _ in prediction.windows]
