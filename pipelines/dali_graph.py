@@ -306,7 +306,8 @@ def dali_device(device: str | torch.device) -> tuple[str, int | None]:
     return "gpu", torch.cuda.current_device() if parsed.index is None else parsed.index
 
 
-def key_of_source(source: np.ndarray) -> str:
-    """The sample key from a reader's zero-padded source info, `<tar path>:<offset>:<key>.<ext>`."""
-    member = source.tobytes().rstrip(b"\0").decode().rsplit(":", 1)[-1]
-    return split_member_name(member)[0]
+def parse_source(source: np.ndarray) -> tuple[str, int, str]:
+    """(tar path, payload offset, sample key) of a reader's zero-padded source info, `<tar path>:<offset>:<name>`
+    (DALI takes the offset and the name from the index file)."""
+    path, offset, member = source.tobytes().rstrip(b"\0").decode().rsplit(":", 2)
+    return path, int(offset), split_member_name(member)[0]

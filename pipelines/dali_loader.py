@@ -37,11 +37,11 @@ from pipelines.dali_graph import (
     GraphSpec,
     dali_cause,
     dali_device,
-    key_of_source,
     mbt_pipeline,
+    parse_source,
 )
 from pipelines.order import eval_batches, eval_range, train_batches
-from pipelines.reading import SampleReader
+from pipelines.reading import HeaderCheck, SampleReader
 from pipelines.sources import Split, SplitIndex, StreamSplit
 from pipelines.transforms import decode_members
 from shards.manifest import Manifest
@@ -137,6 +137,9 @@ class DaliLoader:
         self.augment = opts.augment
         shuffle_buffer = opts.shuffle_buffer
         self.spec = self._graph_spec(shuffle_buffer)
+        # DALI reads payloads at the index's offsets without their tar headers: each sample's are checked once.
+        exts = [frame_ext(i) for i in self.spec.frames_read(train)] + [LOGMEL_EXT, LABELS_EXT]
+        self._headers = HeaderCheck(split, exts, by_ext=LABELS_EXT)
         self.epoch = 0
         self.position = 0
         self.skipped: list[str] = []  # always empty: the interface of TorchLoader, which can skip bad samples
@@ -264,10 +267,15 @@ class DaliLoader:
         )
 
     def _batch(self, outputs: dict[str, torch.Tensor]) -> dict[str, Any]:
-        keys = [key_of_source(row) for row in outputs["source"].cpu().numpy()]
+        sources = [parse_source(row) for row in outputs["source"].cpu().numpy()]
+        keys = [key for _, _, key in sources]
         video, audio, labels = outputs["video"], outputs["audio"], outputs["labels"]
         counts = outputs["label_count"].cpu().numpy().reshape(-1)
-        problem = batch_problem(keys, audio, outputs["label_ids"].cpu().numpy(), counts, self.manifest)
+        try:
+            self._headers.check([(path, offset) for path, offset, _ in sources])
+            problem = batch_problem(keys, audio, outputs["label_ids"].cpu().numpy(), counts, self.manifest)
+        except LoaderError as err:
+            problem = str(err)
         if problem is not None:
             raise LoaderError(
                 f"{self.index.folder}: {problem}; the DALI loader cannot skip bad samples: run "

@@ -4,8 +4,9 @@ front to back with no local copy. http(s), s3 and gs URLs become such commands (
 A `pipe:` URL names one shard file (`….tar`) or the split's `manifest.json` (all of its shards). A shard's siblings
 (the manifest) are read by the same command with the file name replaced: the shard name is the last word of the
 command that ends in `.tar`, and names put into a command are quoted for the shell (they come from manifests).
-A stream counts what it reads, gives up after STREAM_STALL_S without data, and kills its command's whole process
-group when it is left half-way.
+A stream counts what it reads, gives up after STREAM_STALL_S without data or when it has kept its reader waiting
+longer in all than its deadline (`stream_deadline_s`: a connection that trickles a few bytes every few minutes),
+and kills its command's whole process group when it is left half-way.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ import shlex
 import signal
 import subprocess
 import tempfile
+import time
 from dataclasses import dataclass
 from typing import IO
 
@@ -43,6 +45,12 @@ _READ_CHUNK = 1 << 20
 
 # A stream with no data for this long is given up (and read again): object stores answer within seconds.
 STREAM_STALL_S = 300.0
+
+# A stream may keep its reader waiting this long in all whatever its size, and longer only at this many bytes per
+# second (MIN_RATE_ENV sets another): a shard of a few hundred MB takes a few seconds from an object store.
+STREAM_DEADLINE_MIN_S = 300.0
+STREAM_MIN_BYTES_PER_S = 1 << 20
+MIN_RATE_ENV = "MBT_STREAM_MIN_BYTES_PER_S"
 
 _STDERR_TAIL = 2000
 
@@ -87,19 +95,44 @@ class PipeURL:
         return self.head, self.tail
 
 
+def min_rate_bytes_per_s() -> float:
+    """The slowest a stream may deliver, in bytes per second: the environment variable MBT_STREAM_MIN_BYTES_PER_S, or
+    STREAM_MIN_BYTES_PER_S; LoaderError when the variable is not a positive number."""
+    text = os.environ.get(MIN_RATE_ENV)
+    if text is None:
+        return float(STREAM_MIN_BYTES_PER_S)
+    try:
+        rate = float(text)
+    except ValueError:
+        rate = 0.0
+    if not 0 < rate < float("inf"):
+        raise LoaderError(f"{MIN_RATE_ENV}={text!r:.40} is not a positive number of bytes per second")
+    return rate
+
+
+def stream_deadline_s(num_bytes: int) -> float:
+    """The most seconds a stream of `num_bytes` may keep its reader waiting in all: max(STREAM_DEADLINE_MIN_S,
+    num_bytes / min_rate_bytes_per_s())."""
+    return max(STREAM_DEADLINE_MIN_S, num_bytes / min_rate_bytes_per_s())
+
+
 class PipeStream:
     """The standard output of a `pipe:` URL's shell command, as a binary file that counts what was read.
 
-    A read that waits more than `stall_s` for data raises StreamError (a stalled connection is retried, never waited
-    on for ever). `finish()` reads to the end and raises StreamError if the command failed; `close()` before that
-    stops the command (a reader that leaves a shard half-way). The command's standard error goes to a temporary
-    file, whose end the error messages quote.
+    A read that waits more than `stall_s` for data raises StreamError, and so does one that brings the time spent
+    waiting for data in all past `deadline_s` (None: no deadline): a stalled or trickling connection is retried,
+    never waited on for ever. Only waiting counts: a reader that is slow itself never runs out of time.
+    `finish()` reads to the end and raises StreamError if the command failed; `close()` before that stops the
+    command (a reader that leaves a shard half-way). The command's standard error goes to a temporary file, whose
+    end the error messages quote.
     """
 
-    def __init__(self, url: str, stall_s: float | None = None) -> None:
+    def __init__(self, url: str, stall_s: float | None = None, deadline_s: float | None = None) -> None:
         self.url = url
         self.bytes_read = 0
         self.stall_s = STREAM_STALL_S if stall_s is None else stall_s
+        self.deadline_s = deadline_s
+        self.waited_s = 0.0
         self._stderr = tempfile.TemporaryFile()  # noqa: SIM115 (closed by close())
         try:
             # A pipe: URL is a shell command by definition (webdataset's convention); the user writes it.
@@ -117,9 +150,18 @@ class PipeStream:
         self._eof = False
 
     def _fill(self) -> None:
-        ready, _, _ = select.select([self._fd], [], [], self.stall_s)
-        if not ready:
+        timeout = self.stall_s if self.deadline_s is None else min(self.stall_s, self.deadline_s - self.waited_s)
+        started = time.monotonic()
+        ready, _, _ = select.select([self._fd], [], [], max(timeout, 0.0))
+        self.waited_s += time.monotonic() - started
+        if not ready and timeout >= self.stall_s:
             raise StreamError(f"{self.url}: no data for {self.stall_s:.0f} s (a stalled connection or command?)")
+        if not ready:
+            received = self.bytes_read + len(self._buffer) - self._pos
+            raise StreamError(
+                f"{self.url}: {received} bytes after waiting {self.waited_s:.0f} s in all for data, past the stream's "
+                f"deadline (a trickling connection or command?; {MIN_RATE_ENV} sets the slowest rate allowed)"
+            )
         chunk = os.read(self._fd, _READ_CHUNK)
         if not chunk:
             self._eof = True
@@ -180,7 +222,7 @@ def read_url(url: str, retries: int = STREAM_RETRIES) -> bytes:
     LoaderError with the command's message."""
 
     def read_all() -> bytes:
-        with PipeStream(url) as stream:
+        with PipeStream(url, deadline_s=stream_deadline_s(MAX_MANIFEST_BYTES)) as stream:
             chunks = []
             while chunk := stream.read(_READ_CHUNK):
                 chunks.append(chunk)

@@ -80,6 +80,7 @@ _MAPPING_RE = re.compile(r"^\[info\] Stream mapping:", re.MULTILINE)
 _SIZE_RE = re.compile(r", (\d+)x(\d+)")
 _FPS_RE = re.compile(r", ([\d.]+)(k?) fps")
 _AUDIO_RE = re.compile(r", (\d+) Hz, ([^,]+)")
+_BIT_RATE_RE = re.compile(r", (\d+) kb/s")
 _NOT_ALLOWED_RE = re.compile(r"^\[(\w+) @ 0x[0-9a-f]+\] \[error\] Format not on whitelist", re.MULTILINE)
 _OUT_OF_MEMORY_RE = re.compile(
     r"^(?:\[[^\]]* @ 0x[0-9a-f]+\] )?\[(?:error|fatal|panic)\] .*(?:Cannot allocate memory|get_buffer\(\) failed)",
@@ -107,6 +108,14 @@ def parse_input_report(stderr: str) -> StreamInfo:
             if audio := _AUDIO_RE.search(rest):
                 fields.update(sample_rate_hz=int(audio[1]), channels=audio[2].strip())
     return StreamInfo(**fields)
+
+
+def stream_bit_rates_bps(stderr: str) -> tuple[int, ...]:
+    """The average bit rates (bits/s) that the `Input #0` part of ffmpeg's log gives its audio and video streams
+    (cover art and rates of 0 left out; a container may give none)."""
+    report = _MAPPING_RE.split(stderr, 1)[0]
+    rates = [_BIT_RATE_RE.search(m[3]) for m in _STREAM_RE.finditer(report) if "(attached pic)" not in m[3]]
+    return tuple(int(rate[1]) * 1000 for rate in rates if rate and int(rate[1]) > 0)
 
 
 @dataclass
@@ -145,6 +154,11 @@ def _scratch_full(duration_s: float, params: FeatureParams) -> DiskFullError | N
     if shutil.disk_usage(folder).free >= output_cap_bytes(duration_s, params):
         return None
     return disk_full(f"{folder} (the scratch folder of ffmpeg's decoded frames)")
+
+
+def scratch_folder() -> tempfile.TemporaryDirectory:
+    """A scratch folder for one ffmpeg run (its outputs, its log), named so that remove_stale_scratch knows whose."""
+    return tempfile.TemporaryDirectory(prefix=f"{SCRATCH_PREFIX}{os.getpid()}-", dir=_scratch_dir())
 
 
 def remove_stale_scratch() -> list[str]:
@@ -234,7 +248,7 @@ def _run_decode(
     """Decode the open file `fd`; ffmpeg reads it as /dev/fd/N: the file checked, and a name that is always text."""
     max_file_bytes = output_cap_bytes(duration_s, params)
     source = f"/dev/fd/{fd}"
-    with tempfile.TemporaryDirectory(prefix=f"{SCRATCH_PREFIX}{os.getpid()}-", dir=_scratch_dir()) as scratch:
+    with scratch_folder() as scratch:
         target = os.path.join(scratch, "%02d.jpg")
         audio_path = os.path.join(scratch, "audio.f32")
         log_path = os.path.join(scratch, "ffmpeg.log")

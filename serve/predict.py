@@ -9,12 +9,18 @@ audio input, `augment.audio_frames` log-mel frames: shorter, it would hear paddi
 rate. Without a window length a video is predicted from its first window (a segment from its start, as the
 shard job reads a file); with one, windows every `hop_s` cover the whole file (a timeline). A file that cannot be
 decoded, has no audio stream (for a model that hears) or is shorter than one window raises InputError naming it.
+
+A timeline is planned from the duration the file's header claims, capped by `preprocess.probe` (at most a day,
+and what the file's bytes can hold), and its windows are made one batch at a time as they are decoded; it ends at
+the content's end: the first window that decodes nothing, or whose content ends before the window does, is left
+out with a warning naming the file, and the windows before it are kept (a header may claim more than there is).
 """
 
 from __future__ import annotations
 
 import dataclasses
 import json
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -29,6 +35,8 @@ from pipelines.torch_datasets import collate
 from pipelines.transforms import SampleBuilder, normalize_video
 from preprocess.clip import ClipTask, process_clip
 from preprocess.datasets import ClipRow
+from preprocess.ffmpeg_run import DecodeError
+from preprocess.probe import probe_media
 from serve.load import Preprocessing
 from serve.segments import Segment
 from shards.schema import MAX_FRAMES, META_EXT, FeatureParams, SchemaError
@@ -44,12 +52,14 @@ class InputError(RuntimeError):
 
 @dataclass
 class Prediction:
-    """A segment's windows [(start_s, end_s)], their clip-averaged logits (W, C) and, if asked, embeddings."""
+    """A segment's windows [(start_s, end_s)], their clip-averaged logits (W, C), if asked embeddings, and the
+    warnings of its prediction (one line each, naming the file)."""
 
     name: str
     windows: list[tuple[float, float]]
     logits: np.ndarray
     embeddings: list[Embedding] = field(default_factory=list)
+    warnings: list[str] = field(default_factory=list)
 
 
 def window_features(features: FeatureParams, window_s: float | None) -> FeatureParams:
@@ -101,14 +111,14 @@ class Predictor:
             raise ValueError(f"the window does not fit the model: {err}") from None
         self.windows = self.builder.windows(None)
 
-    def _decode(self, segment: Segment, start_s: float) -> tuple[dict[str, Any], dict[str, Any]]:
-        """The evaluation rows of the window at `start_s` of `segment` and its sample's meta record."""
+    def _decode(self, segment: Segment, start_s: float) -> tuple[dict[str, Any] | None, dict[str, Any]]:
+        """(the evaluation rows of the window at `start_s` of `segment`, its sample's meta record), or (None, the
+        shard job's failure record) when the window cannot be stored as a sample."""
         row = ClipRow(CLIP_KEY, "", start_s, start_s + self.window_s, (0,), str(segment.path))
         task = ClipTask(row=row, path=str(segment.path), missing=None, start_s=start_s, duration_s=self.window_s)
         members, result = process_clip(task, self.features, self.require_audio, self.decode_timeout_s)
         if members is None:
-            problem = "no audio stream (the model hears)" if result["reason"] == "no_audio" else result["message"]
-            raise InputError(problem if problem.startswith(str(segment.path)) else f"{segment.path}: {problem}")
+            return None, result
         raw = {name.split(".", 1)[1]: data for name, data in members}
         try:
             rows = self.builder.rows(str(segment.path), CLIP_KEY, raw, self.windows, None)
@@ -116,41 +126,82 @@ class Predictor:
             raise InputError(str(err)) from None
         return rows, json.loads(raw[META_EXT])
 
-    def _end_s(self, segment: Segment, meta: dict[str, Any]) -> float:
-        """Where `segment` ends: its end, or the file's (as ffmpeg reported it, else as far as audio was decoded)."""
+    def _refused(self, segment: Segment, failure: dict[str, Any]) -> InputError:
+        problem = "no audio stream (the model hears)" if failure["reason"] == "no_audio" else failure["message"]
+        return InputError(problem if problem.startswith(str(segment.path)) else f"{segment.path}: {problem}")
+
+    def _short(self, meta: dict[str, Any]) -> bool:
+        """Whether a decoded window's content ends before the window does: its frames repeat (the video ended, or
+        holds fewer frames than asked) and its audio stream ended before the window's last frame time."""
+        ended = meta["streams"]["has_audio"] and meta["audio_decoded_s"] < self.window_s - self.tolerance_s
+        return meta["frames_repeated"] > 0 and ended
+
+    def _end_s(self, segment: Segment, meta: dict[str, Any], warnings: list[str]) -> float:
+        """Where `segment` ends: its end, or the file's as its header claims it (as far as the first window's audio
+        decoded when it claims none), a timeline's capped by `preprocess.probe` (a warning in `warnings` says so)."""
         duration = meta["streams"].get("duration_s")
+        if self.sliding:
+            try:
+                duration, capped = probe_media(segment.path).planned_duration_s()
+            except DecodeError as err:
+                raise InputError(str(err)) from None
+            warnings += [capped] if capped else []
         if duration is None:
             duration = segment.start_s + meta["audio_decoded_s"]
         return min(duration, segment.end_s) if segment.end_s is not None else duration
 
+    def _starts(self, start_s: float, end_s: float) -> Iterator[float]:
+        """The windows' starts, made one at a time: `start_s`, then (a timeline) every `hop_s` while the window ends
+        by `end_s`."""
+        yield start_s
+        while self.sliding and start_s + self.hop_s + self.window_s <= end_s + self.tolerance_s:
+            start_s += self.hop_s
+            yield start_s
+
     def predict(self, segment: Segment, embeddings: bool = False, progress: bool = False) -> Prediction:
         """The windows of `segment` and their logits; InputError naming the file when it cannot be predicted."""
-        first, meta = self._decode(segment, segment.start_s)
-        end_s = self._end_s(segment, meta)
-        if segment.start_s + self.window_s > end_s + self.tolerance_s:
+        rows, meta = self._decode(segment, segment.start_s)
+        if rows is None:
+            raise self._refused(segment, meta)
+        warnings: list[str] = []
+        end_s = self._end_s(segment, meta, warnings)
+        held_s = end_s - segment.start_s
+        if self._short(meta):  # the content ends inside the first window, whatever the header claims
+            held_s = min(held_s, meta["audio_decoded_s"])
+        if self.window_s > held_s + self.tolerance_s:
             raise InputError(
-                f"{segment.path}: {max(end_s - segment.start_s, 0):.2f} s from {segment.start_s:g} s, shorter than "
-                f"one window of {self.window_s:g} s"
+                f"{segment.path}: {max(held_s, 0):.2f} s from {segment.start_s:g} s, shorter than one window of "
+                f"{self.window_s:g} s"
             )
-        starts = [segment.start_s]
-        while self.sliding and starts[-1] + self.hop_s + self.window_s <= end_s + self.tolerance_s:
-            starts.append(starts[-1] + self.hop_s)
-        show = progress and len(starts) >= PROGRESS_MIN_WINDOWS
-        bar = tqdm(total=len(starts), desc=segment.name, unit="window", disable=not show, leave=False)
+        planned = 1 + int(max(end_s + self.tolerance_s - segment.start_s - self.window_s, 0) // self.hop_s)
+        show = progress and self.sliding and planned >= PROGRESS_MIN_WINDOWS
+        bar = tqdm(total=planned, desc=segment.name, unit="window", disable=not show, leave=False)
+        windows: list[tuple[float, float]] = []
         logits: list[np.ndarray] = []
         pooled: list[Embedding] = []
-        pending = [first]
-        bar.update(1)
-        for start in starts[1:]:
+        pending: list[dict[str, Any]] = []
+        for start in self._starts(segment.start_s, end_s):
+            if windows:  # the first window is decoded already
+                rows, meta = self._decode(segment, start)
+            if rows is None and meta["reason"] not in ("no_frames", "no_audio"):
+                raise self._refused(segment, meta)
+            if rows is None or self._short(meta):  # the content ends before the header says
+                what = "nothing decodes" if rows is None else f"only {meta['audio_decoded_s']:.2f} s decode"
+                warnings.append(
+                    f"{segment.path}: {what} from {start:g} s on (of the {end_s:g} s planned): the timeline stops "
+                    f"at {windows[-1][1]:g} s"
+                )
+                break
+            windows.append((start, start + self.window_s))
+            pending.append(rows)
             if len(pending) == self.batch_windows:
                 self._run(pending, logits, pooled, embeddings)
                 pending = []
-            pending.append(self._decode(segment, start)[0])
             bar.update(1)
-        self._run(pending, logits, pooled, embeddings)
+        if pending:
+            self._run(pending, logits, pooled, embeddings)
         bar.close()
-        windows = [(s, s + self.window_s) for s in starts]
-        return Prediction(segment.name, windows, np.stack(logits), pooled)
+        return Prediction(segment.name, windows, np.stack(logits), pooled, warnings)
 
     def _run(self, rows: list[dict[str, Any]], logits: list[np.ndarray], pooled: list[Embedding], embed: bool) -> None:
         """Forward the rows of some windows as one batch, as `mbt.evaluate` does; append each window's logits (C,)

@@ -1,6 +1,8 @@
 """The `.idx` file beside each shard: DALI's wds2idx format (`v1.2 N`, then per sample `ext data_offset size name`
 for each member), written from the offsets while a shard is written, computed from a tar, and parsed strictly (an
-index file from a shared bucket places every member inside its shard, or is refused naming its line).
+index file from a shared bucket places every member inside its shard, or is refused naming its line). An entry
+inside the shard may still point at another member: readers check the tar header before its payload
+(`member_header_problem`) before they use the payload.
 """
 
 from __future__ import annotations
@@ -13,7 +15,7 @@ from pathlib import Path
 
 from shards.manifest import ShardInfo
 from shards.schema import SchemaError, split_member_name
-from shards.tar import tar_members
+from shards.tar import TarReadError, parse_header, tar_members
 from shards.text import excerpt
 
 # DALI's index files (tools/wds2idx.py in DALI) start with this version tag.
@@ -53,6 +55,30 @@ class SampleRef:
     shard: int
     key: str
     members: dict[str, tuple[int, int]]
+
+
+# The length of a ustar header's name field: a longer name (pax, GNU) is there cut to its first 100 bytes.
+_NAME_FIELD_BYTES = 100
+
+
+def member_header_problem(header: bytes, name: str, size: int) -> str | None:
+    """Why `header`, the 512 bytes before an index entry's payload, is not the tar header of that entry (a regular
+    file named `name`, `{key}.{ext}`, of `size` bytes, with a valid checksum), or None when it is. A name longer than
+    the header's field (its pax or GNU record lies further back) is checked on the 100 bytes the field holds."""
+    try:
+        kind, header_size, header_name = parse_header(header, 0)
+    except TarReadError:
+        return "no tar header before it (the offset is not a member's)"
+    expected = name.encode()
+    long_name = len(header_name) == _NAME_FIELD_BYTES and expected.startswith(header_name)
+    if header_name != expected and not long_name:
+        shown = header_name[:_NAME_FIELD_BYTES].decode(errors="backslashreplace")
+        return f"the tar header before it is member {shown!r}, not {name}"
+    if kind not in (b"0", b"\0"):
+        return f"the tar header before it is of type {kind!r}, not a regular file"
+    if header_size != size:
+        return f"the tar header before it says {header_size} bytes, the index {size}"
+    return None
 
 
 # An index line's member: `ext offset size name` (ext as the schema splits names; offsets and sizes in decimal).

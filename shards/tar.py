@@ -66,7 +66,7 @@ def _field(header: bytes, start: int, end: int) -> bytes:
 
 def _number(header: bytes, start: int, end: int, what: str) -> int:
     text = _field(header, start, end).strip()
-    if text and not all(48 <= c <= 55 for c in text):  # octal digits only: no sign, no base-256
+    if text.translate(None, b"01234567"):  # octal digits only: no sign, no base-256
         raise TarReadError(f"not a tar header (its {what} field is not octal)")
     return int(text, 8) if text else 0
 
@@ -92,6 +92,18 @@ def _pax_records(data: bytes) -> dict[str, str]:
     return records
 
 
+def parse_header(header: bytes, at: int) -> tuple[bytes, int, bytes]:
+    """(type flag, size, name) of the ustar header block `header` found at byte `at`, the name as the block holds it
+    (prefix/name: the first 100 bytes of a longer pax or GNU name); TarReadError if it is not a header block (bad
+    checksum) or a number is not octal."""
+    # The unsigned sum of the bytes, the checksum field read as spaces; zeros dropped first (3x faster, same sum).
+    checksum = sum(header[:148].translate(None, b"\0")) + 8 * 32 + sum(header[156:].translate(None, b"\0"))
+    if len(header) != BLOCK or _number(header, 148, 156, "checksum") != checksum:
+        raise TarReadError(f"not a tar header at byte {at} (bad checksum): the stream is not a tar or is corrupt")
+    prefix, base = _field(header, 345, 500), _field(header, 0, 100)
+    return header[156:157], _number(header, 124, 136, "size"), prefix + b"/" + base if prefix else base
+
+
 def tar_members(fileobj: IO[bytes], limit: int, exts: frozenset[str] | None = None) -> Iterator[TarMember]:
     """Each regular file of the tar in `fileobj` (at most `limit` bytes long), in order; payloads of members whose
     extension is not in `exts` (None: all) are skipped unread. TarReadError if the tar is not sound."""
@@ -108,20 +120,15 @@ def tar_members(fileobj: IO[bytes], limit: int, exts: frozenset[str] | None = No
             raise TarReadError(f"more than the {limit} bytes the shard holds")
         if not header.strip(b"\0"):
             return  # the end-of-archive marker (what follows it, if anything, is padding)
-        checksum = sum(header[:148]) + 8 * 32 + sum(header[156:])
-        if _number(header, 148, 156, "checksum") != checksum:
-            raise TarReadError(f"not a tar header at byte {at} (bad checksum): the stream is not a tar or is corrupt")
-        size = _number(header, 124, 136, "size")
+        kind, size, header_name = parse_header(header, at)
         if "size" in pax:
             if not pax["size"].isdigit():
                 raise TarReadError(f"pax size {excerpt(pax['size'], 40)} is not a number")
             size = int(pax["size"])
-        kind = header[156:157]
         name = pax.get("path") or long_name
         if name is None:
-            prefix, base = _field(header, 345, 500), _field(header, 0, 100)
             try:
-                name = (prefix + b"/" + base if prefix else base).decode()
+                name = header_name.decode()
             except UnicodeDecodeError:
                 raise TarReadError(f"member name at byte {at} is not UTF-8") from None
         what = f"member {printable(name)}"

@@ -8,9 +8,9 @@ Inputs: video files, folders (their video files) or segments CSVs (a header with
 training checkpoint, a run folder (its latest checkpoint) or an exported model (tools/export_model.py). Each video is
 decoded and featurized by the shard job's code and fed as the evaluation loaders feed it (4 synchronized test clips,
 logits averaged). With --window-s, windows every --hop-s cover each whole file and a timeline CSV and PNG per video
-go to --out-dir. A video that cannot be predicted gets one `error:` line and the others go on; an output that
-cannot be written (a full disk) stops it with one `error:` line. The exit status is 1 when any failed, 2 on a usage
-error.
+go to --out-dir; a timeline ends where the content ends (a `warning:` line when that is before the end its header
+claims). A video that cannot be predicted gets one `error:` line and the others go on; an output that cannot be
+written (a full disk) stops it with one `error:` line. The exit status is 1 when any failed, 2 on a usage error.
 """
 
 from __future__ import annotations
@@ -85,6 +85,8 @@ def predict_all(args: argparse.Namespace, predictor: Predictor, prep: Preprocess
             print(f"error: {err}", file=sys.stderr)
             failed += 1
             continue
+        for warning in prediction.warnings:
+            print(f"warning: {warning}", file=sys.stderr)
         print("\n".join(top_lines(prediction, names, multi, args.top_k)))
         records.append(record(prediction, names, multi, args.top_k))
         keys += [f"{prediction.name}@{start:g}" for start, _ in prediction.windows]

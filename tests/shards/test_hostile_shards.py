@@ -9,6 +9,7 @@ import resource
 import shutil
 import subprocess
 import sys
+import time
 import tracemalloc
 from collections.abc import Callable
 from pathlib import Path
@@ -138,6 +139,68 @@ def test_index_with_offsets_outside_the_shard(train_shards: Path, tmp_path: Path
         SplitIndex(split)
 
 
+def rewrite_index(split: Path, change: Callable[[list[list[str]]], None]) -> tuple[Path, list[str]]:
+    """shard-000000.idx of `split` with its sample lines (as lists of fields) changed in place by `change`; returns
+    the index file and the keys of its samples."""
+    index = split / "shard-000000.idx"
+    header, *lines = index.read_text().splitlines()
+    samples = [line.split() for line in lines]
+    keys = [fields[3].split(".", 1)[0] for fields in samples]
+    change(samples)
+    index.write_text("\n".join([header, *(" ".join(fields) for fields in samples)]) + "\n")
+    return index, keys
+
+
+def swap_member(ext: str) -> Callable[[list[list[str]]], None]:
+    """Swap the offsets and sizes of member `ext` of the first two samples: each entry in range, at another
+    sample's bytes."""
+
+    def change(samples: list[list[str]]) -> None:
+        first, second = (fields.index(ext) for fields in samples[:2])
+        samples[0][first + 1 : first + 3], samples[1][second + 1 : second + 3] = (
+            samples[1][second + 1 : second + 3], samples[0][first + 1 : first + 3])  # fmt: skip
+
+    return change
+
+
+def into_payload(samples: list[list[str]]) -> None:
+    """The first sample's log-mel entry moved one block into its own payload (a multiple of 512, inside the shard)."""
+    at = samples[0].index(LOGMEL_EXT)
+    samples[0][at + 1] = str(int(samples[0][at + 1]) + 512)
+
+
+@pytest.mark.parametrize("ext", [LABELS_EXT, frame_ext(0)])
+def test_index_pointing_at_another_samples_member(train_shards: Path, tmp_path: Path, ext: str) -> None:
+    split = Path(shutil.copytree(train_shards, tmp_path / "split"))
+    index, keys = rewrite_index(split, swap_member(ext))
+    message = rf"{index}: sample {keys[0]}: {ext} at byte \d+ of shard-000000\.tar: the tar header before it is "
+    with pytest.raises(LoaderError, match=message + rf"member '{keys[1]}\.{ext}', not {keys[0]}\.{ext}; .*re-run"):
+        read_all(evaluation(split))
+    loader = evaluation(split, skip_bad_samples=True)
+    assert {k for k, _ in read_all(loader)} == {k for k, _ in read_all(evaluation(train_shards))} - set(keys)
+    assert len(loader.skipped) == 2
+
+
+def test_index_pointing_inside_a_payload(train_shards: Path, tmp_path: Path) -> None:
+    split = Path(shutil.copytree(train_shards, tmp_path / "split"))
+    index, keys = rewrite_index(split, into_payload)
+    with pytest.raises(LoaderError, match=rf"{index}: sample {keys[0]}: {LOGMEL_EXT} .*: no tar header before it"):
+        read_all(evaluation(split))
+
+
+@pytest.mark.dali
+def test_dali_refuses_an_index_pointing_at_another_samples_member(train_shards: Path, tmp_path: Path) -> None:
+    pytest.importorskip("nvidia.dali")
+    from pipelines.dali_loader import DaliLoader
+
+    split = Path(shutil.copytree(train_shards, tmp_path / "split"))
+    index, keys = rewrite_index(split, swap_member(LOGMEL_EXT))
+    message = rf"{index}: sample {keys[0]}: {LOGMEL_EXT} .*member '{keys[1]}\.{LOGMEL_EXT}'.*cannot skip bad samples"
+    with pytest.raises(LoaderError, match=message):
+        list(DaliLoader(open_split(split), False, 3, augment=SMALL_AUG))
+    assert len(list(DaliLoader(open_split(train_shards), False, 3, augment=SMALL_AUG))) == 3  # the sound split reads
+
+
 def test_local_manifest_naming_files_outside_its_folder(train_shards: Path, tmp_path: Path) -> None:
     split = Path(shutil.copytree(train_shards, tmp_path / "split"))
     data = json.loads((split / "manifest.json").read_text())
@@ -229,6 +292,53 @@ def test_a_stalled_stream_is_given_up(monkeypatch: pytest.MonkeyPatch, train_sha
     url = f"pipe:sleep 60; cat {train_shards}/{shard.name}"
     with pytest.raises(LoaderError, match="no data for 1 s"):
         list(shard_samples(url, shard, retries=0))
+
+
+TRICKLE = """import sys, time
+data = open(sys.argv[1], "rb").read()
+for i in range(0, len(data), 1024):  # 1 KB every 50 ms: never a stall
+    sys.stdout.buffer.write(data[i : i + 1024])
+    sys.stdout.buffer.flush()
+    time.sleep(0.05)
+"""
+
+
+@pytest.fixture
+def one_second_deadline(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Streams may keep their reader waiting 1 s in all (at most; a rate no stream reaches)."""
+    monkeypatch.setattr("pipelines.pipe.STREAM_DEADLINE_MIN_S", 1.0)
+    monkeypatch.setenv("MBT_STREAM_MIN_BYTES_PER_S", "1e12")
+
+
+def test_a_trickling_stream_is_given_up_at_its_deadline(
+    one_second_deadline: None, train_shards: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    script = tmp_path / "trickle.py"
+    script.write_text(TRICKLE)
+    shard = load_manifest(train_shards).shards[0]
+    url = f"pipe:{sys.executable} {script} {train_shards}/{shard.name}"  # ~7 s for the whole shard
+    started = time.monotonic()
+    with pytest.raises(LoaderError, match=r"bytes after waiting 1 s in all for data, past the stream's deadline .*"
+                                          r"MBT_STREAM_MIN_BYTES_PER_S(.|\n)*read 2 times"):  # fmt: skip
+        list(shard_samples(url, shard, retries=1))
+    assert time.monotonic() - started < 5
+    assert "reading it again" in caplog.text  # the path of a stall: read again, then named
+
+
+def test_only_waiting_for_data_counts_against_the_deadline(one_second_deadline: None, train_shards: Path) -> None:
+    shard = load_manifest(train_shards).shards[0]
+    samples = []
+    for sample in shard_samples(f"pipe:cat {train_shards}/{shard.name}", shard, retries=0):
+        samples.append(sample)
+        time.sleep(0.7)  # a slow consumer: 1.4 s in all
+    assert len(samples) == shard.num_samples == 2
+
+
+def test_a_minimum_rate_that_is_not_a_number_is_named(monkeypatch: pytest.MonkeyPatch, train_shards: Path) -> None:
+    monkeypatch.setenv("MBT_STREAM_MIN_BYTES_PER_S", "fast")
+    shard = load_manifest(train_shards).shards[0]
+    with pytest.raises(LoaderError, match="MBT_STREAM_MIN_BYTES_PER_S='fast' is not a positive number"):
+        list(shard_samples(f"pipe:cat {train_shards}/{shard.name}", shard))
 
 
 def test_manifest_with_nan_statistics_fails_verification(train_shards: Path, tmp_path: Path) -> None:

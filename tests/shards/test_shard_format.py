@@ -21,7 +21,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from torchvision.io import encode_jpeg
 
-from shards.index import IndexFileError, parse_index
+from shards.index import IndexFileError, member_header_problem, parse_index
 from shards.manifest import ShardInfo, parse_manifest
 from shards.schema import MAX_FRAMES, FeatureParams, Sample, SchemaError, check_schema_version, encode_sample
 from shards.tar import TarReadError, tar_members, tar_samples
@@ -72,6 +72,23 @@ def test_member_offsets_are_where_the_payloads_lie() -> None:
     data = tar_bytes(["a.x", "a.y", "b.x"])
     for member in tar_members(io.BytesIO(data), len(data)):
         assert data[member.offset : member.offset + member.size] == member.payload
+
+
+@pytest.mark.parametrize("fmt", [tarfile.USTAR_FORMAT, tarfile.PAX_FORMAT, tarfile.GNU_FORMAT])
+def test_the_header_before_each_payload_is_its_members(fmt: int) -> None:
+    """What an index check finds before each payload of what tarfile writes (long names: their first 100 bytes)."""
+    names = ["a.frame00.jpg", "a.logmel.f16", "dir/b.labels.i32"]
+    if fmt != tarfile.USTAR_FORMAT:
+        names.append(f"{'k' * 120}.labels.i32")
+    data = tar_bytes(names, fmt)
+    members = list(tar_members(io.BytesIO(data), len(data)))
+    for member in members:
+        header, name = data[member.offset - 512 : member.offset], f"{member.key}.{member.ext}"
+        assert member_header_problem(header, name, member.size) is None
+        assert f"is member '{name[:100]}', not z.frame00.jpg" in str(member_header_problem(header, "z.frame00.jpg", 0))
+        assert "says" in str(member_header_problem(header, name, member.size + 1))
+    payload = data[members[1].offset + 512 : members[1].offset + 1024]
+    assert "no tar header before it" in str(member_header_problem(payload, "a.logmel.f16", 700))
 
 
 def header_claiming(size: int, name: str = "k.logmel.f16") -> bytes:

@@ -148,6 +148,29 @@ def with_metadata(src: Path, dst: Path, **tags: str) -> Path:
     return dst
 
 
+def with_claimed_duration(src: Path, dst: Path, seconds: float) -> Path:
+    """A copy of ``src`` (an .mkv or .mp4 that ffmpeg wrote) whose container header claims ``seconds``: the mkv
+    Segment Info ``Duration`` float, or every mp4 ``mvhd``, ``tkhd`` and ``mdhd`` duration (32-bit: capped at 2^32 - 1
+    units of each box's time scale); the frames and samples are unchanged."""
+    data = bytearray(Path(src).read_bytes())
+    if Path(src).suffix == ".mkv":
+        at = data.index(b"\x44\x89\x88") + 3  # EBML id 0x4489 (Duration), an 8-byte float in milliseconds
+        data[at : at + 8] = struct.pack(">d", seconds * 1000.0)
+    else:
+        # Version-0 boxes (ffmpeg's), after the box type: version and flags, two times, then mvhd and mdhd hold their
+        # time scale and duration, tkhd a track id, 4 reserved bytes and the duration in the movie's (mvhd) scale.
+        movie = data.index(b"mvhd") + 4
+        for box, field in ((b"mvhd", 16), (b"tkhd", 20), (b"mdhd", 16)):
+            at = data.find(box)
+            while at >= 0:
+                body = at + 4
+                units = struct.unpack(">I", data[(movie if box == b"tkhd" else body) + 12 :][:4])[0]
+                data[body + field : body + field + 4] = struct.pack(">I", min(round(seconds * units), 2**32 - 1))
+                at = data.find(box, at + 4)
+    Path(dst).write_bytes(data)
+    return dst
+
+
 def tone(seconds: float = 2.0, rate: int = 16000) -> np.ndarray:
     """A 440 Hz sine at half scale, float32."""
     t = np.arange(round(seconds * rate)) / rate
