@@ -13,7 +13,6 @@ import os
 import shutil
 import subprocess
 import sys
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, NamedTuple
 
@@ -197,29 +196,18 @@ def test_a_run_config_of_a_model_over_the_bound_is_named(hostile: dict[str, Host
     assert str(err.value).startswith(f"--config {file.path}: the model would have ") and file.message in str(err.value)
 
 
-def peak_rss(kind: str, path: Path) -> tuple[int, str]:
-    """(peak resident memory in KiB, output) of tests/support/load_model_file.py loading `path` as `kind`, measured
-    by a process of its own (no torch) as its child's: RUSAGE_CHILDREN of a process with that one child."""
-    measure = (
-        "import resource, subprocess, sys; run = subprocess.run(sys.argv[1:], capture_output=True, text=True); "
-        "print(resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss); print(run.stdout + run.stderr, end='')"
-    )
-    script = REPO / "tests" / "support" / "load_model_file.py"
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), str(script.parent)])}
-    command = [sys.executable, "-c", measure, sys.executable, str(script), kind, str(path)]
-    out = subprocess.run(command, capture_output=True, text=True, env=env, timeout=300, check=True).stdout
-    peak, _, output = out.partition("\n")
-    return int(peak), output
-
-
 @pytest.fixture(scope="module")
 def peaks(normal: dict[str, Path], hostile: dict[str, Hostile]) -> dict[str, tuple[int, str]]:
-    """{normal kind or hostile case: (peak KiB, output)}, two processes at a time."""
+    """{normal kind or hostile case: (peak KiB, output)}: each file loaded in a process of its own
+    (tests/support/load_model_file.py: forks of one process that imported the loaders)."""
     jobs = {kind: (kind, path) for kind, path in normal.items()}
     jobs |= {case: (file.kind, file.path) for case, file in hostile.items()}
-    with ThreadPoolExecutor(2) as pool:
-        results = {name: pool.submit(peak_rss, *job) for name, job in jobs.items()}
-    return {name: result.result() for name, result in results.items()}
+    script = REPO / "tests" / "support" / "load_model_file.py"
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), str(script.parent)])}
+    args = [str(part) for job in jobs.values() for part in job]
+    out = subprocess.run([sys.executable, str(script), *args], capture_output=True, text=True, env=env, timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    return {name: (peak, output) for name, (peak, output) in zip(jobs, json.loads(out.stdout), strict=True)}
 
 
 @pytest.mark.slow

@@ -1,7 +1,12 @@
-"""Load one model file as a user's command does, in a process of its own whose peak memory the caller measures
-(tests/mbt/test_hostile_model_files.py); prints `loaded`, or `refused: ` and the one-line error.
+"""Load model files as a user's command does, each in a process of its own whose peak memory is measured
+(tests/mbt/test_hostile_model_files.py): `loaded`, or `refused: ` and the one-line error.
 
-    python load_model_file.py KIND PATH
+    python load_model_file.py KIND PATH [KIND PATH ...]
+
+prints a JSON list of [peak resident KiB, output] per file. This process imports every loader once; each file is
+then loaded in a fork of it (milliseconds, not the seconds of a fresh interpreter importing torch), whose peak
+resident memory `os.wait4` reports: the imports are in every fork's peak alike, and what a file makes its loader
+allocate comes on top.
 
 KIND: checkpoint (`mbt.evaluate`, `serve.from_checkpoint`: `load_trained` then `build_model`), export
 (`serve.load_pretrained`), vit (`--init_video` into a model of tiny_run.TINY's sizes), scenic
@@ -11,7 +16,11 @@ only what its command imports, so that processes of one kind compare.
 
 from __future__ import annotations
 
+import io
+import json
+import os
 import sys
+from contextlib import redirect_stderr, redirect_stdout
 from pathlib import Path
 
 
@@ -56,5 +65,33 @@ def main(kind: str, path: str) -> int:
     return 0
 
 
+def measure(jobs: list[tuple[str, Path]]) -> list[tuple[int, str]]:
+    """(peak resident KiB, output) of loading each (kind, path) of `jobs` in a fork of this process."""
+    import mbt.checkpoint
+    import mbt.pretrained
+    import mbt.scenic
+    import mbt.train  # noqa: F401
+    import serve.load  # noqa: F401
+
+    results = []
+    for kind, path in jobs:
+        read_end, write_end = os.pipe()
+        pid = os.fork()
+        if pid == 0:  # the fork: load, hand its output to the parent, leave without running the parent's exit code
+            os.close(read_end)
+            output = io.StringIO()
+            with redirect_stdout(output), redirect_stderr(output):
+                main(kind, str(path))
+            os.write(write_end, output.getvalue().encode())
+            os._exit(0)
+        os.close(write_end)
+        with os.fdopen(read_end, "rb") as pipe:
+            output = pipe.read().decode()
+        _, _, usage = os.wait4(pid, 0)
+        results.append((usage.ru_maxrss, output))
+    return results
+
+
 if __name__ == "__main__":
-    sys.exit(main(*sys.argv[1:]))
+    args = sys.argv[1:]
+    print(json.dumps(measure([(kind, Path(path)) for kind, path in zip(args[::2], args[1::2], strict=True)])))
