@@ -16,6 +16,8 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import functools
+import io
 import os
 import shutil
 import signal
@@ -23,8 +25,10 @@ import subprocess
 import sys
 import tempfile
 import time
+from concurrent.futures import ThreadPoolExecutor, as_completed
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TextIO
 
 from devenv.docs_pages import SKIP_REASONS, Command, PageError, page_commands
 
@@ -34,6 +38,7 @@ NOT_CHECKED_OUT = {".git", ".venv", "data", "runs", "build", "__pycache__", ".py
 STANDINS = ("aws", "gsutil", "curl", "sbatch")
 TIMEOUT_S = 600.0
 TAIL_LINES = 30
+JOBS = 2  # pages at once: most commands hold one core, and no two pages share a fixed port
 
 
 @dataclass(frozen=True)
@@ -139,10 +144,12 @@ def first_line(text: str, width: int = 90) -> str:
 
 
 def run_page(
-    page: str, commands: list[Command], repo: Path, venv: Path, folder: Path, timeout_s: float
+    page: str, commands: list[Command], repo: Path, venv: Path, folder: Path, timeout_s: float, out: TextIO
 ) -> list[Result]:
-    """Run a page's commands in a fresh checkout at `folder`, printing one line each; stop at the first failure."""
+    """Run a page's commands in a fresh checkout at `folder`, writing one line each to `out`; stop at the first
+    failure."""
     make_checkout(repo, venv, folder)
+    say = functools.partial(print, file=out, flush=True)
     env = command_env(repo, venv, folder)
     results: list[Result] = []
     prelude: tuple[str, ...] = () if page == "README.md" else (PRELUDE,)  # before the first command that runs
@@ -150,7 +157,7 @@ def run_page(
         where = f"{command.page}:{command.line}"
         if command.skip:
             results.append(Result(command, "skip", 0.0))
-            print(f"{where:<28}  {'':>6}  skip  {first_line(command.text)}  [{command.skip}]", flush=True)
+            say(f"{where:<28}  {'':>6}  skip  {first_line(command.text)}  [{command.skip}]")
             continue
         lines, prelude = prelude + command.setup, ()
         for line in lines:
@@ -158,19 +165,39 @@ def run_page(
             start = time.monotonic()
             code, output = run_shell(hidden, line, folder, env, timeout_s)
             results.append(Result(hidden, "setup" if code == 0 else "FAIL", time.monotonic() - start, output))
-            print(f"{where:<28}  {results[-1].seconds:5.1f}s  {results[-1].status:<4}  {first_line(line)}", flush=True)
+            say(f"{where:<28}  {results[-1].seconds:5.1f}s  {results[-1].status:<4}  {first_line(line)}")
             if code:
-                print(f"  set-up line for {where} exited {code}:\n    $ {line}\n{tail(output)}", flush=True)
+                say(f"  set-up line for {where} exited {code}:\n    $ {line}\n{tail(output)}")
                 return results
         start = time.monotonic()
         code, output = run_shell(command, command.text, folder, env, timeout_s)
         status = "ok" if code == 0 else "FAIL"
         results.append(Result(command, status, time.monotonic() - start, output))
-        print(f"{where:<28}  {results[-1].seconds:5.1f}s  {status:<4}  {first_line(command.text)}", flush=True)
+        say(f"{where:<28}  {results[-1].seconds:5.1f}s  {status:<4}  {first_line(command.text)}")
         if code:
             shown = command.text.replace("\n", "\n      ")
-            print(f"  {where} exited {code}:\n    $ {shown}\n{tail(output)}", flush=True)
+            say(f"  {where} exited {code}:\n    $ {shown}\n{tail(output)}")
             return results
+    return results
+
+
+def run_pages(
+    commands: dict[str, list[Command]], repo: Path, venv: Path, scratch: Path, timeout_s: float, jobs: int
+) -> list[Result]:
+    """Every page's results, `jobs` pages at once (each in its own checkout under `scratch`); a page's lines are
+    printed together when it ends (as it goes with one job)."""
+
+    def page(index: int, name: str) -> tuple[list[Result], str]:
+        out = sys.stdout if jobs == 1 else io.StringIO()
+        results = run_page(name, commands[name], repo, venv, scratch / f"{index:02d}", timeout_s, out)
+        return results, "" if out is sys.stdout else out.getvalue()
+
+    results: list[Result] = []
+    with ThreadPoolExecutor(jobs) as pool:
+        for done in as_completed([pool.submit(page, i, name) for i, name in enumerate(commands)]):
+            page_results, printed = done.result()
+            print(printed, end="", flush=True)
+            results += page_results
     return results
 
 
@@ -199,6 +226,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--list", action="store_true", help="print the commands, run nothing")
     parser.add_argument("--keep", action="store_true", help="keep the scratch folders")
     parser.add_argument("--timeout", type=float, default=TIMEOUT_S, help="seconds per command (default 600)")
+    parser.add_argument("--jobs", type=int, default=JOBS, help=f"pages run at once (default {JOBS})")
     args = parser.parse_args(argv)
     repo = args.repo.resolve()
     paths = [p.resolve() for p in args.pages] or pages_of(repo)
@@ -221,8 +249,7 @@ def main(argv: list[str] | None = None) -> int:
     start = time.monotonic()
     results: list[Result] = []
     try:
-        for index, (name, page) in enumerate(commands.items()):
-            results += run_page(name, page, repo, args.venv.absolute(), scratch / f"{index:02d}", args.timeout)
+        results = run_pages(commands, repo, args.venv.absolute(), scratch, args.timeout, max(1, args.jobs))
     finally:
         if args.keep:
             print(f"docs-check: scratch folders kept in {scratch}")

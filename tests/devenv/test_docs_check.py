@@ -142,3 +142,17 @@ def test_a_page_starts_without_the_environment_on_path(tmp_path) -> None:
     env_path = env["PATH"].split(":")
     assert str(venv / "bin") not in env_path and env_path[0] == str(tmp_path / "page" / ".docs-check" / "bin")
     assert env["PYTHONPATH"].split(":")[0] == str(REPO) and "VIRTUAL_ENV" not in env
+
+
+@pytest.mark.parametrize("jobs", ["1", "2"])
+def test_pages_run_at_once_each_printed_whole(tmp_path, capsys, jobs: str) -> None:
+    slow = "```bash\necho slow-a\nsleep 0.5\necho slow-b\n```\n"
+    fast = "```bash\necho fast-a\necho fast-b\n```\n"
+    code, out = check([*checkout(tmp_path, "", a=slow, b=fast), "--jobs", jobs], capsys)
+    assert code == 0, out
+    lines = [line.split()[0] for line in out.splitlines() if line.startswith("docs/")]
+    ran = [line.split()[0] for line in out.splitlines() if line.startswith("docs/") and " ok " in line]
+    assert sorted(ran) == ["docs/a.md:2", "docs/a.md:3", "docs/a.md:4", "docs/b.md:2", "docs/b.md:3"]
+    pages = [line.split(":")[0] for line in lines]
+    assert pages in (sorted(pages), sorted(pages, reverse=True))  # a page's lines together, not interleaved
+    assert "6 commands ran" in out
