@@ -160,7 +160,7 @@ def preset(name: str) -> TrainConfig:
         # narrower than AST's were measured (wide masks hide the demo's single tone in many crops: no pitch was learnt).
         model = MBTConfig(
             num_classes=12, embed_dim=64, depth=4, num_heads=2, fusion_layer=2, num_bottlenecks=4,
-            num_frames=2, img_size=64, patch_size=16, audio_frames=160, drop_path_rate=0.0,
+            cls_bottleneck=False, num_frames=2, img_size=64, patch_size=16, audio_frames=160, drop_path_rate=0.0,
         )  # fmt: skip
         return TrainConfig(
             model=model,
@@ -201,9 +201,17 @@ def config_to_dict(cfg: TrainConfig) -> dict[str, Any]:
     return plain(cfg)
 
 
+# Keys a stored config (a checkpoint's, an export's) lacks when it was written before them, with the value its model
+# was built with: before `cls_bottleneck`, the bottleneck held num_bottlenecks tokens whatever the pool.
+WRITTEN_BEFORE = {"cls_bottleneck": False}
+
+
 def config_from_dict(data: Mapping[str, Any]) -> TrainConfig:
-    """The config `data` describes (as `config_to_dict` writes it; missing keys take TrainConfig's defaults).
+    """The config `data` describes (as `config_to_dict` writes it; missing keys take TrainConfig's defaults, but a
+    `model` mapping without a key of WRITTEN_BEFORE takes the value the model was built with then).
     ConfigError on an unknown key or a value of the wrong type."""
+    if isinstance(data.get("model"), Mapping):
+        data = {**data, "model": {**WRITTEN_BEFORE, **data["model"]}}
     return build(TrainConfig, merge(config_to_dict(TrainConfig()), data, "config", TrainConfig), INT_LIMITS)
 
 

@@ -15,27 +15,22 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from mbt.model import MBT
+from mbt.model import MBT, pool_tokens
 from shards.atomic import atomic_write
 
 Embedding = dict[str, np.ndarray]  # name → float32 array of one clip: "video" (D,), "audio" (D,), "bottleneck" (B, D)
-
-
-def has_bottleneck(model: MBT) -> bool:
-    """Whether `model` fuses through bottleneck tokens in at least one layer."""
-    return model.bottleneck is not None and model.cfg.fusion_layer < model.cfg.depth
 
 
 def forward_with_embeddings(
     model: MBT, video: torch.Tensor | None, audio: torch.Tensor | None
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """(logits (R, C) as `model(video, audio)` gives them, embeddings {name: (R, ...)}): each tower's pooled
-    features (its CLS token, or with `pool="gap"` the mean of its tokens), (R, D), and with bottleneck fusion
-    "bottleneck", the final bottleneck tokens (R, B, D)."""
+    features (`mbt.model.pool_tokens`: its CLS token, or the mean, maximum or sum of its tokens), (R, D), and while
+    the fused layers run with bottleneck tokens (`MBT.bottleneck_in_use`), "bottleneck", the final ones (R, B, D)."""
     captured: list[torch.Tensor] = []
     hooks = []
-    if has_bottleneck(model):
-        count = model.cfg.num_bottlenecks
+    if model.bottleneck_in_use():
+        count = model.cfg.bottleneck_tokens
         for tower in model.towers.values():
             hooks.append(tower.blocks[-1].register_forward_hook(lambda _m, _i, out: captured.append(out[:, -count:])))
     try:
@@ -44,7 +39,7 @@ def forward_with_embeddings(
         for hook in hooks:
             hook.remove()
     logits = model.forward_head(features)
-    pooled = {m: t[:, 0] if model.cfg.pool == "cls" else t.mean(1) for m, t in features.items()}
+    pooled = {m: pool_tokens(t, model.cfg.pool) for m, t in features.items()}
     if captured:
         pooled["bottleneck"] = torch.stack(captured).mean(0)
     return logits, pooled

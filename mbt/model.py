@@ -13,11 +13,15 @@ Layers below `fusion_layer` run per modality. From `fusion_layer` on, by `fusion
   cross       vanilla cross-attention: each tower's block attends over both modalities' tokens;
   late        no fusion: the towers stay apart to the end;
   video, audio  one tower only.
+  With `pool="cls"` the bottleneck holds one token more than `num_bottlenecks` (`cls_bottleneck`, scenic's
+  n_bottlenecks + 1 with its 'token' classifier). At evaluation, `test_with_bottlenecks=False` runs the fused layers
+  without the bottleneck tokens, each tower alone (scenic's `test_with_bottlenecks`).
 Head (`pool`, scenic's `classifier`): one linear layer, initialised to zero (scenic's output projection), over
   cls  each tower's CLS token (scenic's 'token'; the default): the head is shared by the towers; their logits are
        averaged at evaluation, and in training each tower's logits get their own loss (`per_tower=True`);
-  gap  no CLS tokens: the mean of all the towers' tokens together (so a tower weighs by its token count; bottleneck
-       tokens left out), one logits for the model (scenic's 'gap').
+  gap, gmp, gsp  no CLS tokens: the mean, maximum or sum of all the towers' tokens together, per channel (so a tower
+       weighs by its token count; bottleneck tokens left out), one logits for the model (scenic's 'gap', 'gmp',
+       'gsp').
 The blocks' GELU is the exact (erf) one of timm, or flax's tanh approximation that scenic's blocks use (`gelu="tanh"`).
 Initialisation from ImageNet ViT checkpoints is `mbt.pretrained`; scenic's trained MBT checkpoints convert with
 `mbt.scenic`.
@@ -40,7 +44,8 @@ from torch.utils.checkpoint import checkpoint
 from mbt.embed import TubeletEmbed
 
 FUSIONS = ("bottleneck", "cross", "late", "video", "audio")
-POOLS = ("cls", "gap")  # scenic's 'token' and 'gap' classifiers
+POOLS = ("cls", "gap", "gmp", "gsp")  # scenic's 'token', 'gap', 'gmp' and 'gsp' classifiers
+TOKEN_POOLS = {"gap": torch.mean, "gmp": torch.amax, "gsp": torch.sum}  # scenic's jnp.mean, jnp.max, jnp.sum
 VIDEO_EMBEDS = ("frame", "tubelet")  # per-frame patches + temporal embedding; scenic's 3d_conv tubelets
 GELUS = {"exact": "none", "tanh": "tanh"}  # timm's nn.GELU(); flax's nn.gelu (approximate=True), scenic's
 
@@ -53,6 +58,8 @@ class MBTConfig:
     fusion: str = "bottleneck"
     fusion_layer: int = 8
     num_bottlenecks: int = 4
+    cls_bottleneck: bool = True  # pool="cls": one bottleneck token more (scenic); False: num_bottlenecks in all
+    test_with_bottlenecks: bool = True  # False: evaluation runs the fused layers without the bottleneck (scenic's)
     pool: str = "cls"
     embed_dim: int = 768
     depth: int = 12
@@ -79,8 +86,8 @@ class MBTConfig:
             raise ValueError(f"pool must be one of {', '.join(POOLS)}, got {self.pool!r}")
         if not 0 <= self.fusion_layer <= self.depth:
             raise ValueError(f"fusion_layer must be in 0..depth={self.depth}, got {self.fusion_layer}")
-        if self.fusion == "bottleneck" and self.num_bottlenecks < 1:
-            raise ValueError(f"bottleneck fusion needs num_bottlenecks >= 1, got {self.num_bottlenecks}")
+        if self.fusion == "bottleneck" and self.bottleneck_tokens < 1:
+            raise ValueError(f"bottleneck fusion needs a bottleneck token, got num_bottlenecks {self.num_bottlenecks}")
         if self.num_heads < 1 or self.embed_dim % self.num_heads:
             raise ValueError(f"embed_dim {self.embed_dim} is not divisible by num_heads {self.num_heads}")
         if self.video_embed not in VIDEO_EMBEDS:
@@ -95,6 +102,12 @@ class MBTConfig:
     @property
     def modalities(self) -> tuple[str, ...]:
         return (self.fusion,) if self.fusion in ("video", "audio") else ("video", "audio")
+
+    @property
+    def bottleneck_tokens(self) -> int:
+        """The bottleneck's tokens: num_bottlenecks, and one more with pool="cls" and cls_bottleneck (scenic's MBT
+        makes n_bottlenecks + 1 with its 'token' classifier: model.py, `MBT.__call__`)."""
+        return self.num_bottlenecks + (self.pool == "cls" and self.cls_bottleneck)
 
     @property
     def audio_grid(self) -> tuple[int, int]:
@@ -179,7 +192,7 @@ class MBT(nn.Module):
         self.towers = nn.ModuleDict({m: Tower(cfg, m) for m in cfg.modalities})
         self.bottleneck = None
         if cfg.fusion == "bottleneck":
-            self.bottleneck = nn.Parameter(torch.zeros(1, cfg.num_bottlenecks, cfg.embed_dim))
+            self.bottleneck = nn.Parameter(torch.zeros(1, cfg.bottleneck_tokens, cfg.embed_dim))
             nn.init.normal_(self.bottleneck, std=0.02)  # as MBT's scenic code
         self.head_drop = nn.Dropout(cfg.drop_rate)
         self.head = nn.Linear(cfg.embed_dim, cfg.num_classes)
@@ -192,12 +205,20 @@ class MBT(nn.Module):
             return checkpoint(block, x, use_reentrant=False)
         return block(x)
 
+    def bottleneck_in_use(self) -> bool:
+        """Whether the fused layers run with the bottleneck tokens now: with bottleneck fusion from a layer below
+        depth, in training always, at evaluation with test_with_bottlenecks (scenic's Encoder: `use_bottlenecks =
+        train or self.test_with_bottlenecks`; without, every layer runs each tower alone)."""
+        fused = self.bottleneck is not None and self.cfg.fusion_layer < self.cfg.depth
+        return fused and (self.training or self.cfg.test_with_bottlenecks)
+
     def forward_features(self, video: torch.Tensor | None, audio: torch.Tensor | None) -> dict[str, torch.Tensor]:
         """Each tower's final normalized tokens {modality: (B, [1 +] N, D)} (bottleneck tokens removed)."""
         inputs = {"video": video, "audio": audio}
         x = {m: self.towers[m].tokens(inputs[m]) for m in self.cfg.modalities}
-        fused_from = self.cfg.fusion_layer if self.cfg.fusion in ("bottleneck", "cross") else self.cfg.depth
-        fsn = None if self.bottleneck is None else self.bottleneck.expand(next(iter(x.values())).shape[0], -1, -1)
+        with_bottleneck = self.bottleneck_in_use()
+        fused_from = self.cfg.fusion_layer if self.cfg.fusion == "cross" or with_bottleneck else self.cfg.depth
+        fsn = self.bottleneck.expand(next(iter(x.values())).shape[0], -1, -1) if with_bottleneck else None
         for layer in range(self.cfg.depth):
             if layer < fused_from:
                 x = {m: self._block(m, layer, t) for m, t in x.items()}
@@ -226,13 +247,13 @@ class MBT(nn.Module):
         return {m: self._block(m, layer, joint).split(sizes, dim=1)[i] for i, m in enumerate(names)}
 
     def forward_head(self, features: dict[str, torch.Tensor], per_tower: bool = False) -> torch.Tensor:
-        """Logits (B, num_classes): the shared head on each tower's CLS, averaged over the towers; or on the mean of
-        all the towers' tokens (`pool="gap"`). `per_tower`: the head's outputs before the average, (H, B,
-        num_classes), one per tower with CLS tokens, one for the model with gap."""
+        """Logits (B, num_classes): the shared head on each tower's CLS, averaged over the towers; or on the mean,
+        maximum or sum of all the towers' tokens (`pool` gap, gmp, gsp). `per_tower`: the head's outputs before the
+        average, (H, B, num_classes), one per tower with CLS tokens, one for the model otherwise."""
         if self.cfg.pool == "cls":
-            pooled = [t[:, 0] for t in features.values()]
+            pooled = [pool_tokens(t, "cls") for t in features.values()]
         else:
-            pooled = [torch.cat(list(features.values()), dim=1).mean(1)]
+            pooled = [pool_tokens(torch.cat(list(features.values()), dim=1), self.cfg.pool)]
         logits = torch.stack([self.head(self.head_drop(p)) for p in pooled])
         return logits if per_tower else logits.mean(0)
 
@@ -245,3 +266,11 @@ class MBT(nn.Module):
             if {"video": video, "audio": audio}[m] is None:
                 raise ValueError(f"MBT with fusion={self.cfg.fusion!r} needs {m} input")
         return self.forward_head(self.forward_features(video, audio), per_tower)
+
+
+def pool_tokens(tokens: torch.Tensor, pool: str) -> torch.Tensor:
+    """(B, D) features of tokens (B, N, D) by `pool`: the CLS token (row 0) for "cls", else the mean, maximum or sum
+    over the N tokens, per channel (scenic's 'gap', 'gmp', 'gsp')."""
+    if pool == "cls":
+        return tokens[:, 0]
+    return TOKEN_POOLS[pool](tokens, dim=1)

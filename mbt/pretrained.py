@@ -252,7 +252,7 @@ def bottleneck_grid(num_bottlenecks: int) -> tuple[int, int] | None:
 def init_bottleneck(model: MBT, vit: dict[str, torch.Tensor], path: str | Path) -> str:
     """Set the bottleneck tokens to the ViT's patch position grid resized to `bottleneck_grid` (scenic's
     `init_posemb`); what was done, in words (the random init is kept where n tokens make no such grid)."""
-    n = model.cfg.num_bottlenecks
+    n = model.cfg.bottleneck_tokens
     grid = bottleneck_grid(n)
     if grid is None:
         return f"bottleneck tokens: kept random ({n} tokens make no int(sqrt(n)) x n // int(sqrt(n)) grid)"

@@ -360,12 +360,22 @@ def test_yaml_round_trip_is_exact(tmp_path: Path) -> None:
 
 def test_from_dict_fills_missing_keys_and_rejects_unknown_ones() -> None:
     cfg = config_from_dict({"lr": 0.1, "model": {"depth": 10}})
-    assert cfg == TrainConfig(lr=0.1, model=TrainConfig().model.replace(depth=10))
+    assert cfg == TrainConfig(lr=0.1, model=TrainConfig().model.replace(depth=10, cls_bottleneck=False))
     with pytest.raises(ConfigError, match=r"config: unknown key 'model.dept'; did you mean model.depth"):
         config_from_dict({"model": {"dept": 6}})
 
 
 # validation
+
+
+def test_a_config_stored_before_cls_bottleneck_keeps_its_bottleneck_tokens() -> None:
+    """A checkpoint's or export's config written before `model.cls_bottleneck` existed built num_bottlenecks tokens
+    with the CLS pool: read back, it still does; a config that states the key keeps what it states."""
+    stored = config_to_dict(TrainConfig())
+    del stored["model"]["cls_bottleneck"]
+    old = config_from_dict(stored).model
+    assert (old.cls_bottleneck, old.bottleneck_tokens, TrainConfig().model.bottleneck_tokens) == (False, 4, 5)
+    assert config_from_dict(config_to_dict(TrainConfig())) == TrainConfig()
 
 
 def test_valid_config_is_returned(demo_cfg: TrainConfig) -> None:

@@ -1,11 +1,12 @@
 """MBT: equivalence with timm's ViT, fusion semantics, variants, the head as scenic's (zero init, per-tower logits,
-'gap')."""
+'gap', 'gmp', 'gsp'), scenic's bottleneck token count and test-time bottlenecks."""
 
 from __future__ import annotations
 
 import pytest
 import torch
 
+from mbt.embeddings import forward_with_embeddings
 from mbt.model import MBT, MBTConfig
 
 TINY = MBTConfig(
@@ -47,7 +48,7 @@ def test_bottleneck_fusion_passes_only_bottleneck_tokens_between_towers():
         for block in tower.blocks:
             block.register_forward_hook(lambda mod, args, out, m=m: seen[m].append(args[0].shape[1]))
     model(*inputs())
-    video_tokens, audio_tokens, b = 1 + 2 * 4, 1 + 4 * 2, 3
+    video_tokens, audio_tokens, b = 1 + 2 * 4, 1 + 4 * 2, 3 + 1  # scenic's one more with the CLS pool
     assert seen["video"] == [video_tokens] * 2 + [video_tokens + b] * 2  # never the audio tokens
     assert seen["audio"] == [audio_tokens] * 2 + [audio_tokens + b] * 2
     cross = MBT(TINY.replace(fusion="cross")).eval()
@@ -119,6 +120,45 @@ def test_gap_has_no_cls_and_pools_all_tokens_of_all_towers():
         assert torch.allclose(model(video, audio, per_tower=True), model.head(pooled)[None], atol=1e-6)
 
 
+@pytest.mark.parametrize(("pool", "reduce"), [("gmp", lambda t: t.max(1).values), ("gsp", lambda t: t.sum(1))])
+def test_gmp_and_gsp_pool_all_tokens_by_maximum_and_sum(pool, reduce):
+    """scenic's 'gmp' and 'gsp': one head on the per-channel maximum or sum over both towers' tokens together."""
+    cfg = TINY.replace(pool=pool, fusion="cross")
+    model = random_head(MBT(cfg)).eval()
+    video, audio = inputs(cfg=cfg)
+    with torch.no_grad():
+        features = model.forward_features(video, audio)
+        pooled = reduce(torch.cat([features["video"], features["audio"]], dim=1))
+        assert torch.allclose(model(video, audio), model.head(pooled), atol=1e-5)
+        assert forward_with_embeddings(model, video, audio)[1]["audio"].equal(reduce(features["audio"]))
+
+
+def test_bottleneck_tokens_one_more_with_cls_unless_pinned():
+    """scenic makes n_bottlenecks + 1 tokens with its 'token' classifier (the default here); cls_bottleneck=False
+    (the demo's) makes num_bottlenecks; without CLS tokens the count is num_bottlenecks either way."""
+    counts = {
+        (pool, pinned): MBT(TINY.replace(pool=pool, cls_bottleneck=not pinned)).bottleneck.shape[1]
+        for pool in ("cls", "gap") for pinned in (False, True)
+    }  # fmt: skip
+    assert counts == {("cls", False): 4, ("cls", True): 3, ("gap", False): 3, ("gap", True): 3}
+
+
+def test_without_test_bottlenecks_evaluation_runs_the_towers_apart():
+    """scenic's test_with_bottlenecks=False: in training the fused layers see the bottleneck tokens; at evaluation
+    every layer runs each tower alone (the same weights): the logits are late fusion's, and no bottleneck tokens
+    are embedded."""
+    model = random_head(MBT(TINY.replace(test_with_bottlenecks=False)))
+    late = MBT(TINY.replace(fusion="late"))
+    late.load_state_dict({k: v for k, v in model.state_dict().items() if k != "bottleneck"})
+    video, audio = inputs()
+    with torch.no_grad():
+        assert model.train().bottleneck_in_use() and not model.eval().bottleneck_in_use()
+        assert torch.equal(model(video, audio), late.eval()(video, audio))
+        assert not torch.allclose(model.train()(video, audio), late.train()(video, audio), atol=1e-3)
+        logits, embedded = forward_with_embeddings(model.eval(), video, audio)
+    assert torch.equal(logits, late.eval()(video, audio)) and "bottleneck" not in embedded
+
+
 def test_checkpointing_and_bf16_autocast():
     torch.manual_seed(0)
     plain = random_head(MBT(TINY))
@@ -136,7 +176,7 @@ def test_checkpointing_and_bf16_autocast():
 @pytest.mark.parametrize(
     ("change", "message"),
     [({"fusion": "early"}, "fusion must be"), ({"fusion_layer": 5}, "fusion_layer"), ({"pool": "max"}, "pool"),
-     ({"num_bottlenecks": 0}, "num_bottlenecks"), ({"num_heads": 5}, "divisible"),
+     ({"num_bottlenecks": 0, "cls_bottleneck": False}, "num_bottlenecks"), ({"num_heads": 5}, "divisible"),
      ({"video_embed": "conv"}, "video_embed"), ({"gelu": "fast"}, "gelu"),
      ({"video_embed": "tubelet", "tubelet_frames": 3}, "tubelets of 3"),
      ({"video_embed": "tubelet", "tubelet_frames": 0}, "tubelets of 0")],

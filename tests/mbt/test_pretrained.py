@@ -115,7 +115,7 @@ def test_position_grids_resize_as_scenic_with_scipy_zoom(tmp_path):
     tokens were left random."""
     vit = tiny_vit(img_size=64)
     torch.save(vit.state_dict(), tmp_path / "vit.pth")
-    model = MBT(TINY.replace(img_size=48, audio_frames=160, num_bottlenecks=6))
+    model = MBT(TINY.replace(img_size=48, audio_frames=160, num_bottlenecks=6, cls_bottleneck=False))
     lines = init_from_vit(model, video=tmp_path / "vit.pth", audio=tmp_path / "vit.pth")
     assert lines[1] == f"bottleneck tokens <- {tmp_path / 'vit.pth'} (its 4x4 position grid resized to 2x3)"
     grid = grid_of(vit.pos_embed, (4, 4))
@@ -131,7 +131,7 @@ def test_position_grids_resize_as_scenic_with_scipy_zoom(tmp_path):
 def test_bottleneck_tokens_of_no_grid_stay_random(tmp_path):
     """5 tokens: int(sqrt(5)) x 5 // 2 = 2x2 is not 5 (scenic's rule would assert): the random init is kept."""
     torch.save(tiny_vit().state_dict(), tmp_path / "vit.pth")
-    model = MBT(TINY.replace(num_bottlenecks=5))
+    model = MBT(TINY.replace(num_bottlenecks=5, cls_bottleneck=False))
     before = model.bottleneck.detach().clone()
     lines = init_from_vit(model, video=tmp_path / "vit.pth")
     assert lines[1].startswith("bottleneck tokens: kept random (5 tokens") and torch.equal(model.bottleneck, before)
