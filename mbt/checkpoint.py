@@ -107,6 +107,7 @@ class TrainedModel(NamedTuple):
     classes: dict[str, Any] | None  # the training split's class record (mbt.classes); None in older checkpoints
     features: FeatureParams | None = None  # the training split's feature parameters; None in older checkpoints
     schema_version: int | None = None  # the shard schema of the training split; None in older checkpoints
+    converted_from: Any = None  # a checkpoint converted from scenic: its record, as read (mbt.scenic.conversion_note)
 
 
 def load_trained(path: Path) -> TrainedModel:
@@ -137,7 +138,8 @@ def load_trained(path: Path) -> TrainedModel:
         raise CheckpointFileError(
             f"{path}: the checkpoint's config or class record cannot be used: {problems}"
         ) from None
-    return TrainedModel(state, train_cfg.model, train_cfg.augment, classes, features, schema_version)
+    converted_from = checkpoint.get("converted_from_scenic")
+    return TrainedModel(state, train_cfg.model, train_cfg.augment, classes, features, schema_version, converted_from)
 
 
 def build_model(trained: TrainedModel, path: str | Path) -> MBT:

@@ -50,6 +50,7 @@ from mbt.results import (
     PREDICTIONS_FILE,
     write_results,
 )
+from mbt.scenic import conversion_note
 from pipelines import LOADERS, LoaderError, Split, build_loader, open_split
 from pipelines.config import AugmentConfig, records_logmel_norm
 from shards.manifest import Manifest
@@ -280,6 +281,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
 def run(args: argparse.Namespace) -> int:
     """Check the checkpoint against the shards, then evaluate on this rank and (rank 0) report."""
     trained = load_trained(args.checkpoint)
+    if note := conversion_note(trained.converted_from, trained.model):
+        log.warning("note: %s: %s", args.checkpoint, note)
     augment = trained.augment
     split = open_split(args.shards)
     manifest = split.manifest

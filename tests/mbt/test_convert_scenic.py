@@ -74,8 +74,8 @@ def test_converted_model_gives_scenics_logits(converted, capsys):
     io, video, audio = scenic_inputs()
     model = model_of(converted)
     cfg = model.cfg
-    assert (cfg.fusion, cfg.fusion_layer, cfg.num_bottlenecks, cfg.pool, cfg.depth, cfg.num_heads) == (
-        "bottleneck", 1, 5, "cls", 2, 2)  # fmt: skip
+    assert (cfg.fusion, cfg.fusion_layer, cfg.bottleneck_tokens, cfg.num_bottlenecks, cfg.pool, cfg.depth) == (
+        "bottleneck", 1, 5, 4, "cls", 2)  # fmt: skip
     assert (cfg.video_embed, cfg.tubelet_frames, cfg.num_frames, cfg.audio_frames, cfg.gelu) == (
         "tubelet", 2, 4, 48, "tanh")  # fmt: skip
     with torch.no_grad():
@@ -193,7 +193,7 @@ DAMAGED = {
     "int array": (lambda: edit(lambda p: p.update(cls=np.zeros((1, 1, 64), np.int32))), "'cls' is a ndarray, not"),
     "pre-logits": (
         lambda: edit(lambda p: p.update(pre_logits={"kernel": np.zeros((64, 64), np.float32)})),
-        "'pre_logits' (representation_size)",
+        "a 'pre_logits' layer: model.representation_size is set",
     ),
     "NaN": (
         lambda: edit(lambda p: p.update(bottleneck=np.full((1, 5, 64), np.nan, np.float32))),
