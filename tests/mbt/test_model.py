@@ -6,6 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from mbt.config import preset
 from mbt.embeddings import forward_with_embeddings
 from mbt.model import MBT, MBTConfig
 
@@ -141,6 +142,15 @@ def test_bottleneck_tokens_one_more_with_cls_unless_pinned():
         for pool in ("cls", "gap") for pinned in (False, True)
     }  # fmt: skip
     assert counts == {("cls", False): 4, ("cls", True): 3, ("gap", False): 3, ("gap", True): 3}
+
+
+def test_bottleneck_tokens_of_the_presets_and_of_scenics_released_config():
+    """The scenic presets hold scenic's 5 (n_bottlenecks=4 + 1 with the CLS pool), the demo the 4 it was tuned with.
+    scenic's released config text (classifier 'gap', n_bottlenecks 4), as `pool="gap"`, holds 4: scenic's MBT
+    itself cannot run it (its checkpoints are 'token', 5)."""
+    tokens = {name: preset(name).model.bottleneck_tokens for name in ("audioset", "vggsound", "custom", "demo")}
+    assert tokens == {"audioset": 5, "vggsound": 5, "custom": 5, "demo": 4}
+    assert preset("audioset").model.replace(pool="gap").bottleneck_tokens == 4
 
 
 def test_without_test_bottlenecks_evaluation_runs_the_towers_apart():

@@ -18,11 +18,13 @@ from conftest import load_tool
 from full_disk import PAGE, FullDisk
 from hostile_files import stated_tensor_safetensors
 from safetensors.torch import load_file, save_file
-from tiny_run import TINY_AUG, eval_videos, make_run
+from tiny_run import TINY, TINY_AUG, eval_videos, make_run
 
 import serve
 from experiments.demo_data import DemoDataset
 from mbt.checkpoint import CheckpointFileError, latest_checkpoint
+from mbt.flops import example_inputs
+from mbt.model import MBT
 from serve.load import CONFIG_FILE, WEIGHTS_FILE, ExportError, from_checkpoint, load_pretrained
 from serve.predict import Predictor
 from serve.segments import Segment
@@ -82,6 +84,40 @@ def test_the_checkpoint_carries_the_feature_parameters_and_older_ones_read_the_t
     torch.save(state, checkpoint)
     with pytest.raises(CheckpointFileError, match=f"{checkpoint}: .*sample_rate_hz"):
         from_checkpoint(new)
+
+
+def test_the_export_records_the_fusion_settings_and_loading_builds_them(train_shards: Path, tmp_path: Path) -> None:
+    """config.json's model holds fusion_layer, test_with_bottlenecks and cls_bottleneck, and the loaded model runs
+    by them: without test-time bottlenecks its logits are late fusion's of the same weights; another fusion layer
+    gives that layer's logits; an export written before cls_bottleneck existed loads its num_bottlenecks tokens."""
+    run = make_run(train_shards, tmp_path / "run", model=TINY.replace(depth=3, test_with_bottlenecks=False))
+    out = tmp_path / "model"
+    assert load_tool("export_model").main([str(run), str(out)]) == 0
+    config = json.loads((out / CONFIG_FILE).read_text())
+    assert {k: config["model"][k] for k in ("fusion_layer", "test_with_bottlenecks", "cls_bottleneck")} == {
+        "fusion_layer": 1, "test_with_bottlenecks": False, "cls_bottleneck": True,
+    }  # fmt: skip
+    model, _ = load_pretrained(out)
+    assert model.cfg == from_checkpoint(run)[0].cfg and model.bottleneck.shape[1] == TINY.num_bottlenecks + 1
+    late = MBT(model.cfg.replace(fusion="late")).eval()
+    late.load_state_dict({k: v for k, v in model.state_dict().items() if k != "bottleneck"})
+    x = example_inputs(model.cfg, batch=2)
+    with torch.no_grad():
+        assert torch.equal(model(**x), late(**x))
+        for layer in (1, 2):  # with the bottleneck at evaluation, from each fusion layer: that layer's logits
+            config["model"] |= {"fusion_layer": layer, "test_with_bottlenecks": True}
+            (out / CONFIG_FILE).write_text(json.dumps(config))
+            loaded, _ = load_pretrained(out)
+            reference = MBT(model.cfg.replace(fusion_layer=layer, test_with_bottlenecks=True)).eval()
+            reference.load_state_dict(model.state_dict())
+            assert torch.equal(loaded(**x), reference(**x)) and not torch.allclose(loaded(**x), late(**x), atol=1e-4)
+    old = make_run(train_shards, tmp_path / "old", model=TINY.replace(cls_bottleneck=False))
+    assert load_tool("export_model").main([str(old), str(out)]) == 0
+    config = json.loads((out / CONFIG_FILE).read_text())
+    del config["model"]["cls_bottleneck"]  # as written before the key existed
+    (out / CONFIG_FILE).write_text(json.dumps(config))
+    loaded, _ = load_pretrained(out)
+    assert not loaded.cfg.cls_bottleneck and loaded.bottleneck.shape[1] == TINY.num_bottlenecks
 
 
 def test_weights_of_another_model_are_refused_naming_the_checkpoint(run: Path, tmp_path: Path) -> None:
