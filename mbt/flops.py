@@ -35,10 +35,11 @@ def size_config(size: str, **overrides: Any) -> MBTConfig:
 
 
 def describe(cfg: MBTConfig) -> str:
-    """The sizes of `cfg` in one line."""
+    """The sizes of `cfg` in one line; B is num_bottlenecks, "+1" when the model holds scenic's one more token."""
+    extra = "+1" * (cfg.bottleneck_tokens - cfg.num_bottlenecks)
     return (
         f"D={cfg.embed_dim} depth={cfg.depth} heads={cfg.num_heads} frames={cfg.num_frames} of {cfg.img_size}² "
-        f"audio {cfg.audio_frames}x{cfg.num_mel_bins} Lf={cfg.fusion_layer} B={cfg.num_bottlenecks} "
+        f"audio {cfg.audio_frames}x{cfg.num_mel_bins} Lf={cfg.fusion_layer} B={cfg.num_bottlenecks}{extra} "
         f"classes={cfg.num_classes}"
     )
 

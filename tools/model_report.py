@@ -57,7 +57,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--size", choices=list(SIZES), default="base", help="model size (default: base = MBT-B/16)")
     parser.add_argument("--num-classes", type=int, default=527, help="classes (default: 527, AudioSet)")
     parser.add_argument("--fusion-layer", type=int, help="first fused layer Lf (default: the size's, 8 for base)")
-    parser.add_argument("--num-bottlenecks", type=int, default=4, help="bottleneck tokens B (default: 4)")
+    parser.add_argument(
+        "--num-bottlenecks", type=int, default=4, help="num_bottlenecks B (default: 4; the CLS pool adds scenic's one)"
+    )
     parser.add_argument("--frames", type=int, help="video frames per clip (default: the size's, 8 for base)")
     parser.add_argument("--markdown", action="store_true", help="print the table in markdown")
     return parser.parse_args(argv)

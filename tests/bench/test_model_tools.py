@@ -12,7 +12,7 @@ from conftest import REPO, load_tool
 
 from bench.model import variant_flops
 from bench.timing import peak_tflops
-from mbt.flops import count_flops, size_config
+from mbt.flops import count_flops, describe, size_config
 from mbt.model import FUSIONS, MBTConfig
 
 model_report = load_tool("model_report")
@@ -35,6 +35,14 @@ def head_params_m(cfg: MBTConfig) -> float:
 def tiny_rows() -> dict[str, dict]:
     """count_flops of each variant at the tiny size, by fusion."""
     return {row["fusion"]: row for row in variant_flops(TINY)}
+
+
+def test_describe_counts_scenics_extra_bottleneck_token() -> None:
+    """B is num_bottlenecks, "+1" where the CLS pool holds scenic's n_bottlenecks + 1 tokens; the FLOPs count them."""
+    assert " B=4+1 " in describe(TINY)
+    assert " B=4 " in describe(TINY.replace(cls_bottleneck=False)) and " B=4 " in describe(TINY.replace(pool="gap"))
+    four = count_flops(TINY.replace(cls_bottleneck=False))["forward_gflops"]
+    assert four < count_flops(TINY)["forward_gflops"] < count_flops(TINY.replace(num_bottlenecks=5))["forward_gflops"]
 
 
 def test_flops_follow_the_fusion(tiny_rows: dict[str, dict]) -> None:
