@@ -160,7 +160,7 @@ def preset(name: str) -> TrainConfig:
         # narrower than AST's were measured (wide masks hide the demo's single tone in many crops: no pitch was learnt).
         model = MBTConfig(
             num_classes=12, embed_dim=64, depth=4, num_heads=2, fusion_layer=2, num_bottlenecks=4,
-            num_frames=2, img_size=64, patch_size=16, audio_frames=160, drop_path_rate=0.0,
+            num_frames=2, img_size=64, patch_size=16, audio_frames=160, drop_path_rate=0.0, drop_path_scale=True,
         )  # fmt: skip
         return TrainConfig(
             model=model,
