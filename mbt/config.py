@@ -34,6 +34,11 @@ from shards.layout import split_dir
 from shards.schema import MAX_FRAMES
 
 PRESETS = ("audioset", "vggsound", "custom", "demo")
+# --init: the towers from the --init_video / --init_audio ViT files, as scenic's code restores them or every tensor
+# of the ViT (`mbt.pretrained`); or "none", from scratch (random weights), which with init_required is the only way
+# to train without the files
+VIT_INITS = ("scenic", "vit")
+INITS = (*VIT_INITS, "none")
 OPTIMIZERS = ("sgd", "adamw")
 DEVICES = ("auto", "cpu", "cuda")
 # torch.nn.attention.SDPBackend of each --sdpa_backend; auto: PyTorch picks per call (tools/gpu_check.py measures them)
@@ -84,8 +89,8 @@ INT_LIMITS: dict[str, tuple[int, int, str]] = {
 class TrainConfig:
     """Everything a training or evaluation run reads. The defaults are the MBT recipe (scenic's AudioSet config:
     SGD momentum 0.9, lr 0.5 with cosine decay after 2.5 warm-up epochs, global batch 64, 50 epochs, label smoothing
-    0.3, mixup 0.5, stochastic depth 0.3, no weight decay, gradient norm clipped at 1) on MBT-B/16; the presets add
-    the data."""
+    0.3, mixup 0.5, stochastic depth 0.3, no weight decay, gradient norm clipped at 1) on MBT-B/16 initialised from
+    ImageNet ViT weights (--init_video / --init_audio, or --init none); the presets add the data."""
 
     model: MBTConfig = field(default_factory=lambda: MBTConfig(drop_path_rate=0.3))
     augment: AugmentConfig = field(default_factory=lambda: AugmentConfig(mixup_alpha=0.5))
@@ -101,7 +106,9 @@ class TrainConfig:
     eval_batch_size: int = 8  # samples per rank per evaluation batch (each with num_test_clips clips)
     grad_accum: int = 1
     skip_bad_samples: bool = False
-    # initialisation from local ViT checkpoints
+    # initialisation from local ViT checkpoints (`INITS`): the recipe's towers start from ImageNet-21k ViT-B/16
+    init: str = "scenic"
+    init_required: bool = True  # the towers' files must be given unless --init none (the custom and demo presets: not)
     init_video: str | None = None
     init_audio: str | None = None
     # optimisation
@@ -140,6 +147,15 @@ RECIPE_DATA: dict[str, tuple[int, str, str]] = {
 }
 
 
+# Keys whose default now follows scenic's behaviour, and what runs saved before the key existed did: their
+# checkpoints and config.yaml resume and evaluate with it, not with today's default.
+BEFORE_KEYS: dict[str, Any] = {
+    "init": "vit",
+    "init_required": False,
+    "model": {"drop_path_scale": True},
+}
+
+
 def preset(name: str) -> TrainConfig:
     """The named preset: 'audioset' and 'vggsound' (the MBT recipe on their shards), 'custom' (the recipe on your
     own shards, the head sized by the training split) or 'demo' (a tiny MBT for the 2-core CPU demo on
@@ -150,6 +166,7 @@ def preset(name: str) -> TrainConfig:
             model=MBTConfig(num_classes=classes, drop_path_rate=0.3),
             train_shards=str(split_dir(name, train_split)),
             eval_shards=str(split_dir(name, eval_split)),
+            init_required=name != "custom",  # your own data: from scratch without the ViT files, as before
             out_dir=f"runs/{name}",
         )
     if name == "demo":
@@ -181,6 +198,8 @@ def preset(name: str) -> TrainConfig:
             ),
             train_shards=str(split_dir("demo", "train")),
             eval_shards=str(split_dir("demo", "eval")),
+            init="vit",  # as the demo was tuned: every tensor of a ViT file, if one is given
+            init_required=False,  # a tiny model: no ViT of its size exists
             num_workers=2,
             batch_size=16,
             optimizer="adamw",
@@ -202,9 +221,11 @@ def config_to_dict(cfg: TrainConfig) -> dict[str, Any]:
 
 
 def config_from_dict(data: Mapping[str, Any]) -> TrainConfig:
-    """The config `data` describes (as `config_to_dict` writes it; missing keys take TrainConfig's defaults).
-    ConfigError on an unknown key or a value of the wrong type."""
-    return build(TrainConfig, merge(config_to_dict(TrainConfig()), data, "config", TrainConfig), INT_LIMITS)
+    """The config `data` describes (as `config_to_dict` writes it; missing keys take TrainConfig's defaults, except
+    those of BEFORE_KEYS, which take what a run saved before the key existed did). ConfigError on an unknown key or
+    a value of the wrong type."""
+    base = merge(config_to_dict(TrainConfig()), BEFORE_KEYS, "config", TrainConfig)
+    return build(TrainConfig, merge(base, data, "config", TrainConfig), INT_LIMITS)
 
 
 def save_config(cfg: TrainConfig, path: str | Path) -> Path:
