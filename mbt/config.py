@@ -39,6 +39,7 @@ PRESETS = ("audioset", "vggsound", "custom", "demo")
 # to train without the files
 VIT_INITS = ("scenic", "vit")
 INITS = (*VIT_INITS, "none")
+CLIP_GRAD_SCOPES = ("per_rank", "global")  # each rank's gradient clipped before the mean (scenic), or the mean's
 OPTIMIZERS = ("sgd", "adamw")
 DEVICES = ("auto", "cpu", "cuda")
 # torch.nn.attention.SDPBackend of each --sdpa_backend; auto: PyTorch picks per call (tools/gpu_check.py measures them)
@@ -89,8 +90,9 @@ INT_LIMITS: dict[str, tuple[int, int, str]] = {
 class TrainConfig:
     """Everything a training or evaluation run reads. The defaults are the MBT recipe (scenic's AudioSet config:
     SGD momentum 0.9, lr 0.5 with cosine decay after 2.5 warm-up epochs, global batch 64, 50 epochs, label smoothing
-    0.3, mixup 0.5, stochastic depth 0.3, no weight decay, gradient norm clipped at 1) on MBT-B/16 initialised from
-    ImageNet ViT weights (--init_video / --init_audio, or --init none); the presets add the data."""
+    0.3, mixup 0.5, stochastic depth 0.3, no weight decay, each rank's gradient norm clipped at 1 before the mean)
+    on MBT-B/16 initialised from ImageNet ViT weights (--init_video / --init_audio, or --init none); the presets add
+    the data."""
 
     model: MBTConfig = field(default_factory=lambda: MBTConfig(drop_path_rate=0.3))
     augment: AugmentConfig = field(default_factory=lambda: AugmentConfig(mixup_alpha=0.5))
@@ -120,6 +122,7 @@ class TrainConfig:
     warmup_epochs: float = 2.5
     label_smoothing: float = 0.3
     clip_grad_norm: float | None = 1.0  # None or 0: no clipping
+    clip_grad_scope: str = "per_rank"  # `CLIP_GRAD_SCOPES`: scenic clips each device's gradient, then averages
     max_steps: int | None = None  # stop after this many optimizer steps (tests, benchmarks)
     # run
     out_dir: str = "runs/mbt"
@@ -152,6 +155,7 @@ RECIPE_DATA: dict[str, tuple[int, str, str]] = {
 BEFORE_KEYS: dict[str, Any] = {
     "init": "vit",
     "init_required": False,
+    "clip_grad_scope": "global",
     "model": {"drop_path_scale": True},
 }
 
@@ -208,6 +212,7 @@ def preset(name: str) -> TrainConfig:
             epochs=50,
             warmup_epochs=1.0,
             label_smoothing=0.0,
+            clip_grad_scope="global",  # as the demo was tuned
             eval_every_epochs=50,  # one evaluation, at the end
             checkpoint_every_steps=1000,
             out_dir="runs/demo",

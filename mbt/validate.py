@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from mbt.config import DEVICES, INITS, INT_LIMITS, OPTIMIZERS, SDPA_BACKENDS, TrainConfig
+from mbt.config import CLIP_GRAD_SCOPES, DEVICES, INITS, INT_LIMITS, OPTIMIZERS, SDPA_BACKENDS, TrainConfig
 from mbt.config_io import ConfigError, value_problems
 from mbt.fits import data_problems
 from mbt.model import MBTConfig
@@ -51,6 +51,10 @@ def recipe_problems(cfg: TrainConfig, world_size: int = 1, *, train: bool = True
             f"--sdpa_backend {cfg.sdpa_backend!r} is not one of {', '.join(SDPA_BACKENDS)}",
         ),
         (cfg.init in INITS, f"--init {cfg.init!r} is not one of {', '.join(INITS)}"),
+        (
+            cfg.clip_grad_scope in CLIP_GRAD_SCOPES,
+            f"--clip_grad_scope {cfg.clip_grad_scope!r} is not one of {', '.join(CLIP_GRAD_SCOPES)}",
+        ),
         (cfg.lr > 0, f"--lr must be positive, got {cfg.lr}"),
         (0 <= cfg.momentum < 1, f"--momentum must be in [0, 1), got {cfg.momentum}"),
         (cfg.weight_decay >= 0, f"--weight_decay must be 0 or more, got {cfg.weight_decay}"),

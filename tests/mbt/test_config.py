@@ -398,13 +398,13 @@ def test_yaml_round_trip_is_exact(tmp_path: Path) -> None:
 
 
 def test_from_dict_fills_missing_keys_and_rejects_unknown_ones() -> None:
-    """A missing key takes its default, or, for a key added since (BEFORE_KEYS), what runs before it did: every
-    tensor of a ViT file, no file required, and timm's stochastic depth, with which such a checkpoint resumes."""
+    """A missing key takes its default, or, for a key added since (BEFORE_KEYS), what runs before it did: global
+    gradient clipping and timm's stochastic depth, with which such a checkpoint resumes."""
     cfg = config_from_dict({"lr": 0.1, "model": {"depth": 10}})
-    older = {"init": "vit", "init_required": False}
+    older = {"init": "vit", "init_required": False, "clip_grad_scope": "global"}
     assert cfg == TrainConfig(lr=0.1, model=TrainConfig().model.replace(depth=10, drop_path_scale=True), **older)
     current = config_to_dict(TrainConfig())
-    assert config_from_dict(current) == TrainConfig()
+    assert config_from_dict(current) == TrainConfig() and TrainConfig().clip_grad_scope == "per_rank"
     with pytest.raises(ConfigError, match=r"config: unknown key 'model.dept'; did you mean model.depth"):
         config_from_dict({"model": {"dept": 6}})
 
