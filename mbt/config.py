@@ -34,6 +34,12 @@ from shards.layout import split_dir
 from shards.schema import MAX_FRAMES
 
 PRESETS = ("audioset", "vggsound", "custom", "demo")
+# --init: the towers from the --init_video / --init_audio ViT files, as scenic's code restores them or every tensor
+# of the ViT (`mbt.pretrained`); or "none", from scratch (random weights), which with init_required is the only way
+# to train without the files
+VIT_INITS = ("scenic", "vit")
+INITS = (*VIT_INITS, "none")
+CLIP_GRAD_SCOPES = ("per_rank", "global")  # each rank's gradient clipped before the mean (scenic), or the mean's
 OPTIMIZERS = ("sgd", "adamw")
 DEVICES = ("auto", "cpu", "cuda")
 # torch.nn.attention.SDPBackend of each --sdpa_backend; auto: PyTorch picks per call (tools/gpu_check.py measures them)
@@ -84,7 +90,8 @@ INT_LIMITS: dict[str, tuple[int, int, str]] = {
 class TrainConfig:
     """Everything a training or evaluation run reads. The defaults are the MBT recipe (scenic's AudioSet config:
     SGD momentum 0.9, lr 0.5 with cosine decay after 2.5 warm-up epochs, global batch 64, 50 epochs, label smoothing
-    0.3, mixup 0.5, stochastic depth 0.3, no weight decay, gradient norm clipped at 1) on MBT-B/16; the presets add
+    0.3, mixup 0.5, stochastic depth 0.3, no weight decay, each rank's gradient norm clipped at 1 before the mean)
+    on MBT-B/16 initialised from ImageNet ViT weights (--init_video / --init_audio, or --init none); the presets add
     the data."""
 
     model: MBTConfig = field(default_factory=lambda: MBTConfig(drop_path_rate=0.3))
@@ -101,7 +108,9 @@ class TrainConfig:
     eval_batch_size: int = 8  # samples per rank per evaluation batch (each with num_test_clips clips)
     grad_accum: int = 1
     skip_bad_samples: bool = False
-    # initialisation from local ViT checkpoints
+    # initialisation from local ViT checkpoints (`INITS`): the recipe's towers start from ImageNet-21k ViT-B/16
+    init: str = "scenic"
+    init_required: bool = True  # the towers' files must be given unless --init none (the custom and demo presets: not)
     init_video: str | None = None
     init_audio: str | None = None
     # optimisation
@@ -113,6 +122,7 @@ class TrainConfig:
     warmup_epochs: float = 2.5
     label_smoothing: float = 0.3
     clip_grad_norm: float | None = 1.0  # None or 0: no clipping
+    clip_grad_scope: str = "per_rank"  # `CLIP_GRAD_SCOPES`: scenic clips each device's gradient, then averages
     max_steps: int | None = None  # stop after this many optimizer steps (tests, benchmarks)
     # run
     out_dir: str = "runs/mbt"
@@ -140,6 +150,17 @@ RECIPE_DATA: dict[str, tuple[int, str, str]] = {
 }
 
 
+# Keys whose default now follows scenic's behaviour, and what runs saved before the key existed did: their
+# checkpoints and config.yaml resume and evaluate with it, not with today's default.
+BEFORE_KEYS: dict[str, Any] = {
+    "init": "vit",
+    "init_required": False,
+    "clip_grad_scope": "global",
+    # before `cls_bottleneck`, the bottleneck held num_bottlenecks tokens whatever the pool
+    "model": {"drop_path_scale": True, "cls_bottleneck": False},
+}
+
+
 def preset(name: str) -> TrainConfig:
     """The named preset: 'audioset' and 'vggsound' (the MBT recipe on their shards), 'custom' (the recipe on your
     own shards, the head sized by the training split) or 'demo' (a tiny MBT for the 2-core CPU demo on
@@ -150,6 +171,7 @@ def preset(name: str) -> TrainConfig:
             model=MBTConfig(num_classes=classes, drop_path_rate=0.3),
             train_shards=str(split_dir(name, train_split)),
             eval_shards=str(split_dir(name, eval_split)),
+            init_required=name != "custom",  # your own data: from scratch without the ViT files, as before
             out_dir=f"runs/{name}",
         )
     if name == "demo":
@@ -161,6 +183,7 @@ def preset(name: str) -> TrainConfig:
         model = MBTConfig(
             num_classes=12, embed_dim=64, depth=4, num_heads=2, fusion_layer=2, num_bottlenecks=4,
             cls_bottleneck=False, num_frames=2, img_size=64, patch_size=16, audio_frames=160, drop_path_rate=0.0,
+            drop_path_scale=True,
         )  # fmt: skip
         return TrainConfig(
             model=model,
@@ -181,6 +204,8 @@ def preset(name: str) -> TrainConfig:
             ),
             train_shards=str(split_dir("demo", "train")),
             eval_shards=str(split_dir("demo", "eval")),
+            init="vit",  # as the demo was tuned: every tensor of a ViT file, if one is given
+            init_required=False,  # a tiny model: no ViT of its size exists
             num_workers=2,
             batch_size=16,
             optimizer="adamw",
@@ -189,6 +214,7 @@ def preset(name: str) -> TrainConfig:
             epochs=50,
             warmup_epochs=1.0,
             label_smoothing=0.0,
+            clip_grad_scope="global",  # as the demo was tuned
             eval_every_epochs=50,  # one evaluation, at the end
             checkpoint_every_steps=1000,
             out_dir="runs/demo",
@@ -201,18 +227,12 @@ def config_to_dict(cfg: TrainConfig) -> dict[str, Any]:
     return plain(cfg)
 
 
-# Keys a stored config (a checkpoint's, an export's) lacks when it was written before them, with the value its model
-# was built with: before `cls_bottleneck`, the bottleneck held num_bottlenecks tokens whatever the pool.
-WRITTEN_BEFORE = {"cls_bottleneck": False}
-
-
 def config_from_dict(data: Mapping[str, Any]) -> TrainConfig:
-    """The config `data` describes (as `config_to_dict` writes it; missing keys take TrainConfig's defaults, but a
-    `model` mapping without a key of WRITTEN_BEFORE takes the value the model was built with then).
-    ConfigError on an unknown key or a value of the wrong type."""
-    if isinstance(data.get("model"), Mapping):
-        data = {**data, "model": {**WRITTEN_BEFORE, **data["model"]}}
-    return build(TrainConfig, merge(config_to_dict(TrainConfig()), data, "config", TrainConfig), INT_LIMITS)
+    """The config `data` describes (as `config_to_dict` writes it; missing keys take TrainConfig's defaults, except
+    those of BEFORE_KEYS, which take what a run saved before the key existed did). ConfigError on an unknown key or
+    a value of the wrong type."""
+    base = merge(config_to_dict(TrainConfig()), BEFORE_KEYS, "config", TrainConfig)
+    return build(TrainConfig, merge(base, data, "config", TrainConfig), INT_LIMITS)
 
 
 def save_config(cfg: TrainConfig, path: str | Path) -> Path:

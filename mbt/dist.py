@@ -81,6 +81,18 @@ def barrier() -> None:
         torch_dist.barrier()
 
 
+def mean_over_ranks_(tensors: list[torch.Tensor]) -> None:
+    """Replace each tensor in place by its mean over the ranks, as DDP's gradient all-reduce does (unchanged in a
+    single process); every rank must pass tensors of the same shapes in the same order."""
+    world_size = torch_dist.get_world_size() if is_distributed() else 1
+    if world_size == 1 or not tensors:
+        return
+    works = [torch_dist.all_reduce(t, async_op=True) for t in tensors]  # SUM: gloo has no AVG
+    for work in works:
+        work.wait()
+    torch._foreach_div_(tensors, world_size)
+
+
 def all_gather_objects(obj: Any) -> list[Any]:
     """Every rank's picklable `obj`, in rank order, on every rank (`[obj]` in a single process)."""
     if not is_distributed():

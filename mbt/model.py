@@ -23,6 +23,7 @@ Head (`pool`, scenic's `classifier`): one linear layer, initialised to zero (sce
        weighs by its token count; bottleneck tokens left out), one logits for the model (scenic's 'gap', 'gmp',
        'gsp').
 The blocks' GELU is the exact (erf) one of timm, or flax's tanh approximation that scenic's blocks use (`gelu="tanh"`).
+Stochastic depth drops residual branches as scenic's blocks do, a kept branch unscaled (`mbt.blocks`).
 Initialisation from ImageNet ViT checkpoints is `mbt.pretrained`; scenic's trained MBT checkpoints convert with
 `mbt.scenic`.
 """
@@ -32,22 +33,21 @@ from __future__ import annotations
 import dataclasses
 import math
 from dataclasses import dataclass
-from functools import partial
 
 import torch
 from einops import rearrange
 from timm.layers import PatchEmbed, trunc_normal_
-from timm.models.vision_transformer import Block, init_weights_vit_timm
+from timm.models.vision_transformer import init_weights_vit_timm
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
+from mbt.blocks import GELUS, encoder_blocks
 from mbt.embed import TubeletEmbed
 
 FUSIONS = ("bottleneck", "cross", "late", "video", "audio")
 POOLS = ("cls", "gap", "gmp", "gsp")  # scenic's 'token', 'gap', 'gmp' and 'gsp' classifiers
 TOKEN_POOLS = {"gap": torch.mean, "gmp": torch.amax, "gsp": torch.sum}  # scenic's jnp.mean, jnp.max, jnp.sum
 VIDEO_EMBEDS = ("frame", "tubelet")  # per-frame patches + temporal embedding; scenic's 3d_conv tubelets
-GELUS = {"exact": "none", "tanh": "tanh"}  # timm's nn.GELU(); flax's nn.gelu (approximate=True), scenic's
 
 
 @dataclass(frozen=True)
@@ -77,6 +77,7 @@ class MBTConfig:
     drop_rate: float = 0.0
     attn_drop_rate: float = 0.0
     drop_path_rate: float = 0.0  # MBT recipe: 0.3
+    drop_path_scale: bool = False  # kept branches x 1/(1-p) as timm's DropPath; scenic's EncoderBlock: not
     grad_checkpointing: bool = False
 
     def __post_init__(self) -> None:
@@ -151,15 +152,8 @@ class Tower(nn.Module):
         # [CLS] + one frame's patches (all the tubelets)
         self.pos_embed = nn.Parameter(torch.zeros(1, self.num_prefix_tokens + math.prod(grid), dim))
         self.pos_drop = nn.Dropout(cfg.drop_rate)
-        norm = partial(nn.LayerNorm, eps=1e-6)
-        rates = torch.linspace(0, cfg.drop_path_rate, cfg.depth, device="cpu").tolist()  # a plain list, even on meta
-        act = partial(nn.GELU, approximate=GELUS[cfg.gelu])
-        self.blocks = nn.ModuleList(
-            Block(dim, cfg.num_heads, cfg.mlp_ratio, qkv_bias=True, proj_drop=cfg.drop_rate,
-                  attn_drop=cfg.attn_drop_rate, drop_path=rate, norm_layer=norm, act_layer=act)
-            for rate in rates
-        )  # fmt: skip
-        self.norm = norm(dim)
+        self.blocks = encoder_blocks(cfg)  # stochastic depth as scenic's (`mbt.blocks`)
+        self.norm = nn.LayerNorm(dim, eps=1e-6)
         trunc_normal_(self.pos_embed, std=0.02)
         if self.cls_token is not None:
             nn.init.normal_(self.cls_token, std=1e-6)

@@ -31,8 +31,9 @@ LOCK_NAME = "train.lock"
 RESUMABLE = frozenset(
     {
         "train_shards", "eval_shards", "loader", "num_workers", "shuffle_buffer", "eval_batch_size",
-        "skip_bad_samples", "init_video", "init_audio", "max_steps", "out_dir", "eval_every_epochs",
-        "checkpoint_every_steps", "keep_checkpoints", "log_every_steps", "bf16", "compile", "device",
+        "skip_bad_samples", "init", "init_required", "init_video", "init_audio", "max_steps", "out_dir",
+        "eval_every_epochs", "checkpoint_every_steps", "keep_checkpoints", "log_every_steps", "bf16", "compile",
+        "device",
         "model.grad_checkpointing", "augment.eval_short_side_px", "augment.num_test_clips",
     }
 )  # fmt: skip

@@ -5,7 +5,10 @@ One step (`TrainStep`) takes `grad_accum` micro-batches: for each, mixup, label-
 autocast (CUDA) and the attention kernel of cfg.sdpa_backend to each tower's logits (`MBT.forward(per_tower=True)`),
 the towers' losses averaged (scenic's MBT trainer; the logits are averaged only at evaluation), backward of
 loss / grad_accum, DDP's gradient all-reduce on the last micro-batch only; then the mean loss is read back (a
-NonFiniteLoss before any update), the gradient norm clipped, and the optimizer and schedule stepped.
+NonFiniteLoss before any update), the gradient norm clipped, and the optimizer and schedule stepped. With
+cfg.clip_grad_scope "per_rank" (scenic's trainer: `clip_grads` on each device's gradient, then `pmean`) DDP does not
+all-reduce: each rank clips its own gradient, then the clipped gradients are averaged (`mean_over_ranks_`); with
+"global" the averaged gradient is clipped.
 """
 
 from __future__ import annotations
@@ -22,6 +25,7 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
 from mbt.config import SDPA_BACKENDS, TrainConfig
+from mbt.dist import mean_over_ranks_
 from pipelines.mixup import mixup
 
 
@@ -128,26 +132,40 @@ class TrainStep:
         cfg, num_classes = self.cfg, self.model.cfg.num_classes
         self.module.train()
         losses, self.clips = [], 0
+        ddp = isinstance(self.module, DistributedDataParallel)
+        per_rank = bool(cfg.clip_grad_norm) and cfg.clip_grad_scope == "per_rank"
         for micro in range(cfg.grad_accum):
             with torch.random.fork_rng(devices=[]):  # loaders draw seeds from torch: keep dropout's stream
                 data = next(batches)  # apart, so that a resumed run draws the same masks
             rng = np.random.default_rng([cfg.seed, step, self.rank, micro])
             data = mixup(data, cfg.augment.mixup_alpha, num_classes, rng)
             targets = soft_targets(data["labels"], num_classes, cfg.label_smoothing)
-            accumulating = micro < cfg.grad_accum - 1 and isinstance(self.module, DistributedDataParallel)
-            sync = self.module.no_sync() if accumulating else nullcontext()  # all-reduce on the last micro-batch
+            accumulating = micro < cfg.grad_accum - 1 or per_rank  # per_rank: averaged once clipped, below
+            sync = self.module.no_sync() if ddp and accumulating else nullcontext()  # all-reduce on the last one
             with sync, self.autocast, sdpa_context(cfg.sdpa_backend):
                 logits = self.forward(data["video"], data["audio"], per_tower=True)  # scenic: a loss per tower
                 loss = loss_fn(logits, targets, self.multi_label)
                 (loss / cfg.grad_accum).backward()
             losses.append(loss.detach())
             self.clips += len(data["key"])
+        if per_rank:
+            self.clip_and_average()
         loss_value = torch.stack(losses).mean().item()
         if not math.isfinite(loss_value):
             raise NonFiniteLoss(loss_value)
-        if cfg.clip_grad_norm:
+        if cfg.clip_grad_norm and not per_rank:
             torch.nn.utils.clip_grad_norm_(self.model.parameters(), cfg.clip_grad_norm)
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         self.schedule.step()
         return loss_value
+
+    def clip_and_average(self) -> None:
+        """This rank's gradient clipped to norm cfg.clip_grad_norm, then every rank's averaged (a parameter without
+        a gradient takes zeros, so that each rank reduces the same tensors)."""
+        params = [p for p in self.model.parameters() if p.requires_grad]
+        torch.nn.utils.clip_grad_norm_(params, self.cfg.clip_grad_norm)
+        for param in params:
+            if param.grad is None:
+                param.grad = torch.zeros_like(param)
+        mean_over_ranks_([param.grad for param in params])

@@ -63,12 +63,15 @@ EXPECTED_ERRORS = (
 
 
 def init_towers(model: MBT, cfg: TrainConfig) -> list[str]:
-    """Initialise the towers from cfg.init_video / cfg.init_audio; CheckpointError naming the flag and file when one
-    cannot be read, does not fit, or holds non-finite weights (`mbt.pretrained.load_state_file`)."""
+    """Initialise the towers from cfg.init_video / cfg.init_audio as cfg.init says (none: left random);
+    CheckpointError naming the flag and file when one cannot be read, does not fit, or holds non-finite weights
+    (`mbt.vit_files.load_state_file`)."""
+    if cfg.init == "none":
+        return []
     loaded = []
     for key, path, modality in (("init_video", cfg.init_video, "video"), ("init_audio", cfg.init_audio, "audio")):
         try:
-            loaded += init_from_vit(model, **{modality: path})
+            loaded += init_from_vit(model, **{modality: path}, mode=cfg.init)
         except CheckpointError as err:
             raise CheckpointError(f"--{key}: {err}") from None
     return loaded

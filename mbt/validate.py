@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from mbt.config import DEVICES, INT_LIMITS, OPTIMIZERS, SDPA_BACKENDS, TrainConfig
+from mbt.config import CLIP_GRAD_SCOPES, DEVICES, INITS, INT_LIMITS, OPTIMIZERS, SDPA_BACKENDS, TrainConfig
 from mbt.config_io import ConfigError, value_problems
 from mbt.fits import data_problems
 from mbt.model import MBTConfig
@@ -49,6 +49,11 @@ def recipe_problems(cfg: TrainConfig, world_size: int = 1, *, train: bool = True
         (
             cfg.sdpa_backend in SDPA_BACKENDS,
             f"--sdpa_backend {cfg.sdpa_backend!r} is not one of {', '.join(SDPA_BACKENDS)}",
+        ),
+        (cfg.init in INITS, f"--init {cfg.init!r} is not one of {', '.join(INITS)}"),
+        (
+            cfg.clip_grad_scope in CLIP_GRAD_SCOPES,
+            f"--clip_grad_scope {cfg.clip_grad_scope!r} is not one of {', '.join(CLIP_GRAD_SCOPES)}",
         ),
         (cfg.lr > 0, f"--lr must be positive, got {cfg.lr}"),
         (0 <= cfg.momentum < 1, f"--momentum must be in [0, 1), got {cfg.momentum}"),
@@ -142,7 +147,8 @@ def token_problems(model: MBTConfig) -> list[str]:
 
 
 def _run_problems(cfg: TrainConfig) -> list[str]:
-    """What keeps `cfg` from starting a training: no training split, no run folder, a missing --init_* file."""
+    """What keeps `cfg` from starting a training: no training split, no run folder, a missing --init_* file, and
+    `init_problems`."""
     problems = []
     if not cfg.train_shards:
         problems.append("--train_shards is empty: set it to a folder of training shards")
@@ -151,7 +157,27 @@ def _run_problems(cfg: TrainConfig) -> list[str]:
     for key, path in (("init_video", cfg.init_video), ("init_audio", cfg.init_audio)):
         if path is not None and not Path(path).is_file():
             problems.append(f"--{key} {path}: no such file; give a local timm ViT checkpoint or none")
-    return problems
+    return problems + init_problems(cfg)
+
+
+def init_problems(cfg: TrainConfig) -> list[str]:
+    """Initialisation that `cfg.init` does not allow: with cfg.init_required, a tower without its ViT file (the
+    recipe starts every tower from ImageNet-21k ViT-B/16; a run from scratch says --init none); ViT files given with
+    --init none."""
+    if cfg.init == "none":
+        given = [f"--{key} {path}" for key in ("init_video", "init_audio") if (path := getattr(cfg, key)) is not None]
+        if given:
+            return [f"--init none trains from scratch, but {' and '.join(given)} given: drop it, or --init scenic"]
+        return []
+    missing = [f"--init_{m}" for m in cfg.model.modalities if getattr(cfg, f"init_{m}") is None]
+    if cfg.init not in INITS or not cfg.init_required or not missing:
+        return []
+    return [
+        f"--init {cfg.init} starts the towers from ImageNet ViT weights, as the MBT recipe does (ImageNet-21k "
+        f"ViT-B/16), but {' and '.join(missing)} {'is' if len(missing) == 1 else 'are'} not given: pass "
+        f"{' '.join(f'{flag} ViT-B_16.npz' for flag in missing)} (docs/model.md, 'Pretrained weights', says where "
+        "to get it), or --init none to train from scratch"
+    ]
 
 
 def _batch_problem(cfg: TrainConfig, world_size: int) -> str | None:

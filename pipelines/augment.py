@@ -9,7 +9,8 @@ contrast about each frame's channel means) and a grey-scale drop with probabilit
 every frame of a clip. The other crop, `video_crop="inception"`, is AST's/timm's random resized crop.
 The crop and flip run in the loader's workers on uint8 frames; the colour ops run where the batch is normalized (on
 the GPU when training on one: `apply_color`), from per-clip parameters the workers draw (`color_params`).
-Audio: SpecAugment's frequency and time masks (zero, the mean after normalization).
+Audio: SpecAugment's frequency and time masks (zero, the mean after normalization); by default one frequency mask
+alone, what scenic's AudioSet config gives lingvo's augmenter (its time masks and warp have max ratio 0).
 """
 
 from __future__ import annotations
@@ -156,15 +157,15 @@ def apply_color_normalized(video: torch.Tensor, params: torch.Tensor, dim: int) 
 
 
 def spec_augment(audio: torch.Tensor, aug: AugmentConfig, rng: np.random.Generator) -> torch.Tensor:
-    """Zero (the mean, after normalization) random frequency and time bands of a (1, T, bins) log-mel: `num_*_masks`
-    masks of widths U[0, max) (scenic's AudioSet config: 1 of ≤ 48 bins, 4 of ≤ 48 frames)."""
+    """Zero (the mean, after normalization) random bands of a (1, T, bins) log-mel, drawn as lingvo's
+    SpectrumAugmenter draws them (scenic's SpecAugment, `_GetMask` with max_ratio 1): `num_freq_masks` frequency
+    bands, then `num_time_masks` time bands, each of width floor(u · max) = U{0, ..., max - 1} (`freq_mask_px`,
+    `time_mask_px`; no band where the max is 0) cut to the axis' length, at a start uniform over where it fits."""
     _, frames, bins = audio.shape
-    for _ in range(aug.num_freq_masks):
-        width = int(rng.integers(0, aug.freq_mask_px)) if aug.freq_mask_px > 0 else 0
-        start = int(rng.integers(0, bins - width + 1))
-        audio[:, :, start : start + width] = 0
-    for _ in range(aug.num_time_masks):
-        width = int(rng.integers(0, min(aug.time_mask_px, frames))) if aug.time_mask_px > 0 else 0
-        start = int(rng.integers(0, frames - width + 1))
-        audio[:, start : start + width, :] = 0
+    for axis, extent, max_px, count in ((2, bins, aug.freq_mask_px, aug.num_freq_masks),
+                                        (1, frames, aug.time_mask_px, aug.num_time_masks)):  # fmt: skip
+        for _ in range(count if max_px > 0 else 0):
+            width = min(int(rng.integers(0, max_px)), extent)
+            start = int(rng.integers(0, extent - width + 1))
+            audio.narrow(axis, start, width).zero_()
     return audio

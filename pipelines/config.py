@@ -56,10 +56,11 @@ class AugmentConfig:
     color_drop_prob: float = 0.1  # ... and grey scale (scenic's prob_color_drop)
     eval_short_side_px: int = 256  # frames resized to this short side before cropping (scenic's min_resize)
     audio_frames: int = 800  # log-mel frames fed to the model (MBT: 800 of 1000, 8 s)
-    freq_mask_px: int = 48  # SpecAugment (scenic's AudioSet config): frequency masks of width U[0, 48) bins
-    time_mask_px: int = 48  # ... and time masks of width U[0, 48) frames (AST: one of U[0, 192))
+    freq_mask_px: int = 48  # SpecAugment as scenic runs it (lingvo's): frequency masks of width U[0, 48) bins
+    time_mask_px: int = 48  # ... and time masks of width U[0, 48) frames, where num_time_masks > 0 (AST: U[0, 192))
     num_freq_masks: int = 1
-    num_time_masks: int = 4
+    # scenic's config lists 4 time masks and a time warp but sets their max ratios to 0: lingvo applies neither
+    num_time_masks: int = 0
     num_test_clips: int = 4  # evaluation: evenly spaced synchronized clips per sample, logits averaged (MBT)
     mixup_alpha: float = 0.0  # training side: Beta(α, α) mixup, one λ for both modalities; 0 turns it off
     # Log-mel normalization: the model's (its training split's statistics, which training fills in and checkpoints

@@ -262,12 +262,12 @@ def train_audio(mel: Any, spec: GraphSpec, start: Any) -> Any:
     audio = normalize_audio(audio_window(mel, fn.reshape(start, shape=[1]), aug.audio_frames), spec)
     bands = (
         (1, spec.features.num_mel_bins, aug.freq_mask_px, aug.num_freq_masks),
-        (0, aug.audio_frames, min(aug.time_mask_px, aug.audio_frames), aug.num_time_masks),
+        (0, aug.audio_frames, aug.time_mask_px, aug.num_time_masks),
     )
-    for axis, extent, max_width, count in bands:
+    for axis, extent, max_width, count in bands:  # widths and starts drawn as `pipelines.augment.spec_augment`'s
         if max_width <= 0 or count <= 0:
             continue
-        widths = [random_int(max_width) for _ in range(count)]
+        widths = [dmath.min(random_int(max_width), extent) for _ in range(count)]
         starts = [random_int(extent - width + 1) for width in widths]
         audio = fn.erase(
             audio, anchor=fn.cast(fn.stack(*starts), dtype=types.FLOAT),

@@ -24,7 +24,7 @@ from mbt.config import (
 from mbt.model import MBTConfig
 from mbt.splits import open_run_splits, with_split_classes
 from mbt.train import prepare_run
-from mbt.validate import per_rank_batch, validate
+from mbt.validate import init_problems, per_rank_batch, validate
 from pipelines.config import AugmentConfig
 from shards.manifest import load_manifest
 from shards.schema import FeatureParams
@@ -124,7 +124,8 @@ def test_every_preset_validates_against_matching_manifests(tmp_path: Path) -> No
         classes = cfg.model.num_classes or 5  # custom: 0, the training split's
         train = write_manifest(tmp_path / name / "train", num_classes=classes)
         test = write_manifest(tmp_path / name / "eval", num_classes=classes)
-        cfg, _ = prepare_run(cfg.replace(train_shards=str(train), eval_shards=str(test)), world_size=1)
+        cfg = cfg.replace(train_shards=str(train), eval_shards=str(test), init="none")  # no ViT file here
+        cfg, _ = prepare_run(cfg, world_size=1)
         assert cfg.model.num_classes == classes
         assert validate(cfg) is cfg
 
@@ -155,6 +156,44 @@ def test_the_custom_preset_takes_the_classes_of_a_patterned_or_streamed_training
     resolved, splits = prepare_run(cfg, world_size=1)
     assert resolved.model.num_classes == 7 and len(splits.train) == 2 and splits.eval is None
     assert resolved == cfg.replace(model=cfg.model.replace(num_classes=7))
+
+
+def test_the_recipe_presets_refuse_to_train_from_scratch_unless_told(tmp_path: Path) -> None:
+    """scenic's recipe starts both towers from ImageNet-21k ViT-B/16: the audioset and vggsound presets without
+    --init_video and --init_audio are refused with the flags to give and where the weights are; `--init none` trains
+    from scratch and is kept in config.yaml. The custom and demo presets train from scratch without the files, as
+    before (the demo, tuned with it, maps a ViT file's every tensor: "vit")."""
+    train, test = write_manifest(tmp_path / "train", num_classes=5), write_manifest(tmp_path / "eval", num_classes=5)
+    vit = tmp_path / "ViT-B_16.npz"
+    vit.write_bytes(b"")  # validation checks the file exists; reading it is mbt.pretrained's (tested there)
+    for name in ("audioset", "vggsound", "custom"):
+        cfg = preset(name).replace(train_shards=str(train), eval_shards=str(test))
+        assert cfg.init == "scenic" and cfg.init_required == (name != "custom")
+        if name == "custom":
+            assert prepare_run(cfg, world_size=1)[0].init == "scenic"
+            continue
+        cfg = cfg.replace(model=cfg.model.replace(num_classes=5))
+        with pytest.raises(ConfigError) as refused:
+            prepare_run(cfg, world_size=1)
+        message = str(refused.value)
+        assert "\n" not in message  # the one problem
+        assert "--init_video and --init_audio are not given: pass --init_video ViT-B_16.npz --init_audio " in message
+        assert "docs/model.md, 'Pretrained weights'" in message and "or --init none to train from scratch" in message
+        assert prepare_run(cfg.replace(init="none"), world_size=1)[0].init == "none"
+        assert prepare_run(cfg.replace(init_video=str(vit), init_audio=str(vit)), world_size=1)
+    video_only = preset("audioset").replace(train_shards=str(train), eval_shards=str(test))
+    video_only = video_only.replace(model=video_only.model.replace(fusion="video", num_classes=5))
+    with pytest.raises(ConfigError, match=r"but --init_video is not given: pass --init_video ViT-B_16\.npz \("):
+        validate(video_only)
+    with pytest.raises(ConfigError, match=r"--init none trains from scratch, but --init_audio \S+ given: drop it"):
+        validate(video_only.replace(init="none", init_audio=str(vit)))
+    with pytest.raises(ConfigError, match="--init 'imagenet' is not one of scenic, vit, none"):
+        validate(video_only.replace(init="imagenet"), train=False)
+    assert validate(video_only, train=False)  # evaluation reads no ViT file
+    demo = preset("demo")
+    assert (demo.init, demo.init_required) == ("vit", False) and init_problems(demo) == []
+    saved = save_config(preset("audioset").replace(init="none"), tmp_path / "config.yaml")
+    assert yaml.safe_load(saved.read_text())["init"] == "none" and load_config(["--config", str(saved)]).init == "none"
 
 
 def test_unknown_preset_lists_the_names() -> None:
@@ -359,8 +398,14 @@ def test_yaml_round_trip_is_exact(tmp_path: Path) -> None:
 
 
 def test_from_dict_fills_missing_keys_and_rejects_unknown_ones() -> None:
+    """A missing key takes its default, or, for a key added since (BEFORE_KEYS), what runs before it did: global
+    gradient clipping, timm's stochastic depth and num_bottlenecks tokens, with which such a checkpoint resumes."""
     cfg = config_from_dict({"lr": 0.1, "model": {"depth": 10}})
-    assert cfg == TrainConfig(lr=0.1, model=TrainConfig().model.replace(depth=10, cls_bottleneck=False))
+    older = {"init": "vit", "init_required": False, "clip_grad_scope": "global"}
+    model = TrainConfig().model.replace(depth=10, drop_path_scale=True, cls_bottleneck=False)
+    assert cfg == TrainConfig(lr=0.1, model=model, **older)
+    current = config_to_dict(TrainConfig())
+    assert config_from_dict(current) == TrainConfig() and TrainConfig().clip_grad_scope == "per_rank"
     with pytest.raises(ConfigError, match=r"config: unknown key 'model.dept'; did you mean model.depth"):
         config_from_dict({"model": {"dept": 6}})
 

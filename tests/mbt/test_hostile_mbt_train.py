@@ -451,15 +451,23 @@ def test_init_video_that_is_no_vit_checkpoint_is_refused(
     assert latest_checkpoint(tmp_path / "run") is None
 
 
+@pytest.mark.parametrize("mode", ["vit", "scenic"])
 def test_init_video_from_a_vit_of_the_model_loads(
-    base_run: Path, train_shards: Path, eval_shards: Path, tmp_path: Path, capsys: pytest.CaptureFixture
+    base_run: Path, train_shards: Path, eval_shards: Path, tmp_path: Path, capsys: pytest.CaptureFixture, mode: str
 ) -> None:
-    """The control of the test above: the same tower weights without the NaN initialise the run."""
+    """The control of the test above: the same tower weights without the NaN initialise the run (the demo's "vit"
+    mode; "scenic" leaves the audio tower's CLS token at zero, as scenic's initialiser does)."""
     path = tmp_path / "vit.pth"
     _tower_weights(base_run, path, nan=False)
     capsys.readouterr()
-    assert main(train_args(train_shards, "", tmp_path / "run", "--max_steps", "1", "--init_video", str(path))) == 0
-    assert f"init: video tower <- {path}" in capsys.readouterr().out
+    both = ["--init", mode, "--init_video", str(path), "--init_audio", str(path)]
+    assert main(train_args(train_shards, "", tmp_path / "run", "--max_steps", "1", *both)) == 0
+    out = capsys.readouterr().out
+    assert f"init: video tower <- {path}\n" in out
+    cls_note = " (its CLS token left at zero: scenic restores no 'clsspectrogram')" if mode == "scenic" else ""
+    assert f"init: audio tower <- {path}{cls_note}\n" in out
+    saved = yaml.safe_load((tmp_path / "run" / "config.yaml").read_text())
+    assert saved["init"] == mode
 
 
 def test_a_full_disk_stops_the_log_at_the_row_that_met_it_with_whole_rows_in_both_files(full_disk: FullDisk) -> None:

@@ -1,6 +1,7 @@
 """Initialisation from ImageNet ViT checkpoints (`mbt.pretrained`) as scenic's: each tower equals timm's ViT with
 the same weights, position grids resized as scipy.ndimage.zoom(order=1), the bottleneck tokens taken from the video
-ViT's position grid, the original JAX `.npz` read through timm's own reader, and files that cannot be used named."""
+ViT's position embedding, the original JAX `.npz` read through timm's own reader, and files that cannot be used
+named; what scenic's `initialise_from_train_state` restores ("scenic", the default) and every tensor ("vit")."""
 
 from __future__ import annotations
 
@@ -90,7 +91,7 @@ def test_audio_tower_is_timms_vit_on_the_spectrogram(tmp_path):
     vit = tiny_vit(img_size=(64, 32), in_chans=1)
     save_file(vit.state_dict(), tmp_path / "vit.safetensors")
     model = MBT(TINY.replace(fusion="late")).eval()
-    init_from_vit(model, audio=tmp_path / "vit.safetensors")
+    init_from_vit(model, audio=tmp_path / "vit.safetensors", mode="vit")  # "scenic" leaves the audio CLS at zero
     mel = torch.randn(2, 1, 64, 32)
     ours = model.forward_features(torch.randn(2, 2, 3, 32, 32), mel)["audio"]
     assert torch.allclose(ours, vit.forward_features(mel), atol=1e-6)
@@ -110,13 +111,13 @@ def test_audio_init_sums_rgb_kernels(tmp_path):
 
 def test_position_grids_resize_as_scenic_with_scipy_zoom(tmp_path):
     """scenic resizes the ViT's square grid with scipy.ndimage.zoom(order=1) (bilinear, corners aligned) to the
-    audio grid (here 4x4 → 10x2), a video grid of another size (4x4 → 3x3) and, for the bottleneck tokens, to
-    gh x gw = n tokens (gh = int(sqrt(6)) = 2, gw = 3); timm's bicubic resampling is not that, and the bottleneck
-    tokens were left random."""
+    audio grid (here 4x4 → 10x2), a video grid of another size (4x4 → 3x3) and, in "vit" mode, for all the
+    bottleneck tokens to gh x gw = n tokens (gh = int(sqrt(6)) = 2, gw = 3); timm's bicubic resampling is not
+    that."""
     vit = tiny_vit(img_size=64)
     torch.save(vit.state_dict(), tmp_path / "vit.pth")
     model = MBT(TINY.replace(img_size=48, audio_frames=160, num_bottlenecks=6, cls_bottleneck=False))
-    lines = init_from_vit(model, video=tmp_path / "vit.pth", audio=tmp_path / "vit.pth")
+    lines = init_from_vit(model, video=tmp_path / "vit.pth", audio=tmp_path / "vit.pth", mode="vit")
     assert lines[1] == f"bottleneck tokens <- {tmp_path / 'vit.pth'} (its 4x4 position grid resized to 2x3)"
     grid = grid_of(vit.pos_embed, (4, 4))
     for tower, shape in ((model.towers["audio"], (10, 2)), (model.towers["video"], (3, 3))):
@@ -128,13 +129,63 @@ def test_position_grids_resize_as_scenic_with_scipy_zoom(tmp_path):
     np.testing.assert_allclose(model.bottleneck.detach().numpy(), expected, rtol=0, atol=1e-6)
 
 
-def test_bottleneck_tokens_of_no_grid_stay_random(tmp_path):
-    """5 tokens: int(sqrt(5)) x 5 // 2 = 2x2 is not 5 (scenic's rule would assert): the random init is kept."""
+@pytest.mark.parametrize(("mode", "tokens", "grid"), [("vit", 5, 5), ("scenic", 6, 5), ("scenic", 1, 0)])
+def test_bottleneck_tokens_of_no_grid_stay_random(tmp_path, mode, tokens, grid):
+    """5 grid tokens: int(sqrt(5)) x 5 // 2 = 2x2 is not 5 (scenic's rule would assert), nor are 0 (scenic's would
+    divide by zero): the random init is kept. In "scenic" mode with CLS tokens the grid is all tokens but the
+    first."""
     torch.save(tiny_vit().state_dict(), tmp_path / "vit.pth")
-    model = MBT(TINY.replace(num_bottlenecks=5, cls_bottleneck=False))
+    model = MBT(TINY.replace(num_bottlenecks=tokens, cls_bottleneck=False))
     before = model.bottleneck.detach().clone()
-    lines = init_from_vit(model, video=tmp_path / "vit.pth")
-    assert lines[1].startswith("bottleneck tokens: kept random (5 tokens") and torch.equal(model.bottleneck, before)
+    lines = init_from_vit(model, video=tmp_path / "vit.pth", mode=mode)
+    assert lines[1].startswith(f"bottleneck tokens: kept random ({grid} tokens")
+    assert torch.equal(model.bottleneck, before)
+
+
+def test_scenic_mode_restores_what_scenics_initialiser_restores(tmp_path):
+    """scenic's `initialise_from_train_state` from one ViT .npz for both towers (its AudioSet recipe): every tensor of
+    the video tower, and of the audio tower all but the CLS token (scenic's MBT names it 'clsspectrogram', and the
+    initialiser copies the ViT's 'cls' to 'cls_spectrogram', which is no parameter: it keeps its zero init); the
+    bottleneck tokens (n_bottlenecks + 1 = 5 with the token classifier) are the ViT's CLS position, then its 4x4
+    patch grid zoomed to int(sqrt(4)) x 4 // 2 = 2x2. The "vit" mode differs in those two tensors alone."""
+    vit = tiny_vit(img_size=64)
+    path = save_npz(tmp_path / "ViT-B_16.npz", vit)
+    states, lines = {}, {}
+    for mode in ("scenic", "vit"):
+        torch.manual_seed(0)
+        model = MBT(TINY.replace(img_size=48, audio_frames=160, num_bottlenecks=4))
+        lines[mode] = init_from_vit(model, video=path, audio=path, mode=mode)
+        states[mode] = model.state_dict()
+    differ = {k for k, v in states["vit"].items() if not torch.equal(states["scenic"][k], v)}
+    assert differ == {"towers.audio.cls_token", "bottleneck"}
+    assert torch.count_nonzero(states["scenic"]["towers.audio.cls_token"]) == 0
+    for mode, tower in (("scenic", "video"), ("vit", "video"), ("vit", "audio")):
+        torch.testing.assert_close(states[mode][f"towers.{tower}.cls_token"], vit.cls_token.detach(), rtol=0, atol=0)
+    pos = vit.pos_embed.detach()
+    grid = scipy.ndimage.zoom(grid_of(pos, (4, 4)), (2 / 4, 2 / 4, 1), order=1).reshape(1, 4, -1)
+    expected = np.concatenate([pos[:, :1].numpy(), grid], axis=1)
+    np.testing.assert_allclose(states["scenic"]["bottleneck"].numpy(), expected, rtol=0, atol=1e-6)
+    assert lines["scenic"] == [
+        f"video tower <- {path}",
+        f"bottleneck tokens <- {path} (its CLS position, then its 4x4 position grid resized to 2x2)",
+        f"audio tower <- {path} (its CLS token left at zero: scenic restores no 'clsspectrogram')",
+    ]
+
+
+def test_scenic_mode_without_cls_tokens_or_beside_no_video_tower(tmp_path):
+    """scenic's 'gap' classifier: no CLS row, the grid resized to all n tokens (4: 2x2). A spectrogram-only model
+    names its CLS 'cls' (scenic's MBT: one modality takes no suffix), which the initialiser restores."""
+    vit = tiny_vit(img_size=64)
+    path = save_npz(tmp_path / "vit.npz", vit)
+    model = MBT(TINY.replace(img_size=48, pool="gap", num_bottlenecks=4))
+    init_from_vit(model, video=path, audio=path)
+    grid = scipy.ndimage.zoom(grid_of(vit.pos_embed, (4, 4)), (2 / 4, 2 / 4, 1), order=1).reshape(1, 4, -1)
+    np.testing.assert_allclose(model.bottleneck.detach().numpy(), grid, rtol=0, atol=1e-6)
+    audio_only = MBT(TINY.replace(fusion="audio", audio_frames=160))
+    assert init_from_vit(audio_only, audio=path) == [f"audio tower <- {path}"]
+    assert torch.equal(audio_only.towers["audio"].cls_token, vit.cls_token)
+    with pytest.raises(ValueError, match="mode must be one of scenic, vit, got 'full'"):
+        init_from_vit(audio_only, audio=path, mode="full")
 
 
 def test_tubelets_start_from_the_central_frame_and_a_tiled_grid(tmp_path):
@@ -209,7 +260,7 @@ def test_towers_from_the_original_npz_equal_timms_vit(tmp_path, big_vision):
         save_npz(tmp_path / "mono.npz", mono, big_vision),
     )
     model = MBT(TINY.replace(fusion="late", num_frames=1, audio_frames=32, num_mel_bins=32)).eval()
-    assert init_from_vit(model, video=video_npz, audio=audio_npz) == [
+    assert init_from_vit(model, video=video_npz, audio=audio_npz, mode="vit") == [
         f"video tower <- {video_npz}", f"audio tower <- {audio_npz}"
     ]  # fmt: skip
     frame, mel = torch.randn(2, 3, 32, 32), torch.randn(2, 1, 32, 32)

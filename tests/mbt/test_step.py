@@ -3,10 +3,16 @@ averaged over the examples, one loss per tower (their mean), mixup's one λ and 
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from dist_clip_check import MAX_NORM, MODEL, initial_model, rank_batch
 from test_model import TINY, inputs, random_head
 
 from mbt.config import TrainConfig
@@ -110,3 +116,52 @@ def test_an_unknown_sdpa_backend_is_refused():
 
     with pytest.raises(ConfigError, match="--sdpa_backend 'fast' is not one of auto, flash, cudnn"):
         validate(TrainConfig(sdpa_backend="fast", train_shards="", eval_shards=""), train=False)
+
+
+def test_an_unknown_clip_grad_scope_is_refused_and_the_demo_keeps_global_clipping():
+    from mbt.config import ConfigError, preset
+    from mbt.validate import validate
+
+    with pytest.raises(ConfigError, match="--clip_grad_scope 'mean' is not one of per_rank, global"):
+        validate(TrainConfig(clip_grad_scope="mean", train_shards="", eval_shards=""), train=False)
+    assert [preset(name).clip_grad_scope for name in ("audioset", "vggsound", "custom", "demo")] == [
+        "per_rank", "per_rank", "per_rank", "global"
+    ]  # fmt: skip
+
+
+def clipped(grads: dict[str, torch.Tensor], max_norm: float) -> dict[str, torch.Tensor]:
+    """`grads` scaled to norm max_norm where theirs is larger, as torch's clip_grad_norm_ (norm + 1e-6)."""
+    norm = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in grads.values()]))
+    scale = min(1.0, max_norm / (norm.item() + 1e-6))
+    return {name: g * scale for name, g in grads.items()}
+
+
+@pytest.mark.slow
+def test_per_rank_clipping_averages_each_ranks_clipped_gradient(tmp_path):
+    """scenic's trainer clips each device's gradient, then averages (`clip_grads` before `pmean`): on two gloo
+    ranks "per_rank" updates by mean(clip(g0), clip(g1)) and "global" by clip(mean(g0, g1)), each rank's gradient
+    g_r computed here in one process from the same model and its batch; the two differ."""
+    script = Path(__file__).parents[1] / "support" / "dist_clip_check.py"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", str(script)]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    run = subprocess.run([*cmd, str(tmp_path)], capture_output=True, text=True, timeout=300, env=env)
+    assert run.returncode == 0, run.stderr[-4000:]
+    updates = torch.load(tmp_path / "updates.pt", weights_only=True)
+    grads = []
+    for rank in range(2):
+        model, batch = initial_model(), rank_batch(rank)
+        logits = model(batch["video"], batch["audio"], per_tower=True)
+        loss_fn(logits, soft_targets(batch["labels"], MODEL.num_classes, 0.0), True).backward()
+        grads.append({name: p.grad.clone() for name, p in model.named_parameters()})
+    assert all(clipped(g, MAX_NORM)["head.weight"].norm() < g["head.weight"].norm() for g in grads)  # both clip
+    mean = {name: (grads[0][name] + grads[1][name]) / 2 for name in grads[0]}
+    expected = {
+        "global": clipped(mean, MAX_NORM),
+        "per_rank": {name: (a + b) / 2 for (name, a), b in zip(clipped(grads[0], MAX_NORM).items(),
+                                                              clipped(grads[1], MAX_NORM).values(), strict=True)},
+    }  # fmt: skip
+    for scope, want in expected.items():
+        for name, update in updates[scope].items():
+            torch.testing.assert_close(update, want[name], rtol=1e-4, atol=1e-7, msg=f"{scope}: {name}")
+    differ = max((updates["per_rank"][k] - updates["global"][k]).abs().max().item() for k in mean)
+    assert differ > 100 * 1e-7, differ

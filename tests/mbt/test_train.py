@@ -308,8 +308,9 @@ def test_empty_eval_shards_trains_without_evaluation(train_shards: Path, tmp_pat
         (["--batch_size", "3", "--grad_accum", "2"], "not divisible by world size 1 × grad_accum 2"),
         (["--train_shards", "{missing}"], "no manifest.json there"),
         (["--eval_shards", "{missing}"], "--eval_shards"),
+        (["--preset", "audioset"], "--init scenic starts the towers from ImageNet ViT weights"),
     ],
-    ids=["preset", "fusion-layer", "batch", "train-shards", "eval-shards"],
+    ids=["preset", "fusion-layer", "batch", "train-shards", "eval-shards", "recipe-without-vit"],
 )
 def test_invalid_configs_are_refused_before_any_work(
     extra: list[str],

@@ -33,7 +33,7 @@ def test_defaults_are_scenics_audioset_config():
         256,
     )
     assert (aug.color_prob, aug.color_drop_prob, aug.flip_prob) == (0.8, 0.1, 0.5)
-    assert (aug.num_freq_masks, aug.freq_mask_px, aug.num_time_masks, aug.time_mask_px) == (1, 48, 4, 48)
+    assert (aug.num_freq_masks, aug.freq_mask_px, aug.num_time_masks, aug.time_mask_px) == (1, 48, 0, 48)
     assert (aug.audio_frames, aug.frames_used, aug.num_test_clips) == (800, 8, 4)
     with pytest.raises(ValueError, match="video_crop must be one of scale_jitter, inception"):
         AugmentConfig(video_crop="random")
@@ -102,13 +102,60 @@ def test_apply_color_computes_tfs_colour_ops():
     torch.testing.assert_close(moved.movedim(2, -1), expected, atol=1e-5, rtol=0)
 
 
-def test_spec_augment_default_is_one_frequency_and_four_time_masks():
+def lingvo_band(max_width: int, extent: int, u_width: float, u_start: float) -> tuple[int, int]:
+    """(start, width) of one band as lingvo's SpectrumAugmenter._GetMask draws it with max_ratio 1 from its two
+    uniforms: length = min(int(max_width * u), max(int(1.0 * extent), 1)), start = int(u' * (extent - length + 1))."""
+    width = min(int(max_width * u_width), max(extent, 1))
+    return int(u_start * (extent - width + 1)), width
+
+
+def bands(masked: torch.Tensor) -> tuple[list[int], list[int]]:
+    """The all-zero mel bins and frames of a (T, bins) log-mel of ones."""
+    zero = masked == 0
+    return zero.all(0).nonzero().flatten().tolist(), zero.all(1).nonzero().flatten().tolist()
+
+
+def test_spec_augment_default_is_scenics_one_frequency_mask():
+    """scenic's AudioSet config gives lingvo 1 frequency mask of at most 48 bins, and 4 time masks and a time warp
+    with max ratio 0, which lingvo skips (`_TimeMask`, `_TimeWarp`: max_ratio <= 0 returns the input): one band of
+    bins, contiguous, of width U{0, ..., 47}, and no frame masked."""
     rng = np.random.default_rng(0)
-    masked_frames = []
-    for _ in range(200):
-        masked = spec_augment(torch.ones(1, 800, 128), AugmentConfig(), rng)[0]
-        assert (masked == 0).all(0).sum() < 48
-        masked_frames.append(int((masked == 0).all(1).sum()))
+    widths = []
+    for _ in range(2000):
+        bins, frames = bands(spec_augment(torch.ones(1, 800, 128), AugmentConfig(), rng)[0])
+        assert frames == [] and bins == list(range(bins[0], bins[0] + len(bins)) if bins else [])
+        widths.append(len(bins))
+    counts = np.bincount(widths, minlength=48)
+    assert len(counts) == 48 and counts.min() > 0  # every width 0..47 drawn, none of 48
+    assert abs(np.mean(widths) - 23.5) < 1.0  # uniform: the mean of 0..47
+
+
+def test_spec_augment_draws_lingvos_band_from_the_same_uniforms():
+    """The band a draw gives is lingvo's `_GetMask` band from the same two uniforms, the width cut to the axis where
+    the max exceeds it (a frequency mask of up to 20 bins over 8 bins: the whole axis 12 times in 20)."""
+
+    class Uniforms:  # numpy's integers(0, n) as floor(u * n), with the uniforms recorded
+        def __init__(self, seed: int) -> None:
+            self.rng, self.drawn = np.random.default_rng(seed), []
+
+        def integers(self, low: int, high: int) -> int:
+            self.drawn.append(self.rng.random())
+            return low + int(self.drawn[-1] * (high - low))
+
+    for seed in range(200):
+        for extent, max_width in ((128, 48), (8, 20)):
+            uniforms = Uniforms(seed)
+            aug = AugmentConfig(freq_mask_px=max_width, num_time_masks=0)
+            bins, _ = bands(spec_augment(torch.ones(1, 16, extent), aug, uniforms)[0])
+            start, width = lingvo_band(max_width, extent, *uniforms.drawn)
+            assert bins == list(range(start, start + width)), (seed, extent)
+
+
+def test_spec_augment_time_masks_are_an_option():
+    """--augment.num_time_masks 4 --augment.time_mask_px 48: the masks the config lists (4 of U{0..47} frames)."""
+    rng = np.random.default_rng(0)
+    aug = AugmentConfig(num_time_masks=4)
+    masked_frames = [len(bands(spec_augment(torch.ones(1, 800, 128), aug, rng)[0])[1]) for _ in range(200)]
     assert max(masked_frames) <= 4 * 47 and max(masked_frames) > 47  # more than one mask's width
 
 

@@ -226,8 +226,16 @@ def test_audio_is_a_random_window_with_spec_augment_bands(train_shards):
         masked_frames.append(int((~kept).all(1).sum()))
     assert len(starts) > 1  # the window moves
     assert max(masked_bins) < SMALL_AUG.freq_mask_px
-    assert max(masked_frames) <= SMALL_AUG.num_time_masks * (SMALL_AUG.time_mask_px - 1)  # 4 masks (scenic)
+    assert max(masked_frames) <= SMALL_AUG.num_time_masks * (SMALL_AUG.time_mask_px - 1)  # 4 masks (the option)
     assert max(masked_bins) > 0 and max(masked_frames) > 0
+
+
+def test_a_frequency_mask_wider_than_the_bins_is_cut_to_them(train_shards):
+    """As lingvo cuts a band to its axis: widths U{0..999} over 128 bins mask every bin 872 times in 1000."""
+    aug = SMALL_AUG.replace(freq_mask_px=1000, num_time_masks=0)
+    rows = [a[0].numpy() for b in dali(train_shards, True, 3, augment=aug) for a in b["audio"]]
+    whole = [bool((row == 0).all()) for row in rows]
+    assert sum(whole) >= len(rows) // 2 and all(((row == 0).all(0) | (row != 0).all(0)).all() for row in rows)
 
 
 def test_resume_continues_the_stream(train_shards):

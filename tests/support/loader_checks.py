@@ -20,7 +20,7 @@ from shards.tar import iter_tar_samples
 from shards.writer import ShardWriter
 
 # 2 s clips: 200 log-mel frames, so 160-frame windows (4 test clips start at 0, 13, 27, 40) and smaller masks.
-SMALL_AUG = AugmentConfig(audio_frames=160, time_mask_px=40, freq_mask_px=24)
+SMALL_AUG = AugmentConfig(audio_frames=160, time_mask_px=40, freq_mask_px=24, num_time_masks=4)  # time masks: on
 
 
 def rows_by_key(loader: Any) -> dict[tuple[str, int], dict[str, torch.Tensor]]:
