@@ -81,16 +81,33 @@ def barrier() -> None:
         torch_dist.barrier()
 
 
+BUCKET_BYTES = 64 << 20  # one all-reduce per 64 MiB of gradient, as DDP's buckets: not one per tensor
+
+
 def mean_over_ranks_(tensors: list[torch.Tensor]) -> None:
     """Replace each tensor in place by its mean over the ranks, as DDP's gradient all-reduce does (unchanged in a
-    single process); every rank must pass tensors of the same shapes in the same order."""
+    single process); every rank must pass tensors of the same shapes, dtypes and order. Tensors of one dtype and
+    device are packed into buckets of at most BUCKET_BYTES (a larger tensor alone), one all-reduce each."""
     world_size = torch_dist.get_world_size() if is_distributed() else 1
     if world_size == 1 or not tensors:
         return
-    works = [torch_dist.all_reduce(t, async_op=True) for t in tensors]  # SUM: gloo has no AVG
-    for work in works:
+    buckets: list[list[torch.Tensor]] = []
+    open_buckets: dict[tuple[torch.dtype, torch.device], tuple[list[torch.Tensor], list[int]]] = {}
+    for tensor in tensors:
+        bucket, size = open_buckets.setdefault((tensor.dtype, tensor.device), ([], [0]))
+        if bucket and size[0] + tensor.numel() * tensor.element_size() > BUCKET_BYTES:
+            buckets.append(bucket)
+            bucket, size = open_buckets[(tensor.dtype, tensor.device)] = ([], [0])
+        bucket.append(tensor)
+        size[0] += tensor.numel() * tensor.element_size()
+    buckets += [bucket for bucket, _ in open_buckets.values() if bucket]
+    flats = [torch.cat([t.reshape(-1) for t in bucket]) for bucket in buckets]
+    works = [torch_dist.all_reduce(flat, async_op=True) for flat in flats]  # SUM: gloo has no AVG
+    for bucket, flat, work in zip(buckets, flats, works, strict=True):
         work.wait()
-    torch._foreach_div_(tensors, world_size)
+        flat.div_(world_size)
+        chunks = flat.split([t.numel() for t in bucket])
+        torch._foreach_copy_(bucket, [chunk.view_as(t) for chunk, t in zip(chunks, bucket, strict=True)])
 
 
 def all_gather_objects(obj: Any) -> list[Any]:

@@ -13,6 +13,7 @@ from typing import Any
 import torch
 from torch.nn.parallel import DistributedDataParallel
 
+import mbt.dist
 from mbt.config import CLIP_GRAD_SCOPES, TrainConfig
 from mbt.dist import cleanup, init_distributed
 from mbt.model import MBT, MBTConfig
@@ -59,6 +60,7 @@ def main() -> None:
     parser.add_argument("out", type=Path)
     args = parser.parse_args()
     info = init_distributed("cpu")
+    mbt.dist.BUCKET_BYTES = 4096  # several buckets of packed small tensors, and larger tensors alone
     updates = {}
     for scope in CLIP_GRAD_SCOPES:
         model = initial_model()
