@@ -174,10 +174,16 @@ def spec_options(args: argparse.Namespace) -> dict:
     }
 
 
-def apply_limit(rows: list, limit: int | None) -> list:
+def check_limit(limit: int | None) -> int | None:
+    """--limit, if at least 1 (or not given); else JobError."""
     if limit is not None and limit < 1:
         raise JobError(f"--limit must be at least 1, got {limit}")
-    return rows if limit is None else rows[:limit]
+    return limit
+
+
+def apply_limit(rows: list, limit: int | None) -> list:
+    """The first --limit rows."""
+    return rows if check_limit(limit) is None else rows[:limit]
 
 
 def run_tool(build_spec: Callable[[argparse.Namespace], JobSpec], args: argparse.Namespace) -> int:

@@ -9,7 +9,7 @@ import csv
 import itertools
 import os
 import re
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -88,13 +88,19 @@ def csv_rows(path: str | os.PathLike, skip_comments: bool = False) -> Iterator[t
         if not line.strip() or (skip_comments and line.startswith("#")):
             continue
         source = f"{os.fspath(path)}:{line_no}"
-        try:
-            fields = next(csv.reader([line], skipinitialspace=True, strict=True))
-        except csv.Error as e:
-            raise DatasetError(f"{source}: malformed CSV line ({e}): {excerpt(line.rstrip())}") from e
-        if len(fields) > MAX_FIELDS:
-            raise DatasetError(f"{source}: {len(fields)} fields, more than a row of a dataset CSV has ({MAX_FIELDS})")
-        yield source, [field.strip() for field in fields]
+        yield source, parse_csv_line(source, line)
+
+
+def parse_csv_line(source: str, line: str) -> list[str]:
+    """The fields of one CSV line, each stripped; a broken quote or more than MAX_FIELDS fields -> DatasetError
+    naming `source`."""
+    try:
+        fields = next(csv.reader([line], skipinitialspace=True, strict=True))
+    except csv.Error as e:
+        raise DatasetError(f"{source}: malformed CSV line ({e}): {excerpt(line.rstrip())}") from e
+    if len(fields) > MAX_FIELDS:
+        raise DatasetError(f"{source}: {len(fields)} fields, more than a row of a dataset CSV has ({MAX_FIELDS})")
+    return [field.strip() for field in fields]
 
 
 def _check_ytid(ytid: str, source: str) -> None:
@@ -105,7 +111,7 @@ def _check_ytid(ytid: str, source: str) -> None:
         )
 
 
-def _claim_key(key: str, source: str, source_of_key: dict[str, str]) -> None:
+def claim_key(key: str, source: str, source_of_key: dict[str, str]) -> None:
     """Note that clip `key` is listed at `source`; DatasetError naming both lines when it was listed before."""
     if key in source_of_key:
         raise DatasetError(f"{source}: clip {key} already listed at {source_of_key[key]}")
@@ -166,19 +172,32 @@ def _parse_seconds(text: str, what: str, source: str) -> float:
 def read_audioset_segments(
     path: str | os.PathLike, class_mids: list[str], drop_unknown_labels: bool = False
 ) -> list[ClipRow]:
-    """Reads an AudioSet segment CSV (balanced_train/eval/unbalanced_train_segments.csv) in file order.
+    """Reads an AudioSet segment CSV (balanced_train/eval/unbalanced_train_segments.csv) in file order: every row
+    as `audioset_row` parses it; a duplicate key -> DatasetError naming both lines. (The shard tool streams the
+    file instead: `preprocess.rows.CsvRows`.)"""
+    parse = audioset_row_parser(class_mids, drop_unknown_labels)
+    rows: list[ClipRow] = []
+    source_of_key: dict[str, str] = {}
+    for source, fields in csv_rows(path, skip_comments=True):
+        row = parse(source, fields)
+        claim_key(row.key, source, source_of_key)
+        rows.append(row)
+    return rows
+
+
+def audioset_row_parser(
+    class_mids: list[str], drop_unknown_labels: bool = False
+) -> Callable[[str, list[str]], ClipRow]:
+    """The parser of one row of an AudioSet segment CSV, `parse(source, fields) -> ClipRow`.
 
     Format: '#' comment lines, then `YTID, start_seconds, end_seconds, "mid,mid,..."`. class_mids[i] is the
     mid of class i; labels become sorted distinct indices. An unknown mid -> DatasetError (file:line, the mid,
     the --drop-unknown-labels flag) unless drop_unknown_labels, which drops it (a row left without labels
-    is kept).
-    A malformed row (column count, YouTube id, times, end <= start) -> DatasetError naming file:line;
-    a duplicate key -> DatasetError naming both lines.
+    is kept). A malformed row (column count, YouTube id, times, end <= start) -> DatasetError naming file:line.
     """
     class_of_mid = {mid: index for index, mid in enumerate(class_mids)}
-    rows: list[ClipRow] = []
-    source_of_key: dict[str, str] = {}
-    for source, fields in csv_rows(path, skip_comments=True):
+
+    def parse(source: str, fields: list[str]) -> ClipRow:
         if len(fields) != 4:
             raise DatasetError(
                 f"{source}: expected 4 columns YTID, start_seconds, end_seconds, positive_labels, got {len(fields)}"
@@ -197,10 +216,9 @@ def read_audioset_segments(
                 raise DatasetError(
                     f"{source}: label {excerpt(mid)} is not in the class list; pass --drop-unknown-labels to drop it"
                 )
-        key = f"{ytid}_{round(start_s * 1000)}"
-        _claim_key(key, source, source_of_key)
-        rows.append(ClipRow(key, ytid, start_s, end_s, tuple(sorted(labels)), source))
-    return rows
+        return ClipRow(f"{ytid}_{round(start_s * 1000)}", ytid, start_s, end_s, tuple(sorted(labels)), source)
+
+    return parse
 
 
 def read_class_list(path: str | os.PathLike) -> list[str]:
@@ -270,7 +288,7 @@ def read_vggsound(
         if label not in class_of_name:
             raise DatasetError(f"{source}: label {excerpt(label)} is not in the class list")
         key = f"{ytid}_{start_s:06d}"
-        _claim_key(key, source, source_of_key)
+        claim_key(key, source, source_of_key)
         rows.append(ClipRow(key, ytid, float(start_s), start_s + VGGSOUND_SEGMENT_S, (class_of_name[label],), source))
     return class_names, rows
 
