@@ -116,6 +116,7 @@ class JobSummary:
     seconds: float
     already_done: bool
     missing_parts: list[int] = field(default_factory=list)  # partitioned runs: parts whose shards are not done
+    num_jobs: int = 1
 
     def describe(self) -> str:
         if self.already_done:
@@ -123,11 +124,12 @@ class JobSummary:
                 f"nothing to do: {self.out_dir} is complete ({self.num_samples} samples in {self.num_shards} shards, "
                 f"{sum(self.skipped.values())} skipped); delete it to shard again"
             )
-        if self.missing_parts:
+        if waiting := len(self.missing_parts):
             return (
                 f"{self.out_dir}: this part is done ({self.clips_processed} clips, {self.shards_written} shards in "
-                f"{self.seconds:.1f} s); waiting for parts {self.missing_parts}: the last part to finish writes the "
-                "manifest (or run tools/merge_manifests.py on the folder)"
+                f"{self.seconds:.1f} s); waiting for {waiting} part{'s' * (waiting > 1)}; "
+                f"{self.num_jobs - waiting} done: the last part to finish writes the manifest "
+                "(tools/merge_manifests.py on the folder names the parts missing)"
             )
         skipped = ", ".join(f"{n} {reason}" for reason, n in sorted(self.skipped.items())) or "none"
         rate = self.clips_processed / self.seconds if self.seconds > 0 else 0.0
@@ -258,5 +260,5 @@ def _run_part(spec: JobSpec, t0: float) -> JobSummary:
                 processed += len(results)
     _, waiting = merge(spec.out_dir)
     summary = _summary(spec, done_records(spec.out_dir, plan), processed, len(pending), t0, done=False)
-    summary.missing_parts = waiting.parts(spec.num_jobs)
+    summary.missing_parts, summary.num_jobs = waiting.parts(spec.num_jobs), spec.num_jobs
     return summary
