@@ -1,4 +1,5 @@
-"""Readers for the AudioSet and VGGSound CSV files (the lookup of a clip's video file is `preprocess.videos`).
+"""Readers for the AudioSet CSV files and the CSV parsing every reader shares (VGGSound's: `preprocess.vggsound`;
+the lookup of a clip's video file: `preprocess.videos`).
 
 Every reader returns `ClipRow`s whose `key` is the shard key (no dots: DALI takes everything after the first
 dot as the extension). Bad input raises `DatasetError` naming the file and line and saying what to do, quoting what
@@ -16,16 +17,12 @@ from pathlib import Path
 from shards.manifest import MAX_CLASSES, MAX_SPLIT_SAMPLES
 from shards.text import excerpt, name_problem
 
-VGGSOUND_SPLITS: tuple[str, ...] = ("train", "test")
-VGGSOUND_SEGMENT_S = 10.0
-
 # YouTube ids are [A-Za-z0-9_-] (often starting with '-'); anything else could put a dot or a slash in a key.
 _YTID_RE = re.compile(r"[A-Za-z0-9_-]+")
 # Bounds that keep a key and its member names within a ustar header's 100-byte name (YouTube ids have 11 chars).
 MAX_YTID_CHARS = 64
 MAX_SECONDS = 1_000_000.0
 _SPLIT_NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*")
-_WHOLE_SECONDS_RE = re.compile(r"[0-9]+")
 _SECONDS_RE = re.compile(r"[0-9]+(?:\.[0-9]*)?")  # float() would also take '1_0', 'nan', '1e3' and non-ASCII digits
 # A CSV line: AudioSet's are ~100 characters, a row of many labels a few KB; read no further than this into one.
 MAX_LINE_CHARS = 1 << 20
@@ -103,7 +100,7 @@ def parse_csv_line(source: str, line: str) -> list[str]:
     return [field.strip() for field in fields]
 
 
-def _check_ytid(ytid: str, source: str) -> None:
+def check_ytid(ytid: str, source: str) -> None:
     if not _YTID_RE.fullmatch(ytid) or len(ytid) > MAX_YTID_CHARS:
         raise DatasetError(
             f"{source}: {excerpt(ytid)} is not a YouTube id (letters, digits, '_' and '-' only, "
@@ -203,7 +200,7 @@ def audioset_row_parser(
                 f"{source}: expected 4 columns YTID, start_seconds, end_seconds, positive_labels, got {len(fields)}"
             )
         ytid, start_text, end_text, mids_text = fields
-        _check_ytid(ytid, source)
+        check_ytid(ytid, source)
         start_s = _parse_seconds(start_text, "start", source)
         end_s = _parse_seconds(end_text, "end", source)
         if end_s <= start_s:
@@ -244,53 +241,6 @@ def read_class_list(path: str | os.PathLike) -> list[str]:
     if not names:
         raise DatasetError(f"{os.fspath(path)}: no class names")
     return names
-
-
-def read_vggsound(
-    path: str | os.PathLike, split: str, classes: list[str] | None = None
-) -> tuple[list[str], list[ClipRow]]:
-    """Reads vggsound.csv (no header; `YTID,start_seconds,label,split`) -> (class_names, rows of `split`).
-
-    split is 'train' or 'test'. With classes None the class names are the sorted distinct labels of ALL rows
-    (both splits, so train and test share one list); given classes, a label of a `split` row outside it ->
-    DatasetError naming file:line. Rows are 10 s from an integer start; a malformed row, a label that is no
-    printable class name (`check_class_name`), more than MAX_CLASSES labels or a key listed twice in `split` ->
-    DatasetError naming file:line.
-    """
-    if split not in VGGSOUND_SPLITS:
-        raise DatasetError(f"split {excerpt(split)} is not one of {', '.join(VGGSOUND_SPLITS)}")
-    parsed: list[tuple[str, str, int, str, str]] = []
-    for source, fields in csv_rows(path):
-        if len(fields) != 4:
-            raise DatasetError(f"{source}: expected 4 columns YTID,start_seconds,label,split, got {len(fields)}")
-        ytid, start_text, label, row_split = fields
-        _check_ytid(ytid, source)
-        if not _WHOLE_SECONDS_RE.fullmatch(start_text) or int(start_text) > MAX_SECONDS:
-            raise DatasetError(
-                f"{source}: start {excerpt(start_text, 40)} is not a whole number of seconds in [0, {MAX_SECONDS:.0f}]"
-            )
-        if not label:
-            raise DatasetError(f"{source}: empty label")
-        check_class_name(label, "label", source)
-        if row_split not in VGGSOUND_SPLITS:
-            raise DatasetError(f"{source}: split {excerpt(row_split)} is not one of {', '.join(VGGSOUND_SPLITS)}")
-        parsed.append((source, ytid, int(start_text), label, row_split))
-
-    class_names = list(classes) if classes is not None else sorted({label for _, _, _, label, _ in parsed})
-    if len(class_names) > MAX_CLASSES:
-        raise DatasetError(f"{os.fspath(path)}: {len(class_names)} distinct labels, more than {MAX_CLASSES} classes")
-    class_of_name = {name: index for index, name in enumerate(class_names)}
-    rows: list[ClipRow] = []
-    source_of_key: dict[str, str] = {}
-    for source, ytid, start_s, label, row_split in parsed:
-        if row_split != split:
-            continue
-        if label not in class_of_name:
-            raise DatasetError(f"{source}: label {excerpt(label)} is not in the class list")
-        key = f"{ytid}_{start_s:06d}"
-        claim_key(key, source, source_of_key)
-        rows.append(ClipRow(key, ytid, float(start_s), start_s + VGGSOUND_SEGMENT_S, (class_of_name[label],), source))
-    return class_names, rows
 
 
 def split_name_from_segments(path: str | os.PathLike) -> str:

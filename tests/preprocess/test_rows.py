@@ -1,16 +1,17 @@
-"""A split's rows streamed from its CSV (preprocess/rows.py): the same rows as reading the whole file, at any block
-size, and only the selected rows parsed and checked."""
+"""A split's rows streamed from its CSV (preprocess/rows.py): the same rows as reading the whole file (AudioSet's and
+VGGSound's formats), at any block size, and only the selected rows parsed and checked."""
 
 from pathlib import Path
 
 import numpy as np
 import pytest
-from test_datasets import CLASSES_CSV, SEGMENTS_CSV, SEGMENTS_HEADER, write
+from test_datasets import CLASSES_CSV, SEGMENTS_CSV, SEGMENTS_HEADER, VGGSOUND_CSV, write
 
 from preprocess import rows as rows_module
 from preprocess.datasets import DatasetError, audioset_row_parser, read_audioset_classes, read_audioset_segments
 from preprocess.job import JobSpec
 from preprocess.rows import CsvRows, ListRows
+from preprocess.vggsound import read_vggsound, vggsound_classes, vggsound_row_parser, vggsound_split_filter
 
 # AudioSet's format with what real files and spreadsheets add: a byte-order mark, CRLF line ends, a blank and a
 # whitespace-only line between rows, no line break after the last row.
@@ -85,3 +86,20 @@ def test_a_list_is_held_as_list_rows_with_the_identity_of_its_rows(tmp_path, mid
     spec = JobSpec("audioset", "x", whole, [], True, tmp_path, tmp_path, ["{ytid}.*"])
     assert isinstance(spec.rows, ListRows)
     assert spec.identity()["num_rows"] == 3 and len(spec.identity()["rows_sha256"]) == 64
+
+
+@pytest.mark.parametrize("split", ["train", "test"])
+def test_vggsound_streamed_rows_equal_the_whole_file(tmp_path, monkeypatch, split):
+    monkeypatch.setattr(rows_module, "BLOCK_BYTES", 16)
+    path = write(tmp_path / "vggsound.csv", VGGSOUND_CSV)
+    classes, whole = read_vggsound(path, split)
+    assert vggsound_classes(path) == classes
+    streamed = CsvRows(path, vggsound_row_parser(classes), keep=vggsound_split_filter(split))
+    assert streamed.num_rows == len(whole)
+    assert streamed.select(np.arange(len(whole))) == dict(enumerate(whole))
+
+
+def test_vggsound_rows_of_another_split_are_checked_as_they_are_counted(tmp_path):
+    path = write(tmp_path / "vggsound.csv", VGGSOUND_CSV + "abc,1,dog,val\n")
+    with pytest.raises(DatasetError, match=r"vggsound\.csv:6: split 'val' is not one of train, test"):
+        _ = CsvRows(path, vggsound_row_parser(["dog"]), keep=vggsound_split_filter("train")).num_rows
