@@ -46,14 +46,20 @@ class StageRun:
     stage_mb: float
 
 
-def prepare(folder: Path, size: int) -> None:
-    """The inputs of every stage at `size` under `folder`: a segment CSV and a finished job's output folder."""
+def prepare(folder: Path, size: int, stages: tuple[str, ...] = STAGES) -> None:
+    """The inputs of `stages` at `size` under `folder`: a segment CSV, a finished job's output folder."""
     from bench.scale_data import write_class_csv, write_job_folder, write_segments_csv
 
     folder.mkdir(parents=True, exist_ok=True)
-    write_class_csv(folder / "class_labels_indices.csv")
-    write_segments_csv(folder / "unbalanced_train_segments.csv", size)
-    write_job_folder(folder / "train", size, SHARD_SIZE, NUM_JOBS)
+    if "csv_plan" in stages:
+        write_class_csv(folder / "class_labels_indices.csv")
+        write_segments_csv(folder / "unbalanced_train_segments.csv", size)
+    if {"merge", "index", "order"} & set(stages):
+        write_job_folder(folder / "train", size, SHARD_SIZE, NUM_JOBS)
+        if "merge" not in stages:  # the others read the manifest
+            from preprocess.job_merge import merge
+
+            merge(folder / "train")
 
 
 def measure(stage: str, folder: Path, size: int) -> StageRun:
@@ -135,7 +141,7 @@ def _order(folder: Path, size: int) -> None:
     train_units(sizes, quotas, 0, epoch)
 
 
-def _eval_rank(folder: Path, size: int, rank: int, port: int) -> None:
+def _eval_rank(folder: Path, size: int, rank: int, port: int) -> dict[str, float]:
     """Rank `rank` of 2: its half of N / 100 clips' predictions gathered; rank 0 computes the metrics."""
     import torch.distributed as torch_dist
 
@@ -145,6 +151,8 @@ def _eval_rank(folder: Path, size: int, rank: int, port: int) -> None:
 
     clips = max(size // EVAL_FRACTION, 2)
     torch_dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
+    torch_dist.barrier()  # timed from here: the rendezvous waits for the other interpreter's start
+    start = time.perf_counter()
     rng = np.random.default_rng(rank)
     mine = range(rank * clips // 2, (rank + 1) * clips // 2)
     logits = rng.standard_normal((len(mine), NUM_CLASSES), dtype=np.float32)
@@ -155,7 +163,9 @@ def _eval_rank(folder: Path, size: int, rank: int, port: int) -> None:
     if rank == 0:
         keys = sorted(predictions)
         compute_metrics(np.stack([predictions[k][0] for k in keys]), np.stack([predictions[k][1] for k in keys]), True)
+    seconds = time.perf_counter() - start
     torch_dist.destroy_process_group()
+    return {"seconds": seconds}
 
 
 def _eval(folder: Path, size: int) -> dict[str, float]:
@@ -202,8 +212,7 @@ def main(argv: list[str]) -> None:
     base_kb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     start = time.perf_counter()
     if stage == "eval_rank":
-        _eval_rank(Path(folder), int(size), *map(int, rest))
-        extra = {}
+        extra = _eval_rank(Path(folder), int(size), *map(int, rest))
     else:
         fn = {"csv_plan": _csv_plan, "merge": _merge, "index": _index, "order": _order, "eval": _eval}[stage]
         extra = fn(Path(folder), int(size)) or {}

@@ -32,14 +32,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--scratch", type=Path, default=None, help="folder for the synthetic data (default: a temp)")
     parser.add_argument("--no-verify", action="store_true", help="skip verify_shards' rate")
     args = parser.parse_args(argv)
-    stages = [s for s in args.stages.split(",") if s]
+    stages = tuple(s for s in args.stages.split(",") if s)
+    if unknown := set(stages) - set(STAGES):
+        parser.error(f"unknown stages {sorted(unknown)}; they are {','.join(STAGES)}")
     scratch = Path(tempfile.mkdtemp(prefix="bench_scale_", dir=args.scratch))
     runs = []
     try:
         print(f"{'stage':<9} {'clips':>6} {'seconds':>8} {'peak MB':>8} {'stage MB':>9}")
         for size in args.sizes:
             folder = scratch / fmt_size(size)
-            prepare(folder, size)
+            prepare(folder, size, stages)
             for stage in stages:
                 run = measure(stage, folder, size)
                 runs.append(run)
