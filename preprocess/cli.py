@@ -65,13 +65,15 @@ def add_job_arguments(parser: argparse.ArgumentParser) -> None:
         type=int,
         default=None,
         help="split the work into N jobs run anywhere, in any order, into the same --out "
-        "(default: SLURM_ARRAY_TASK_COUNT in a SLURM job array, else 1)",
+        "(default: SLURM_ARRAY_TASK_COUNT in a SLURM job array, else 1; give it in a Kubernetes Indexed Job or an "
+        "AWS Batch array job)",
     )
     parser.add_argument(
         "--job-index",
         type=int,
         default=None,
-        help="which of the N jobs this is, 0..N-1 (default: SLURM_ARRAY_TASK_ID - SLURM_ARRAY_TASK_MIN, else 0)",
+        help="which of the N jobs this is, 0..N-1 (default: SLURM_ARRAY_TASK_ID - SLURM_ARRAY_TASK_MIN, "
+        "JOB_COMPLETION_INDEX (Kubernetes) or AWS_BATCH_JOB_ARRAY_INDEX (AWS Batch), else 0)",
     )
     parser.add_argument(
         "--decode-timeout",
@@ -139,12 +141,26 @@ def _env_int(env: Mapping[str, str], name: str) -> int:
         raise JobError(f"environment variable {name}={excerpt(text)} is not an integer; fix the job array") from None
 
 
+# Array engines that give each task its index but not the array's size: --num-jobs must be given.
+INDEX_VARIABLES: dict[str, str] = {
+    "JOB_COMPLETION_INDEX": "a Kubernetes Indexed Job (the Job's completions)",
+    "AWS_BATCH_JOB_ARRAY_INDEX": "an AWS Batch array job (the array size)",
+}
+
+
 def partition(num_jobs: int | None, job_index: int | None, env: Mapping[str, str] = os.environ) -> tuple[int, int]:
-    """(N, i) from --num-jobs/--job-index, else from a SLURM job array (task ids may start above 0), else (1, 0)."""
+    """(N, i) from --num-jobs/--job-index, else from the array engine's environment: a SLURM job array (its count,
+    and task ids that may start above 0), a Kubernetes Indexed Job's JOB_COMPLETION_INDEX or an AWS Batch array's
+    AWS_BATCH_JOB_ARRAY_INDEX (these two with --num-jobs given); else (1, 0)."""
     if num_jobs is None and "SLURM_ARRAY_TASK_COUNT" in env:
         num_jobs = _env_int(env, "SLURM_ARRAY_TASK_COUNT")
     if job_index is None and "SLURM_ARRAY_TASK_ID" in env:
         job_index = _env_int(env, "SLURM_ARRAY_TASK_ID") - _env_int(env, "SLURM_ARRAY_TASK_MIN")
+    for name, engine in INDEX_VARIABLES.items():
+        if job_index is None and name in env:
+            job_index = _env_int(env, name)
+            if num_jobs is None:
+                raise JobError(f"{name} is set ({engine}) but not the number of jobs: pass --num-jobs N")
     num_jobs, job_index = num_jobs or 1, job_index or 0
     if num_jobs > MAX_JOBS:
         raise JobError(
@@ -174,10 +190,16 @@ def spec_options(args: argparse.Namespace) -> dict:
     }
 
 
-def apply_limit(rows: list, limit: int | None) -> list:
+def check_limit(limit: int | None) -> int | None:
+    """--limit, if at least 1 (or not given); else JobError."""
     if limit is not None and limit < 1:
         raise JobError(f"--limit must be at least 1, got {limit}")
-    return rows if limit is None else rows[:limit]
+    return limit
+
+
+def apply_limit(rows: list, limit: int | None) -> list:
+    """The first --limit rows."""
+    return rows if check_limit(limit) is None else rows[:limit]
 
 
 def run_tool(build_spec: Callable[[argparse.Namespace], JobSpec], args: argparse.Namespace) -> int:

@@ -1,4 +1,5 @@
-"""Readers for the AudioSet and VGGSound CSV files (the lookup of a clip's video file is `preprocess.videos`).
+"""Readers for the AudioSet CSV files and the CSV parsing every reader shares (VGGSound's: `preprocess.vggsound`;
+the lookup of a clip's video file: `preprocess.videos`).
 
 Every reader returns `ClipRow`s whose `key` is the shard key (no dots: DALI takes everything after the first
 dot as the extension). Bad input raises `DatasetError` naming the file and line and saying what to do, quoting what
@@ -9,15 +10,12 @@ import csv
 import itertools
 import os
 import re
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 from shards.manifest import MAX_CLASSES, MAX_SPLIT_SAMPLES
 from shards.text import excerpt, name_problem
-
-VGGSOUND_SPLITS: tuple[str, ...] = ("train", "test")
-VGGSOUND_SEGMENT_S = 10.0
 
 # YouTube ids are [A-Za-z0-9_-] (often starting with '-'); anything else could put a dot or a slash in a key.
 _YTID_RE = re.compile(r"[A-Za-z0-9_-]+")
@@ -25,7 +23,6 @@ _YTID_RE = re.compile(r"[A-Za-z0-9_-]+")
 MAX_YTID_CHARS = 64
 MAX_SECONDS = 1_000_000.0
 _SPLIT_NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*")
-_WHOLE_SECONDS_RE = re.compile(r"[0-9]+")
 _SECONDS_RE = re.compile(r"[0-9]+(?:\.[0-9]*)?")  # float() would also take '1_0', 'nan', '1e3' and non-ASCII digits
 # A CSV line: AudioSet's are ~100 characters, a row of many labels a few KB; read no further than this into one.
 MAX_LINE_CHARS = 1 << 20
@@ -88,16 +85,22 @@ def csv_rows(path: str | os.PathLike, skip_comments: bool = False) -> Iterator[t
         if not line.strip() or (skip_comments and line.startswith("#")):
             continue
         source = f"{os.fspath(path)}:{line_no}"
-        try:
-            fields = next(csv.reader([line], skipinitialspace=True, strict=True))
-        except csv.Error as e:
-            raise DatasetError(f"{source}: malformed CSV line ({e}): {excerpt(line.rstrip())}") from e
-        if len(fields) > MAX_FIELDS:
-            raise DatasetError(f"{source}: {len(fields)} fields, more than a row of a dataset CSV has ({MAX_FIELDS})")
-        yield source, [field.strip() for field in fields]
+        yield source, parse_csv_line(source, line)
 
 
-def _check_ytid(ytid: str, source: str) -> None:
+def parse_csv_line(source: str, line: str) -> list[str]:
+    """The fields of one CSV line, each stripped; a broken quote or more than MAX_FIELDS fields -> DatasetError
+    naming `source`."""
+    try:
+        fields = next(csv.reader([line], skipinitialspace=True, strict=True))
+    except csv.Error as e:
+        raise DatasetError(f"{source}: malformed CSV line ({e}): {excerpt(line.rstrip())}") from e
+    if len(fields) > MAX_FIELDS:
+        raise DatasetError(f"{source}: {len(fields)} fields, more than a row of a dataset CSV has ({MAX_FIELDS})")
+    return [field.strip() for field in fields]
+
+
+def check_ytid(ytid: str, source: str) -> None:
     if not _YTID_RE.fullmatch(ytid) or len(ytid) > MAX_YTID_CHARS:
         raise DatasetError(
             f"{source}: {excerpt(ytid)} is not a YouTube id (letters, digits, '_' and '-' only, "
@@ -105,7 +108,7 @@ def _check_ytid(ytid: str, source: str) -> None:
         )
 
 
-def _claim_key(key: str, source: str, source_of_key: dict[str, str]) -> None:
+def claim_key(key: str, source: str, source_of_key: dict[str, str]) -> None:
     """Note that clip `key` is listed at `source`; DatasetError naming both lines when it was listed before."""
     if key in source_of_key:
         raise DatasetError(f"{source}: clip {key} already listed at {source_of_key[key]}")
@@ -166,25 +169,38 @@ def _parse_seconds(text: str, what: str, source: str) -> float:
 def read_audioset_segments(
     path: str | os.PathLike, class_mids: list[str], drop_unknown_labels: bool = False
 ) -> list[ClipRow]:
-    """Reads an AudioSet segment CSV (balanced_train/eval/unbalanced_train_segments.csv) in file order.
+    """Reads an AudioSet segment CSV (balanced_train/eval/unbalanced_train_segments.csv) in file order: every row
+    as `audioset_row` parses it; a duplicate key -> DatasetError naming both lines. (The shard tool streams the
+    file instead: `preprocess.rows.CsvRows`.)"""
+    parse = audioset_row_parser(class_mids, drop_unknown_labels)
+    rows: list[ClipRow] = []
+    source_of_key: dict[str, str] = {}
+    for source, fields in csv_rows(path, skip_comments=True):
+        row = parse(source, fields)
+        claim_key(row.key, source, source_of_key)
+        rows.append(row)
+    return rows
+
+
+def audioset_row_parser(
+    class_mids: list[str], drop_unknown_labels: bool = False
+) -> Callable[[str, list[str]], ClipRow]:
+    """The parser of one row of an AudioSet segment CSV, `parse(source, fields) -> ClipRow`.
 
     Format: '#' comment lines, then `YTID, start_seconds, end_seconds, "mid,mid,..."`. class_mids[i] is the
     mid of class i; labels become sorted distinct indices. An unknown mid -> DatasetError (file:line, the mid,
     the --drop-unknown-labels flag) unless drop_unknown_labels, which drops it (a row left without labels
-    is kept).
-    A malformed row (column count, YouTube id, times, end <= start) -> DatasetError naming file:line;
-    a duplicate key -> DatasetError naming both lines.
+    is kept). A malformed row (column count, YouTube id, times, end <= start) -> DatasetError naming file:line.
     """
     class_of_mid = {mid: index for index, mid in enumerate(class_mids)}
-    rows: list[ClipRow] = []
-    source_of_key: dict[str, str] = {}
-    for source, fields in csv_rows(path, skip_comments=True):
+
+    def parse(source: str, fields: list[str]) -> ClipRow:
         if len(fields) != 4:
             raise DatasetError(
                 f"{source}: expected 4 columns YTID, start_seconds, end_seconds, positive_labels, got {len(fields)}"
             )
         ytid, start_text, end_text, mids_text = fields
-        _check_ytid(ytid, source)
+        check_ytid(ytid, source)
         start_s = _parse_seconds(start_text, "start", source)
         end_s = _parse_seconds(end_text, "end", source)
         if end_s <= start_s:
@@ -197,10 +213,9 @@ def read_audioset_segments(
                 raise DatasetError(
                     f"{source}: label {excerpt(mid)} is not in the class list; pass --drop-unknown-labels to drop it"
                 )
-        key = f"{ytid}_{round(start_s * 1000)}"
-        _claim_key(key, source, source_of_key)
-        rows.append(ClipRow(key, ytid, start_s, end_s, tuple(sorted(labels)), source))
-    return rows
+        return ClipRow(f"{ytid}_{round(start_s * 1000)}", ytid, start_s, end_s, tuple(sorted(labels)), source)
+
+    return parse
 
 
 def read_class_list(path: str | os.PathLike) -> list[str]:
@@ -226,53 +241,6 @@ def read_class_list(path: str | os.PathLike) -> list[str]:
     if not names:
         raise DatasetError(f"{os.fspath(path)}: no class names")
     return names
-
-
-def read_vggsound(
-    path: str | os.PathLike, split: str, classes: list[str] | None = None
-) -> tuple[list[str], list[ClipRow]]:
-    """Reads vggsound.csv (no header; `YTID,start_seconds,label,split`) -> (class_names, rows of `split`).
-
-    split is 'train' or 'test'. With classes None the class names are the sorted distinct labels of ALL rows
-    (both splits, so train and test share one list); given classes, a label of a `split` row outside it ->
-    DatasetError naming file:line. Rows are 10 s from an integer start; a malformed row, a label that is no
-    printable class name (`check_class_name`), more than MAX_CLASSES labels or a key listed twice in `split` ->
-    DatasetError naming file:line.
-    """
-    if split not in VGGSOUND_SPLITS:
-        raise DatasetError(f"split {excerpt(split)} is not one of {', '.join(VGGSOUND_SPLITS)}")
-    parsed: list[tuple[str, str, int, str, str]] = []
-    for source, fields in csv_rows(path):
-        if len(fields) != 4:
-            raise DatasetError(f"{source}: expected 4 columns YTID,start_seconds,label,split, got {len(fields)}")
-        ytid, start_text, label, row_split = fields
-        _check_ytid(ytid, source)
-        if not _WHOLE_SECONDS_RE.fullmatch(start_text) or int(start_text) > MAX_SECONDS:
-            raise DatasetError(
-                f"{source}: start {excerpt(start_text, 40)} is not a whole number of seconds in [0, {MAX_SECONDS:.0f}]"
-            )
-        if not label:
-            raise DatasetError(f"{source}: empty label")
-        check_class_name(label, "label", source)
-        if row_split not in VGGSOUND_SPLITS:
-            raise DatasetError(f"{source}: split {excerpt(row_split)} is not one of {', '.join(VGGSOUND_SPLITS)}")
-        parsed.append((source, ytid, int(start_text), label, row_split))
-
-    class_names = list(classes) if classes is not None else sorted({label for _, _, _, label, _ in parsed})
-    if len(class_names) > MAX_CLASSES:
-        raise DatasetError(f"{os.fspath(path)}: {len(class_names)} distinct labels, more than {MAX_CLASSES} classes")
-    class_of_name = {name: index for index, name in enumerate(class_names)}
-    rows: list[ClipRow] = []
-    source_of_key: dict[str, str] = {}
-    for source, ytid, start_s, label, row_split in parsed:
-        if row_split != split:
-            continue
-        if label not in class_of_name:
-            raise DatasetError(f"{source}: label {excerpt(label)} is not in the class list")
-        key = f"{ytid}_{start_s:06d}"
-        _claim_key(key, source, source_of_key)
-        rows.append(ClipRow(key, ytid, float(start_s), start_s + VGGSOUND_SEGMENT_S, (class_of_name[label],), source))
-    return class_names, rows
 
 
 def split_name_from_segments(path: str | os.PathLike) -> str:

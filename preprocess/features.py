@@ -5,8 +5,6 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import numpy as np
-import torch
-import torchaudio
 
 from shards.manifest import LogmelStats
 from shards.schema import FeatureParams
@@ -44,6 +42,9 @@ def compute_logmel(waveform: np.ndarray, params: FeatureParams) -> Logmel:
     target = params.fbank_frames
     window = round(params.sample_rate_hz * params.frame_length_ms / 1000)
     if waveform.size >= window:
+        import torch  # here: the shard job's parent plans and writes shards without torch's ~500 MB and seconds
+        import torchaudio
+
         wav = torch.from_numpy(np.array(waveform, dtype=np.float32))[None]  # a writable copy
         fbank = torchaudio.compliance.kaldi.fbank(
             wav - wav.mean(),

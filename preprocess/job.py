@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import collections
 import contextlib
-import hashlib
 import multiprocessing
 import os
 import signal
@@ -46,6 +45,7 @@ from preprocess.job_state import (
     remove_stale_shard_tmp,
     write_shard,
 )
+from preprocess.rows import ListRows, RowSource
 from preprocess.videos import VideoIndex, check_name_templates
 from shards.schema import FAILURES_NAME, MANIFEST_NAME, SCHEMA_VERSION, FeatureParams
 
@@ -56,7 +56,7 @@ class JobSpec:
 
     dataset: str
     split: str
-    rows: list[ClipRow]
+    rows: RowSource | Sequence[ClipRow]  # a sequence is held as ListRows
     classes: list[dict[str, Any]]
     multi_label: bool
     videos_dir: Path
@@ -74,17 +74,22 @@ class JobSpec:
     inputs: dict[str, Any] = field(default_factory=dict)
     decode_timeout_s: float | None = None  # per clip; None: default_decode_timeout_s(segment). Not in identity().
 
+    def __post_init__(self) -> None:
+        if isinstance(self.rows, Sequence):
+            self.rows = ListRows(self.rows)
+
+    @property
+    def row_source(self) -> RowSource:
+        assert not isinstance(self.rows, Sequence)  # __post_init__ wrapped it
+        return self.rows
+
     def identity(self) -> dict[str, Any]:
         """What the output depends on; a rerun into the same folder must match it."""
-        rows_hash = hashlib.sha256()
-        for row in self.rows:
-            rows_hash.update(f"{row.key},{row.start_s!r},{row.end_s!r},{list(row.labels)}\n".encode())
         return {
             "schema_version": SCHEMA_VERSION,
             "dataset": self.dataset,
             "split": self.split,
-            "num_rows": len(self.rows),
-            "rows_sha256": rows_hash.hexdigest(),
+            **self.row_source.identity(),
             "classes": self.classes,
             "multi_label": self.multi_label,
             "features": self.params.to_dict(),
@@ -111,6 +116,7 @@ class JobSummary:
     seconds: float
     already_done: bool
     missing_parts: list[int] = field(default_factory=list)  # partitioned runs: parts whose shards are not done
+    num_jobs: int = 1
 
     def describe(self) -> str:
         if self.already_done:
@@ -118,11 +124,12 @@ class JobSummary:
                 f"nothing to do: {self.out_dir} is complete ({self.num_samples} samples in {self.num_shards} shards, "
                 f"{sum(self.skipped.values())} skipped); delete it to shard again"
             )
-        if self.missing_parts:
+        if waiting := len(self.missing_parts):
             return (
                 f"{self.out_dir}: this part is done ({self.clips_processed} clips, {self.shards_written} shards in "
-                f"{self.seconds:.1f} s); waiting for parts {self.missing_parts}: the last part to finish writes the "
-                "manifest (or run tools/merge_manifests.py on the folder)"
+                f"{self.seconds:.1f} s); waiting for {waiting} part{'s' * (waiting > 1)}; "
+                f"{self.num_jobs - waiting} done: the last part to finish writes the manifest "
+                "(tools/merge_manifests.py on the folder names the parts missing)"
             )
         skipped = ", ".join(f"{n} {reason}" for reason, n in sorted(self.skipped.items())) or "none"
         rate = self.clips_processed / self.seconds if self.seconds > 0 else 0.0
@@ -175,9 +182,9 @@ def _run_task(task: ClipTask) -> tuple[list | None, Any]:
     return process_clip(task, *_WORKER_ARGS)
 
 
-def _tasks(spec: JobSpec, rows: np.ndarray, index: VideoIndex) -> Iterator[ClipTask]:
+def _tasks(spec: JobSpec, rows: np.ndarray, parsed: dict[int, ClipRow], index: VideoIndex) -> Iterator[ClipTask]:
     for i in rows:
-        row = spec.rows[int(i)]
+        row = parsed[int(i)]
         try:
             path, missing = str(index.find(row, spec.name_templates)), None
         except (FileNotFoundError, DatasetError) as err:
@@ -206,7 +213,7 @@ def run_job(spec: JobSpec) -> JobSummary:
     """Shard this job's part of `spec.rows` into `spec.out_dir`, resuming whatever an earlier run left; the job
     that completes the split's last part writes the manifest."""
     t0 = time.monotonic()
-    if not spec.rows:
+    if not spec.row_source.num_rows:
         raise JobError(f"no rows to shard for {spec.dataset}/{spec.split}; check the CSV and --split/--limit")
     if not 0 <= spec.job_index < spec.num_jobs:
         raise JobError(f"--job-index must be in 0..{spec.num_jobs - 1} for --num-jobs {spec.num_jobs}")
@@ -220,7 +227,7 @@ def run_job(spec: JobSpec) -> JobSummary:
 
 
 def _run_part(spec: JobSpec, t0: float) -> JobSummary:
-    plan = plan_shards(len(spec.rows), spec.shard_size, spec.seed)
+    plan = plan_shards(spec.row_source.num_rows, spec.shard_size, spec.seed)
     mine = [k for k in range(len(plan)) if k % spec.num_jobs == spec.job_index]
     pending = [k for k in mine if load_record(spec.out_dir, k, plan[k].size) is None]
     if not pending and (spec.out_dir / MANIFEST_NAME).is_file():
@@ -228,10 +235,11 @@ def _run_part(spec: JobSpec, t0: float) -> JobSummary:
     remove_stale_shard_tmp(spec.out_dir, pending)
     processed = 0
     if pending:
+        parsed = spec.row_source.select(np.concatenate([plan[k] for k in pending]))  # only this part's rows
         require_ffmpeg()
         remove_stale_scratch()
         index = VideoIndex(spec.videos_dir)
-        tasks = (task for k in pending for task in _tasks(spec, plan[k], index))
+        tasks = (task for k in pending for task in _tasks(spec, plan[k], parsed, index))
         workers = spec.workers or len(os.sched_getaffinity(0))
         total = sum(plan[k].size for k in pending)
         part = f" part {spec.job_index + 1}/{spec.num_jobs}" if spec.num_jobs > 1 else ""
@@ -252,5 +260,5 @@ def _run_part(spec: JobSpec, t0: float) -> JobSummary:
                 processed += len(results)
     _, waiting = merge(spec.out_dir)
     summary = _summary(spec, done_records(spec.out_dir, plan), processed, len(pending), t0, done=False)
-    summary.missing_parts = waiting.parts(spec.num_jobs)
+    summary.missing_parts, summary.num_jobs = waiting.parts(spec.num_jobs), spec.num_jobs
     return summary

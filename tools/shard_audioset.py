@@ -6,21 +6,22 @@ import argparse
 import sys
 from pathlib import Path
 
-from preprocess.cli import add_job_arguments, apply_limit, run_tool, spec_options
-from preprocess.datasets import read_audioset_classes, read_audioset_segments, split_name_from_segments
+from preprocess.cli import add_job_arguments, check_limit, run_tool, spec_options
+from preprocess.datasets import audioset_row_parser, read_audioset_classes, split_name_from_segments
 from preprocess.job import JobSpec
+from preprocess.rows import CsvRows
 from preprocess.videos import AUDIOSET_NAME_TEMPLATES
 from shards.layout import split_dir
 
 
 def build_spec(args: argparse.Namespace) -> JobSpec:
     classes = read_audioset_classes(args.labels)
-    rows = read_audioset_segments(args.segments, [mid for mid, _ in classes], args.drop_unknown_labels)
+    parse_row = audioset_row_parser([mid for mid, _ in classes], args.drop_unknown_labels)
     split = split_name_from_segments(args.segments)
     return JobSpec(
         dataset="audioset",
         split=split,
-        rows=apply_limit(rows, args.limit),
+        rows=CsvRows(args.segments, parse_row, skip_comments=True, limit=check_limit(args.limit)),
         classes=[{"index": i, "id": mid, "name": name} for i, (mid, name) in enumerate(classes)],
         multi_label=True,
         videos_dir=args.videos,

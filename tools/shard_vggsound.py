@@ -6,20 +6,23 @@ import argparse
 import sys
 from pathlib import Path
 
-from preprocess.cli import add_job_arguments, apply_limit, run_tool, spec_options
-from preprocess.datasets import read_class_list, read_vggsound
+from preprocess.cli import add_job_arguments, check_limit, run_tool, spec_options
+from preprocess.datasets import read_class_list
 from preprocess.job import JobSpec
+from preprocess.rows import CsvRows
+from preprocess.vggsound import check_split, vggsound_classes, vggsound_row_parser, vggsound_split_filter
 from preprocess.videos import VGGSOUND_NAME_TEMPLATES
 from shards.layout import split_dir
 
 
 def build_spec(args: argparse.Namespace) -> JobSpec:
-    given = read_class_list(args.classes) if args.classes else None
-    classes, rows = read_vggsound(args.csv, args.split, given)
+    keep = vggsound_split_filter(check_split(args.split))
+    classes = read_class_list(args.classes) if args.classes else vggsound_classes(args.csv)
+    rows = CsvRows(args.csv, vggsound_row_parser(classes), limit=check_limit(args.limit), keep=keep)
     return JobSpec(
         dataset="vggsound",
         split=args.split,
-        rows=apply_limit(rows, args.limit),
+        rows=rows,
         classes=[{"index": i, "id": name, "name": name} for i, name in enumerate(classes)],
         multi_label=False,
         videos_dir=args.videos,

@@ -10,9 +10,9 @@ from preprocess.datasets import (
     read_audioset_classes,
     read_audioset_segments,
     read_class_list,
-    read_vggsound,
     split_name_from_segments,
 )
+from preprocess.vggsound import read_vggsound
 from preprocess.videos import AUDIOSET_NAME_TEMPLATES, VGGSOUND_NAME_TEMPLATES, VideoIndex
 
 CLASSES_CSV = """index,mid,display_name

@@ -14,8 +14,9 @@ from conftest import audioset_args, load_tool
 from test_hostile_pre_job import args_with_videos, demo_ytids, keys_in
 
 from preprocess.cli import add_job_arguments, check_options, partition
-from preprocess.datasets import ClipRow, DatasetError, read_audioset_segments, read_vggsound, split_name_from_segments
+from preprocess.datasets import ClipRow, DatasetError, read_audioset_segments, split_name_from_segments
 from preprocess.job_state import JobError
+from preprocess.vggsound import read_vggsound
 from preprocess.videos import AUDIOSET_NAME_TEMPLATES, VideoIndex, check_name_templates
 from shards.manifest import load_manifest
 from shards.schema import MAX_FRAMES

@@ -19,8 +19,8 @@ from preprocess.datasets import (
     read_audioset_classes,
     read_audioset_segments,
     read_class_list,
-    read_vggsound,
 )
+from preprocess.vggsound import read_vggsound
 from serve.segments import read_segments_csv
 
 BIG = "\x1b[2J" + "x" * 100_000  # a field under csv's field limit (131,072), with a terminal escape
