@@ -27,7 +27,7 @@ from mbt.train import prepare_run
 from mbt.validate import per_rank_batch, validate
 from pipelines.config import AugmentConfig
 from shards.manifest import load_manifest
-from shards.schema import FeatureParams
+from shards.schema import MAX_FRAMES, FeatureParams
 
 
 def write_manifest(
@@ -432,7 +432,7 @@ def test_bad_values_are_rejected(demo_cfg: TrainConfig, changes: dict[str, objec
         ({}, {"audio_frames": 400}, "--augment.audio_frames 400 differs from --model.audio_frames 800"),
         ({}, {"mixup_alpha": -1.0}, "--augment.mixup_alpha must be 0 .off. or positive"),
         ({}, {"num_test_clips": 0}, r"--augment.num_test_clips must be in 1\.\.64"),
-        ({}, {"frames_used": 0}, r"--augment.frames_used must be in 1\.\.99"),
+        ({}, {"frames_used": 0}, rf"--augment.frames_used must be in 1\.\.{MAX_FRAMES}"),
         ({}, {"logmel_std": 0.0}, r"--augment.logmel_std must be positive \(log-mels are divided by it\), got 0.0"),
         ({}, {"logmel_mean": float("inf")}, "--augment.logmel_mean must be a finite number, got inf"),
     ],
