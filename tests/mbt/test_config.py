@@ -81,7 +81,8 @@ def test_audioset_preset_is_the_mbt_recipe() -> None:
         0.3,
     )
     assert cfg.augment.num_test_clips == 4
-    assert cfg.augment == AugmentConfig(mixup_alpha=0.5)  # the loaders' defaults: the reference's augmentation
+    # the loaders' defaults, the reference's augmentation, and DMVR's repeated short audio
+    assert cfg.augment == AugmentConfig(mixup_alpha=0.5, audio_pad="repeat")
     assert (cfg.augment.logmel_mean, cfg.augment.logmel_std) == (None, None)  # training sets its split's
     assert cfg.model == MBTConfig(num_classes=527, drop_path_rate=0.3)
     assert (cfg.train_shards, cfg.eval_shards, cfg.out_dir) == (
@@ -122,8 +123,9 @@ def test_every_preset_validates_against_matching_manifests(tmp_path: Path) -> No
     for name in PRESETS:
         cfg = preset(name)
         classes = cfg.model.num_classes or 5  # custom: 0, the training split's
-        train = write_manifest(tmp_path / name / "train", num_classes=classes)
-        test = write_manifest(tmp_path / name / "eval", num_classes=classes)
+        frames = 250 if name == "scenic_as" else 8  # scenic's clips: 32 at stride 2 of 25 per second
+        train = write_manifest(tmp_path / name / "train", num_frames=frames, num_classes=classes)
+        test = write_manifest(tmp_path / name / "eval", num_frames=frames, num_classes=classes)
         cfg, _ = prepare_run(cfg.replace(train_shards=str(train), eval_shards=str(test)), world_size=1)
         assert cfg.model.num_classes == classes
         assert validate(cfg) is cfg
@@ -158,7 +160,9 @@ def test_the_custom_preset_takes_the_classes_of_a_patterned_or_streamed_training
 
 
 def test_unknown_preset_lists_the_names() -> None:
-    with pytest.raises(ConfigError, match="unknown preset 'kinetics': choose one of audioset, vggsound, custom, demo"):
+    with pytest.raises(
+        ConfigError, match="unknown preset 'kinetics': choose one of audioset, vggsound, custom, scenic_as, demo"
+    ):
         preset("kinetics")
     with pytest.raises(ConfigError, match="unknown preset 'kinetics'"):
         load_config(["--preset", "kinetics"])
@@ -314,7 +318,7 @@ def test_help_lists_the_keys(capsys: pytest.CaptureFixture[str]) -> None:
         load_config(["--help"])
     assert exit_info.value.code == 0
     out = capsys.readouterr().out
-    assert "--preset audioset|vggsound|custom|demo" in out
+    assert "--preset audioset|vggsound|custom|scenic_as|demo" in out
     assert "--model.fusion_layer (int) 2" in out
     assert "--augment.resize_scale (comma list float,float) 0.08,1.0" in out
     assert "--clip_grad_norm (float or none)" in out
