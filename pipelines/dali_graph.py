@@ -99,7 +99,9 @@ def mbt_pipeline(spec: GraphSpec, train: bool, device: str) -> tuple[Any, ...]:
     decoder = "mixed" if device == "gpu" else "cpu"
     features = spec.features
     values = fn.reshape(fn.cast(logmel, dtype=types.FLOAT), shape=[features.fbank_frames, features.num_mel_bins])
-    mel = Logmel(values.gpu() if device == "gpu" else values, real_rows(values, features.fbank_frames))
+    # the real rows only where audio_pad repeats them: the zeros graph keeps its operators as they were
+    real = real_rows(values, features.fbank_frames) if spec.augment.audio_pad == "repeat" else None
+    mel = Logmel(values.gpu() if device == "gpu" else values, real)
     if train:
         ids, start = train_window(spec.augment, spec.features)
         chosen = select_members(jpegs, ids, spec.frames_used)

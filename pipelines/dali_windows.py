@@ -61,7 +61,7 @@ def select_members(jpegs: list[Any], ids: Any, count: int) -> list[Any]:
 
 class Logmel(NamedTuple):
     """A sample's stored log-mel: `values` float32 (T, mel_bins) on the graph's device, `real` int32 () on the CPU
-    (`real_rows`)."""
+    (`real_rows`; None where `audio_pad` is "zeros", which does not need it)."""
 
     values: Any
     real: Any
