@@ -3,7 +3,7 @@ AST's `src/dataloader.py` load it, at this project's output. Per clip: its frame
 (`frame_{i}/{clip}.jpg`) opened with PIL and each passed through their torchvision transform (Resize(224, bicubic),
 CenterCrop, ToTensor, Normalize), its audio a wav file (`{clip}.wav`) read whole, mean removed, `kaldi.fbank` per
 sample (their parameters), cut or padded to the target length, SpecAugment with torchaudio's masking transforms,
-normalized; labels multi-hot. The same frames as the loaders' rows (`pipelines.transforms.frame_ids` of a random
+normalized; labels multi-hot. The same frames as the loaders' rows (`pipelines.windows.spread_ids` of a random
 window), the same output: video float32 (F, 3, 224, 224), audio float32 (1, T, 128). Theirs reads wavs with
 `torchaudio.load`, which needs TorchCodec from torchaudio 2.9 on; this reads them with the standard library's
 `wave` (the same int16 → float32 scaling).
@@ -25,7 +25,7 @@ from torchvision import transforms as T
 from pipelines.config import AugmentConfig
 from pipelines.reading import SampleReader
 from pipelines.sources import SplitIndex
-from pipelines.transforms import frame_ids
+from pipelines.windows import spread_ids
 from shards.schema import frame_ext
 
 # ImageNet's statistics, as CAV-MAE normalizes
@@ -101,7 +101,7 @@ class PerFileClips(Dataset):
     def __getitem__(self, i: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         key, rng = self.keys[i], np.random.default_rng(i)
         start = int(rng.integers(0, max(self.features.fbank_frames - self.aug.audio_frames, 0) + 1))
-        ids = frame_ids(start, self.aug, self.features, rng.random(self.aug.frames_used or self.features.num_frames))
+        ids = spread_ids(start, self.aug, self.features, rng.random(self.aug.frames_used or self.features.num_frames))
         video = torch.stack([self.preprocess(Image.open(self.folder / f"frame_{j}" / f"{key}.jpg")) for j in ids])
         fbank = self._wav2fbank(self.folder / f"{key}.wav").T[None]  # (1, bins, T), as their masking expects
         fbank = torchaudio.transforms.FrequencyMasking(self.aug.freq_mask_px)(fbank)

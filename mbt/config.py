@@ -33,7 +33,7 @@ from pipelines.config import SHUFFLE_BUFFER_SAMPLES, AugmentConfig
 from shards.layout import split_dir
 from shards.schema import MAX_FRAMES
 
-PRESETS = ("audioset", "vggsound", "custom", "demo")
+PRESETS = ("audioset", "vggsound", "custom", "scenic_as", "demo")
 # --init: the towers from the --init_video / --init_audio ViT files, as scenic's code restores them or every tensor
 # of the ViT (`mbt.pretrained`); or "none", from scratch (random weights), which with init_required is the only way
 # to train without the files
@@ -76,6 +76,7 @@ INT_LIMITS: dict[str, tuple[int, int, str]] = {
     "model.audio_patch_stride": (1, 256, "log-mel frames and bins"),
     "augment.crop_px": (1, 1_024, "pixels"),
     "augment.frames_used": (1, MAX_FRAMES, "frames per clip"),
+    "augment.frame_stride": (1, MAX_FRAMES, "stored frames between a clip's frames"),
     "augment.eval_short_side_px": (1, 4_096, "pixels"),
     "augment.audio_frames": (1, 10_000, "log-mel frames"),
     "augment.freq_mask_px": (0, 1_024, "mel bins"),
@@ -161,18 +162,48 @@ BEFORE_KEYS: dict[str, Any] = {
 }
 
 
+# scenic's released AudioSet models (configs/audioset/balanced_audioset_base.py) on the AudioSet recipe: MBT-B/16x2
+# tubelets over 32 consecutive frames at stride 2 of 25 per second (2.56 s; shards of --fps 25), the CLS classifier,
+# its spectrogram of 8 x 100 frames normalized by its fixed statistics, 4 test clips.
+SCENIC_AS_DATASET = "audioset_25fps"
+# A sample of 250 frames is 6.5 MB (docs/PERFORMANCE.md): 128 of them take the memory of the default buffer of 20-frame
+# samples (0.8 GB per rank).
+SCENIC_AS_SHUFFLE_BUFFER = 128
+# The config's text says classifier 'gap', with which scenic's MBT cannot fuse (docs/model.md): its released fused
+# files are 'token' models, the recipe's CLS pool with its n_bottlenecks + 1 tokens.
+SCENIC_AS_MODEL = {"num_frames": 32, "video_embed": "tubelet", "tubelet_frames": 2, "gelu": "tanh"}
+SCENIC_AS_AUGMENT = {
+    "frames_used": 32, "frame_sampling": "consecutive", "frame_stride": 2, "audio_frames": 800, "num_test_clips": 4,
+    "logmel_mean": 1.102, "logmel_std": 2.762,
+}  # fmt: skip
+
+
 def preset(name: str) -> TrainConfig:
     """The named preset: 'audioset' and 'vggsound' (the MBT recipe on their shards), 'custom' (the recipe on your
-    own shards, the head sized by the training split) or 'demo' (a tiny MBT for the 2-core CPU demo on
-    data/shards/demo)."""
+    own shards, the head sized by the training split), 'scenic_as' (the clips and features scenic's released
+    AudioSet models were trained on, for converted checkpoints: `SCENIC_AS_MODEL`, `SCENIC_AS_AUGMENT`, on
+    data/shards/audioset_25fps) or 'demo' (a tiny MBT for the 2-core CPU demo on data/shards/demo)."""
     if name in RECIPE_DATA:
         classes, train_split, eval_split = RECIPE_DATA[name]
-        return TrainConfig(
+        recipe = TrainConfig(
             model=MBTConfig(num_classes=classes, drop_path_rate=0.3),
             train_shards=str(split_dir(name, train_split)),
             eval_shards=str(split_dir(name, eval_split)),
             init_required=name != "custom",  # your own data: from scratch without the ViT files, as before
             out_dir=f"runs/{name}",
+        )
+        # DMVR repeats a short clip's log-mel; AugmentConfig keeps zeros, what older checkpoints were trained with.
+        return recipe.replace(augment=recipe.augment.replace(audio_pad="repeat"))
+    if name == "scenic_as":
+        audioset = preset("audioset")
+        _, train_split, eval_split = RECIPE_DATA["audioset"]
+        return audioset.replace(
+            model=audioset.model.replace(**SCENIC_AS_MODEL),
+            augment=audioset.augment.replace(**SCENIC_AS_AUGMENT),
+            train_shards=str(split_dir(SCENIC_AS_DATASET, train_split)),
+            eval_shards=str(split_dir(SCENIC_AS_DATASET, eval_split)),
+            out_dir=f"runs/{name}",
+            shuffle_buffer=SCENIC_AS_SHUFFLE_BUFFER,
         )
     if name == "demo":
         # 8 frames at 128 px and 400 log-mel frames per 4 s clip (the Makefile's shards), 12 classes; 2 frames in the
@@ -253,7 +284,7 @@ def load_config(argv: Sequence[str] | None = None) -> TrainConfig:
 def config_help() -> str:
     """Usage and every key with its type and the demo preset's value."""
     return "\n".join([
-        "usage: [--preset audioset|vggsound|custom|demo] [--config FILE.yaml] [--KEY VALUE ...]",
+        f"usage: [--preset {'|'.join(PRESETS)}] [--config FILE.yaml] [--KEY VALUE ...]",
         "values: numbers, true/false, none, comma lists for tuples; keys and their demo values:",
         *keys_help(TrainConfig, config_to_dict(preset("demo"))),
     ])  # fmt: skip

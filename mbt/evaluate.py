@@ -14,9 +14,11 @@ writes `metrics.json` (`num_samples` and `mAP`, `mAUC`, `d_prime`, or `top1`, `t
 most-confused class pairs). `--embeddings FILE.npz` also writes each sample's clip-averaged embeddings
 (`mbt.embeddings`: each tower's pooled features, the bottleneck tokens), computed on every rank, gathered by key.
 The log-mels are normalized with the model's statistics, those of its training split that the checkpoint's config
-records (older checkpoints without them: the evaluated split's own, and a warning). The checkpoint must record the
-classes of the split (older checkpoints without a record: a warning), and no sample's logits may be NaN or
-infinite; what cannot be evaluated is printed as one `error: ...` line.
+records (older checkpoints without them: the evaluated split's own, and a warning). The clips are those the
+checkpoint's config records, or with `--preset NAME` that preset's (its clip sampling, audio padding, test clips and,
+where it fixes them, log-mel statistics: `--preset scenic_as` for a converted scenic checkpoint). The checkpoint
+must record the classes of the split (older checkpoints without a record: a warning), and no sample's logits may
+be NaN or infinite; what cannot be evaluated is printed as one `error: ...` line.
 """
 
 from __future__ import annotations
@@ -36,11 +38,13 @@ from tqdm import tqdm
 
 from mbt.checkpoint import CheckpointFileError, TrainedModel, build_model, load_trained
 from mbt.classes import ClassListError, class_record, record_difference
-from mbt.config import INT_LIMITS
+from mbt.config import INT_LIMITS, PRESETS
+from mbt.config_io import ConfigError
 from mbt.dist import DistInfo, all_gather_objects, cleanup, init_distributed, on_main_rank
 from mbt.embeddings import Embedding, forward_with_embeddings, mean_embedding, rows_as_numpy, write_embeddings
 from mbt.fits import fits
 from mbt.metrics import average_precision_per_class, compute_metrics
+from mbt.preset_feed import preset_feed
 from mbt.results import (
     CONFUSION_FILE,
     CONFUSION_PLOT,
@@ -270,6 +274,11 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--num-workers", type=int, default=2, help="loader workers (DALI: threads) per rank")
     parser.add_argument("--bf16", action="store_true", help="bf16 autocast on CUDA")
     parser.add_argument("--embeddings", type=Path, help="also write each sample's embeddings to this .npz")
+    parser.add_argument(
+        "--preset", choices=PRESETS,
+        help="feed the model as this preset does (clip sampling, audio, test clips; scenic_as: a converted scenic "
+        "checkpoint) instead of with the settings the checkpoint records",
+    )  # fmt: skip
     args = parser.parse_args(argv)
     for flag, key in (("batch-size", "eval_batch_size"), ("num-workers", "num_workers")):
         least, most, what = INT_LIMITS[key]
@@ -283,6 +292,12 @@ def run(args: argparse.Namespace) -> int:
     trained = load_trained(args.checkpoint)
     if note := conversion_note(trained.converted_from, trained.model):
         log.warning("note: %s: %s", args.checkpoint, note)
+    if args.preset:
+        try:
+            augment = preset_feed(args.preset, trained.model, trained.augment, str(args.checkpoint))
+        except ConfigError as err:
+            raise EvaluationError(str(err)) from None
+        trained = trained._replace(augment=augment)
     augment = trained.augment
     split = open_split(args.shards)
     manifest = split.manifest

@@ -11,14 +11,15 @@ from typing import Any
 from mbt.classes import ClassListError, class_record, record_difference
 from mbt.model import MBTConfig
 from mbt.splits import RunSplits
-from pipelines.config import AugmentConfig, frames_fed, frames_problem
+from pipelines.config import AugmentConfig, consecutive_misfit, frames_fed
 from shards.manifest import Manifest
 
 
 def fits(model: MBTConfig, augment: AugmentConfig, manifest: Manifest, where: str = "the shards") -> list[str]:
     """What keeps `model`, fed by the loaders with `augment`, from reading the split of `manifest` (its shards are
     called `where`), each problem with the setting to change; empty when it fits. Frames are checked for a video
-    tower, log-mel frames and mel bins for an audio tower, and frames the loaders cannot feed for any model."""
+    tower, log-mel frames and mel bins for an audio tower, and frames the loaders cannot feed for any model (more
+    than stored, or consecutive frames that span more than the clip or the audio window)."""
     features, stored = manifest.features, manifest.features.num_frames
     fed, video, audio = frames_fed(augment, stored), "video" in model.modalities, "audio" in model.modalities
     problems = []
@@ -27,10 +28,18 @@ def fits(model: MBTConfig, augment: AugmentConfig, manifest: Manifest, where: st
             f"--model.num_frames {model.num_frames}, but {where} hold {stored} frames per clip: "
             f"lower --model.num_frames to at most {stored}"
         )
-    if frames_problem(augment, stored):
+    if not 1 <= fed <= stored:
         problems.append(
             f"--augment.frames_used {augment.frames_used}, but {where} hold {stored} frames per clip: "
             f"lower it to at most {stored}"
+        )
+    elif misfit := consecutive_misfit(augment, features):
+        clip_s, audio_s, least_fps = misfit
+        problems.append(
+            f"--augment.frames_used {fed} consecutive frames at --augment.frame_stride {augment.frame_stride} span "
+            f"{clip_s:g} s of {where} ({features.frames_per_s:g} frames per second, {stored} per clip), more than "
+            f"the {audio_s:g} s audio window or the clip: re-shard with --fps {least_fps:g} or more (scenic's clips: "
+            "32 frames at stride 2 of --fps 25, 2.56 s), or lower --augment.frame_stride"
         )
     elif video and model.num_frames <= stored and fed != model.num_frames:
         problems.append(

@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from shards.manifest import LogmelStats
+from shards.schema import FeatureParams
 
 # ViT weights pre-trained with inputs in [-1, 1] (timm augreg, MBT's zero-centering): mean 0.5, std 0.5.
 VIDEO_MEAN = (0.5, 0.5, 0.5)
@@ -28,7 +29,8 @@ VIDEO_STD = (0.5, 0.5, 0.5)
 BATCH_KEYS = ("video", "audio", "labels", "key", "clip_index")
 
 # Training shuffle buffer of a rank, in samples, where the order is a stream (the DALI reader; streamed pipe: splits,
-# shared by the workers): about 0.4 GB of encoded samples at the default 8 frames of 256 px and 1000 log-mel frames.
+# shared by the workers): about 0.8 GB of encoded samples at the default 20 frames of 256 px (758 KB each); 6.5 GB at
+# 25 frames per second (6.5 MB each: `--preset scenic_as` keeps 128).
 SHUFFLE_BUFFER_SAMPLES = 1024
 
 
@@ -37,6 +39,12 @@ class LoaderError(RuntimeError):
 
 
 VIDEO_CROPS = ("scale_jitter", "inception")
+# Which stored frames a clip shows (`pipelines.windows`): spread over its audio window (this project's), or
+# consecutive at a stride from where the audio window starts (scenic's DMVR sampling).
+FRAME_SAMPLINGS = ("spread", "consecutive")
+# What fills an audio window past the clip's real log-mel: zeros (AST's ZeroPad2d) or the log-mel again from its
+# start (DMVR's `sample_sequence`, which tiles a short sequence).
+AUDIO_PADS = ("zeros", "repeat")
 
 
 @dataclass(frozen=True)
@@ -45,8 +53,12 @@ class AugmentConfig:
     DMVR's ops) at 224 px, 8 frames and 800 log-mel frames. `pipelines.augment` says what each does."""
 
     crop_px: int = 224
-    # Frames per clip: one from each of `frames_used` equal parts of the clip's audio window (None: as many as stored).
+    # Frames per clip (None: as many as stored), taken by `frame_sampling`: "spread", one from each of `frames_used`
+    # equal parts of the clip's audio window; "consecutive", every `frame_stride`-th stored frame from the window's
+    # start (scenic: 32 at stride 2 of 25 per second, 2.56 s).
     frames_used: int | None = 8
+    frame_sampling: str = "spread"
+    frame_stride: int = 1
     video_crop: str = "scale_jitter"  # scenic: resize, scale each axis by U(scale_jitter), random crop; or "inception"
     scale_jitter: tuple[float, float] = (0.9, 1.33)  # scenic's scale_min_factor, scale_max_factor
     resize_scale: tuple[float, float] = (0.08, 1.0)  # "inception": random resized crop, area fraction (AST, timm)
@@ -56,6 +68,7 @@ class AugmentConfig:
     color_drop_prob: float = 0.1  # ... and grey scale (scenic's prob_color_drop)
     eval_short_side_px: int = 256  # frames resized to this short side before cropping (scenic's min_resize)
     audio_frames: int = 800  # log-mel frames fed to the model (MBT: 800 of 1000, 8 s)
+    audio_pad: str = "zeros"  # a window past the clip's real log-mel: zeros, or "repeat" it from its start (scenic)
     freq_mask_px: int = 48  # SpecAugment as scenic runs it (lingvo's): frequency masks of width U[0, 48) bins
     time_mask_px: int = 48  # ... and time masks of width U[0, 48) frames, where num_time_masks > 0 (AST: U[0, 192))
     num_freq_masks: int = 1
@@ -69,8 +82,10 @@ class AugmentConfig:
     logmel_std: float | None = None
 
     def __post_init__(self) -> None:
-        if self.video_crop not in VIDEO_CROPS:
-            raise ValueError(f"video_crop must be one of {', '.join(VIDEO_CROPS)}, got {self.video_crop!r}")
+        choices_of = {"video_crop": VIDEO_CROPS, "frame_sampling": FRAME_SAMPLINGS, "audio_pad": AUDIO_PADS}
+        for name, choices in choices_of.items():
+            if getattr(self, name) not in choices:
+                raise ValueError(f"{name} must be one of {', '.join(choices)}, got {getattr(self, name)!r}")
 
     def replace(self, **changes: object) -> AugmentConfig:
         return dataclasses.replace(self, **changes)
@@ -105,11 +120,34 @@ def frames_fed(augment: AugmentConfig, stored: int) -> int:
     return augment.frames_used or stored
 
 
-def frames_problem(augment: AugmentConfig, stored: int) -> str | None:
-    """Why the loaders cannot feed `augment.frames_used` frames from shards holding `stored`, or None."""
+def consecutive_misfit(augment: AugmentConfig, features: FeatureParams) -> tuple[float, float, float] | None:
+    """(seconds the clip's frames span, seconds of the audio window, the least frame rate that fits them) when
+    `frame_sampling` is "consecutive" and its frames at `frame_stride` need more stored frames than a clip of
+    `features` holds or span more time than the audio window; None otherwise."""
+    if augment.frame_sampling != "consecutive":
+        return None
+    fed, stride = frames_fed(augment, features.num_frames), augment.frame_stride
+    span = (fed - 1) * stride + 1
+    clip_s, audio_s = fed * stride / features.frames_per_s, augment.audio_frames * features.frame_shift_ms / 1000
+    if span <= features.num_frames and clip_s <= audio_s:
+        return None
+    return clip_s, audio_s, max(fed * stride / audio_s, span / features.segment_s)
+
+
+def frames_problem(augment: AugmentConfig, features: FeatureParams) -> str | None:
+    """Why the loaders cannot feed `augment.frames_used` frames from shards of `features`, or None: more frames than
+    stored, or consecutive frames that do not fit (`consecutive_misfit`)."""
+    stored = features.num_frames
     fed = frames_fed(augment, stored)
     if not 1 <= fed <= stored:
         return f"frames_used={fed}, but the shards hold {stored} frames"
+    if misfit := consecutive_misfit(augment, features):
+        clip_s, audio_s, least_fps = misfit
+        return (
+            f"frames_used={fed} consecutive frames at frame_stride={augment.frame_stride} span {clip_s:g} s of shards "
+            f"of {features.frames_per_s:g} frames per second ({stored} per clip), more than the {audio_s:g} s audio "
+            f"window or the clip: shards of at least {least_fps:g} frames per second are needed"
+        )
     return None
 
 

@@ -22,7 +22,8 @@ from pipelines.augment import (
     scale_jitter_window,
 )
 from pipelines.config import VIDEO_MEAN, VIDEO_STD, AugmentConfig, LoaderError
-from pipelines.transforms import eval_windows, frame_ids
+from pipelines.dali_windows import Logmel, audio_window, random_int, real_rows, select_members, train_window
+from pipelines.windows import eval_clips
 from shards.schema import LABELS_EXT, LOGMEL_EXT, FeatureParams, frame_ext, split_member_name
 
 try:
@@ -63,17 +64,11 @@ class GraphSpec:
     multi_label: bool
     augment: AugmentConfig
 
-    def eval_clips(self) -> list[tuple[int, np.ndarray]]:
-        """(log-mel start, frame ids) of each test clip: the torch loader's synchronized windows."""
-        aug = self.augment
-        starts = eval_windows(self.features.fbank_frames, aug.audio_frames, aug.num_test_clips)
-        return [(start, frame_ids(start, aug, self.features, None)) for start in starts]
-
     def frames_read(self, train: bool) -> list[int]:
         """Stored frames the reader outputs: all of them in training, the ones the test clips show otherwise."""
         if train:
             return list(range(self.features.num_frames))
-        return sorted({int(i) for _, ids in self.eval_clips() for i in ids})
+        return sorted({int(i) for ids, _ in eval_clips(self.augment, self.features) for i in ids})
 
 
 @pipeline_def
@@ -103,12 +98,13 @@ def mbt_pipeline(spec: GraphSpec, train: bool, device: str) -> tuple[Any, ...]:
     )
     decoder = "mixed" if device == "gpu" else "cpu"
     features = spec.features
-    mel = fn.reshape(fn.cast(logmel, dtype=types.FLOAT), shape=[features.fbank_frames, features.num_mel_bins])
-    if device == "gpu":
-        mel = mel.gpu()
+    values = fn.reshape(fn.cast(logmel, dtype=types.FLOAT), shape=[features.fbank_frames, features.num_mel_bins])
+    # the real rows only where audio_pad repeats them: the zeros graph keeps its operators as they were
+    real = real_rows(values, features.fbank_frames) if spec.augment.audio_pad == "repeat" else None
+    mel = Logmel(values.gpu() if device == "gpu" else values, real)
     if train:
-        start = random_int(max(features.fbank_frames - spec.augment.audio_frames, 0) + 1)
-        chosen = select_members(jpegs, synced_frame_ids(start, spec), spec.frames_used)
+        ids, start = train_window(spec.augment, spec.features)
+        chosen = select_members(jpegs, ids, spec.frames_used)
         video, audio, color = train_video(chosen, spec, decoder), train_audio(mel, spec, start), color_params(spec)
     else:
         video, audio = eval_video(jpegs, spec, frames_read, decoder), eval_audio(mel, spec)
@@ -124,41 +120,11 @@ def mbt_pipeline(spec: GraphSpec, train: bool, device: str) -> tuple[Any, ...]:
     return video, audio, targets, source, fn.pad(labels, fill_value=0), labels.shape(), color
 
 
-def random_int(high: Any) -> Any:
-    """int32 () per sample, uniform over [0, high); `high` an int or a per-sample DataNode, at least 1."""
-    draw = dmath.floor(fn.random.uniform(range=[0.0, 1.0]) * high)
-    return fn.cast(dmath.clamp(draw, 0, high - 1), dtype=types.INT32)  # u * high can round up to high
-
-
 def normalize_frames(frames: Any, mirror: Any = 0) -> Any:
     """float32 (F, 3, H, W) from uint8 (F, H, W, 3): scaled to [0, 1], minus VIDEO_MEAN, over VIDEO_STD."""
     return fn.crop_mirror_normalize(
         frames, mirror=mirror, mean=_PIXEL_MEAN, std=_PIXEL_STD, dtype=types.FLOAT, output_layout="FCHW"
     )
-
-
-def synced_frame_ids(start: Any, spec: GraphSpec) -> Any:
-    """int32 (frames_used,) per sample: `pipelines.transforms.frame_ids` with jitter, for the audio window at `start`:
-    one stored frame from each of frames_used equal parts of the window, nearest a random time in its part."""
-    features, used = spec.features, spec.frames_used
-    parts = fn.constant(fdata=[float(k) for k in range(used)], shape=[used])
-    offsets = parts + fn.random.uniform(range=[0.0, 1.0], shape=[used])
-    scale = features.num_frames / features.fbank_frames
-    positions = (fn.cast(start, dtype=types.FLOAT) + offsets * (spec.augment.audio_frames / used)) * scale
-    return fn.cast(dmath.clamp(dmath.floor(positions), 0, features.num_frames - 1), dtype=types.INT32)
-
-
-def select_members(jpegs: list[Any], ids: Any, count: int) -> list[Any]:
-    """`count` encoded frames per sample, the k-th being member `ids[k]` of `jpegs` (ids: int32 (count,) per
-    sample): the members joined into one byte string and the chosen ones sliced out (their offsets computed for all
-    k at once: fewer, larger operators), so that only the frames a clip shows are decoded."""
-    lengths = fn.reshape(fn.stack(*[j.shape(dtype=types.INT32) for j in jpegs]), shape=[1, len(jpegs)])
-    positions = fn.constant(idata=list(range(len(jpegs))), shape=[1, len(jpegs)], dtype=types.INT32)
-    wanted = fn.reshape(ids, shape=[count, 1])
-    starts = fn.cast(fn.reductions.sum(lengths * (positions < wanted), axes=[1]), dtype=types.INT32)
-    sizes = fn.cast(fn.reductions.sum(lengths * (positions == wanted), axes=[1]), dtype=types.INT32)
-    packed = fn.cat(*jpegs, axis=0)
-    return [fn.slice(packed, start=starts[k : k + 1], shape=sizes[k : k + 1], axes=[0]) for k in range(count)]
 
 
 # `pipelines.augment.scale_jitter_window`'s operations on DataNodes
@@ -236,7 +202,7 @@ def eval_video(jpegs: list[Any], spec: GraphSpec, frames_read: list[int], decode
             frames = fn.resize(frames, resize_shorter=aug.eval_short_side_px)
         top_left = (frames.shape(dtype=types.INT32)[1:3] - aug.crop_px) // 2
         crops = fn.slice(frames, start=top_left, shape=[aug.crop_px, aug.crop_px], axes=[1, 2])
-    order = [frames_read.index(int(i)) for _, ids in spec.eval_clips() for i in ids]
+    order = [frames_read.index(int(i)) for ids, _ in eval_clips(aug, spec.features) for i in ids]
     clips = fn.sequence_rearrange(normalize_frames(crops), new_order=order)
     return fn.reshape(clips, shape=[aug.num_test_clips, spec.frames_used, 3, aug.crop_px, aug.crop_px], layout="")
 
@@ -251,15 +217,10 @@ def normalize_audio(window: Any, spec: GraphSpec) -> Any:
     return (window - spec.logmel_mean) / spec.logmel_std
 
 
-def audio_window(mel: Any, start: Any, frames: int) -> Any:
-    """(frames, mel_bins) from row `start`, zero-padded past the end (before normalization, as the torch loader)."""
-    return fn.slice(mel, start=start, shape=[frames], axes=[0], out_of_bounds_policy="pad", fill_values=0)
-
-
-def train_audio(mel: Any, spec: GraphSpec, start: Any) -> Any:
+def train_audio(mel: Logmel, spec: GraphSpec, start: Any) -> Any:
     """float32 (1, audio_frames, mel_bins): the window at `start`, normalized, then SpecAugment's bands set to 0."""
     aug = spec.augment
-    audio = normalize_audio(audio_window(mel, fn.reshape(start, shape=[1]), aug.audio_frames), spec)
+    audio = normalize_audio(audio_window(mel, start, aug), spec)
     bands = (
         (1, spec.features.num_mel_bins, aug.freq_mask_px, aug.num_freq_masks),
         (0, aug.audio_frames, aug.time_mask_px, aug.num_time_masks),
@@ -276,10 +237,10 @@ def train_audio(mel: Any, spec: GraphSpec, start: Any) -> Any:
     return fn.expand_dims(audio, axes=[0])
 
 
-def eval_audio(mel: Any, spec: GraphSpec) -> Any:
-    """float32 (N, 1, audio_frames, mel_bins): the torch loader's evenly spaced windows, normalized."""
-    aug = spec.augment
-    windows = [fn.expand_dims(audio_window(mel, [a], aug.audio_frames), axes=[0]) for a, _ in spec.eval_clips()]
+def eval_audio(mel: Logmel, spec: GraphSpec) -> Any:
+    """float32 (N, 1, audio_frames, mel_bins): the torch loader's test clips' windows, normalized."""
+    clips = eval_clips(spec.augment, spec.features)
+    windows = [fn.expand_dims(audio_window(mel, int(start), spec.augment), axes=[0]) for _, start in clips]
     return normalize_audio(fn.stack(*windows), spec)
 
 

@@ -152,7 +152,7 @@ class DaliLoader:
     def _graph_spec(self, shuffle_buffer: int) -> GraphSpec:
         manifest, n = self.index.manifest, len(self.index)
         features = manifest.features
-        if problem := frames_problem(self.augment, features.num_frames):
+        if problem := frames_problem(self.augment, features):
             raise LoaderError(problem)
         frames_used = frames_fed(self.augment, features.num_frames)
         shard_id, num_shards = self.rank, self.world_size

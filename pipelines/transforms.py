@@ -1,7 +1,7 @@
-"""The data path from a sample's raw members to its rows, shared by both loaders: which frames go with which audio
-window (`frame_ids`: the frames inside it), JPEG decode, evaluation crops, log-mel windows, normalization, labels (the
-contract of `pipelines.config`; training's random augmentation is `pipelines.augment`). The PyTorch loader runs
-`SampleBuilder`; the DALI graph (`pipelines.dali_graph`) runs the same geometry (`eval_windows`, `frame_ids`,
+"""The data path from a sample's raw members to its rows, shared by both loaders: JPEG decode, evaluation crops,
+log-mel windows, normalization, labels (the contract of `pipelines.config`; which frames and log-mel rows a row shows
+is `pipelines.windows`, training's random augmentation `pipelines.augment`). The PyTorch loader runs
+`SampleBuilder`; the DALI graph (`pipelines.dali_graph`) runs the same geometry (`pipelines.windows`,
 `centre_crop_box`, `eval_resize_shape`) with DALI operators.
 """
 
@@ -14,12 +14,12 @@ import torch
 from torchvision.io import ImageReadMode, decode_jpeg
 
 from pipelines.augment import IDENTITY_COLOR, apply_color, color_params, spec_augment, train_video
-from pipelines.config import VIDEO_MEAN, VIDEO_STD, AugmentConfig, LoaderError, frames_fed, frames_problem, logmel_norm
+from pipelines.config import VIDEO_MEAN, VIDEO_STD, AugmentConfig, LoaderError, frames_problem, logmel_norm
+from pipelines.windows import audio_window, eval_clips, train_window
 from shards.manifest import Manifest
 from shards.schema import (
     LABELS_EXT,
     LOGMEL_EXT,
-    FeatureParams,
     SchemaError,
     frame_ext,
     frame_size_problem,
@@ -27,27 +27,6 @@ from shards.schema import (
     parse_logmel,
 )
 from shards.text import printable
-
-
-def eval_windows(total: int, window: int, num_clips: int) -> list[int]:
-    """Start offsets of `num_clips` evenly spaced windows of `window` items over `total` (all 0 if it fits once)."""
-    if num_clips < 1:
-        raise ValueError(f"num_test_clips must be at least 1, got {num_clips}")
-    span = max(total - window, 0)
-    if num_clips == 1:
-        return [span // 2]
-    return [round(i * span / (num_clips - 1)) for i in range(num_clips)]
-
-
-def frame_ids(start: int, augment: AugmentConfig, features: FeatureParams, jitter: np.ndarray | None) -> np.ndarray:
-    """The stored frames a row shows, in time order: its audio window [start, start + audio_frames) (log-mel frames)
-    cut into `frames_used` equal parts, and from each part the stored frame nearest a time in it: a random one
-    (`jitter`, U[0, 1) per part: training) or its middle (evaluation). Frames are stored at the centres of equal
-    slices of the segment, (i + 0.5) · segment / F, so video and audio show the same moment."""
-    used = frames_fed(augment, features.num_frames)
-    offsets = np.arange(used) + (0.5 if jitter is None else jitter)
-    positions = (start + offsets * augment.audio_frames / used) * features.num_frames / features.fbank_frames
-    return np.clip(np.floor(positions), 0, features.num_frames - 1).astype(np.int64)
 
 
 def centre_crop_box(height: int, width: int, crop_px: int) -> tuple[int, int]:
@@ -109,14 +88,6 @@ def eval_video(frames: torch.Tensor, aug: AugmentConfig) -> torch.Tensor:
     return frames[..., top : top + aug.crop_px, left : left + aug.crop_px]
 
 
-def audio_window(logmel: np.ndarray, start: int, frames: int) -> np.ndarray:
-    """(frames, bins) from `start`, zero-padded past the end (AST pads with zeros)."""
-    window = logmel[start : start + frames]
-    if window.shape[0] < frames:
-        window = np.concatenate([window, np.zeros((frames - window.shape[0], logmel.shape[1]), logmel.dtype)])
-    return window
-
-
 def decode_members(
     where: str, raw: dict[str, bytes], frame_ids: list[int], manifest: Manifest
 ) -> tuple[list[torch.Tensor], np.ndarray, np.ndarray]:
@@ -151,25 +122,20 @@ class SampleBuilder:
         self.train, self.aug = train, augment
         features = manifest.features
         self.frames_stored = features.num_frames
-        if problem := frames_problem(augment, features.num_frames):
+        if problem := frames_problem(augment, features):
             raise LoaderError(problem)
-        self.frames_used = frames_fed(augment, features.num_frames)
-        self.time_frames = features.fbank_frames
         self.manifest = manifest
         self.mean, self.std = logmel_norm(augment, manifest.logmel)
         self.multi_label = manifest.multi_label
         self.num_classes = manifest.num_classes
 
     def windows(self, rng: np.random.Generator | None) -> list[tuple[np.ndarray, int]]:
-        """(frame ids, log-mel start) of each row, the frames inside the audio window (`frame_ids`): a random window
-        and jitter in training (`rng`), `num_test_clips` evenly spaced windows in evaluation."""
-        aug, features = self.aug, self.manifest.features
+        """(frame ids, log-mel start) of each row (`pipelines.windows`): one drawn with `rng` in training, the
+        `num_test_clips` test clips in evaluation."""
         if self.train:
             assert rng is not None
-            start = int(rng.integers(0, max(self.time_frames - aug.audio_frames, 0) + 1))
-            return [(frame_ids(start, aug, features, rng.random(self.frames_used)), start)]
-        starts = eval_windows(self.time_frames, aug.audio_frames, aug.num_test_clips)
-        return [(frame_ids(start, aug, features, None), start) for start in starts]
+            return [train_window(rng, self.aug, self.manifest.features)]
+        return eval_clips(self.aug, self.manifest.features)
 
     @staticmethod
     def member_exts(windows: list[tuple[np.ndarray, int]]) -> list[str]:
@@ -212,7 +178,7 @@ class SampleBuilder:
         colors = []
         for ids, audio_start in windows:
             frames = [by_id[int(i)] for i in ids]
-            window = np.array(audio_window(logmel, audio_start, aug.audio_frames))  # float16, writable
+            window = np.array(audio_window(logmel, audio_start, aug.audio_frames, aug.audio_pad))  # float16, writable
             audio = torch.from_numpy(window).float().sub_(self.mean).div_(self.std)[None]  # torch: fast from float16
             if self.train:
                 videos.append(train_video(frames, aug, rng))

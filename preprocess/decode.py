@@ -137,9 +137,13 @@ def frame_times(segment_s: float, num_frames: int) -> list[float]:
 
 
 def _select_expr(times: list[float]) -> str:
-    # The first frame at or after each target time (a frame covering two targets is taken once).
+    # The first frame at or after each target time (a frame covering two targets is taken once). The terms are
+    # summed as a balanced tree: ffmpeg's expression parser fails ("Cannot allocate memory") on a chain of about
+    # 90 sums, and a tree of 250 terms is 8 levels deep.
     terms = [f"gte(t,{t:.6f})*(isnan(prev_t)+lt(prev_t,{t:.6f}))" for t in times]
-    return "gt(" + "+".join(terms) + ",0)"
+    while len(terms) > 1:
+        terms = [f"({'+'.join(terms[i : i + 2])})" for i in range(0, len(terms), 2)]
+    return f"gt({terms[0]},0)"
 
 
 def _scratch_dir() -> str:
@@ -270,7 +274,8 @@ def _run_decode(
             if "Input #0" in stderr and not streams.has_video:
                 raise DecodeError("no_video", f"no video stream (audio: {streams.audio_codec or 'none'})")
             raise DecodeError("unreadable", f"ffmpeg exit {returncode}: {error_lines(stderr)}")
-        frames = [Path(scratch, name).read_bytes() for name in sorted(os.listdir(scratch)) if name.endswith(".jpg")]
+        names = sorted((name for name in os.listdir(scratch) if name.endswith(".jpg")), key=lambda n: int(n[:-4]))
+        frames = [Path(scratch, name).read_bytes() for name in names]  # in numeric order: 99.jpg, then 100.jpg
         has_audio_file = with_audio and os.path.exists(audio_path)
         audio = np.fromfile(audio_path, dtype="<f4") if has_audio_file else np.zeros(0, dtype="<f4")
     return frames, audio, streams, stderr

@@ -7,7 +7,8 @@ dtype, a shape or the manifest's fields. Bump `SCHEMA_VERSION` on any change a r
 A sample is the tar members `{key}.{ext}` for, in this order:
   frame00.jpg … frame{F-1}.jpg   F JPEG frames at the centres of F equal slices of the segment, (i + 0.5) · S / F
                                  seconds from its start (2 per second by default), short side `short_side_px`
-  logmel.f16                    raw little-endian float16, shape (fbank_frames, num_mel_bins), row-major, unnormalized
+  logmel.f16                    raw little-endian float16, shape (fbank_frames, num_mel_bins), row-major, unnormalized;
+                                a short clip's followed by rows of zeros (meta.json: fbank_frames_computed)
   labels.i32                    raw little-endian int32 class indices, sorted (one for single-label datasets)
   meta.json                     UTF-8 JSON: source file, segment, what was decoded, padding applied
 Per-frame JPEG members (rather than one mosaic image) let a loader decode only the frames it samples and let DALI
@@ -33,8 +34,10 @@ import numpy as np
 SCHEMA_VERSION = 2
 READABLE_SCHEMA_VERSIONS = (1, 2)
 # Frames per clip are 1..MAX_FRAMES wherever they are counted (the shard job's options, feature parameters, the model
-# and the loaders' settings, a prediction window): member names frame00.jpg … frame98.jpg keep two digits.
-MAX_FRAMES = 99
+# and the loaders' settings, a prediction window): 25 per second of a 10 s segment, the video rate scenic's released
+# models sample 32 consecutive frames at stride 2 from. Member names keep at least two digits: frame00.jpg …
+# frame249.jpg.
+MAX_FRAMES = 250
 
 LOGMEL_EXT = "logmel.f16"
 LABELS_EXT = "labels.i32"

@@ -16,12 +16,15 @@ written (a full disk) stops it with one `error:` line. The exit status is 1 when
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import sys
 from pathlib import Path
 
 from mbt.checkpoint import CheckpointFileError
+from mbt.config import PRESETS
 from mbt.embeddings import write_embeddings
+from mbt.preset_feed import preset_feed
 from preprocess.datasets import DatasetError
 from preprocess.ffmpeg_run import ToolMissingError, require_ffmpeg
 from serve.load import ExportError, Preprocessing, load_model
@@ -45,6 +48,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--out-dir", type=Path, default=Path("predictions"), help="timeline CSV and PNG folder")
     parser.add_argument("--batch-size", type=int, default=4, help="windows per forward (each of 4 test clips)")
     parser.add_argument("--device", default="cpu", choices=("cpu", "cuda"), help="where the model runs")
+    parser.add_argument(
+        "--preset", choices=PRESETS,
+        help="feed the model as this preset does (scenic_as: a converted scenic checkpoint) instead of as it records",
+    )  # fmt: skip
     args = parser.parse_args(argv)
     if args.top_k < 1 or args.batch_size < 1:
         parser.error("--top-k and --batch-size must be at least 1")
@@ -61,6 +68,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         require_ffmpeg()
         model, prep = load_model(args.model, args.features_from)
+        if args.preset:
+            prep = dataclasses.replace(prep, augment=preset_feed(args.preset, model.cfg, prep.augment, str(args.model)))
         predictor = Predictor(model, prep, args.device, args.window_s, args.hop_s, args.batch_size)
         segments = gather_segments(args.inputs, args.videos)
     except (CheckpointFileError, ExportError, DatasetError, ToolMissingError, ValueError) as err:

@@ -27,7 +27,7 @@ from mbt.train import prepare_run
 from mbt.validate import init_problems, per_rank_batch, validate
 from pipelines.config import AugmentConfig
 from shards.manifest import load_manifest
-from shards.schema import FeatureParams
+from shards.schema import MAX_FRAMES, FeatureParams
 
 
 def write_manifest(
@@ -81,7 +81,8 @@ def test_audioset_preset_is_the_mbt_recipe() -> None:
         0.3,
     )
     assert cfg.augment.num_test_clips == 4
-    assert cfg.augment == AugmentConfig(mixup_alpha=0.5)  # the loaders' defaults: the reference's augmentation
+    # the loaders' defaults, the reference's augmentation, and DMVR's repeated short audio
+    assert cfg.augment == AugmentConfig(mixup_alpha=0.5, audio_pad="repeat")
     assert (cfg.augment.logmel_mean, cfg.augment.logmel_std) == (None, None)  # training sets its split's
     assert cfg.model == MBTConfig(num_classes=527, drop_path_rate=0.3)
     assert (cfg.train_shards, cfg.eval_shards, cfg.out_dir) == (
@@ -122,8 +123,9 @@ def test_every_preset_validates_against_matching_manifests(tmp_path: Path) -> No
     for name in PRESETS:
         cfg = preset(name)
         classes = cfg.model.num_classes or 5  # custom: 0, the training split's
-        train = write_manifest(tmp_path / name / "train", num_classes=classes)
-        test = write_manifest(tmp_path / name / "eval", num_classes=classes)
+        frames = 250 if name == "scenic_as" else 8  # scenic's clips: 32 at stride 2 of 25 per second
+        train = write_manifest(tmp_path / name / "train", num_frames=frames, num_classes=classes)
+        test = write_manifest(tmp_path / name / "eval", num_frames=frames, num_classes=classes)
         cfg = cfg.replace(train_shards=str(train), eval_shards=str(test), init="none")  # no ViT file here
         cfg, _ = prepare_run(cfg, world_size=1)
         assert cfg.model.num_classes == classes
@@ -197,7 +199,9 @@ def test_the_recipe_presets_refuse_to_train_from_scratch_unless_told(tmp_path: P
 
 
 def test_unknown_preset_lists_the_names() -> None:
-    with pytest.raises(ConfigError, match="unknown preset 'kinetics': choose one of audioset, vggsound, custom, demo"):
+    with pytest.raises(
+        ConfigError, match="unknown preset 'kinetics': choose one of audioset, vggsound, custom, scenic_as, demo"
+    ):
         preset("kinetics")
     with pytest.raises(ConfigError, match="unknown preset 'kinetics'"):
         load_config(["--preset", "kinetics"])
@@ -353,7 +357,7 @@ def test_help_lists_the_keys(capsys: pytest.CaptureFixture[str]) -> None:
         load_config(["--help"])
     assert exit_info.value.code == 0
     out = capsys.readouterr().out
-    assert "--preset audioset|vggsound|custom|demo" in out
+    assert "--preset audioset|vggsound|custom|scenic_as|demo" in out
     assert "--model.fusion_layer (int) 2" in out
     assert "--augment.resize_scale (comma list float,float) 0.08,1.0" in out
     assert "--clip_grad_norm (float or none)" in out
@@ -487,7 +491,7 @@ def test_bad_values_are_rejected(demo_cfg: TrainConfig, changes: dict[str, objec
         ({}, {"audio_frames": 400}, "--augment.audio_frames 400 differs from --model.audio_frames 800"),
         ({}, {"mixup_alpha": -1.0}, "--augment.mixup_alpha must be 0 .off. or positive"),
         ({}, {"num_test_clips": 0}, r"--augment.num_test_clips must be in 1\.\.64"),
-        ({}, {"frames_used": 0}, r"--augment.frames_used must be in 1\.\.99"),
+        ({}, {"frames_used": 0}, rf"--augment.frames_used must be in 1\.\.{MAX_FRAMES}"),
         ({}, {"logmel_std": 0.0}, r"--augment.logmel_std must be positive \(log-mels are divided by it\), got 0.0"),
         ({}, {"logmel_mean": float("inf")}, "--augment.logmel_mean must be a finite number, got inf"),
     ],

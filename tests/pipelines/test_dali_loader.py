@@ -15,8 +15,11 @@ import pytest
 import torch
 from conftest import REPO, shard_demo_split
 from loader_checks import (
+    CONSECUTIVE_AUG,
     SMALL_AUG,
     TIMED_AUG,
+    check_consecutive_test_clips,
+    check_consecutive_training_rows,
     check_frames_inside_the_window,
     check_synchronized_test_clips,
     rewrite_split,
@@ -101,6 +104,23 @@ def test_evaluation_resize_and_frame_windows_match_the_torch_loader(train_shards
     for ident, row in want.items():
         torch.testing.assert_close(got[ident]["audio"], row["audio"], rtol=0, atol=AUDIO_ATOL)
         assert_video_close(got[ident]["video"], row["video"], max_diff=0.25, mean_diff=VIDEO_MEAN_DIFF)
+
+
+def test_consecutive_clips_and_repeated_audio_give_the_torch_loaders_tensors(train_shards):
+    """3 frames at stride 2 of the 8 stored, and the last test clip's window reaching the 2 padded log-mel rows of
+    the 2 s clips (198 computed), repeated from the clip's start."""
+    aug = SMALL_AUG.replace(frames_used=3, frame_sampling="consecutive", frame_stride=2, audio_pad="repeat")
+    want = rows_by_key(TorchLoader(open_split(train_shards), False, 4, augment=aug, num_workers=0))
+    got = rows_by_key(DaliLoader(open_split(train_shards), False, 4, augment=aug))
+    assert set(got) == set(want) and got[next(iter(got))]["video"].shape == (3, 3, 224, 224)
+    for ident, row in want.items():
+        torch.testing.assert_close(got[ident]["audio"], row["audio"], rtol=0, atol=AUDIO_ATOL)
+        assert_video_close(got[ident]["video"], row["video"], VIDEO_MAX_DIFF, VIDEO_MEAN_DIFF)
+    zeros = rows_by_key(
+        TorchLoader(open_split(train_shards), False, 4, augment=aug.replace(audio_pad="zeros"), num_workers=0)
+    )
+    assert all(torch.equal(zeros[i]["audio"][:, :158], want[i]["audio"][:, :158]) for i in want if i[1] == 3)
+    assert not any(torch.equal(zeros[i]["audio"], want[i]["audio"]) for i in want if i[1] == 3)
 
 
 @pytest.mark.slow
@@ -201,6 +221,14 @@ def test_training_frames_lie_inside_the_audio_window(tmp_path):
 
 def test_test_clips_are_synchronized_windows(tmp_path):
     check_synchronized_test_clips(dali(write_timed_split(tmp_path / "timed"), False, 2, augment=TIMED_AUG))
+
+
+def test_consecutive_training_rows_start_with_their_audio(tmp_path):
+    check_consecutive_training_rows(dali(write_timed_split(tmp_path / "timed"), True, 3, augment=CONSECUTIVE_AUG))
+
+
+def test_consecutive_test_clips_are_each_modalitys_windows(tmp_path):
+    check_consecutive_test_clips(dali(write_timed_split(tmp_path / "timed"), False, 2, augment=CONSECUTIVE_AUG))
 
 
 def test_frames_used_above_stored_is_refused(train_shards):

@@ -10,9 +10,12 @@ import numpy as np
 import pytest
 import torch
 from loader_checks import (
+    CONSECUTIVE_AUG,
     SMALL_AUG,
     TIMED_AUG,
     assert_same_batches,
+    check_consecutive_test_clips,
+    check_consecutive_training_rows,
     check_frames_inside_the_window,
     check_synchronized_test_clips,
     rows_by_key,
@@ -25,10 +28,12 @@ from pipelines.augment import spec_augment, train_video
 from pipelines.config import AugmentConfig, LoaderError
 from pipelines.mixup import mixup
 from pipelines.order import train_batches
+from pipelines.reading import SampleReader
 from pipelines.sources import SplitIndex
 from pipelines.torch_loader import TorchLoader
-from pipelines.transforms import eval_windows
+from pipelines.windows import eval_windows
 from shards.manifest import load_manifest
+from shards.schema import LOGMEL_DTYPE, LOGMEL_EXT
 
 
 def loader(folder, train, batch_size=2, **kw) -> TorchLoader:
@@ -111,7 +116,7 @@ def test_evaluation_clips_are_evenly_spaced_windows(eval_shards):
     manifest = load_manifest(eval_shards)
     key = SplitIndex(eval_shards).samples[0].key
     starts = eval_windows(200, 160, 4)
-    assert starts == [0, 13, 27, 40]
+    assert starts == [0, 13, 26, 40]  # DMVR: a float linspace cast to int
 
     mean, std = manifest.logmel.mean, manifest.logmel.std
     full = (rows[(key, 0)]["audio"][0] * std + mean).numpy()
@@ -285,3 +290,26 @@ def test_training_frames_lie_inside_the_audio_window(tmp_path):
 def test_test_clips_are_synchronized_windows(tmp_path):
     split = open_split(write_timed_split(tmp_path / "timed"))
     check_synchronized_test_clips(TorchLoader(split, False, 2, augment=TIMED_AUG, num_workers=0))
+
+
+def test_consecutive_training_rows_start_with_their_audio(tmp_path):
+    check_consecutive_training_rows(loader(write_timed_split(tmp_path / "timed"), True, 3, augment=CONSECUTIVE_AUG))
+
+
+def test_consecutive_test_clips_are_each_modalitys_windows(tmp_path):
+    check_consecutive_test_clips(loader(write_timed_split(tmp_path / "timed"), False, 2, augment=CONSECUTIVE_AUG))
+
+
+def test_fixed_normalization_ignores_the_splits_statistics(eval_shards):
+    """scenic's (x - 1.102) / 2.762, whatever the manifest's mean and std."""
+    aug = SMALL_AUG.replace(logmel_mean=1.102, logmel_std=2.762)
+    rows = rows_by_key(loader(eval_shards, False, batch_size=3, augment=aug))
+    index = SplitIndex(eval_shards)
+    manifest = index.manifest
+    assert (manifest.logmel.mean, manifest.logmel.std) != (1.102, 2.762)
+    ref = index.samples[0]
+    raw = SampleReader(index).read(ref, [LOGMEL_EXT])[LOGMEL_EXT]
+    stored = np.frombuffer(raw, LOGMEL_DTYPE).reshape(manifest.features.logmel_shape)
+    for clip, start in enumerate(eval_windows(200, 160, 4)):
+        want = (stored[start : start + 160].astype(np.float32) - np.float32(1.102)) / np.float32(2.762)
+        np.testing.assert_allclose(rows[(ref.key, clip)]["audio"][0].numpy(), want, rtol=0, atol=1e-6)

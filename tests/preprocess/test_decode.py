@@ -63,6 +63,17 @@ def test_frame_rates_give_f_frames_at_short_side_256(tmp_path, fps):
     assert decoded.waveform.size == pytest.approx(2.0 * 16000, abs=400)
 
 
+def test_25_frames_per_second_of_10_s_in_time_order(tmp_path):
+    """250 frames (scenic's rate; ffmpeg's select filter failed on a sum of about 90 targets, and the frame files
+    are read in numeric order, 99.jpg before 100.jpg): frame i is the first at or after (i + 0.5) / 25 s, so
+    source frame i + 1 of a 25 fps video, and the one after the last target is missing, repeated."""
+    clip = make_clip(tmp_path / "c.mp4", seconds=10.0, fps="25", size=(64, 48))
+    dense = decode_clip(clip, 0.0, 10.0, FeatureParams(num_frames=250, segment_s=10.0))
+    half = decode_clip(clip, 0.0, 10.0, FeatureParams(num_frames=125, segment_s=10.0))
+    assert (dense.frames_decoded, len(dense.frames), len(set(dense.frames))) == (249, 250, 249)
+    assert half.frames_decoded == 125 and half.frames == dense.frames[0:250:2]  # (j + 0.5) / 12.5 s: source 2j + 1
+
+
 def test_variable_frame_rate(tmp_path):
     clip = make_vfr_clip(tmp_path / "vfr.mp4")
     decoded = decode_clip(clip, 0.0, PARAMS.segment_s, PARAMS)

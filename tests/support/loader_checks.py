@@ -19,7 +19,7 @@ from shards.schema import FeatureParams, Sample, encode_sample, sample_exts
 from shards.tar import iter_tar_samples
 from shards.writer import ShardWriter
 
-# 2 s clips: 200 log-mel frames, so 160-frame windows (4 test clips start at 0, 13, 27, 40) and smaller masks.
+# 2 s clips: 200 log-mel frames, so 160-frame windows (4 test clips start at 0, 13, 26, 40) and smaller masks.
 SMALL_AUG = AugmentConfig(audio_frames=160, time_mask_px=40, freq_mask_px=24, num_time_masks=4)  # time masks: on
 
 
@@ -125,13 +125,53 @@ def check_frames_inside_the_window(loader: Any) -> None:
 
 def check_synchronized_test_clips(loader: Any) -> None:
     """Each of the 4 test clips of a sample shows its own audio window and the frames from inside it."""
-    from pipelines.transforms import eval_windows, frame_ids
+    from pipelines.windows import eval_windows, spread_ids
 
     starts = eval_windows(TIMED.fbank_frames, TIMED_AUG.audio_frames, TIMED_AUG.num_test_clips)
     rows = 0
     for batch in loader:
         for video, audio, clip in zip(batch["video"], batch["audio"], batch["clip_index"].tolist(), strict=True):
             assert int(audio[0, 0, 0]) == starts[clip]
-            assert shown_frames(video) == frame_ids(starts[clip], TIMED_AUG, TIMED, None).tolist()
+            assert shown_frames(video) == spread_ids(starts[clip], TIMED_AUG, TIMED, None).tolist()
             rows += 1
     assert rows == 6 * TIMED_AUG.num_test_clips
+
+
+# scenic's sampling on the timed split: 4 frames at stride 2 (4 s at 2 per second) from where the audio starts.
+CONSECUTIVE_AUG = TIMED_AUG.replace(frames_used=4, frame_sampling="consecutive", frame_stride=2, audio_pad="repeat")
+
+
+def check_consecutive_training_rows(loader: Any, epochs: int = 2) -> None:
+    """Every training row of the timed split shows 4 stored frames at stride 2 from a first frame drawn from
+    0..13, and the log-mel from that frame's moment on (row 50 · first), repeated from the clip's start past its
+    end (DMVR); over `epochs` epochs the first frames vary and some audio windows wrap."""
+    from pipelines.windows import first_frame_choices, synced_audio_start
+
+    offsets, rows = [0, 2, 4, 6], TIMED.fbank_frames
+    firsts, wrapped = set(), False
+    for _ in range(epochs):
+        for batch in loader:
+            for video, audio in zip(batch["video"], batch["audio"], strict=True):
+                frames = shown_frames(video)
+                first = frames[0]
+                assert frames == [first + k for k in offsets]
+                assert 0 <= first < first_frame_choices(CONSECUTIVE_AUG, TIMED) == 14
+                start = synced_audio_start(first, TIMED)
+                shown = audio[0, :, 0].round().int().tolist()
+                assert shown == [(start + j) % rows for j in range(CONSECUTIVE_AUG.audio_frames)], (first, start)
+                firsts.add(first)
+                wrapped |= start + CONSECUTIVE_AUG.audio_frames > rows
+    assert len(firsts) > 1 and wrapped
+
+
+def check_consecutive_test_clips(loader: Any) -> None:
+    """Test clip k of each sample of the timed split shows the frames from DMVR's k-th of 4 evenly spaced video
+    windows (of 4 · 2 frames over 20: 0, 4, 8, 12) and the k-th audio window (0, 66, 133, 200)."""
+    rows = 0
+    for batch in loader:
+        for video, audio, clip in zip(batch["video"], batch["audio"], batch["clip_index"].tolist(), strict=True):
+            first, start = (0, 4, 8, 12)[clip], (0, 66, 133, 200)[clip]
+            assert shown_frames(video) == [first + k for k in (0, 2, 4, 6)]
+            assert audio[0, :, 0].round().int().tolist() == list(range(start, start + CONSECUTIVE_AUG.audio_frames))
+            rows += 1
+    assert rows == 6 * CONSECUTIVE_AUG.num_test_clips
