@@ -8,11 +8,12 @@ them by clip id, computes the metrics and writes them.
     python -m mbt.evaluate --checkpoint last.pt --shards data/shards/audioset/eval --out runs/eval
     torchrun --nproc_per_node=8 -m mbt.evaluate --checkpoint last.pt --shards data/shards/audioset/eval --out runs/eval
 
-writes `metrics.json` (`num_samples` and `mAP`, `mAUC`, `d_prime`, or `top1`, `top5`), `predictions.npz` (`keys`,
-`logits`, `labels`, sorted by key) and, for multi-label splits, `per_class_ap.csv` (index, name, AP per class) with
-`per_class_ap.png` (the best and worst classes), for single-label splits `confusion.csv` and `confusion.png` (the
-most-confused class pairs). `--embeddings FILE.npz` also writes each sample's clip-averaged embeddings
-(`mbt.embeddings`: each tower's pooled features, the bottleneck tokens), computed on every rank, gathered by key.
+writes `metrics.json` (`num_samples` and `mAP`, `mAUC`, `d_prime`, or `top1`, `top5` above 5 classes),
+`predictions.npz` (`keys`, `logits`, `labels`, sorted by key) and, for multi-label splits, `per_class_ap.csv` (index,
+name, AP per class) with `per_class_ap.png` (the best and worst classes), for single-label splits `confusion.csv`
+(the most-confused class pairs) and `confusion.png` (the confusion matrix). `--embeddings FILE.npz` also writes each
+sample's clip-averaged embeddings (`mbt.embeddings`: each tower's pooled features, the bottleneck tokens), computed
+on every rank, gathered by key.
 The log-mels are normalized with the model's statistics, those of its training split that the checkpoint's config
 records (older checkpoints without them: the evaluated split's own, and a warning). The checkpoint must record the
 classes of the split (older checkpoints without a record: a warning), and no sample's logits may be NaN or
