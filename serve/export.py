@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
 from pathlib import Path
 from typing import Any
 
@@ -42,6 +43,12 @@ def export_config(model: MBTConfig, prep: Preprocessing) -> dict[str, Any]:
     }
 
 
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
 def export_model(source: str | Path, out_dir: str | Path, features_from: str | None = None) -> Path:
     """Write the model of the checkpoint or run `source` as `out_dir`/model.safetensors and config.json (each
     written to a temporary name, then renamed; a full disk is DiskFullError naming the file); returns `out_dir`."""
@@ -50,6 +57,7 @@ def export_model(source: str | Path, out_dir: str | Path, features_from: str | N
     out.mkdir(parents=True, exist_ok=True)
     with atomic_path(out / WEIGHTS_FILE) as tmp:  # safetensors writes a file by name only
         save_file({name: t.contiguous() for name, t in model.state_dict().items()}, str(tmp))
+        os.chmod(tmp, 0o666 & ~_umask())  # safetensors creates it 0600: give it config.json's mode, as open() would
     text = json.dumps(export_config(model.cfg, prep), indent=1, allow_nan=False) + "\n"
     write_bytes_atomic(out / CONFIG_FILE, text.encode())
     return out

@@ -60,6 +60,8 @@ def test_export_round_trip_gives_the_checkpoint_logits(
     norm = config["normalization"]
     assert (norm["logmel_mean"], norm["logmel_std"]) == (TINY_AUG.logmel_mean, TINY_AUG.logmel_std)
     assert config["model"]["num_classes"] == manifest.num_classes and config["augment"]["num_test_clips"] == 4
+    modes = {name: (exported / name).stat().st_mode & 0o777 for name in (WEIGHTS_FILE, CONFIG_FILE)}
+    assert modes[WEIGHTS_FILE] == modes[CONFIG_FILE] and modes[WEIGHTS_FILE] & 0o044 == 0o044  # others may read
 
 
 def test_the_checkpoint_carries_the_feature_parameters_and_older_ones_read_the_training_split(
