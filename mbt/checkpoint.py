@@ -107,6 +107,7 @@ class TrainedModel(NamedTuple):
     classes: dict[str, Any] | None  # the training split's class record (mbt.classes); None in older checkpoints
     features: FeatureParams | None = None  # the training split's feature parameters; None in older checkpoints
     schema_version: int | None = None  # the shard schema of the training split; None in older checkpoints
+    step: int | None = None  # the optimizer steps taken; None where not recorded (an export)
 
 
 def load_trained(path: Path) -> TrainedModel:
@@ -137,7 +138,9 @@ def load_trained(path: Path) -> TrainedModel:
         raise CheckpointFileError(
             f"{path}: the checkpoint's config or class record cannot be used: {problems}"
         ) from None
-    return TrainedModel(state, train_cfg.model, train_cfg.augment, classes, features, schema_version)
+    step = checkpoint.get("step")
+    step = step if isinstance(step, int) and not isinstance(step, bool) and step >= 0 else None
+    return TrainedModel(state, train_cfg.model, train_cfg.augment, classes, features, schema_version, step)
 
 
 def build_model(trained: TrainedModel, path: str | Path) -> MBT:

@@ -61,6 +61,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         require_ffmpeg()
         model, prep = load_model(args.model, args.features_from)
+        print(prep.found)
         predictor = Predictor(model, prep, args.device, args.window_s, args.hop_s, args.batch_size)
         segments = gather_segments(args.inputs, args.videos)
     except (CheckpointFileError, ExportError, DatasetError, ToolMissingError, ValueError) as err:

@@ -171,7 +171,9 @@ def test_export_of_a_folder_without_checkpoints_is_one_error_line(
 ) -> None:
     assert load_tool("export_model").main([str(tmp_path), str(tmp_path / "out")]) == 1
     error = capsys.readouterr().err
-    assert error == f"error: {tmp_path}: a folder without checkpoints/step-*.pt (not a training run)\n"
+    assert error == (
+        f"error: {tmp_path}: a folder with neither checkpoints/step-*.pt (a training run) nor config.json (an export)\n"
+    )
 
 
 def test_a_schema_version_this_code_cannot_read_is_refused_alike_everywhere(

@@ -179,7 +179,7 @@ def test_a_window_holds_1_to_max_frames() -> None:
 
 def test_a_model_that_cannot_be_read_is_one_error_line(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     assert load_tool("predict").main(["x.mp4", "--model", str(tmp_path)]) == 1
-    assert capsys.readouterr().err.startswith(f"error: {tmp_path}: a folder without checkpoints")
+    assert capsys.readouterr().err.startswith(f"error: {tmp_path}: a folder with neither checkpoints")
 
 
 # The demo preset made tiny for the session's 2 s demo clips, trained long enough to learn the background colours.
