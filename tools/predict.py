@@ -23,7 +23,7 @@ from pathlib import Path
 from mbt.checkpoint import CheckpointFileError
 from mbt.embeddings import write_embeddings
 from preprocess.datasets import DatasetError
-from preprocess.ffmpeg_run import ToolMissingError, require_ffmpeg
+from preprocess.ffmpeg_run import FFMPEG_ENV, ToolMissingError, require_ffmpeg, use_ffmpeg
 from serve.load import ExportError, Preprocessing, load_model
 from serve.outputs import plot_timeline, record, timeline_path, top_lines, write_timeline_csv
 from serve.predict import InputError, Predictor
@@ -45,6 +45,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--out-dir", type=Path, default=Path("predictions"), help="timeline CSV and PNG folder")
     parser.add_argument("--batch-size", type=int, default=4, help="windows per forward (each of 4 test clips)")
     parser.add_argument("--device", default="cpu", choices=("cpu", "cuda"), help="where the model runs")
+    parser.add_argument(
+        "--ffmpeg", type=Path, help=f"the ffmpeg to run (default: ${FFMPEG_ENV[0]} or ${FFMPEG_ENV[1]}, else PATH's)"
+    )
     args = parser.parse_args(argv)
     if args.top_k < 1 or args.batch_size < 1:
         parser.error("--top-k and --batch-size must be at least 1")
@@ -59,6 +62,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     try:
+        use_ffmpeg(args.ffmpeg)
         require_ffmpeg()
         model, prep = load_model(args.model, args.features_from)
         print(prep.found)

@@ -8,6 +8,7 @@ from __future__ import annotations
 import csv
 import json
 import math
+import shutil
 import subprocess
 from pathlib import Path
 
@@ -163,6 +164,21 @@ def test_a_video_without_audio_is_predicted_with_silence_as_the_shard_job_stores
         and len(prediction.top(100)) == len(top)
         and top[0][1] == max(prediction.probabilities[0])
     )
+
+
+def test_predict_runs_the_ffmpeg_given_when_none_is_on_path(
+    run: Path, demo: DemoDataset, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture
+) -> None:
+    ffmpeg = tmp_path / "bin" / "ffmpeg"
+    ffmpeg.parent.mkdir()
+    ffmpeg.symlink_to(shutil.which("ffmpeg"))
+    monkeypatch.setenv("PATH", str(tmp_path / "nothing"))
+    monkeypatch.setenv("MBT_FFMPEG", "")  # restored after the test, as --ffmpeg sets it
+    video = next(iter(eval_videos(demo).values()))
+    assert load_tool("predict").main([str(video), "--model", str(run)]) == 1
+    assert "ffmpeg not found on PATH" in capsys.readouterr().err
+    assert load_tool("predict").main([str(video), "--model", str(run), "--ffmpeg", str(ffmpeg)]) == 0
+    assert f"{video}:" in capsys.readouterr().out
 
 
 def test_a_window_shorter_than_the_models_input_is_refused(run: Path, capsys: pytest.CaptureFixture) -> None:
