@@ -264,7 +264,7 @@ def check_inputs(trained: TrainedModel, manifest: Manifest, shards: str | Path, 
 
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="mbt.evaluate", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m mbt.evaluate", description=__doc__.split("\n\n")[0])
     parser.add_argument(
         "--model", "--checkpoint", dest="model", type=Path, required=True,
         help="a training checkpoint (.pt), a run folder (its latest checkpoint) or an export folder",
@@ -275,9 +275,16 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         "default: the eval_shards of the run's config.yaml",
     )
     parser.add_argument("--out", type=Path, required=True, help="folder for metrics.json and predictions.npz")
-    parser.add_argument("--loader", choices=LOADERS, default="auto", help="auto: DALI on CUDA when installed")
-    parser.add_argument("--batch-size", type=int, default=8, help="samples per batch and rank (x num_test_clips rows)")
-    parser.add_argument("--num-workers", type=int, default=2, help="loader workers (DALI: threads) per rank")
+    parser.add_argument("--loader", choices=LOADERS, default="auto", help="auto (default): DALI on CUDA when installed")
+    parser.add_argument(
+        "--batch-size",
+        type=int,
+        default=8,
+        help="samples per batch and rank (x num_test_clips rows; default %(default)s)",
+    )
+    parser.add_argument(
+        "--num-workers", type=int, default=2, help="loader workers (DALI: threads) per rank (default %(default)s)"
+    )
     parser.add_argument("--bf16", action="store_true", help="bf16 autocast on CUDA")
     parser.add_argument("--embeddings", type=Path, help="also write each sample's embeddings to this .npz")
     args = parser.parse_args(argv)

@@ -93,6 +93,14 @@ def test_evaluate_takes_every_form_and_a_run_defaults_to_its_eval_split(
     assert json.loads((tmp_path / "out" / "metrics.json").read_text())["num_samples"] == 3
 
 
+def test_evaluate_help_names_the_program_and_the_forms(capsys: pytest.CaptureFixture) -> None:
+    with pytest.raises(SystemExit):
+        evaluate_main(["--help"])
+    out = " ".join(capsys.readouterr().out.split())
+    assert out.startswith("usage: python -m mbt.evaluate") and "a run folder (its latest checkpoint)" in out
+    assert "rows; default 8)" in out  # --batch-size
+
+
 def test_evaluate_of_an_export_without_shards_is_one_error_line(
     forms: dict[str, Path], tmp_path: Path, capsys: pytest.CaptureFixture
 ) -> None:
