@@ -45,7 +45,7 @@ class Preprocessing:
     classes: list[dict[str, Any]]
     multi_label: bool
     schema_version: int
-    found: str = ""
+    found: str
 
     @property
     def class_names(self) -> list[str]:
