@@ -221,15 +221,26 @@ def check_package(
     return Result(component.name, True, f"{label}{detail}")
 
 
+# The variables that name the ffmpeg to run, as preprocess.ffmpeg_run.FFMPEG_ENV (devenv imports nothing of the
+# project; a test keeps the two equal).
+FFMPEG_ENV = ("MBT_FFMPEG", "FFMPEG_BINARY")
+
+
 def check_ffmpeg() -> list[Result]:
-    """ffmpeg and ffprobe on PATH, and the version each reports."""
+    """ffmpeg and ffprobe, and the version each reports: the ffmpeg the project runs (the first of FFMPEG_ENV set,
+    else PATH's) and the ffprobe beside a named one (else PATH's)."""
     root = hasattr(os, "geteuid") and os.geteuid() == 0
     fix = "apt-get install -y ffmpeg" if root else "sudo apt-get install -y ffmpeg"
+    named = next((name for name in FFMPEG_ENV if os.environ.get(name)), None)
     results = []
     for tool in ("ffmpeg", "ffprobe"):
-        path = shutil.which(tool)
+        given = os.environ[named] if named else tool
+        if named and tool == "ffprobe":
+            given = str(Path(given).with_name("ffprobe")) if os.sep in given else tool
+        path = shutil.which(given)
         if path is None:
-            results.append(Result(tool, False, f"{tool}: not found on PATH", fix))
+            where = "not found on PATH" if given == tool else f"{given} is not an executable"
+            results.append(Result(tool, False, f"{tool}: {where}" + (f" ({named})" if named else ""), fix))
             continue
         try:
             proc = subprocess.run([path, "-hide_banner", "-version"], capture_output=True, text=True, timeout=30)

@@ -167,7 +167,7 @@ def show_results(run_dir: Path, videos: Path) -> list[str]:
     given = [prep.class_names[c] for c in np.flatnonzero(labels[index])]
     lines += [
         f"$ .venv/bin/python tools/predict.py --model {run_dir} {video}",
-        *top_lines(prediction, prep.class_names, True, 5),
+        *top_lines(prediction, 5),
     ]
     return [*lines, f"  (its CSV labels: {', '.join(given)})"]
 

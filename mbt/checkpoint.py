@@ -108,6 +108,7 @@ class TrainedModel(NamedTuple):
     features: FeatureParams | None = None  # the training split's feature parameters; None in older checkpoints
     schema_version: int | None = None  # the shard schema of the training split; None in older checkpoints
     converted_from: Any = None  # a checkpoint converted from scenic: its record, as read (mbt.scenic.conversion_note)
+    step: int | None = None  # the optimizer steps taken; None where not recorded (an export)
 
 
 def load_trained(path: Path) -> TrainedModel:
@@ -139,7 +140,11 @@ def load_trained(path: Path) -> TrainedModel:
             f"{path}: the checkpoint's config or class record cannot be used: {problems}"
         ) from None
     converted_from = checkpoint.get("converted_from_scenic")
-    return TrainedModel(state, train_cfg.model, train_cfg.augment, classes, features, schema_version, converted_from)
+    step = checkpoint.get("step")
+    step = step if isinstance(step, int) and not isinstance(step, bool) and step >= 0 else None
+    return TrainedModel(
+        state, train_cfg.model, train_cfg.augment, classes, features, schema_version, converted_from, step
+    )
 
 
 def build_model(trained: TrainedModel, path: str | Path) -> MBT:

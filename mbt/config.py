@@ -17,10 +17,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import yaml
+
+from mbt.config_help import help_text
 from mbt.config_io import (
+    CommandLine,
     ConfigError,
     build,
-    keys_help,
     merge,
     plain,
     read_config,
@@ -40,6 +43,8 @@ PRESETS = ("audioset", "vggsound", "custom", "scenic_as", "demo")
 VIT_INITS = ("scenic", "vit")
 INITS = (*VIT_INITS, "none")
 CLIP_GRAD_SCOPES = ("per_rank", "global")  # each rank's gradient clipped before the mean (scenic), or the mean's
+# One quantity, two settings (the model's input, the loaders' crop): a file or command line that sets one sets both.
+TIED = (("model.audio_frames", "augment.audio_frames"), ("model.img_size", "augment.crop_px"))
 OPTIMIZERS = ("sgd", "adamw")
 DEVICES = ("auto", "cpu", "cuda")
 # torch.nn.attention.SDPBackend of each --sdpa_backend; auto: PyTorch picks per call (tools/gpu_check.py measures them)
@@ -273,18 +278,34 @@ def save_config(cfg: TrainConfig, path: str | Path) -> Path:
 
 def load_config(argv: Sequence[str] | None = None) -> TrainConfig:
     """The config from `--preset`, then `--config FILE.yaml` (repeatable), then `--key value` / `--key=value` flags
-    (`argv` defaults to sys.argv[1:]; '-' in keys reads as '_'). `--help` prints the keys and exits. A file that
-    makes the model larger than `mbt.model_size.MAX_MODEL_PARAMS` is named. Not validated against the shards or
-    the world size: call `mbt.validate.validate` for that."""
-    preset_name, files, flags = split_command_line(list(sys.argv[1:] if argv is None else argv), config_help)
-    base = config_to_dict(preset(preset_name or "demo"))
-    return read_config(TrainConfig, base, files, flags, INT_LIMITS, lambda cfg: size_problems(cfg.model))
+    (`argv` defaults to sys.argv[1:]; '-' in keys reads as '_'); of each pair in `TIED` a file or the command line
+    that sets one alone sets both. `--help` prints the usage and every key with its description and its value as
+    resolved from the rest of the command line, `--print-config` the resolved config as YAML; both then exit. A file
+    that makes the model larger than `mbt.model_size.MAX_MODEL_PARAMS` is named. Not validated against the shards
+    or the world size: call `mbt.validate.validate` for that."""
+    line = split_command_line(list(sys.argv[1:] if argv is None else argv))
+    base = config_to_dict(preset(line.preset or "demo"))
+    if line.help and not (line.files or line.flags):  # the preset's values even when a file or flag is wrong
+        _exit_with(config_help(base, line))
+    cfg = read_config(TrainConfig, base, line.files, line.flags, INT_LIMITS, lambda c: size_problems(c.model), TIED)
+    if line.help:
+        _exit_with(config_help(config_to_dict(cfg), line))
+    if line.print_config:
+        _exit_with(yaml.safe_dump(config_to_dict(cfg), sort_keys=False).rstrip("\n"))
+    return cfg
 
 
-def config_help() -> str:
-    """Usage and every key with its type and the demo preset's value."""
-    return "\n".join([
-        f"usage: [--preset {'|'.join(PRESETS)}] [--config FILE.yaml] [--KEY VALUE ...]",
-        "values: numbers, true/false, none, comma lists for tuples; keys and their demo values:",
-        *keys_help(TrainConfig, config_to_dict(preset("demo"))),
-    ])  # fmt: skip
+def _exit_with(text: str) -> None:
+    print(text)
+    raise SystemExit(0)
+
+
+def config_help(values: dict[str, Any] | None = None, line: CommandLine | None = None) -> str:
+    """The usage and every key with its type, description and value in the plain tree `values` (default: the demo
+    preset's), which `line` (the command line before `--help`) resolved."""
+    given = "the demo preset"
+    if line is not None:
+        given = f"the {line.preset or 'demo'} preset" + (
+            " and the files and flags given" if line.files or line.flags else ""
+        )
+    return help_text(TrainConfig, values or config_to_dict(preset("demo")), PRESETS, given)

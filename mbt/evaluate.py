@@ -5,14 +5,18 @@ keeps each row's logits in float32 on the CPU and averages the `num_test_clips` 
 a sample's prediction is the same however its rows were batched. Rank 0 gathers the per-sample predictions, sorts
 them by clip id, computes the metrics and writes them.
 
-    python -m mbt.evaluate --checkpoint last.pt --shards data/shards/audioset/eval --out runs/eval
-    torchrun --nproc_per_node=8 -m mbt.evaluate --checkpoint last.pt --shards data/shards/audioset/eval --out runs/eval
+    python -m mbt.evaluate --model runs/demo/bottleneck --out runs/demo/eval-again
+    torchrun --nproc_per_node=8 -m mbt.evaluate --model last.pt --shards data/shards/audioset/eval --out runs/eval
 
-writes `metrics.json` (`num_samples` and `mAP`, `mAUC`, `d_prime`, or `top1`, `top5`), `predictions.npz` (`keys`,
-`logits`, `labels`, sorted by key) and, for multi-label splits, `per_class_ap.csv` (index, name, AP per class) with
-`per_class_ap.png` (the best and worst classes), for single-label splits `confusion.csv` and `confusion.png` (the
-most-confused class pairs). `--embeddings FILE.npz` also writes each sample's clip-averaged embeddings
-(`mbt.embeddings`: each tower's pooled features, the bottleneck tokens), computed on every rank, gathered by key.
+`--model` takes a training checkpoint, a run folder (its latest checkpoint) or an export (`mbt.model_source`), and a
+line says which it found; without `--shards` the split is the evaluation split the run's config.yaml names.
+
+writes `metrics.json` (`num_samples` and `mAP`, `mAUC`, `d_prime`, or `top1`, `top5` above 5 classes),
+`predictions.npz` (`keys`, `logits`, `labels`, sorted by key) and, for multi-label splits, `per_class_ap.csv` (index,
+name, AP per class) with `per_class_ap.png` (the best and worst classes), for single-label splits `confusion.csv`
+(the most-confused class pairs) and `confusion.png` (the confusion matrix). `--embeddings FILE.npz` also writes each
+sample's clip-averaged embeddings (`mbt.embeddings`: each tower's pooled features, the bottleneck tokens), computed
+on every rank, gathered by key.
 The log-mels are normalized with the model's statistics, those of its training split that the checkpoint's config
 records (older checkpoints without them: the evaluated split's own, and a warning). The clips are those the
 checkpoint's config records, or with `--preset NAME` that preset's (its clip sampling, audio padding, test clips and,
@@ -25,6 +29,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 from collections.abc import Iterable, Sequence
 from pathlib import Path
@@ -36,14 +41,16 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
-from mbt.checkpoint import CheckpointFileError, TrainedModel, build_model, load_trained
+from mbt.checkpoint import CheckpointFileError, TrainedModel, build_model
 from mbt.classes import ClassListError, class_record, record_difference
 from mbt.config import INT_LIMITS, PRESETS
 from mbt.config_io import ConfigError
 from mbt.dist import DistInfo, all_gather_objects, cleanup, init_distributed, on_main_rank
 from mbt.embeddings import Embedding, forward_with_embeddings, mean_embedding, rows_as_numpy, write_embeddings
+from mbt.exported import ExportError
 from mbt.fits import fits
 from mbt.metrics import average_precision_per_class, compute_metrics
+from mbt.model_source import load_source, resolve_model, run_setting
 from mbt.preset_feed import preset_feed
 from mbt.results import (
     CONFUSION_FILE,
@@ -229,7 +236,7 @@ def _first_keys(keys: Sequence[str], bad: np.ndarray) -> str:
     return ", ".join(shown) + (", ..." if bad.sum() > MAX_KEYS_SHOWN else "")
 
 
-# The command line: a checkpoint alone, as a user would evaluate it after training.
+# The command line: a model alone, as a user would evaluate it after training.
 
 
 def check_inputs(trained: TrainedModel, manifest: Manifest, shards: str | Path, checkpoint: str | Path) -> None:
@@ -262,16 +269,27 @@ def check_inputs(trained: TrainedModel, manifest: Manifest, shards: str | Path, 
 
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="mbt.evaluate", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--checkpoint", type=Path, required=True, help="training checkpoint (.pt)")
+    parser = argparse.ArgumentParser(prog="python -m mbt.evaluate", description=__doc__.split("\n\n")[0])
     parser.add_argument(
-        "--shards", required=True,
-        help="the split: its folder, shard files or a brace pattern of them, file: or pipe: URLs (streamed)",
+        "--model", "--checkpoint", dest="model", type=Path, required=True,
+        help="a training checkpoint (.pt), a run folder (its latest checkpoint) or an export folder",
     )  # fmt: skip
+    parser.add_argument(
+        "--shards",
+        help="the split: its folder, shard files or a brace pattern of them, file: or pipe: URLs (streamed); "
+        "default: the eval_shards of the run's config.yaml",
+    )
     parser.add_argument("--out", type=Path, required=True, help="folder for metrics.json and predictions.npz")
-    parser.add_argument("--loader", choices=LOADERS, default="auto", help="auto: DALI on CUDA when installed")
-    parser.add_argument("--batch-size", type=int, default=8, help="samples per batch and rank (x num_test_clips rows)")
-    parser.add_argument("--num-workers", type=int, default=2, help="loader workers (DALI: threads) per rank")
+    parser.add_argument("--loader", choices=LOADERS, default="auto", help="auto (default): DALI on CUDA when installed")
+    parser.add_argument(
+        "--batch-size",
+        type=int,
+        default=8,
+        help="samples per batch and rank (x num_test_clips rows; default %(default)s)",
+    )
+    parser.add_argument(
+        "--num-workers", type=int, default=2, help="loader workers (DALI: threads) per rank (default %(default)s)"
+    )
     parser.add_argument("--bf16", action="store_true", help="bf16 autocast on CUDA")
     parser.add_argument("--embeddings", type=Path, help="also write each sample's embeddings to this .npz")
     parser.add_argument(
@@ -288,22 +306,27 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
 
 
 def run(args: argparse.Namespace) -> int:
-    """Check the checkpoint against the shards, then evaluate on this rank and (rank 0) report."""
-    trained = load_trained(args.checkpoint)
+    """Check the model against the shards, then evaluate on this rank and (rank 0) report."""
+    source = resolve_model(args.model)
+    trained = load_source(source)
     if note := conversion_note(trained.converted_from, trained.model):
-        log.warning("note: %s: %s", args.checkpoint, note)
+        log.warning("note: %s: %s", source.path, note)
     if args.preset:
         try:
-            augment = preset_feed(args.preset, trained.model, trained.augment, str(args.checkpoint))
+            augment = preset_feed(args.preset, trained.model, trained.augment, str(source.path))
         except ConfigError as err:
             raise EvaluationError(str(err)) from None
         trained = trained._replace(augment=augment)
     augment = trained.augment
+    if args.shards is None:
+        args.shards = run_setting(source, "eval_shards", "--shards")
     split = open_split(args.shards)
     manifest = split.manifest
-    check_inputs(trained, manifest, args.shards, args.checkpoint)
-    model = build_model(trained, args.checkpoint)
+    check_inputs(trained, manifest, args.shards, source.path)
+    model = build_model(trained, source.path)
     info = init_distributed()
+    if info.is_main:
+        print(source.describe(trained.step), flush=True)
     model.to(info.device)
     metrics = evaluate_split(
         model, split, info, augment, str(args.shards), args.out, args.bf16, sys.stderr.isatty(), args.embeddings,
@@ -325,8 +348,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
     try:
         return run(args)
-    except (EvaluationError, CheckpointFileError, LoaderError, OSError) as err:
-        print(f"mbt.evaluate: error: {err}", file=sys.stderr)
+    except (EvaluationError, CheckpointFileError, ExportError, LoaderError, OSError) as err:
+        if int(os.environ.get("RANK", "0")) == 0:  # one line, not one per rank: every rank fails alike
+            print(f"mbt.evaluate: error: {err}", file=sys.stderr)
         return 1
     finally:
         cleanup()

@@ -104,15 +104,16 @@ def topk_accuracy(logits: ArrayLike, targets: ArrayLike, ks: Sequence[int] = (1,
 
 def compute_metrics(logits: ArrayLike, labels: ArrayLike, multi_label: bool) -> dict[str, float | int]:
     """The evaluation metrics of logits (N, C) against labels: multi-hot (N, C) when `multi_label` (`mAP`, `mAUC`,
-    `d_prime` of the mean AUC), else class indices (N,) (`top1`, `top5`); always `num_samples`."""
+    `d_prime` of the mean AUC), else class indices (N,) (`top1`, and `top5` when there are more than 5 classes: with
+    5 or fewer it is 1 whatever the model); always `num_samples`."""
     logits = np.asarray(logits)
     metrics: dict[str, float | int] = {"num_samples": int(logits.shape[0])}
     if multi_label:
         auc = mean_auc(logits, labels)
         metrics.update(mAP=mean_average_precision(logits, labels), mAUC=auc, d_prime=d_prime(auc))
     else:
-        top = topk_accuracy(logits, labels, ks=(1, 5))
-        metrics.update(top1=top[1], top5=top[5])
+        ks = (1, 5) if logits.shape[1] > 5 else (1,)
+        metrics.update({f"top{k}": value for k, value in topk_accuracy(logits, labels, ks=ks).items()})
     return metrics
 
 

@@ -88,7 +88,8 @@ def recipe_problems(cfg: TrainConfig, world_size: int = 1, *, train: bool = True
         ),
         (
             aug.crop_px == model.img_size,
-            f"--augment.crop_px {aug.crop_px} differs from --model.img_size {model.img_size}: set both to one size",
+            f"--augment.crop_px {aug.crop_px} differs from --model.img_size {model.img_size}: give one of them "
+            "(the other follows) or both alike",
         ),
         (
             aug.eval_short_side_px >= aug.crop_px,
@@ -98,7 +99,7 @@ def recipe_problems(cfg: TrainConfig, world_size: int = 1, *, train: bool = True
         (
             aug.audio_frames == model.audio_frames,
             f"--augment.audio_frames {aug.audio_frames} differs from --model.audio_frames {model.audio_frames}: "
-            "set both to one length",
+            "give one of them (the other follows) or both alike",
         ),
     ]
     problems = value_problems(cfg, INT_LIMITS)

@@ -10,7 +10,7 @@ from collections.abc import Callable, Mapping
 from pathlib import Path
 
 from preprocess.datasets import DatasetError
-from preprocess.ffmpeg_run import ToolMissingError
+from preprocess.ffmpeg_run import FFMPEG_ENV, ToolMissingError, use_ffmpeg
 from preprocess.job import JobSpec, JobSummary, run_job
 from preprocess.job_state import MAX_JOBS, MAX_SHARD_SIZE, JobError
 from shards.schema import MAX_FRAMES, FeatureParams, SchemaError
@@ -84,6 +84,9 @@ def add_job_arguments(parser: argparse.ArgumentParser) -> None:
         "(default: 12 s per second of segment, at least 60 s)",
     )
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
+    parser.add_argument(
+        "--ffmpeg", type=Path, help=f"the ffmpeg to run (default: ${FFMPEG_ENV[0]} or ${FFMPEG_ENV[1]}, else PATH's)"
+    )
 
 
 def num_frames(args: argparse.Namespace) -> int:
@@ -204,6 +207,7 @@ def apply_limit(rows: list, limit: int | None) -> list:
 
 def run_tool(build_spec: Callable[[argparse.Namespace], JobSpec], args: argparse.Namespace) -> int:
     """Build the spec, run the job, print the summary; input and environment errors exit 1 with the message."""
+    use_ffmpeg(args.ffmpeg)  # before the workers start: they inherit it
     try:
         spec = build_spec(args)
         summary: JobSummary = run_job(spec)

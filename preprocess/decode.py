@@ -27,7 +27,7 @@ from typing import Any
 import ffmpeg
 import numpy as np
 
-from preprocess.ffmpeg_run import DecodeError, error_lines, open_regular_file, run_ffmpeg
+from preprocess.ffmpeg_run import DecodeError, error_lines, ffmpeg_binary, open_regular_file, run_ffmpeg
 from shards.atomic import DiskFullError, disk_full
 from shards.schema import FeatureParams
 
@@ -237,7 +237,7 @@ def decode_command(
     graph = ffmpeg.merge_outputs(*outputs[: 2 if with_audio else 1]).global_args(
         "-nostdin", "-hide_banner", "-nostats", "-loglevel", "level+info", "-filter_complex_threads", "1"
     )
-    return graph.compile(cmd="ffmpeg", overwrite_output=True)
+    return graph.compile(cmd=ffmpeg_binary(), overwrite_output=True)
 
 
 def output_cap_bytes(duration_s: float, params: FeatureParams) -> int:

@@ -40,10 +40,36 @@ _LIBC = ctypes.CDLL(None, use_errno=True)  # loaded here: a forked child must no
 _LEVEL_RE = re.compile(r"^(?:\[[^\]]* @ 0x[0-9a-f]+\] )?\[(panic|fatal|error)\] (.*)")
 
 
+# The environment variables that name the ffmpeg to run, first set first (a cluster module's or conda's ffmpeg off
+# PATH; FFMPEG_BINARY is imageio's and moviepy's name). devenv.envcheck reads the same (a test keeps them equal).
+FFMPEG_ENV = ("MBT_FFMPEG", "FFMPEG_BINARY")
+
+
+def ffmpeg_binary() -> str:
+    """The ffmpeg every decode and probe runs: the first of FFMPEG_ENV that is set, else `ffmpeg` on PATH."""
+    return next((os.environ[name] for name in FFMPEG_ENV if os.environ.get(name)), "ffmpeg")
+
+
+def use_ffmpeg(path: str | os.PathLike | None) -> None:
+    """Run the ffmpeg at `path` from now on, in this process and the workers it starts (`--ffmpeg`); None: as
+    before."""
+    if path is not None:
+        os.environ[FFMPEG_ENV[0]] = os.fspath(path)
+
+
 def require_ffmpeg() -> None:
-    """Raise ToolMissingError saying what to install when ffmpeg is not on PATH."""
-    if shutil.which("ffmpeg") is None:
-        raise ToolMissingError("ffmpeg not found on PATH; install it (Debian/Ubuntu: apt-get install -y ffmpeg)")
+    """Raise ToolMissingError saying what to install or set when the ffmpeg to run (`ffmpeg_binary`) is not an
+    executable."""
+    binary = ffmpeg_binary()
+    if shutil.which(binary) is not None:
+        return
+    named = next((name for name in FFMPEG_ENV if os.environ.get(name)), None)
+    if named is not None:
+        raise ToolMissingError(f"ffmpeg not found: {named}={binary} (or --ffmpeg) is not an executable file")
+    raise ToolMissingError(
+        "ffmpeg not found on PATH; install it (Debian/Ubuntu: apt-get install -y ffmpeg) or point --ffmpeg (or "
+        f"{FFMPEG_ENV[0]}) at one"
+    )
 
 
 def die_with_parent(parent_pid: int) -> None:

@@ -26,7 +26,7 @@ from preprocess.decode import (
     scratch_folder,
     stream_bit_rates_bps,
 )
-from preprocess.ffmpeg_run import DecodeError, error_lines, open_regular_file, run_ffmpeg
+from preprocess.ffmpeg_run import DecodeError, error_lines, ffmpeg_binary, open_regular_file, run_ffmpeg
 
 # The longest a video is planned as (a timeline of windows): a day. A longer claim is capped at it.
 MAX_MEDIA_S = 24 * 3600.0
@@ -74,7 +74,7 @@ def probe_command(source: str) -> list[str]:
     """The ffmpeg arguments that print the `Input #0` report of `source` (file protocol and MEDIA_DEMUXERS only) and
     decode nothing (ffmpeg then exits 1: no output file)."""
     return [
-        "ffmpeg", "-nostdin", "-hide_banner", "-loglevel", "level+info",
+        ffmpeg_binary(), "-nostdin", "-hide_banner", "-loglevel", "level+info",
         "-protocol_whitelist", "file", "-format_whitelist", ",".join(MEDIA_DEMUXERS), "-i", file_url(source),
     ]  # fmt: skip
 

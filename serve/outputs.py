@@ -9,10 +9,9 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import torch
 
 from mbt.plots import class_label, pyplot, save_figure
-from serve.predict import Prediction
+from serve.predict import Prediction, top_classes
 from shards.atomic import atomic_write
 from shards.text import MAX_NAME_CHARS, CsvWriter, printable
 
@@ -20,30 +19,14 @@ TIMELINE_SUFFIX = ".timeline.csv"
 TIMELINE_CLASSES = 6  # classes drawn in a timeline PNG
 
 
-def probabilities(logits: np.ndarray, multi_label: bool) -> np.ndarray:
-    """Class probabilities of logits (..., C): sigmoid for multi-label models, softmax for single-label ones."""
-    scores = torch.from_numpy(np.asarray(logits, dtype=np.float64))
-    return (torch.sigmoid(scores) if multi_label else torch.softmax(scores, dim=-1)).numpy()
-
-
-def top_classes(probs: np.ndarray, names: list[str], k: int) -> list[tuple[str, float]]:
-    """The `k` most probable (name, probability) of probs (C,), most probable first (ties by class index)."""
-    order = np.argsort(-probs, kind="stable")[:k]
-    return [(names[i], float(probs[i])) for i in order]
-
-
-def summary_probabilities(prediction: Prediction, multi_label: bool) -> np.ndarray:
-    """The class probabilities (C,) of a whole prediction: the mean over its windows' probabilities."""
-    return probabilities(prediction.logits, multi_label).mean(axis=0)
-
-
-def record(prediction: Prediction, names: list[str], multi_label: bool, k: int) -> dict[str, Any]:
-    """A prediction as plain JSON values: its top-k classes and, per window, its logits and top-k."""
-    probs = probabilities(prediction.logits, multi_label)
-    overall = top_classes(summary_probabilities(prediction, multi_label), names, k)
+def record(prediction: Prediction, k: int) -> dict[str, Any]:
+    """A prediction as plain JSON values: its top-k classes, whether it has audio and, per window, its logits and
+    top-k."""
+    probs, names = prediction.probabilities, prediction.class_names
     return {
         "name": prediction.name,
-        "top": [{"class": n, "probability": p} for n, p in overall],
+        "has_audio": prediction.has_audio,
+        "top": [{"class": n, "probability": p} for n, p in prediction.top(k)],
         "windows": [
             {
                 "start_s": start,
@@ -67,9 +50,9 @@ def timeline_path(out_dir: Path, name: str, taken: set[Path]) -> Path:
     return path
 
 
-def write_timeline_csv(path: Path, prediction: Prediction, names: list[str], multi_label: bool) -> Path:
+def write_timeline_csv(path: Path, prediction: Prediction) -> Path:
     """Per window: start_s, end_s, the top class and its probability, then every class's probability."""
-    probs = probabilities(prediction.logits, multi_label)
+    probs, names = prediction.probabilities, prediction.class_names
     path.parent.mkdir(parents=True, exist_ok=True)
     with atomic_write(path, "w", newline="") as f:
         writer = CsvWriter(f)
@@ -80,13 +63,13 @@ def write_timeline_csv(path: Path, prediction: Prediction, names: list[str], mul
     return path
 
 
-def top_lines(prediction: Prediction, names: list[str], multi_label: bool, k: int) -> list[str]:
-    """The lines printed for a prediction: its name, then its top-k classes with probabilities (text from data with
-    its control characters escaped: a file name may hold any)."""
+def top_lines(prediction: Prediction, k: int) -> list[str]:
+    """The lines printed for a prediction: its name (and a note when it has no audio stream), then its top-k classes
+    with probabilities (text from data with its control characters escaped: a file name may hold any)."""
     windows = f" ({len(prediction.windows)} windows)" if len(prediction.windows) > 1 else ""
-    top = top_classes(summary_probabilities(prediction, multi_label), names, k)
+    silent = "" if prediction.has_audio else " (no audio stream: heard as silence)"
     name = printable(prediction.name, MAX_NAME_CHARS)
-    return [f"{name}{windows}:"] + [f"  {p:.3f}  {printable(n, MAX_NAME_CHARS)}" for n, p in top]
+    return [f"{name}{windows}{silent}:"] + [f"  {p:.3f}  {printable(n, MAX_NAME_CHARS)}" for n, p in prediction.top(k)]
 
 
 def plot_timeline(
@@ -101,6 +84,6 @@ def plot_timeline(
     for c in shown:
         ax.plot(centres, probs[:, c], marker="o", label=class_label(names, int(c)))
     ax.set(xlabel="time (s, window centre)", ylabel="probability", ylim=(0, 1.02), title=title)
-    ax.legend(fontsize=8, loc="upper right")
+    ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0), borderaxespad=0)  # beside, not over, the lines
     fig.tight_layout()
     return save_figure(fig, path)

@@ -8,7 +8,8 @@ A window is `features.segment_s` long (the training segment) unless `window_s` s
 audio input, `augment.audio_frames` log-mel frames: shorter, it would hear padding); frames are kept at the shards'
 rate. Without a window length a video is predicted from its first window (a segment from its start, as the
 shard job reads a file); with one, windows every `hop_s` cover the whole file (a timeline). A file that cannot be
-decoded, has no audio stream (for a model that hears) or is shorter than one window raises InputError naming it.
+decoded or is shorter than one window raises InputError naming it. A video without an audio stream is predicted as
+the shard job stores it (a log-mel of silence: zero samples) and its prediction says so (`has_audio`, a warning).
 
 A timeline is planned from the duration the file's header claims, capped by `preprocess.probe` (at most a day,
 and what the file's bytes can hold), and its windows are made one batch at a time as they are decoded; it ends at
@@ -46,20 +47,45 @@ PROGRESS_MIN_WINDOWS = 4  # a progress bar for inputs of at least this many wind
 
 
 class InputError(RuntimeError):
-    """A video cannot be predicted (missing, not a video, no audio stream, shorter than one window); the message
-    names the file."""
+    """A video cannot be predicted (missing, not a video, shorter than one window); the message names the file."""
+
+
+def probabilities(logits: np.ndarray, multi_label: bool) -> np.ndarray:
+    """Class probabilities of logits (..., C): sigmoid for multi-label models, softmax for single-label ones."""
+    scores = torch.from_numpy(np.asarray(logits, dtype=np.float64))
+    return (torch.sigmoid(scores) if multi_label else torch.softmax(scores, dim=-1)).numpy()
+
+
+def top_classes(probs: np.ndarray, names: list[str], k: int) -> list[tuple[str, float]]:
+    """The `k` most probable (name, probability) of probs (C,), most probable first (ties by class index)."""
+    order = np.argsort(-probs, kind="stable")[:k]
+    return [(names[i], float(probs[i])) for i in order]
 
 
 @dataclass
 class Prediction:
-    """A segment's windows [(start_s, end_s)], their clip-averaged logits (W, C), if asked embeddings, and the
-    warnings of its prediction (one line each, naming the file)."""
+    """A segment's windows [(start_s, end_s)], their clip-averaged logits (W, C), the model's class names and
+    whether they are multi-label, if asked embeddings, the warnings of its prediction (one line each, naming the
+    file) and whether the file has an audio stream (without one the model heard silence, as training does)."""
 
     name: str
     windows: list[tuple[float, float]]
     logits: np.ndarray
+    class_names: list[str]
+    multi_label: bool
     embeddings: list[Embedding] = field(default_factory=list)
     warnings: list[str] = field(default_factory=list)
+    has_audio: bool = True
+
+    @property
+    def probabilities(self) -> np.ndarray:
+        """Each window's class probabilities (W, C): sigmoid of multi-label logits, else softmax."""
+        return probabilities(self.logits, self.multi_label)
+
+    def top(self, k: int = 5) -> list[tuple[str, float]]:
+        """The `k` (at most all) most probable (class name, probability) of the whole segment: the mean of its
+        windows' probabilities."""
+        return top_classes(self.probabilities.mean(axis=0), self.class_names, k)
 
 
 def window_features(features: FeatureParams, window_s: float | None) -> FeatureParams:
@@ -95,11 +121,11 @@ class Predictor:
         if self.hop_s <= 0:
             raise ValueError(f"--hop-s must be positive, got {hop_s}")
         self.batch_windows, self.decode_timeout_s = batch_windows, decode_timeout_s
-        self.require_audio = "audio" in model.cfg.modalities
+        self.hears = "audio" in model.cfg.modalities
         # A window fits a file that ends within half a stored frame interval of the window's end.
         self.tolerance_s = 0.5 / self.features.frames_per_s
         audio_s = prep.augment.audio_frames * self.features.frame_shift_ms / 1000
-        if self.require_audio and self.features.fbank_frames < prep.augment.audio_frames:
+        if self.hears and self.features.fbank_frames < prep.augment.audio_frames:
             raise ValueError(
                 f"--window-s {self.window_s:g} is shorter than the model's audio input of {audio_s:g} s "
                 f"({prep.augment.audio_frames} log-mel frames): it would hear padding it was never trained on"
@@ -116,7 +142,8 @@ class Predictor:
         shard job's failure record) when the window cannot be stored as a sample."""
         row = ClipRow(CLIP_KEY, "", start_s, start_s + self.window_s, (0,), str(segment.path))
         task = ClipTask(row=row, path=str(segment.path), missing=None, start_s=start_s, duration_s=self.window_s)
-        members, result = process_clip(task, self.features, self.require_audio, self.decode_timeout_s)
+        # A file without audio is kept with silent audio, as the shard job keeps it (training learns from such clips).
+        members, result = process_clip(task, self.features, False, self.decode_timeout_s)
         if members is None:
             return None, result
         raw = {name.split(".", 1)[1]: data for name, data in members}
@@ -127,7 +154,7 @@ class Predictor:
         return rows, json.loads(raw[META_EXT])
 
     def _refused(self, segment: Segment, failure: dict[str, Any]) -> InputError:
-        problem = "no audio stream (the model hears)" if failure["reason"] == "no_audio" else failure["message"]
+        problem = failure["message"]
         return InputError(problem if problem.startswith(str(segment.path)) else f"{segment.path}: {problem}")
 
     def _short(self, meta: dict[str, Any]) -> bool:
@@ -164,6 +191,11 @@ class Predictor:
         if rows is None:
             raise self._refused(segment, meta)
         warnings: list[str] = []
+        has_audio = bool(meta["has_audio"])
+        if not has_audio and self.hears:
+            warnings.append(
+                f"{segment.path}: no audio stream: predicted with silent audio, as training sees such clips"
+            )
         end_s = self._end_s(segment, meta, warnings)
         held_s = end_s - segment.start_s
         if self._short(meta):  # the content ends inside the first window, whatever the header claims
@@ -183,7 +215,7 @@ class Predictor:
         for start in self._starts(segment.start_s, end_s):
             if windows:  # the first window is decoded already
                 rows, meta = self._decode(segment, start)
-            if rows is None and meta["reason"] not in ("no_frames", "no_audio"):
+            if rows is None and meta["reason"] != "no_frames":
                 raise self._refused(segment, meta)
             if rows is None or self._short(meta):  # the content ends before the header says
                 what = "nothing decodes" if rows is None else f"only {meta['audio_decoded_s']:.2f} s decode"
@@ -201,7 +233,8 @@ class Predictor:
         if pending:
             self._run(pending, logits, pooled, embeddings)
         bar.close()
-        return Prediction(segment.name, windows, np.stack(logits), pooled, warnings)
+        names, multi = self.prep.class_names, self.prep.multi_label
+        return Prediction(segment.name, windows, np.stack(logits), names, multi, pooled, warnings, has_audio)
 
     def _run(self, rows: list[dict[str, Any]], logits: list[np.ndarray], pooled: list[Embedding], embed: bool) -> None:
         """Forward the rows of some windows as one batch, as `mbt.evaluate` does; append each window's logits (C,)

@@ -26,9 +26,9 @@ from mbt.config import PRESETS
 from mbt.embeddings import write_embeddings
 from mbt.preset_feed import preset_feed
 from preprocess.datasets import DatasetError
-from preprocess.ffmpeg_run import ToolMissingError, require_ffmpeg
+from preprocess.ffmpeg_run import FFMPEG_ENV, ToolMissingError, require_ffmpeg, use_ffmpeg
 from serve.load import ExportError, Preprocessing, load_model
-from serve.outputs import plot_timeline, probabilities, record, timeline_path, top_lines, write_timeline_csv
+from serve.outputs import plot_timeline, record, timeline_path, top_lines, write_timeline_csv
 from serve.predict import InputError, Predictor
 from serve.segments import Segment, gather_segments
 from shards.atomic import write_bytes_atomic
@@ -40,7 +40,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--model", required=True, help="checkpoint (.pt), run folder or exported model folder")
     parser.add_argument("--features-from", help="the training split (a checkpoint's run config names it otherwise)")
     parser.add_argument("--videos", type=Path, help="folder of the videos a segments CSV names (default: its folder)")
-    parser.add_argument("--top-k", type=int, default=5, help="classes printed per video")
+    parser.add_argument("--top-k", type=int, default=5, help="classes printed per video (at most the model's classes)")
     parser.add_argument("--json", type=Path, help="write every prediction (top-k, per-window logits) here")
     parser.add_argument("--embeddings", type=Path, help="write per-window tower and bottleneck embeddings (.npz)")
     parser.add_argument("--window-s", type=float, help="slide windows of this length over each whole file")
@@ -52,6 +52,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         "--preset", choices=PRESETS,
         help="feed the model as this preset does (scenic_as: a converted scenic checkpoint) instead of as it records",
     )  # fmt: skip
+    parser.add_argument(
+        "--ffmpeg", type=Path, help=f"the ffmpeg to run (default: ${FFMPEG_ENV[0]} or ${FFMPEG_ENV[1]}, else PATH's)"
+    )
     args = parser.parse_args(argv)
     if args.top_k < 1 or args.batch_size < 1:
         parser.error("--top-k and --batch-size must be at least 1")
@@ -66,10 +69,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     try:
+        use_ffmpeg(args.ffmpeg)
         require_ffmpeg()
         model, prep = load_model(args.model, args.features_from)
         if args.preset:
             prep = dataclasses.replace(prep, augment=preset_feed(args.preset, model.cfg, prep.augment, str(args.model)))
+        print(prep.found)
         predictor = Predictor(model, prep, args.device, args.window_s, args.hop_s, args.batch_size)
         segments = gather_segments(args.inputs, args.videos)
     except (CheckpointFileError, ExportError, DatasetError, ToolMissingError, ValueError) as err:
@@ -84,7 +89,7 @@ def main(argv: list[str] | None = None) -> int:
 
 def predict_all(args: argparse.Namespace, predictor: Predictor, prep: Preprocessing, segments: list[Segment]) -> int:
     """Predict every segment, print its top classes and write the outputs asked for; the exit status."""
-    names, multi = prep.class_names, prep.multi_label
+    names, multi, k = prep.class_names, prep.multi_label, min(args.top_k, len(prep.class_names))
     records, keys, embeddings, failed, taken = [], [], [], 0, set()
     embed, progress = args.embeddings is not None, sys.stderr.isatty()
     for segment in segments:
@@ -96,15 +101,15 @@ def predict_all(args: argparse.Namespace, predictor: Predictor, prep: Preprocess
             continue
         for warning in prediction.warnings:
             print(f"warning: {warning}", file=sys.stderr)
-        print("\n".join(top_lines(prediction, names, multi, args.top_k)))
-        records.append(record(prediction, names, multi, args.top_k))
+        print("\n".join(top_lines(prediction, k)))
+        records.append(record(prediction, k))
         keys += [f"{prediction.name}@{start:g}" for start, _ in prediction.windows]
         embeddings += prediction.embeddings
         if args.window_s is not None:
-            csv_path = write_timeline_csv(timeline_path(args.out_dir, prediction.name, taken), prediction, names, multi)
+            csv_path = write_timeline_csv(timeline_path(args.out_dir, prediction.name, taken), prediction)
             png_path = csv_path.with_name(csv_path.name.removesuffix(".csv") + ".png")
-            probs = probabilities(prediction.logits, multi)
-            plot_timeline(png_path, prediction.windows, probs, names, prediction.name)
+            title = Path(prediction.name).name  # the file's name: an absolute path crowds the figure
+            plot_timeline(png_path, prediction.windows, prediction.probabilities, names, title)
             print(f"  timeline: {csv_path}, {png_path}")
     if args.json is not None:
         args.json.parent.mkdir(parents=True, exist_ok=True)

@@ -158,6 +158,8 @@ def test_missing_packages_in_a_bare_venv(tmp_path: Path, capsys: pytest.CaptureF
 
 def test_missing_ffmpeg(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("PATH", "/nonexistent")
+    for name in envcheck.FFMPEG_ENV:
+        monkeypatch.delenv(name, raising=False)
     results = envcheck.check_ffmpeg()
     assert [r.ok for r in results] == [False, False]
     assert results[0].line == "ffmpeg: not found on PATH"

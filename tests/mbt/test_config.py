@@ -21,6 +21,8 @@ from mbt.config import (
     preset,
     save_config,
 )
+from mbt.config_help import FLAG_HELP
+from mbt.config_io import leaf_fields
 from mbt.model import MBTConfig
 from mbt.splits import open_run_splits, with_split_classes
 from mbt.train import prepare_run
@@ -352,15 +354,52 @@ def test_invalid_model_values_are_rejected_with_the_key() -> None:
         load_config(["--model.fusion", "early"])
 
 
-def test_help_lists_the_keys(capsys: pytest.CaptureFixture[str]) -> None:
+def printed(argv: list[str], capsys: pytest.CaptureFixture[str]) -> str:
+    """What load_config(argv) prints before it exits with status 0."""
     with pytest.raises(SystemExit) as exit_info:
-        load_config(["--help"])
+        load_config(argv)
     assert exit_info.value.code == 0
-    out = capsys.readouterr().out
-    assert "--preset audioset|vggsound|custom|scenic_as|demo" in out
-    assert "--model.fusion_layer (int) 2" in out
+    return capsys.readouterr().out
+
+
+def test_help_names_the_program_and_describes_every_key(capsys: pytest.CaptureFixture[str]) -> None:
+    out = printed(["--help"], capsys)
+    assert out.startswith("usage: python -m mbt.train [--preset NAME]") and "--print-config" in out
+    assert "--model.fusion_layer (int) 2\n      Lf: the first layer where the towers fuse" in out
     assert "--augment.resize_scale (comma list float,float) 0.08,1.0" in out
     assert "--clip_grad_norm (float or none)" in out
+    assert set(FLAG_HELP) == {key for key, _ in leaf_fields(TrainConfig)} and all(FLAG_HELP.values())
+
+
+def test_help_after_a_preset_shows_its_resolved_values(capsys: pytest.CaptureFixture[str]) -> None:
+    out = printed(["--preset", "audioset", "--lr", "0.1", "--help"], capsys)
+    assert "resolved from the audioset preset and the files and flags given" in out
+    assert "--model.num_classes (int) 527" in out and "--model.depth (int) 12" in out and "--lr (float) 0.1\n" in out
+    assert "--model.depth (int) 4" in printed(["--help"], capsys)  # the demo's
+
+
+def test_print_config_prints_the_resolved_yaml_and_starts_nothing(capsys: pytest.CaptureFixture[str]) -> None:
+    out = printed(["--preset", "vggsound", "--model.depth", "10", "--print-config"], capsys)
+    resolved = config_from_dict(yaml.safe_load(out))
+    base = preset("vggsound")
+    assert resolved == base.replace(model=base.model.replace(depth=10))
+
+
+def test_one_quantity_given_once_sets_both_of_its_settings(tmp_path: Path) -> None:
+    cfg = load_config(["--model.img_size", "32", "--augment.eval_short_side_px", "36"])
+    assert cfg.model.img_size == cfg.augment.crop_px == 32
+    cfg = load_config(["--augment.audio_frames", "320"])
+    assert cfg.model.audio_frames == cfg.augment.audio_frames == 320
+    path = tmp_path / "run.yaml"
+    path.write_text("model:\n  audio_frames: 480\n")
+    assert load_config(["--config", str(path)]).augment.audio_frames == 480
+    cfg = load_config(["--model.img_size", "32", "--augment.crop_px", "48", "--augment.eval_short_side_px", "64"])
+    with pytest.raises(ConfigError) as err:
+        validate(cfg.replace(train_shards="", eval_shards=""), train=False)
+    assert "--augment.crop_px 48 differs from --model.img_size 32: give one of them (the other follows)" in str(
+        err.value
+    )
+    assert "\n" not in str(err.value)
 
 
 # round trips
@@ -486,7 +525,7 @@ def test_bad_values_are_rejected(demo_cfg: TrainConfig, changes: dict[str, objec
 @pytest.mark.parametrize(
     ("model", "augment", "message"),
     [
-        ({}, {"crop_px": 112}, "--augment.crop_px 112 differs from --model.img_size 96: set both"),
+        ({}, {"crop_px": 112}, "--augment.crop_px 112 differs from --model.img_size 96: give one of them"),
         ({}, {"eval_short_side_px": 90}, "--augment.eval_short_side_px 90 is below --augment.crop_px 96"),
         ({}, {"audio_frames": 400}, "--augment.audio_frames 400 differs from --model.audio_frames 800"),
         ({}, {"mixup_alpha": -1.0}, "--augment.mixup_alpha must be 0 .off. or positive"),

@@ -150,7 +150,7 @@ class _Trap:
         ),
         (lambda p, good: torch.save({"x": _Trap(p.with_name("trapped"))}, p), "not a checkpoint of tensors"),
         (lambda p, good: torch.save([1, 2], p), "holds a list, not a checkpoint dict"),
-        (lambda p, good: p.mkdir(), "no such checkpoint file"),
+        (lambda p, good: p.mkdir(), "a folder with neither checkpoints/step-*.pt (a training run) nor config.json"),
         (lambda p, good: with_deflated_record(good, p), "is compressed (method 8)"),
     ],
     ids=["truncated", "random-bytes", "class-pickle", "list", "folder", "deflated-2GiB"],

@@ -106,9 +106,10 @@ def normal(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     checkpoint = write_checkpoint(folder / "step-00000001.pt")
     vit = folder / "vit.pth"
     torch.save(tiny_vit(depth=MODEL.depth).state_dict(), vit)
+    export_model(checkpoint, folder / "export")
     return {
         "checkpoint": checkpoint,
-        "export": export_model(checkpoint, folder / "export"),
+        "export": folder / "export",
         "vit": vit,
         "scenic": SCENIC_TINY,
     }

@@ -78,7 +78,9 @@ def test_compute_metrics():
     assert multi == pytest.approx({"num_samples": 4, "mAP": 5 / 6, "mAUC": 3 / 4, "d_prime": d_prime(3 / 4)})
     assert d_prime(3 / 4) == pytest.approx(0.953873, abs=1e-6)
     single = compute_metrics(SCORES, np.array([0, 1, 1, 1]), multi_label=False)
-    assert single == {"num_samples": 4, "top1": 0.75, "top5": 1.0}
+    assert single == {"num_samples": 4, "top1": 0.75}  # no top-5 of 4 classes: it would be 1 whatever the model
+    six = compute_metrics(np.eye(6), np.array([0, 1, 2, 3, 4, 0]), multi_label=False)
+    assert six == {"num_samples": 6, "top1": 5 / 6, "top5": 1.0}
 
 
 def test_metrics_files_are_standard_json(tmp_path):

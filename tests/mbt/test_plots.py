@@ -8,9 +8,10 @@ from pathlib import Path
 
 import numpy as np
 
+from mbt import plots
 from mbt.evaluate import write_results
 from mbt.metrics import average_precision_per_class
-from mbt.plots import confused_pairs
+from mbt.plots import confused_pairs, confusion_matrix
 
 NAMES = ["dog", "cat", "bird"]
 
@@ -36,6 +37,25 @@ def test_single_label_results_hold_the_confusion_with_names(tmp_path: Path) -> N
          "fraction": "0.500000"}
     ]  # fmt: skip
     assert (tmp_path / "confusion.png").stat().st_size > 0 and not (tmp_path / "per_class_ap.csv").exists()
+
+
+def test_the_confusion_png_is_a_classes_by_classes_matrix_with_labelled_axes(tmp_path: Path, monkeypatch) -> None:
+    drawn = []
+    saved = plots.save_figure
+    monkeypatch.setattr(plots, "save_figure", lambda fig, path: (drawn.append(fig), saved(fig, path))[1])
+    labels, logits = np.array([0, 0, 1, 2]), one_hot_logits([1, 0, 1, 2])
+    np.testing.assert_array_equal(confusion_matrix(logits, labels), [[1, 1, 0], [0, 1, 0], [0, 0, 1]])
+    write_results(tmp_path, {"num_samples": 4}, ["a", "b", "c", "d"], logits, labels, None, NAMES)
+    ax, colorbar = drawn[0].axes
+    np.testing.assert_array_equal(ax.images[0].get_array(), [[1, 1, 0], [0, 1, 0], [0, 0, 1]])
+    assert ax.get_xlabel() == "predicted class" and ax.get_ylabel() == "true class"
+    assert [t.get_text() for t in ax.get_xticklabels()] == NAMES == [t.get_text() for t in ax.get_yticklabels()]
+    assert all(float(t).is_integer() for t in colorbar.get_yticks())  # whole counts, no 0.5 samples
+    assert "3 of 4 samples" in ax.get_title()
+    many = 40  # beyond the named classes: integer indices as ticks
+    plots.plot_confusion(tmp_path / "many.png", confusion_matrix(np.eye(many), np.arange(many)))
+    ax = drawn[1].axes[0]
+    assert all(float(t).is_integer() for t in ax.get_xticks()) and ax.images[0].get_array().shape == (many, many)
 
 
 def test_multi_label_results_hold_per_class_ap_with_names_and_a_figure(tmp_path: Path) -> None:

@@ -62,6 +62,8 @@ def test_export_round_trip_gives_the_checkpoint_logits(
     norm = config["normalization"]
     assert (norm["logmel_mean"], norm["logmel_std"]) == (TINY_AUG.logmel_mean, TINY_AUG.logmel_std)
     assert config["model"]["num_classes"] == manifest.num_classes and config["augment"]["num_test_clips"] == 4
+    modes = {name: (exported / name).stat().st_mode & 0o777 for name in (WEIGHTS_FILE, CONFIG_FILE)}
+    assert modes[WEIGHTS_FILE] == modes[CONFIG_FILE] and modes[WEIGHTS_FILE] & 0o044 == 0o044  # others may read
 
 
 def test_the_checkpoint_carries_the_feature_parameters_and_older_ones_read_the_training_split(
@@ -205,7 +207,9 @@ def test_export_of_a_folder_without_checkpoints_is_one_error_line(
 ) -> None:
     assert load_tool("export_model").main([str(tmp_path), str(tmp_path / "out")]) == 1
     error = capsys.readouterr().err
-    assert error == f"error: {tmp_path}: a folder without checkpoints/step-*.pt (not a training run)\n"
+    assert error == (
+        f"error: {tmp_path}: a folder with neither checkpoints/step-*.pt (a training run) nor config.json (an export)\n"
+    )
 
 
 def test_a_schema_version_this_code_cannot_read_is_refused_alike_everywhere(

@@ -8,6 +8,7 @@ from __future__ import annotations
 import csv
 import json
 import math
+import shutil
 import subprocess
 from pathlib import Path
 
@@ -24,11 +25,14 @@ from mbt.dist import DistInfo
 from mbt.evaluate import evaluate_split
 from mbt.train import main as train_main
 from pipelines import open_split
+from preprocess.clip import ClipTask, process_clip
+from preprocess.datasets import ClipRow
+from preprocess.features import compute_logmel
 from serve.load import from_checkpoint
 from serve.predict import Predictor, window_features
 from serve.segments import Segment
 from shards.atomic import RERUN
-from shards.schema import MAX_FRAMES, FeatureParams
+from shards.schema import LOGMEL_EXT, MAX_FRAMES, FeatureParams
 
 SINGLE = DistInfo(rank=0, local_rank=0, world_size=1, device=torch.device("cpu"))
 
@@ -116,15 +120,13 @@ def test_a_segments_csv_is_read_inside_its_video_folder(
     assert "is not a path inside" in capsys.readouterr().err
 
 
-@pytest.mark.parametrize("kind", ["missing", "not_a_video", "no_audio", "too_short"])
+@pytest.mark.parametrize("kind", ["missing", "not_a_video", "too_short"])
 def test_each_bad_input_gets_one_error_line_and_the_others_are_predicted(
     kind: str, run: Path, demo: DemoDataset, tmp_path: Path, capsys: pytest.CaptureFixture
 ) -> None:
     bad = tmp_path / f"bad-{kind}.mp4"
     if kind == "not_a_video":
         make_not_a_video(bad)
-    elif kind == "no_audio":
-        make_clip(bad, seconds=2.0, audio=False)
     elif kind == "too_short":
         make_clip(bad, seconds=1.0)
     good = next(iter(eval_videos(demo).values()))
@@ -132,9 +134,51 @@ def test_each_bad_input_gets_one_error_line_and_the_others_are_predicted(
     captured = capsys.readouterr()
     errors = [line for line in captured.err.splitlines() if line.startswith("error: ")]
     assert len(errors) == 1 and str(bad) in errors[0], captured.err
-    expected = {"missing": "does not exist", "not_a_video": "", "no_audio": "no audio stream", "too_short": "shorter"}
+    expected = {"missing": "does not exist", "not_a_video": "", "too_short": "shorter"}
     assert expected[kind] in errors[0]
     assert f"{good}:" in captured.out and "1 of 2 video(s) could not be predicted" in captured.err
+
+
+def test_a_video_without_audio_is_predicted_with_silence_as_the_shard_job_stores_it(
+    run: Path, tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    silent = make_clip(tmp_path / "silent.mp4", seconds=2.0, audio=False)
+    assert load_tool("predict").main([str(silent), "--model", str(run), "--json", str(tmp_path / "out.json")]) == 0
+    captured = capsys.readouterr()
+    assert f"{silent} (no audio stream: heard as silence):" in captured.out
+    assert captured.err.splitlines() == [f"warning: {silent}: no audio stream: predicted with silent audio, as "
+                                         "training sees such clips"]  # fmt: skip
+    assert json.loads((tmp_path / "out.json").read_text())["videos"][0]["has_audio"] is False
+    model, prep = from_checkpoint(run)
+    task = ClipTask(ClipRow("k", "", 0.0, 2.0, (0,), str(silent)), str(silent), None, 0.0, 2.0)
+    members, _ = process_clip(task, prep.features, require_audio=False)  # what the shard job stores
+    logmel = next(data for name, data in members if name.endswith(LOGMEL_EXT))
+    zeros = compute_logmel(np.zeros(32000, np.float32), prep.features).values.astype(np.float16).tobytes()
+    assert logmel == zeros
+    prediction = Predictor(model, prep).predict(Segment(silent, "silent"))
+    assert not prediction.has_audio and prediction.probabilities.shape == (1, len(prep.class_names))
+    np.testing.assert_allclose(prediction.probabilities, 1 / (1 + np.exp(-prediction.logits)))
+    top = prediction.top(len(prep.class_names))
+    assert (
+        len(top) == len(prep.class_names)
+        and len(prediction.top(100)) == len(top)
+        and top[0][1] == max(prediction.probabilities[0])
+    )
+
+
+def test_predict_runs_the_ffmpeg_given_when_none_is_on_path(
+    run: Path, demo: DemoDataset, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture
+) -> None:
+    ffmpeg = tmp_path / "bin" / "ffmpeg"
+    ffmpeg.parent.mkdir()
+    ffmpeg.symlink_to(shutil.which("ffmpeg"))
+    monkeypatch.setenv("PATH", str(tmp_path / "nothing"))
+    monkeypatch.setenv("MBT_FFMPEG", "")  # restored after the test, as --ffmpeg sets it
+    video = next(iter(eval_videos(demo).values()))
+    assert load_tool("predict").main([str(video), "--model", str(run)]) == 1
+    assert "ffmpeg not found on PATH" in capsys.readouterr().err
+    assert load_tool("predict").main([str(video), "--model", str(run), "--ffmpeg", str(ffmpeg)]) == 0
+    assert f"{video}:" in capsys.readouterr().out
 
 
 def test_a_window_shorter_than_the_models_input_is_refused(run: Path, capsys: pytest.CaptureFixture) -> None:
@@ -151,7 +195,7 @@ def test_a_window_holds_1_to_max_frames() -> None:
 
 def test_a_model_that_cannot_be_read_is_one_error_line(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     assert load_tool("predict").main(["x.mp4", "--model", str(tmp_path)]) == 1
-    assert capsys.readouterr().err.startswith(f"error: {tmp_path}: a folder without checkpoints")
+    assert capsys.readouterr().err.startswith(f"error: {tmp_path}: a folder with neither checkpoints")
 
 
 # The demo preset made tiny for the session's 2 s demo clips, trained long enough to learn the background colours.

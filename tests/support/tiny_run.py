@@ -23,14 +23,16 @@ TINY = MBTConfig(
 TINY_AUG = AugmentConfig(audio_frames=160, crop_px=32, eval_short_side_px=36, logmel_mean=-3.5, logmel_std=4.25)
 
 
-def make_run(train_shards: Path, run_dir: Path, model: MBTConfig = TINY, features: bool = True) -> Path:
-    """`run_dir` holding config.yaml and checkpoints/step-00000001.pt of a model of `model`'s sizes fitted to the
-    classes of `train_shards`, with the split's feature parameters as training records them (`features`; False:
-    as an older checkpoint, without)."""
+def make_run(
+    train_shards: Path, run_dir: Path, model: MBTConfig = TINY, features: bool = True, eval_shards: Path | None = None
+) -> Path:
+    """`run_dir` holding config.yaml (naming `eval_shards` if given) and checkpoints/step-00000001.pt of a model of
+    `model`'s sizes fitted to the classes of `train_shards`, with the split's feature parameters as training records
+    them (`features`; False: as an older checkpoint, without)."""
     manifest = load_manifest(train_shards)
     cfg = TrainConfig(
         model=model.replace(num_classes=manifest.num_classes), augment=TINY_AUG, train_shards=str(train_shards),
-        out_dir=str(run_dir),
+        out_dir=str(run_dir), eval_shards=str(eval_shards or ""),
     )  # fmt: skip
     torch.manual_seed(0)
     net = MBT(cfg.model)
