@@ -33,7 +33,7 @@ from pipelines.config import SHUFFLE_BUFFER_SAMPLES, AugmentConfig
 from shards.layout import split_dir
 from shards.schema import MAX_FRAMES
 
-PRESETS = ("audioset", "vggsound", "custom", "demo")
+PRESETS = ("audioset", "vggsound", "custom", "custom-cpu", "demo")
 OPTIMIZERS = ("sgd", "adamw")
 DEVICES = ("auto", "cpu", "cuda")
 # torch.nn.attention.SDPBackend of each --sdpa_backend; auto: PyTorch picks per call (tools/gpu_check.py measures them)
@@ -142,8 +142,18 @@ RECIPE_DATA: dict[str, tuple[int, str, str]] = {
 
 def preset(name: str) -> TrainConfig:
     """The named preset: 'audioset' and 'vggsound' (the MBT recipe on their shards), 'custom' (the recipe on your
-    own shards, the head sized by the training split) or 'demo' (a tiny MBT for the 2-core CPU demo on
-    data/shards/demo)."""
+    own shards, the head sized by the training split), 'custom-cpu' (the demo's small MBT, augmentation and
+    optimiser on the custom preset's shards and head: what a CPU trains in minutes) or 'demo' (a tiny MBT for the
+    2-core CPU demo on data/shards/demo)."""
+    if name == "custom-cpu":
+        demo, custom = preset("demo"), preset("custom")
+        return demo.replace(
+            model=demo.model.replace(num_classes=0),
+            train_shards=custom.train_shards,
+            eval_shards=custom.eval_shards,
+            eval_every_epochs=5,
+            out_dir="runs/custom-cpu",
+        )
     if name in RECIPE_DATA:
         classes, train_split, eval_split = RECIPE_DATA[name]
         return TrainConfig(
@@ -225,7 +235,7 @@ def load_config(argv: Sequence[str] | None = None) -> TrainConfig:
 def config_help() -> str:
     """Usage and every key with its type and the demo preset's value."""
     return "\n".join([
-        "usage: [--preset audioset|vggsound|custom|demo] [--config FILE.yaml] [--KEY VALUE ...]",
+        "usage: [--preset audioset|vggsound|custom|custom-cpu|demo] [--config FILE.yaml] [--KEY VALUE ...]",
         "values: numbers, true/false, none, comma lists for tuples; keys and their demo values:",
         *keys_help(TrainConfig, config_to_dict(preset("demo"))),
     ])  # fmt: skip
