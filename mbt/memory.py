@@ -286,15 +286,15 @@ def _fits(cfg: TrainConfig, world_size: int, device: torch.device, available: in
     if smaller := _smaller_batch(cfg, world_size, device, available):
         options.append(smaller)
     current = sum(math.prod(s) for s in param_shapes(cfg.model).values())
-    for size in ("small", "tiny"):
-        sized, flags = size_flags(cfg, size)
+    for name in ("small", "tiny"):
+        sized, flags = size_flags(cfg, name)
         if sum(math.prod(s) for s in param_shapes(sized.model).values()) >= current:
             continue
         estimate = estimate_memory(sized, world_size, device)
         fit = f"about {size(estimate.total)}" if estimate.total <= available else None
         fit = fit or _smaller_batch(sized, world_size, device, available)
         if fit:
-            options.append(f"a smaller model, {SIZE_NOTES[size]} ({' '.join(flags)}; {fit})")
+            options.append(f"a smaller model, {SIZE_NOTES[name]} ({' '.join(flags)}; {fit})")
             break
     if not options:
         return "no smaller batch per rank or model size fits: use a machine with more memory (or GPUs)"

@@ -19,7 +19,7 @@ from test_train import REPO, read_rows, train_args
 import mbt.memory
 import mbt.train
 from mbt.checkpoint import BEST_NAME, BEST_RECORD, CHECKPOINT_DIR, load_checkpoint, read_best
-from mbt.config import load_config
+from mbt.config import load_config, preset
 from mbt.evaluate import main as evaluate_main
 from mbt.memory import estimate_memory
 from mbt.run_log import tensorboard_tag
@@ -149,3 +149,18 @@ def test_a_run_that_cannot_fit_is_refused_before_anything_is_allocated(
         err,
     ), err
     assert not (tmp_path / "run").exists()
+
+
+def test_mbt_b_on_a_cpu_is_refused_with_a_smaller_batch_or_model_that_fits(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The custom preset (MBT-B, 64 clips, 8 s of audio) with 19 GiB: about 70 GiB of activations; fewer clips per
+    micro-batch fit, and so do ViT-S/16 towers on 4 frames."""
+    monkeypatch.setattr(mbt.memory, "resident_bytes", lambda: 1 << 30)
+    monkeypatch.setattr(mbt.memory, "available_memory", lambda *_: (19 << 30, "MemAvailable"))
+    cfg = preset("custom").replace(model=preset("custom").model.replace(num_classes=10))
+    verdict = mbt.memory.memory_verdict(cfg, 1, torch.device("cpu"))
+    assert verdict.refusal is not None and verdict.warning is None
+    found = re.search(r"it cannot fit; it would fit with --grad_accum (\d+) \((\d+) clips per rank per micro-batch, "
+                      r"the global batch stays 64: about ([\d.]+) GiB\)", verdict.refusal)  # fmt: skip
+    assert found and int(found[1]) * int(found[2]) == 64 and float(found[3]) <= 19, verdict.refusal
+    assert "or a smaller model, ViT-S/16 towers, 4 frames (--model.embed_dim 384 " in verdict.refusal
+    assert "--augment.frames_used 4; " in verdict.refusal  # and its size or batch that fits
