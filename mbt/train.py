@@ -160,7 +160,8 @@ def _train(
     on_main_rank(lambda: save_config(cfg, run_dir / "config.yaml"))
     if dist.is_main:
         lines = startup_summary(cfg, dist, splits, (steps_per_epoch, total_steps), memory, init)
-        print("\n".join([*lines, *([f"resumed from {resume} at step {step}"] if state is not None else [])]))
+        lines += [f"resumed from {resume} at step {step}"] if state is not None else []
+        print("\n".join(lines), flush=True)  # before the first step, also in a file
 
     log = RunLog(run_dir)
     progress = Progress(total_steps, "step", initial=step, enabled=dist.is_main)
