@@ -11,7 +11,7 @@ The estimate adds what a rank holds at the peak of a training step (`estimate_me
   on the meta device (shapes only: no memory, no compute) with a hook on every tensor saved for backward, one count
   per storage; attention as the fused kernels save it (q, k, v, the output and its log-sum-exp, not the N² matrix;
   all of it with `--sdpa_backend math`), and under bf16 autocast (CUDA) as autocast casts (matmuls and convolutions
-  in bf16, norms and losses in float32);
+  in bf16, norms and losses in float32); and what the backward pass holds beside them (BACKWARD_FRACTION of them);
 - the loader's buffers: the batches prefetched by its workers and the float copy of the batch in use;
 - or, where it is larger, evaluation's: the parameters and optimizer state with one block's working set of an
   evaluation batch (all its test clips).
@@ -47,9 +47,12 @@ CPU_STEP_RUNTIME_BYTES = 160 << 20
 # CUDA: the context and cuBLAS/cuDNN workspaces outside torch's allocator, and the allocator's fragmentation.
 CUDA_CONTEXT_BYTES = 600 << 20
 CUDA_ALLOCATOR_SLACK = 0.10
+# What the backward pass holds beside the saved activations (the gradients of the activations in flight, the
+# attention's backward buffers), as a fraction of them: fitted to the measured peaks (docs/PERFORMANCE.md, "Memory").
+BACKWARD_FRACTION = 0.4
 PREFETCH_BATCHES = 4  # pipelines.torch_loader's prefetch_factor, per worker
-# A run is refused when even 80% of its estimate exceeds what is available: the estimate was within 25% of the
-# measured peaks, so a run refused could not have fitted; between 80% and 100% it is warned of.
+# A run is refused when even 80% of its estimate exceeds what is available: the estimates were within -9%/+14% of
+# the measured peaks, so a run refused could not have fitted; between 80% and 100% it is warned of.
 REFUSE_FRACTION = 0.8
 _LOWER_PRECISION = {F.linear, F.conv2d, F.conv3d, torch.matmul, torch.bmm, F.scaled_dot_product_attention}
 _FLOAT32 = {F.layer_norm, F.softmax, F.log_softmax, F.binary_cross_entropy_with_logits}
@@ -146,19 +149,22 @@ def estimate_memory(
     clip_floats = model.num_frames * 3 * model.img_size**2 + model.audio_frames * model.num_mel_bins
     workers = 0 if cuda else cfg.num_workers
     loader = ((workers * PREFETCH_BATCHES + 1) * batch * clip_floats) + 2 * batch * clip_floats * 4
+    activations = activation_bytes(model, batch, bf16, fused)
     train = {
         "runtime": runtime,
         "parameters": weights,
         "gradients": weights + (weights if world_size > 1 else 0),  # DDP's buckets: a copy of the gradients
         "optimizer": optimizer,
-        "activations": activation_bytes(model, batch, bf16, fused),
+        "activations": activations,
+        "backward": round(BACKWARD_FRACTION * activations),
         "loader": loader,
     }
     parts = train
     if cfg.eval_shards:  # evaluation holds no gradients (freed after each step) but batches of every test clip
         rows = cfg.eval_batch_size * cfg.augment.num_test_clips
         block = activation_bytes(model.replace(grad_checkpointing=False), rows, bf16, fused) // model.depth
-        evaluation = {**train, "gradients": 0, "activations": 0, "evaluation": block + 2 * rows * clip_floats * 4}
+        batches = 2 * rows * clip_floats * 4
+        evaluation = {**train, "gradients": 0, "activations": 0, "backward": 0, "evaluation": block + batches}
         parts = evaluation if sum(evaluation.values()) > sum(train.values()) else train
     if cuda:
         parts = {**parts, "allocator": round(CUDA_ALLOCATOR_SLACK * sum(parts.values()))}

@@ -158,7 +158,8 @@ def test_the_custom_preset_takes_the_classes_of_a_patterned_or_streamed_training
 
 
 def test_unknown_preset_lists_the_names() -> None:
-    with pytest.raises(ConfigError, match="unknown preset 'kinetics': choose one of audioset, vggsound, custom, demo"):
+    names = "audioset, vggsound, custom, custom-cpu, demo"
+    with pytest.raises(ConfigError, match=f"unknown preset 'kinetics': choose one of {names}"):
         preset("kinetics")
     with pytest.raises(ConfigError, match="unknown preset 'kinetics'"):
         load_config(["--preset", "kinetics"])
@@ -314,7 +315,7 @@ def test_help_lists_the_keys(capsys: pytest.CaptureFixture[str]) -> None:
         load_config(["--help"])
     assert exit_info.value.code == 0
     out = capsys.readouterr().out
-    assert "--preset audioset|vggsound|custom|demo" in out
+    assert "--preset audioset|vggsound|custom|custom-cpu|demo" in out
     assert "--model.fusion_layer (int) 2" in out
     assert "--augment.resize_scale (comma list float,float) 0.08,1.0" in out
     assert "--clip_grad_norm (float or none)" in out
