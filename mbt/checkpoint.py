@@ -12,6 +12,8 @@ a model only once its config's size and shapes fit the weights (`mbt.model_size`
 
 from __future__ import annotations
 
+import json
+import math
 import pickle
 import re
 from collections.abc import Mapping
@@ -27,11 +29,12 @@ from mbt.model import MBT, MBTConfig
 from mbt.model_size import MAX_MODEL_FILE_BYTES, ModelFitError, build_fitted, unstored_problems
 from mbt.validate import validate
 from pipelines.config import AugmentConfig
-from shards.atomic import DiskFullError, atomic_write
+from shards.atomic import DiskFullError, atomic_write, read_small_file, write_bytes_atomic
 from shards.bounded import ContainerError, zip_members
 from shards.schema import FeatureParams, SchemaError, check_schema_version
 
 CHECKPOINT_DIR = "checkpoints"
+BEST_NAME, BEST_RECORD = "best.pt", "best.json"  # the best evaluation's weights and its record, beside the last K
 _NAME = re.compile(r"^step-(\d{8})\.pt$")
 RESUME_KEYS = ("model", "optimizer", "schedule", "step", "loader", "rng", "config")
 RESUME_ADVICE = "delete it to resume from the previous checkpoint"
@@ -73,6 +76,36 @@ def save_checkpoint(run_dir: Path, step: int, state: dict[str, Any], keep: int) 
     for old in list_checkpoints(run_dir)[: -max(keep, 1)]:
         old.unlink()
     return path
+
+
+def save_best(run_dir: Path, state: dict[str, Any], record: dict[str, Any]) -> Path:
+    """Write `state` (the weights and what evaluation and serving read with them) as checkpoints/best.pt, then
+    `record` ({"step", "metric", "value"}) as best.json, each atomically; the rotation of step-*.pt leaves both."""
+    path = Path(run_dir) / CHECKPOINT_DIR / BEST_NAME
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with atomic_write(path) as f:
+        torch.save({**state, "best": record}, f)
+    write_bytes_atomic(path.with_name(BEST_RECORD), (json.dumps(record) + "\n").encode())
+    return path
+
+
+def read_best(run_dir: Path) -> dict[str, Any] | None:
+    """The record of the run's best evaluation ({"step", "metric", "value"}), or None: none yet, or a best.json
+    that is not such a record (then the next evaluation writes best.pt again)."""
+    path = Path(run_dir) / CHECKPOINT_DIR / BEST_RECORD
+    try:
+        record = json.loads(read_small_file(path, 4096))
+    except (OSError, ValueError):
+        return None
+    valid = (
+        isinstance(record, dict)
+        and isinstance(record.get("step"), int)
+        and isinstance(record.get("metric"), str)
+        and isinstance(record.get("value"), float)
+        and math.isfinite(record["value"])
+        and (path.parent / BEST_NAME).is_file()
+    )
+    return record if valid else None
 
 
 def load_checkpoint(path: Path) -> dict[str, Any]:

@@ -128,6 +128,16 @@ def broadcast_object(obj: Any, src: int = 0) -> Any:
     return box[0]
 
 
+def all_max(value: int) -> int:
+    """The largest of every rank's int `value`, on every rank (`value` in a single process)."""
+    if not is_distributed():
+        return value
+    nccl = torch_dist.get_backend() == "nccl"  # NCCL reduces CUDA tensors only
+    tensor = torch.tensor([value], dtype=torch.int64, device=torch.cuda.current_device() if nccl else "cpu")
+    torch_dist.all_reduce(tensor, op=torch_dist.ReduceOp.MAX)
+    return int(tensor.item())
+
+
 def on_main_rank(fn: Callable[[], T]) -> T | None:
     """`fn()` run by rank 0 alone (a file it writes): its result there, None on the other ranks. When it raises,
     every rank raises (the others a copy of rank 0's error), so that no rank waits at a collective another has left:

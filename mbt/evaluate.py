@@ -31,7 +31,7 @@ import argparse
 import logging
 import os
 import sys
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence, Sized
 from pathlib import Path
 from typing import Any
 
@@ -39,7 +39,6 @@ import numpy as np
 import torch
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
-from tqdm import tqdm
 
 from mbt.checkpoint import CheckpointFileError, TrainedModel, build_model
 from mbt.classes import ClassListError, class_record, record_difference
@@ -65,15 +64,24 @@ from mbt.scenic import conversion_note
 from pipelines import LOADERS, LoaderError, Split, build_loader, open_split
 from pipelines.config import AugmentConfig, records_logmel_norm
 from shards.manifest import Manifest
+from shards.progress import Progress
 
 Predictions = dict[str, tuple[np.ndarray, np.ndarray]]  # key → (clip-averaged logits (C,), label (C,) or ())
 MAX_KEYS_SHOWN = 5
+PROGRESS_LINES = 10  # plain progress lines of an evaluation whose output is not a terminal
 
 log = logging.getLogger(__name__)
 
 
 class EvaluationError(RuntimeError):
     """The checkpoint or the shards cannot be evaluated as asked; the message says what to change."""
+
+
+def _counted(batches: Iterable[dict[str, Any]], progress: Progress) -> Iterator[dict[str, Any]]:
+    """`batches`, each counted by `progress` once it is done."""
+    for batch in batches:
+        yield batch
+        progress.update()
 
 
 def _rank_predictions(
@@ -147,16 +155,21 @@ def evaluate(
     numbers of batches. On rank 0: the metrics (`mbt.metrics.compute_metrics`), written with the predictions under
     `out_dir` if given (`class_names` label the per-class AP rows) and the embeddings to `embeddings_path` if given;
     None on the other ranks. What fails there (logits, a full disk) is raised on every rank.
+    With `progress`, rank 0 shows the batches done (`shards.progress`: a bar on a terminal, else a plain line every
+    tenth of them or 30 s).
     """
     module = model.module if isinstance(model, DistributedDataParallel) else model
     was_training = module.training
+    total = len(loader) if isinstance(loader, Sized) else None
+    every_n = -(-total // PROGRESS_LINES) if total else 0  # about PROGRESS_LINES lines, and one at least every 30 s
+    shown = Progress(total, "evaluate", "batch", enabled=progress and dist.is_main, every_n=every_n, every_s=30)
     module.eval()
     try:
-        batches = tqdm(loader, desc="evaluate", disable=not (progress and dist.is_main))
         local, local_embeddings = _rank_predictions(
-            module, batches, dist.device, num_classes, amp_bf16, embeddings_path is not None
+            module, _counted(loader, shown), dist.device, num_classes, amp_bf16, embeddings_path is not None
         )
     finally:
+        shown.close()
         module.train(was_training)
     predictions = merge_predictions(all_gather_objects(local))
     embeddings = {}
@@ -329,7 +342,7 @@ def run(args: argparse.Namespace) -> int:
         print(source.describe(trained.step), flush=True)
     model.to(info.device)
     metrics = evaluate_split(
-        model, split, info, augment, str(args.shards), args.out, args.bf16, sys.stderr.isatty(), args.embeddings,
+        model, split, info, augment, str(args.shards), args.out, args.bf16, True, args.embeddings,
         batch_size=args.batch_size, loader=args.loader, num_workers=args.num_workers,
     )  # fmt: skip
     if metrics is not None:

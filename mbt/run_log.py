@@ -1,5 +1,6 @@
-"""Rank 0's record of a training: one JSON row per line in `metrics.jsonl`, TensorBoard scalars, and the PNG of the
-loss and validation curves drawn from the rows at the end.
+"""Rank 0's record of a training: one JSON row per line in `metrics.jsonl`, TensorBoard scalars (tags grouped as
+`train/...` and `val/...`, `tensorboard_tag`), and the PNG of the loss and validation curves drawn from the rows at
+the end.
 
 A run killed while writing a row leaves a partial last line; the next run starts on a new line, and the curves
 leave out any line that is not a metrics row rather than fail at the end of a training.
@@ -45,9 +46,9 @@ class RunLog:
         append_bytes(self.path, (json.dumps(json_values(row), allow_nan=False) + "\n").encode())
         now = time.time()
         scalars = [
-            _event(wall_time=now, step=row["step"], summary=scalar(name, value))
+            _event(wall_time=now, step=row["step"], summary=scalar(tag, value))
             for name, value in row.items()
-            if name != "step" and isinstance(value, int | float)
+            if (tag := tensorboard_tag(name)) and isinstance(value, int | float)
         ]
         append_bytes(self.events, _records(scalars))
 
@@ -62,6 +63,17 @@ class RunLog:
         if self.path.is_file() and self.path.stat().st_size and not _ends_with_newline(self.path):
             append_bytes(self.path, b"\n")
         return events
+
+
+def tensorboard_tag(key: str) -> str | None:
+    """The TensorBoard tag of a metrics.jsonl key, grouped as TensorBoard shows them: the training's under `train/`
+    (loss, lr, clips_per_s, epoch), the evaluation's under `val/` (`eval_mAP` → `val/mAP`, `best_eval_metric` →
+    `val/best_metric`); None for what is no curve (the step, the best step, the sample count, the repeated metric)."""
+    if key in ("step", "best_step", "eval_metric", "eval_num_samples"):
+        return None
+    if key == "best_eval_metric":
+        return "val/best_metric"
+    return f"val/{key.removeprefix('eval_')}" if key.startswith("eval_") else f"train/{key}"
 
 
 def _event(**fields: Any) -> Any:

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import ctypes
 import logging
+import signal
 from collections.abc import Iterator
 from typing import Any
 
@@ -50,6 +51,10 @@ def keep_freed_memory() -> None:
 def _init_worker(worker_id: int) -> None:
     del worker_id
     keep_freed_memory()
+    # Ctrl-C and SIGTERM reach a worker too (the terminal's process group, a scheduler); the rank decides when to
+    # stop (mbt.interrupt) and may still need a batch, then ends its workers itself.
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(signum, signal.SIG_IGN)
 
 
 class TorchLoader:

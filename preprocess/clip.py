@@ -19,6 +19,16 @@ from shards.schema import FeatureParams, Sample, encode_sample, frame_ext, frame
 
 
 @dataclass(frozen=True)
+class KeptClip:
+    """What the shard job sums over the clips it keeps: the log-mel sums (clips with audio), whether the clip had an
+    audio stream, and whether it was shorter than the segment and padded (frames repeated or log-mel zero-padded)."""
+
+    logmel: LogmelStats
+    has_audio: bool
+    padded: bool
+
+
+@dataclass(frozen=True)
 class ClipTask:
     """One clip for a worker: where to read it and what to store with it."""
 
@@ -57,8 +67,8 @@ def _frames_problem(frames: list[bytes], params: FeatureParams) -> str | None:
 def process_clip(
     task: ClipTask, params: FeatureParams, require_audio: bool, decode_timeout_s: float | None = None
 ) -> tuple[list | None, Any]:
-    """Decode and featurize one clip: (tar members, LogmelStats) or (None, failure record). Never raises for
-    a bad clip: a batch job records it and goes on."""
+    """Decode and featurize one clip: (tar members, KeptClip) or (None, failure record). Never raises for a bad
+    clip: a batch job records it and goes on."""
     if task.path is None:
         return None, _failure(task, "missing_file", task.missing or "no file")
     try:
@@ -103,4 +113,13 @@ def process_clip(
         meta=meta,
     )
     stats = logmel.stats() if has_audio else LogmelStats()
-    return encode_sample(sample, params), stats
+    return encode_sample(sample, params), KeptClip(stats, has_audio, is_padded(meta, task.duration_s, params))
+
+
+def is_padded(meta: dict[str, Any], duration_s: float, params: FeatureParams) -> bool:
+    """Whether the clip of `meta` (its sample's record) is shorter than the segment: its row asks for less than a
+    segment, its video ended early (its last frame repeated) or its audio did (the log-mel zero-padded beyond the
+    window's own few frames). Half a stored frame interval is tolerated, as a codec's few missing samples are."""
+    tolerance_s = 0.5 / params.frames_per_s
+    audio_short = meta["has_audio"] and meta["audio_decoded_s"] < duration_s - tolerance_s
+    return duration_s < params.segment_s - tolerance_s or meta["frames_repeated"] > 0 or audio_short

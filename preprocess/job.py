@@ -27,7 +27,6 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from tqdm import tqdm
 
 from preprocess.clip import ClipTask, process_clip
 from preprocess.datasets import ClipRow, DatasetError
@@ -37,6 +36,7 @@ from preprocess.job_merge import merge
 from preprocess.job_state import (
     JobError,
     claim_folder,
+    clip_totals,
     done_records,
     load_record,
     output_errors,
@@ -47,7 +47,10 @@ from preprocess.job_state import (
 )
 from preprocess.rows import ListRows, RowSource
 from preprocess.videos import VideoIndex, check_name_templates
+from shards.progress import Progress
 from shards.schema import FAILURES_NAME, MANIFEST_NAME, SCHEMA_VERSION, FeatureParams
+
+PROGRESS_EVERY_S = 30.0  # a plain progress line in a log file (a SLURM .out) this often, and at the end
 
 
 @dataclass
@@ -117,12 +120,22 @@ class JobSummary:
     already_done: bool
     missing_parts: list[int] = field(default_factory=list)  # partitioned runs: parts whose shards are not done
     num_jobs: int = 1
+    clips: dict[str, int] | None = None  # CLIP_COUNTS of the samples written; None: a shard of an older job has none
+
+    def kept(self) -> str:
+        """The samples kept, with how many have no audio and how many were padded (where every record counts them)."""
+        kept = f"{self.num_samples} samples in {self.num_shards} shards"
+        if self.clips is None:
+            return kept
+        return (
+            f"{kept} ({self.clips['no_audio']} without audio, {self.clips['padded']} shorter than the segment, padded)"
+        )
 
     def describe(self) -> str:
         if self.already_done:
             return (
-                f"nothing to do: {self.out_dir} is complete ({self.num_samples} samples in {self.num_shards} shards, "
-                f"{sum(self.skipped.values())} skipped); delete it to shard again"
+                f"nothing to do: {self.out_dir} is complete ({self.kept()}, {sum(self.skipped.values())} skipped); "
+                "delete it to shard again"
             )
         if waiting := len(self.missing_parts):
             return (
@@ -134,7 +147,7 @@ class JobSummary:
         skipped = ", ".join(f"{n} {reason}" for reason, n in sorted(self.skipped.items())) or "none"
         rate = self.clips_processed / self.seconds if self.seconds > 0 else 0.0
         return (
-            f"{self.out_dir}: {self.num_samples} samples in {self.num_shards} shards; skipped: {skipped} "
+            f"{self.out_dir}: {self.kept()}; skipped: {skipped} "
             f"(see {FAILURES_NAME}); this run: {self.clips_processed} clips, {self.shards_written} shards "
             f"in {self.seconds:.1f} s ({rate:.1f} clips/s)"
         )
@@ -206,6 +219,7 @@ def _summary(
         shards_written=written,
         seconds=time.monotonic() - t0,
         already_done=done,
+        clips=clip_totals(records),
     )
 
 
@@ -249,7 +263,9 @@ def _run_part(spec: JobSpec, t0: float) -> JobSummary:
         pool = ProcessPoolExecutor(workers, mp_context=context, initializer=_init_worker, initargs=initargs)
         with (
             contextlib.closing(ordered_results(pool, _run_task, tasks, window=4 * workers)) as results_iter,
-            tqdm(total=total, unit="clip", disable=not spec.progress, desc=f"{spec.dataset}/{spec.split}{part}") as bar,
+            Progress(
+                total, f"{spec.dataset}/{spec.split}{part}", "clips", enabled=spec.progress, every_s=PROGRESS_EVERY_S
+            ) as bar,
         ):
             for k in pending:
                 results = []

@@ -26,6 +26,7 @@ from preprocess.job_state import (
     MAX_SHARD_SIZE,
     STATE_DIR,
     JobError,
+    clip_totals,
     count_shards,
     identity_fix,
     load_record,
@@ -134,6 +135,7 @@ def _finish(out_dir: Path, identity: dict[str, Any], records: list[dict[str, Any
         logmel=sum((LogmelStats.from_dict(r["logmel"]) for r in records), LogmelStats()),
         failures=failures,
         job={k: v for k, v in identity.items() if k != "classes"},
+        clips=clip_totals(records),
     )
     _write_failures_csv(out_dir, failures)
     manifest.write(out_dir)

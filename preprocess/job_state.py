@@ -38,7 +38,7 @@ from shards.atomic import (
     write_bytes_atomic,
 )
 from shards.limits import is_count
-from shards.manifest import MAX_SPLIT_SAMPLES, LogmelStats, ShardInfo
+from shards.manifest import CLIP_COUNTS, MAX_SPLIT_SAMPLES, LogmelStats, ShardInfo
 from shards.schema import MANIFEST_NAME, SHARD_PATTERN, SchemaError, split_member_name
 from shards.text import excerpt
 from shards.writer import ShardWriter
@@ -122,13 +122,33 @@ def _is_record(record: Any, index: int, rows: int, where: str) -> bool:
         LogmelStats.from_dict(record["logmel"])
     except (SchemaError, KeyError, TypeError):
         return False
+    samples = 0 if info is None else info.num_samples
     return (
         record["index"] == index
+        and clip_counts_ok(record.get("clips"), samples)
         and isinstance(failures, list)
-        and (0 if info is None else info.num_samples) + len(failures) == rows
+        and samples + len(failures) == rows
         and all(isinstance(f, dict) and set(f) == set(FAILURE_FIELDS) for f in failures)
         and all(isinstance(v, str) for f in failures for v in f.values())
     )
+
+
+def clip_counts_ok(counts: Any, samples: int) -> bool:
+    """Whether a record's `clips` are CLIP_COUNTS of at most its `samples`, or absent (a record of an older job)."""
+    if counts is None:
+        return True
+    return (
+        isinstance(counts, dict)
+        and set(counts) == set(CLIP_COUNTS)
+        and all(is_count(n, 0, samples) for n in counts.values())
+    )
+
+
+def clip_totals(records: list[dict[str, Any]]) -> dict[str, int] | None:
+    """The CLIP_COUNTS summed over shard `records`; None when one of them has none (an older job's record)."""
+    if any(record.get("clips") is None for record in records):
+        return None
+    return {name: sum(record["clips"][name] for record in records) for name in CLIP_COUNTS}
 
 
 def read_state(path: Path, fix: str) -> dict[str, Any] | None:
@@ -194,9 +214,12 @@ def _check_identity(out_dir: Path, identity: dict[str, Any]) -> None:
 
 
 def write_shard(out_dir: Path, index: int, results: list[tuple[list | None, Any]]) -> dict[str, Any]:
-    """Write shard `index` from its clips' results (no tar when all failed), then its record, which is returned."""
+    """Write shard `index` from its clips' results (`preprocess.clip.process_clip`'s; no tar when all failed), then
+    its record, which is returned: the shard, the log-mel sums, the failures and the kept clips' CLIP_COUNTS."""
     failures = [info for members, info in results if members is None]
-    stats = sum((info for members, info in results if members is not None), LogmelStats())
+    kept = [info for members, info in results if members is not None]
+    stats = sum((clip.logmel for clip in kept), LogmelStats())
+    clips = {"no_audio": sum(not clip.has_audio for clip in kept), "padded": sum(clip.padded for clip in kept)}
     shard = None
     if len(failures) < len(results):
         with ShardWriter(out_dir / _shard_name(index)) as writer:
@@ -204,7 +227,7 @@ def write_shard(out_dir: Path, index: int, results: list[tuple[list | None, Any]
                 if members is not None:
                     writer.add(split_member_name(members[0][0])[0], members)
             shard = asdict(writer.close())
-    record = {"index": index, "shard": shard, "logmel": stats.to_dict(), "failures": failures}
+    record = {"index": index, "shard": shard, "logmel": stats.to_dict(), "failures": failures, "clips": clips}
     _write_state(record_path(out_dir, index), record, sort_keys=True)
     return record
 

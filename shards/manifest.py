@@ -42,6 +42,9 @@ MAX_SPLIT_SAMPLES = 100_000_000
 MAX_MANIFEST_BYTES = 1 << 29
 # The least a sample takes in a tar: a header each for a frame, the log-mel, the labels and meta.json.
 MIN_SAMPLE_BYTES = 4 * 512
+# What the shard job counts of the samples it kept (`Manifest.clips`): without an audio stream (silence stored), and
+# shorter than the segment (frames repeated or the log-mel zero-padded). Manifests of older jobs have no counts.
+CLIP_COUNTS = ("no_audio", "padded")
 
 
 @dataclass(frozen=True)
@@ -142,6 +145,7 @@ class Manifest:
     failures: list[dict[str, str]]
     job: dict[str, Any]
     schema_version: int = SCHEMA_VERSION
+    clips: dict[str, int] | None = None  # {CLIP_COUNTS name: samples}; None: not counted (an older job)
 
     @property
     def num_samples(self) -> int:
@@ -165,6 +169,7 @@ class Manifest:
             "shards": [dataclasses.asdict(s) for s in self.shards],
             "failures": self.failures,
             "job": self.job,
+            **({} if self.clips is None else {"clips": self.clips}),
         }
 
     def write(self, folder: Path) -> Path:
@@ -202,6 +207,23 @@ def check_classes(classes: object, where: str) -> list[dict[str, Any]]:
 
 def _no_json_constants(name: str) -> None:
     raise ValueError(f"{name} is not a number JSON allows")
+
+
+def _clip_counts(clips: object, samples: int) -> dict[str, int] | None:
+    """A manifest's `clips` counts (None when it has none); SchemaError unless each of CLIP_COUNTS is a count of at
+    most the split's `samples`."""
+    if clips is None:
+        return None
+    if not (
+        isinstance(clips, dict)
+        and set(clips) == set(CLIP_COUNTS)
+        and all(is_int(n) and 0 <= n <= samples for n in clips.values())
+    ):
+        raise SchemaError(
+            f"clips must map {' and '.join(CLIP_COUNTS)} to counts of at most its {samples} samples, got "
+            f"{excerpt(clips, 120)}"
+        )
+    return dict(clips)
 
 
 def parse_manifest(text: str | bytes, where: str) -> Manifest:
@@ -250,6 +272,7 @@ def parse_manifest(text: str | bytes, where: str) -> Manifest:
             failures=failures,
             job=dict(data["job"]),
             schema_version=version,
+            clips=_clip_counts(data.get("clips"), samples),
         )
     except SchemaError as err:
         message = str(err) if str(err).startswith(where) else f"{where}: {err}"

@@ -221,7 +221,8 @@ def test_a_folder_named_like_a_checkpoint_is_not_one(
     capsys.readouterr()
     assert main(train_args(train_shards, eval_shards, run, *BASE, "--max_steps", "3", "--keep_checkpoints", "1")) == 0
     assert "resumed from" in capsys.readouterr().out and checkpoint_path(run, 9).is_dir()
-    assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["step-00000003.pt", "step-00000009.pt"]
+    names = sorted(p.name for p in (run / "checkpoints").iterdir())
+    assert names == ["best.json", "best.pt", "step-00000003.pt", "step-00000009.pt"]  # the best evaluation's beside
 
 
 def test_a_second_training_of_one_folder_is_refused(
@@ -481,8 +482,8 @@ def test_a_full_disk_stops_the_log_at_the_row_that_met_it_with_whole_rows_in_bot
     rows = [json.loads(line) for line in log.path.read_text().splitlines()]
     logged = [(e.step, e.summary.value[0].tag) for e in EventFileLoader(str(log.events)).Load() if e.summary.value]
     # TensorBoard reads row 1's loss and the 4 scalars of every later row but the last, which met the full disk.
-    assert logged[:2] == [(1, "loss"), (2, "epoch")] and len(logged) == 1 + 4 * (len(rows) - 2)
-    assert logged[-1] == (rows[-2]["step"], "clips_per_s")
+    assert logged[:2] == [(1, "train/loss"), (2, "train/epoch")] and len(logged) == 1 + 4 * (len(rows) - 2)
+    assert logged[-1] == (rows[-2]["step"], "train/clips_per_s")
 
 
 @pytest.mark.slow

@@ -160,7 +160,7 @@ def test_the_told_settings_are_recorded_exported_and_said(tmp_path, caplog):
                            "model.fusion_layer=1, model.test_with_bottlenecks=False")  # fmt: skip
     classes = [{"index": i, "id": f"/m/{i}", "name": f"class {i}"} for i in range(3)]
     prep = Preprocessing(FeatureParams(), trained.augment.replace(logmel_mean=0.0, logmel_std=1.0), classes, True,
-                         SCHEMA_VERSION)  # fmt: skip
+                         SCHEMA_VERSION, found=f"model: checkpoint {checkpoint}")  # fmt: skip
     export = tmp_path / "export"
     export.mkdir()
     save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(export / WEIGHTS_FILE))

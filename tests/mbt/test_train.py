@@ -292,6 +292,16 @@ def test_the_custom_preset_trains_on_a_patterned_or_streamed_training_split(
     assert saved["train_shards"] == source and saved["model"]["num_classes"] == load_manifest(train_shards).num_classes
 
 
+def test_the_custom_cpu_preset_trains_a_small_mbt_on_your_shards(train_shards: Path, tmp_path: Path) -> None:
+    """The demo's small MBT with the head of the training split, in seconds a step on a CPU."""
+    out = tmp_path / "run"
+    args = ["--train_shards", str(train_shards), "--eval_shards", "", "--out_dir", str(out), "--max_steps", "1"]
+    assert main(["--preset", "custom-cpu", *args, "--num_workers", "0", "--batch_size", "2"]) == 0
+    saved = yaml.safe_load((out / "config.yaml").read_text())
+    assert saved["model"]["num_classes"] == load_manifest(train_shards).num_classes
+    assert saved["model"]["embed_dim"] == 64 and saved["model"]["depth"] == 4
+
+
 def test_empty_eval_shards_trains_without_evaluation(train_shards: Path, tmp_path: Path) -> None:
     out = tmp_path / "run"
     assert main(train_args(train_shards, "", out, "--epochs", "2")) == 0

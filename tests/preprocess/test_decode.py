@@ -111,8 +111,8 @@ def test_audio_codecs_and_rates_become_16k_mono(tmp_path, name, acodec, rate, ch
 
 def test_no_audio_stream_is_kept_silent_or_skipped(tmp_path):
     clip = make_clip(tmp_path / "video_only.mp4", audio=False)
-    sample, stats = run_clip(clip)
-    assert sample.meta["has_audio"] is False and stats.count == 0
+    sample, kept = run_clip(clip)
+    assert sample.meta["has_audio"] is False and kept.logmel.count == 0 and kept.has_audio is False
     real = sample.logmel[: sample.meta["fbank_frames_computed"]]
     assert real.size and np.all(real == real.flat[0])  # silence: one value everywhere
     skipped, failure = run_clip(clip, require_audio=True)
@@ -131,7 +131,7 @@ def test_short_file_is_padded_and_its_frames_keep_their_times(tmp_path):
     the 3 s it had)."""
     clip = make_clip(tmp_path / "short.mp4", seconds=3.0)
     params = FeatureParams(segment_s=10.0)
-    sample, stats = run_clip(clip, params=params, duration_s=10.0)
+    sample, kept = run_clip(clip, params=params, duration_s=10.0)
     meta = sample.meta
     assert meta["frames_decoded"] == 6 and meta["frames_repeated"] == 14
     assert meta["frame_times_s"] == pytest.approx([(i + 0.5) / 2 for i in range(20)])
@@ -140,7 +140,8 @@ def test_short_file_is_padded_and_its_frames_keep_their_times(tmp_path):
     assert meta["fbank_frames_computed"] == pytest.approx(298, abs=3)
     assert meta["fbank_pad_frames"] == 1000 - meta["fbank_frames_computed"]
     assert np.all(sample.logmel[meta["fbank_frames_computed"] :] == 0)  # AST pads with zeros
-    assert stats.count == meta["fbank_frames_computed"] * 128  # padding is not in the statistics
+    assert kept.logmel.count == meta["fbank_frames_computed"] * 128  # padding is not in the statistics
+    assert kept.padded and kept.has_audio  # counted as padded in the job's summary and manifest
 
 
 @pytest.mark.parametrize("faststart", [False, True])

@@ -45,8 +45,8 @@ def test_non_finite_audio_is_a_failure_not_a_sample(tmp_path, value, message):
     samples[1000:1010] = value  # 3e38 is finite, but its power overflows float32 in the fbank
     members, failure = process_clip(task_for(clip_with_audio(tmp_path, "bad", samples)), PARAMS, False)
     assert members is None and failure["reason"] == "non_finite_audio" and message in failure["message"]
-    members, stats = process_clip(task_for(clip_with_audio(tmp_path, "good", tone())), PARAMS, False)
-    assert members is not None and np.isfinite(stats.total) and stats.count > 0
+    members, kept = process_clip(task_for(clip_with_audio(tmp_path, "good", tone())), PARAMS, False)
+    assert members is not None and np.isfinite(kept.logmel.total) and kept.logmel.count > 0
 
 
 def test_playlists_and_concat_lists_fail_within_seconds(tmp_path):

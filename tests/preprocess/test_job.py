@@ -49,8 +49,11 @@ def test_plan_is_a_seeded_partition():
 def test_audioset_split_end_to_end(demo, tmp_path, capsys):
     out = tmp_path / "train"
     assert shard_audioset.main(audioset_args(demo, out, "--shard-size", "4", "--workers", "2")) == 0
-    assert "9 samples in 3 shards; skipped: none" in capsys.readouterr().out
+    assert "9 samples in 3 shards (0 without audio, 0 shorter than the segment, padded); skipped: none" in (
+        capsys.readouterr().out
+    )
     manifest = load_manifest(out)
+    assert manifest.clips == {"no_audio": 0, "padded": 0}
     classes = read_audioset_classes(demo.class_labels_csv)
     rows = {r.key: r for r in read_audioset_segments(demo.train_csv, [mid for mid, _ in classes])}
     samples = read_split(out)
@@ -108,12 +111,16 @@ def test_bad_clips_are_recorded_and_the_job_goes_on(demo, tmp_path, capsys):
     make_clip(videos / f"{ytids[2]}.m4a", video=False)
     (videos / f"{ytids[3]}.mp4").unlink()
     make_clip(videos / f"{ytids[3]}.mp4", audio=False)
+    (videos / f"{ytids[4]}.mp4").unlink()
+    make_clip(videos / f"{ytids[4]}.mp4", seconds=DEMO_SECONDS / 2)  # ends halfway through its segment
     args = ["--segments", str(demo.train_csv), "--labels", str(demo.class_labels_csv), "--videos", str(videos),
             "--out", str(tmp_path / "out"), "--segment-seconds", str(DEMO_SECONDS), "--quiet"]  # fmt: skip
     assert shard_audioset.main(args) == 0
     summary = capsys.readouterr().out
-    assert "6 samples" in summary and "1 missing_file" in summary and "1 no_video" in summary
+    assert "6 samples in 1 shards (1 without audio, 1 shorter than the segment, padded)" in summary
+    assert "1 missing_file" in summary and "1 no_video" in summary
     manifest = load_manifest(tmp_path / "out")
+    assert manifest.clips == {"no_audio": 1, "padded": 1}
     reasons = {f["key"].rsplit("_", 1)[0]: f["reason"] for f in manifest.failures}
     assert reasons == {ytids[0]: "unreadable", ytids[1]: "missing_file", ytids[2]: "no_video"}
     with open(tmp_path / "out" / FAILURES_NAME) as f:
@@ -238,3 +245,16 @@ def test_manifest_is_json_with_per_shard_checksums(demo, tmp_path):
     data = json.loads((out / "manifest.json").read_text())
     assert data["schema_version"] == 2 and data["num_samples"] == 9 and data["features"]["fbank_frames"] == 200
     assert all(len(s["sha256"]) == 64 and s["bytes"] == (out / s["name"]).stat().st_size for s in data["shards"])
+
+
+def test_progress_in_a_log_file_is_plain_lines(demo, tmp_path):
+    """Sharding with its output going to a file (a SLURM .out): a plain progress line (here only the last: a line
+    every 30 s), then the summary; no carriage return of a progress bar."""
+    args = [a for a in audioset_args(demo, tmp_path / "out") if a != "--quiet"]
+    with open(tmp_path / "job.out", "w") as log:
+        subprocess.run(tool_command("shard_audioset", *args), stdout=log, stderr=subprocess.STDOUT, check=True)
+    text = (tmp_path / "job.out").read_text()
+    assert "\r" not in text
+    progress, summary = text.splitlines()
+    assert progress.startswith("audioset/balanced_train 9/9 clips/s ") and progress.endswith(" eta 0:00:00")
+    assert summary.startswith(f"{tmp_path / 'out'}: 9 samples in 1 shards (0 without audio")

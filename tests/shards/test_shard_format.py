@@ -250,6 +250,15 @@ def test_a_sound_manifest_parses() -> None:
     assert manifest.num_samples == 2 and manifest.shards[0].index_name == "shard-000000.idx"
 
 
+def test_the_clip_counts_are_optional_and_round_trip() -> None:
+    """A manifest of an older job has no counts of silent and padded clips; a new one keeps them."""
+    assert parse_manifest(json.dumps(MANIFEST), "m.json").clips is None
+    counted = parse_manifest(json.dumps({**MANIFEST, "clips": {"no_audio": 1, "padded": 2}}), "m.json")
+    assert counted.clips == {"no_audio": 1, "padded": 2}
+    assert parse_manifest(json.dumps(counted.to_dict()), "m.json").clips == counted.clips
+    assert "clips" not in parse_manifest(json.dumps(MANIFEST), "m.json").to_dict()
+
+
 @pytest.mark.parametrize("version", [1, 2])
 def test_schema_versions_1_and_2_load_and_others_are_refused(version: int) -> None:
     """Version 1 (frames of short clips spread over what they had) still loads; the frames of both versions are at
@@ -312,6 +321,9 @@ def test_shard_names_that_are_not_the_writers_are_refused_naming_the_manifest(na
         (lambda d: d["classes"][0].update(id="/m/0\u202e"), "class 0's id '/m/0\\u202e' holds the control character"),
         (lambda d: d["classes"][0].update(name="n" * 2000), "has 2000 characters, more than 1024"),
         (lambda d: d["shards"][0].update(num_samples=6), "6 samples cannot fit in 10240 bytes"),
+        (lambda d: d.update(clips={"no_audio": 3, "padded": 0}), "clips must map no_audio and padded to counts of"),
+        (lambda d: d.update(clips={"no_audio": 1}), "clips must map no_audio and padded"),
+        (lambda d: d.update(clips={"no_audio": -1, "padded": True}), "clips must map no_audio and padded"),
         (
             lambda d: d.update(
                 shards=[
