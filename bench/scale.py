@@ -146,8 +146,8 @@ def _eval_rank(folder: Path, size: int, rank: int, port: int) -> dict[str, float
     import torch.distributed as torch_dist
 
     from mbt.dist import all_gather_objects
-    from mbt.evaluate import merge_predictions
     from mbt.metrics import compute_metrics
+    from mbt.sharded_eval import merge_predictions
 
     clips = max(size // EVAL_FRACTION, 2)
     torch_dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
@@ -199,7 +199,7 @@ STAGE_IMPORTS = {
     "index": ("pipelines.sources",),
     "order": ("pipelines.order", "shards.manifest"),
     "eval": (),
-    "eval_rank": ("torch.distributed", "mbt.dist", "mbt.evaluate", "mbt.metrics"),
+    "eval_rank": ("torch.distributed", "mbt.dist", "mbt.sharded_eval", "mbt.metrics"),
 }
 
 

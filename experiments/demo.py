@@ -31,8 +31,8 @@ import torch
 from experiments.demo_data import DEMO_CLASSES
 from mbt.config import ConfigError, TrainConfig, preset
 from mbt.dist import DistInfo, cleanup, init_distributed
-from mbt.evaluate import EvaluationError
 from mbt.flops import count_flops
+from mbt.sharded_eval import EvaluationError
 from mbt.train import EXPECTED_ERRORS, prepare_run, train
 from shards.atomic import write_bytes_atomic
 from shards.layout import RAW_ROOT, SHARDS_ROOT

@@ -41,7 +41,6 @@ from mbt.checkpoint import (
 from mbt.classes import ClassListError, class_record
 from mbt.config import ConfigError, TrainConfig, config_to_dict, load_config, save_config
 from mbt.dist import DistInfo, all_gather_objects, cleanup, init_distributed, on_main_rank
-from mbt.evaluate import EvaluationError, evaluate_split
 from mbt.interrupt import Interrupted, StopSignals
 from mbt.memory import MemoryVerdict, check_memory
 from mbt.model import MBT
@@ -49,6 +48,7 @@ from mbt.pretrained import CheckpointError, init_from_vit
 from mbt.run_dir import RunDirError, check_resume, locked_run_dir, restore
 from mbt.run_log import RunLog, plot_curves
 from mbt.run_summary import startup_summary
+from mbt.sharded_eval import EvaluationError, evaluate_split
 from mbt.splits import RunSplits, open_run_splits, with_split_classes
 from mbt.step import NonFiniteLoss, TrainStep
 from mbt.validate import per_rank_batch, validate

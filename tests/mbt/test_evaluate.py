@@ -19,12 +19,13 @@ import torch
 from dist_evaluate_main import NUM_CLASSES, ToyModel, toy_batches, toy_labels, toy_logits
 from loader_checks import SMALL_AUG
 
-import mbt.evaluate
+import mbt.sharded_eval
 from experiments.demo_data import DEMO_CLASSES
 from mbt.dist import DistInfo
-from mbt.evaluate import EvaluationError, evaluate, main
+from mbt.evaluate import main
 from mbt.metrics import compute_metrics
 from mbt.model import MBT, MBTConfig
+from mbt.sharded_eval import EvaluationError, evaluate
 from pipelines import build_loader, open_split
 from pipelines.config import AugmentConfig
 from pipelines.sources import SplitIndex
@@ -156,7 +157,7 @@ def test_evaluate_averages_clips_and_sorts_by_key(tmp_path, multi_label):
 
 
 def test_evaluate_refuses_a_sample_from_two_ranks(monkeypatch):
-    monkeypatch.setattr(mbt.evaluate, "all_gather_objects", lambda obj: [obj, obj])
+    monkeypatch.setattr(mbt.sharded_eval, "all_gather_objects", lambda obj: [obj, obj])
     with pytest.raises(EvaluationError, match="s00 was evaluated by ranks 0 and 1"):
         evaluate(ToyModel(), toy_batches([0], 1, True), SINGLE, True, NUM_CLASSES)
 

@@ -25,9 +25,10 @@ from hostile_files import repeated_tensor, with_deflated_record
 from test_evaluate import AUG, SINGLE, TINY, cli_args
 
 from experiments.demo import group_ap
-from mbt.evaluate import EvaluationError, evaluate, main
+from mbt.evaluate import main
 from mbt.metrics import compute_metrics, topk_accuracy
 from mbt.model import MBT, MBTConfig
+from mbt.sharded_eval import EvaluationError, evaluate
 from shards.atomic import RERUN
 
 

@@ -85,8 +85,8 @@ def test_compute_metrics():
 
 def test_metrics_files_are_standard_json(tmp_path):
     """d' is infinite at an AUC of 1: metrics.json holds null there, which strict JSON parsers read."""
-    from mbt.evaluate import METRICS_FILE, write_results
     from mbt.metrics import json_values
+    from mbt.results import METRICS_FILE, write_results
 
     assert json_values({"mAP": 1.0, "d_prime": math.inf, "x": math.nan, "n": 3}) == {
         "mAP": 1.0, "d_prime": None, "x": None, "n": 3,

@@ -9,9 +9,9 @@ from pathlib import Path
 import numpy as np
 
 from mbt import plots
-from mbt.evaluate import write_results
 from mbt.metrics import average_precision_per_class
 from mbt.plots import confused_pairs, confusion_matrix
+from mbt.results import write_results
 
 NAMES = ["dog", "cat", "bird"]
 

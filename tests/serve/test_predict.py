@@ -22,7 +22,7 @@ from tiny_run import eval_videos, make_run
 
 from experiments.demo_data import DemoDataset
 from mbt.dist import DistInfo
-from mbt.evaluate import evaluate_split
+from mbt.sharded_eval import evaluate_split
 from mbt.train import main as train_main
 from pipelines import open_split
 from preprocess.clip import ClipTask, process_clip

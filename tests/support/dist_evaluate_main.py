@@ -1,5 +1,5 @@
-"""Run under torchrun by tests/mbt/test_evaluate.py: the collectives of `mbt.dist`, and `mbt.evaluate.evaluate` with a
-toy model where rank 0 holds every sample and the other ranks none; rank 0 writes what it got as JSON.
+"""Run under torchrun by tests/mbt/test_evaluate.py: the collectives of `mbt.dist`, and `mbt.sharded_eval.evaluate`
+with a toy model where rank 0 holds every sample and the other ranks none; rank 0 writes what it got as JSON.
 
 Also the toy model and batches that the in-process tests of `evaluate` use.
 """
@@ -16,7 +16,7 @@ import torch
 from torch import nn
 
 from mbt.dist import all_gather_objects, barrier, broadcast_object, cleanup, init_distributed
-from mbt.evaluate import evaluate
+from mbt.sharded_eval import evaluate
 
 NUM_CLASSES = 6
 NUM_CLIPS = 3
