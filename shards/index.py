@@ -2,7 +2,8 @@
 for each member), written from the offsets while a shard is written, computed from a tar, and parsed strictly (an
 index file from a shared bucket places every member inside its shard, or is refused naming its line). An entry
 inside the shard may still point at another member: readers check the tar header before its payload
-(`member_header_problem`) before they use the payload.
+(`member_header_problem`) before they use the payload. A parsed index is a `SampleTable` (numpy arrays); a plain
+file (as the writer and wds2idx write them) is checked with whole-file operations, any other line by line.
 """
 
 from __future__ import annotations
@@ -75,8 +76,9 @@ def member_header_problem(header: bytes, name: str, size: int) -> str | None:
 
 
 # An index line's member: `ext offset size name` (ext as the schema splits names; offsets and sizes in decimal).
-_EXT_RE = re.compile(r"^[A-Za-z0-9_.\-]{1,64}$")
-_DECIMAL_RE = re.compile(r"^[0-9]{1,15}$")
+_MAX_EXT_CHARS, _MAX_DIGITS = 64, 15
+_EXT_RE = re.compile(rf"^[A-Za-z0-9_.\-]{{1,{_MAX_EXT_CHARS}}}$")
+_DECIMAL_RE = re.compile(rf"^[0-9]{{1,{_MAX_DIGITS}}}$")
 # Index files hold about 100 bytes per member; anything far larger than that is not one.
 _INDEX_BYTES_PER_SAMPLE = 64 * 1024
 
@@ -147,8 +149,6 @@ def _checked_lines(path: Path, lines: list[str], shard: ShardInfo, redo: str) ->
 # The bytes of an index whose lines the fast path reads: the extension class, digits, the dot and the two separators
 # (no '/': a key is then all of a name before its first dot).
 _PLAIN_BYTES = bytes(sorted(set(b"abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789_.- \n")))
-# The longest offset or size an index holds (as `_DECIMAL_RE`).
-_MAX_DIGITS = 15
 
 
 def plain_index_table(data: bytes, shard_bytes: int) -> SampleTable | None:
@@ -167,7 +167,7 @@ def plain_index_table(data: bytes, shard_bytes: int) -> SampleTable | None:
     if np.any(fields_per_line % 4):
         return None
     lengths = np.diff(seps, prepend=-1, append=len(text)).reshape(-1, 4) - 1  # a member's ext, offset, size, name
-    if np.any(lengths[:, 0] > 64) or np.any(lengths[:, 1:3] > _MAX_DIGITS):
+    if np.any(lengths[:, 0] > _MAX_EXT_CHARS) or np.any(lengths[:, 1:3] > _MAX_DIGITS):
         return None
     fields = body.split()
     ext_names, offsets, sizes, names = fields[0::4], fields[1::4], fields[2::4], fields[3::4]

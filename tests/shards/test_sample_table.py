@@ -48,6 +48,9 @@ def test_split_index_gives_the_tars_samples(fixture: str, request: pytest.Fixtur
     assert len(index.samples) == len(index) == len(expected) > 2
     assert list(index.samples) == table_items(index.samples) == expected
     assert index.samples[-1] == expected[-1]
+    shards = len(load_manifest(folder).shards)  # 4-byte offsets, sizes, key ends and first members, 1-byte ext ids
+    per_sample = sum(9 * len(ref.members) + 8 + len(ref.key) for ref in expected)
+    assert index.samples.nbytes == per_sample + 8 + 8 * (shards + 1)
     with pytest.raises(IndexError):
         index.samples[len(expected)]
 
