@@ -6,6 +6,7 @@ the same error with it as with the line-by-line parse alone, on mutated indexes.
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -64,9 +65,7 @@ def test_whole_file_and_line_parse_agree_on_real_indexes(
         path = folder / shard.index_name
         fast = plain_index_table(path.read_bytes(), shard.bytes)
         assert fast is not None  # the writer's indexes take the whole-file path
-        with monkeypatch.context() as patched:
-            patched.setattr(shards.index, "plain_index_table", lambda data, shard_bytes: None)
-            assert table_items(parse_index(path, shard)) == table_items(fast)
+        assert line_parse(path, shard, monkeypatch) == table_items(fast)
 
 
 def test_tables_concatenate_in_shard_order() -> None:
@@ -96,15 +95,19 @@ def shard(tmp_path: Path) -> tuple[Path, ShardInfo]:
     return tmp_path, info
 
 
+def parsed(path: Path, info: ShardInfo) -> list[SampleRef] | str:
+    """The samples `parse_index` gives, or its error message."""
+    try:
+        return table_items(parse_index(path, info))
+    except IndexFileError as err:
+        return str(err)
+
+
 def line_parse(path: Path, info: ShardInfo, monkeypatch: pytest.MonkeyPatch) -> list[SampleRef] | str:
-    """The samples or the error message of `parse_index` with its whole-file path turned off (every index line by
-    line, as before the whole-file path)."""
+    """`parsed` with the whole-file path turned off (every index line by line, as before the whole-file path)."""
     with monkeypatch.context() as patched:
         patched.setattr(shards.index, "plain_index_table", lambda data, shard_bytes: None)
-        try:
-            return table_items(parse_index(path, info))
-        except IndexFileError as err:
-            return str(err)
+        return parsed(path, info)
 
 
 @PROPERTY
@@ -129,8 +132,28 @@ def test_whole_file_parse_accepts_only_what_the_line_parse_accepts(
             del text[at : at + 1]
     path = tmp_path_factory.mktemp("idx") / info.index_name
     path.write_bytes(bytes(text))
-    try:
-        parsed: list[SampleRef] | str = table_items(parse_index(path, info))
-    except IndexFileError as err:
-        parsed = str(err)
-    assert parsed == line_parse(path, info, monkeypatch)
+    assert parsed(path, info) == line_parse(path, info, monkeypatch)
+
+
+@pytest.mark.parametrize(
+    "edit",
+    [
+        lambda t: t.replace(b"labels.i32 2048 4 a.labels.i32", b"frame00.jpg 2048 4 a.frame00.jpg"),  # ext twice
+        lambda t: t.replace(b" 2048 ", b" 0000000000002048 ", 1),  # 16 digits
+        lambda t: t.replace(b"labels.i32", b"l" * 65, 2),  # a 65-character extension
+        lambda t: t.replace(b" 2048 ", b"  2048 ", 1),  # two spaces
+        lambda t: t.replace(b" ", b"\t"),  # tabs: the line parse takes them
+        lambda t: t.replace(b"\n", b"\r\n"),  # CRLF: so does it
+        lambda t: t + b"\n",  # an empty last line
+    ],
+)
+def test_unplain_indexes_go_line_by_line(
+    shard: tuple[Path, ShardInfo], monkeypatch: pytest.MonkeyPatch, edit: Callable[[bytes], bytes]
+) -> None:
+    folder, info = shard
+    path = folder / info.index_name
+    text = edit(path.read_bytes())
+    assert text != path.read_bytes()
+    path.write_bytes(text)
+    assert plain_index_table(text, info.bytes) is None
+    assert parsed(path, info) == line_parse(path, info, monkeypatch)
