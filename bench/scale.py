@@ -7,6 +7,8 @@ its imports (printed by the child). Stages, at a split of N clips in shards of 5
 - `csv_plan`: job 5 of 1,000 plans its part of an N-row AudioSet segment CSV (rows counted, its rows parsed);
 - `merge`: the manifest merged from the records of N / 512 shards written by 1,000 parts;
 - `index`: the loaders' split index (`pipelines.sources.SplitIndex`: the manifest and every `.idx` file);
+- `worker`: a loader worker forked from that index reads every 1000th sample's offsets, then collects garbage as a
+  worker's allocations eventually make it: the index pages it copies (its private dirty memory, not its peak RSS);
 - `order`: one loader worker's sample order for 64 ranks x 8 workers in a resumed epoch (indexed and streamed);
 - `eval`: evaluation's gather (gloo, 2 processes) and metrics over N / 100 clips x 527 classes (20k at 2M).
 `verify_rate` measures `verify_shards`' bytes per second on photo-like shards, extrapolated to hours per TB.
@@ -28,9 +30,10 @@ from pathlib import Path
 import numpy as np
 
 SIZES = (10_000, 100_000, 1_000_000, 2_000_000)
-STAGES = ("csv_plan", "merge", "index", "order", "eval")
+STAGES = ("csv_plan", "merge", "index", "worker", "order", "eval")
 NUM_JOBS, JOB_INDEX, SHARD_SIZE = 1000, 5, 512
 RANKS, WORKERS, BATCH_PER_RANK = 64, 8, 8
+WORKER_STRIDE = 1000  # the worker stage reads every 1000th sample
 EVAL_FRACTION, NUM_CLASSES = 100, 527  # AudioSet: 20k eval clips for 2M train clips
 REPO = Path(__file__).resolve().parents[1]
 
@@ -46,16 +49,17 @@ class StageRun:
     stage_mb: float
 
 
-def prepare(folder: Path, size: int, stages: tuple[str, ...] = STAGES) -> None:
-    """The inputs of `stages` at `size` under `folder`: a segment CSV, a finished job's output folder."""
+def prepare(folder: Path, size: int, stages: tuple[str, ...] = STAGES, num_frames: int = 1) -> None:
+    """The inputs of `stages` at `size` under `folder`: a segment CSV, a finished job's output folder (samples of
+    `num_frames` frames)."""
     from bench.scale_data import write_class_csv, write_job_folder, write_segments_csv
 
     folder.mkdir(parents=True, exist_ok=True)
     if "csv_plan" in stages:
         write_class_csv(folder / "class_labels_indices.csv")
         write_segments_csv(folder / "unbalanced_train_segments.csv", size)
-    if {"merge", "index", "order"} & set(stages):
-        write_job_folder(folder / "train", size, SHARD_SIZE, NUM_JOBS)
+    if {"merge", "index", "worker", "order"} & set(stages):
+        write_job_folder(folder / "train", size, SHARD_SIZE, NUM_JOBS, num_frames)
         if "merge" not in stages:  # the others read the manifest
             from preprocess.job_merge import merge
 
@@ -128,6 +132,36 @@ def _index(folder: Path, size: int) -> None:
     assert len(SplitIndex(folder / "train")) == size
 
 
+def _worker(folder: Path, size: int) -> dict[str, float]:
+    """The private dirty memory (copied pages) of a child forked from the split index, after it reads every
+    `WORKER_STRIDE`th sample and collects garbage, above its own right after the fork; its seconds."""
+    import gc
+
+    from pipelines.sources import SplitIndex
+
+    index = SplitIndex(folder / "train")
+    read_end, write_end = os.pipe()
+    if (pid := os.fork()) == 0:
+        base_kb = _private_dirty_kb()
+        start = time.perf_counter()
+        refs = [index.samples[i] for i in range(0, len(index.samples), WORKER_STRIDE)]
+        gc.collect()
+        result = {"seconds": time.perf_counter() - start, "stage_kb": _private_dirty_kb() - base_kb, "read": len(refs)}
+        os.write(write_end, json.dumps(result).encode())
+        os._exit(0)
+    os.close(write_end)
+    with os.fdopen(read_end) as f:
+        result = json.loads(f.read())
+    os.waitpid(pid, 0)
+    return result
+
+
+def _private_dirty_kb() -> int:
+    """This process's private dirty memory in kB (Linux): the pages it wrote, its own or copied from its parent."""
+    with open("/proc/self/smaps_rollup") as f:
+        return next(int(line.split()[1]) for line in f if line.startswith("Private_Dirty:"))
+
+
 def _order(folder: Path, size: int) -> None:
     from pipelines.order import eval_range, train_batches, train_order, train_units
     from shards.manifest import load_manifest
@@ -197,6 +231,7 @@ STAGE_IMPORTS = {
     "csv_plan": ("preprocess.rows", "preprocess.job_state"),
     "merge": ("preprocess.job_merge",),
     "index": ("pipelines.sources",),
+    "worker": ("pipelines.sources",),
     "order": ("pipelines.order", "shards.manifest"),
     "eval": (),
     "eval_rank": ("torch.distributed", "mbt.dist", "mbt.sharded_eval", "mbt.metrics"),
@@ -214,7 +249,7 @@ def main(argv: list[str]) -> None:
     if stage == "eval_rank":
         extra = _eval_rank(Path(folder), int(size), *map(int, rest))
     else:
-        fn = {"csv_plan": _csv_plan, "merge": _merge, "index": _index, "order": _order, "eval": _eval}[stage]
+        fn = dict(csv_plan=_csv_plan, merge=_merge, index=_index, worker=_worker, order=_order, eval=_eval)[stage]
         extra = fn(Path(folder), int(size)) or {}
     seconds = time.perf_counter() - start
     peak_kb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss

@@ -49,17 +49,20 @@ def write_segments_csv(path: Path, num_rows: int, seed: int = 0, num_classes: in
     return path
 
 
-def write_job_folder(folder: Path, num_samples: int, shard_size: int = 512, num_jobs: int = 1000) -> Path:
+def write_job_folder(
+    folder: Path, num_samples: int, shard_size: int = 512, num_jobs: int = 1000, num_frames: int = 1
+) -> Path:
     """The output folder of a finished shard job of `num_samples` tiny samples, without its manifest: `_state/`
     (job.json, partition.json of `num_jobs` parts, one record per shard), sparse shard tars of the recorded sizes
-    and their `.idx` files (one frame, log-mel, labels and meta per sample), as `preprocess.job_merge.merge` and
-    `pipelines.sources.SplitIndex` read them. Nothing is decoded or hashed: made in seconds per 100k samples."""
+    and their `.idx` files (`num_frames` frames, log-mel, labels and meta per sample), as
+    `preprocess.job_merge.merge` and `pipelines.sources.SplitIndex` read them. Nothing is decoded or hashed: made in
+    seconds per 100k samples."""
     from preprocess.job_state import PARTITION_FILE, STATE_DIR, count_shards, record_path, shard_rows
     from shards.index import format_index
     from shards.manifest import LogmelStats
     from shards.schema import SHARD_PATTERN, FeatureParams, sample_exts
 
-    features = FeatureParams(num_frames=1)
+    features = FeatureParams(num_frames=num_frames)
     exts = sample_exts(features.num_frames)
     (folder / STATE_DIR).mkdir(parents=True, exist_ok=True)
     classes = [{"index": i, "id": mid, "name": f"Class {i}"} for i, mid in enumerate(class_mids())]

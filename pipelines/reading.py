@@ -20,8 +20,9 @@ from pipelines.config import LoaderError
 from pipelines.order import StreamUnit, shuffled
 from pipelines.pipe import STREAM_RETRIES, PipeStream, StreamError, stream_deadline_s
 from pipelines.sources import SplitIndex, StreamSplit
-from shards.index import SampleRef, member_header_problem
+from shards.index import member_header_problem
 from shards.manifest import ShardInfo
+from shards.sample_table import SampleRef
 from shards.tar import BLOCK, TarReadError, tar_samples
 
 # Shard files a process keeps open at once: a split may have more shards than the open-file limit (AudioSet-2M:
@@ -100,7 +101,6 @@ class HeaderCheck:
     def __init__(self, index: SplitIndex, exts: list[str], by_ext: str) -> None:
         self.index, self.exts, self.by_ext = index, exts, by_ext
         self._shards = {str(path.resolve()): number for number, path in enumerate(index.shard_paths)}
-        self._first = np.cumsum([0] + [shard.num_samples for shard in index.manifest.shards])
         self._by_offset: dict[int, dict[int, int]] = {}  # shard -> {offset of by_ext: sample}, made when first read
         self._checked = np.zeros(len(index), dtype=bool)
 
@@ -120,7 +120,8 @@ class HeaderCheck:
     def _sample(self, path: str, offset: int) -> int:
         shard = self._shards.get(path)
         if shard is not None and shard not in self._by_offset:
-            refs = {i: self.index.samples[i] for i in range(self._first[shard], self._first[shard + 1])}
+            first, end = self.index.samples.shard_starts[shard : shard + 2]
+            refs = {i: self.index.samples[i] for i in range(first, end)}
             self._by_offset[shard] = {r.members[self.by_ext][0]: i for i, r in refs.items() if self.by_ext in r.members}
         sample = None if shard is None else self._by_offset[shard].get(offset)
         if sample is None:

@@ -17,8 +17,9 @@ from braceexpand import braceexpand
 
 from pipelines.config import LoaderError
 from pipelines.pipe import MANIFEST_NAME, PIPE, PipeURL, as_pipe, read_url
-from shards.index import SampleRef, parse_index
+from shards.index import parse_index
 from shards.manifest import LogmelStats, Manifest, ShardInfo, load_manifest, parse_manifest
+from shards.sample_table import SampleTable
 from shards.schema import SchemaError
 
 
@@ -73,7 +74,8 @@ def combine_manifests(manifests: Sequence[tuple[str | Path, Manifest]], shards: 
 
 
 class SplitIndex:
-    """A checked split: manifest, shard and index paths and every sample's member offsets, in shard order.
+    """A checked split: manifest, shard and index paths and every sample's member offsets, in shard order (`samples`,
+    a `SampleTable`: `samples[i]` is sample i's `SampleRef`).
 
     `source` is anything `expand_sources` takes; several folders must hold shards of the same schema, features and
     classes, and are read as one split (log-mel statistics combined exactly from the manifests' sums).
@@ -96,8 +98,8 @@ class SplitIndex:
         self.manifest = combine_manifests(manifests, [s for _, s in selected])
         self.shard_paths: list[Path] = []
         self.index_paths: list[Path] = []
-        self.samples: list[SampleRef] = []
-        for number, (folder, shard) in enumerate(selected):
+        tables = []
+        for folder, shard in selected:
             path = folder / shard.name
             if not path.is_file():
                 raise LoaderError(f"{path}: shard listed in the manifest is missing; re-run the shard job")
@@ -108,17 +110,19 @@ class SplitIndex:
                     "run tools/verify_shards.py on the folder and re-run the shard job"
                 )
             try:
-                refs = parse_index(folder / shard.index_name, shard)
+                table = parse_index(folder / shard.index_name, shard)
             except SchemaError as err:
                 raise LoaderError(str(err)) from None
-            if len(refs) != shard.num_samples:
+            if len(table) != shard.num_samples:
                 raise LoaderError(
-                    f"{folder / shard.index_name}: {len(refs)} samples, the manifest says {shard.num_samples} "
+                    f"{folder / shard.index_name}: {len(table)} samples, the manifest says {shard.num_samples} "
                     f"for {shard.name}; the manifest does not match the shards: re-run the shard job"
                 )
             self.shard_paths.append(path)
             self.index_paths.append(folder / shard.index_name)
-            self.samples += [SampleRef(shard=number, key=r.key, members=r.members) for r in refs]
+            tables.append(table)
+        # Every sample's offsets in a few arrays, not a Python object each: forked loader workers share its pages.
+        self.samples = SampleTable.concat(tables)
 
     def __len__(self) -> int:
         return len(self.samples)

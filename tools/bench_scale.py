@@ -29,6 +29,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--sizes", type=parse_sizes, default=list(SIZES), help="split sizes (default 10k,100k,1M,2M)")
     parser.add_argument("--stages", default=",".join(STAGES), help=f"stages to run (default {','.join(STAGES)})")
     parser.add_argument("--plot", type=Path, default=Path("runs/bench_scale.png"), help="the PNG written")
+    parser.add_argument(
+        "--frames", type=int, default=1, help="frame members per synthetic sample (default 1; the shard job writes 20)"
+    )
     parser.add_argument("--scratch", type=Path, default=None, help="folder for the synthetic data (default: a temp)")
     parser.add_argument("--no-verify", action="store_true", help="skip verify_shards' rate")
     args = parser.parse_args(argv)
@@ -41,7 +44,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{'stage':<9} {'clips':>6} {'seconds':>8} {'peak MB':>8} {'stage MB':>9}")
         for size in args.sizes:
             folder = scratch / fmt_size(size)
-            prepare(folder, size, stages)
+            prepare(folder, size, stages, args.frames)
             for stage in stages:
                 run = measure(stage, folder, size)
                 runs.append(run)

@@ -38,6 +38,9 @@ def test_a_stage_is_measured_alone(tmp_path):
     prepare(tmp_path, 2000)
     run = measure("csv_plan", tmp_path, 2000)
     assert run.seconds > 0 and run.peak_mb > run.stage_mb >= 0
+    prepare(tmp_path / "w", 2000, ("worker",))
+    worker = measure("worker", tmp_path / "w", 2000)  # a forked child's copied pages, not the parent's peak
+    assert worker.seconds > 0 and 0 <= worker.stage_mb < worker.peak_mb
 
 
 @pytest.mark.slow
@@ -46,7 +49,7 @@ def test_bench_scale_runs_at_tiny_sizes(tmp_path, capsys):
         bench_scale.main(["--sizes", "500,2k", "--plot", str(tmp_path / "scale.png"), "--scratch", str(tmp_path)]) == 0
     )
     out = capsys.readouterr().out
-    for stage in ("csv_plan", "merge", "index", "order", "eval"):
+    for stage in ("csv_plan", "merge", "index", "worker", "order", "eval"):
         assert f"  {stage:<9} time" in out
     assert "core-hours per TB" in out
     assert (tmp_path / "scale.png").read_bytes()[:4] == b"\x89PNG"
