@@ -78,7 +78,8 @@ def test_predict_gives_the_logits_and_embeddings_evaluation_gives(
         assert prediction.windows == [(0.0, 2.0)]
         logits, embedding = evaluated[key]
         np.testing.assert_allclose(prediction.logits[0], logits, atol=1e-5)
-        assert embedding["bottleneck"].shape == (4, 32) and embedding["video"].shape == (32,)
+        tokens = model.cfg.bottleneck_tokens  # 4 and, with the CLS pool, scenic's one more
+        assert embedding["bottleneck"].shape == (tokens, 32) and embedding["video"].shape == (32,)
         for name, value in embedding.items():
             np.testing.assert_allclose(prediction.embeddings[0][name], value, atol=1e-5)
 
@@ -102,7 +103,8 @@ def test_predict_tool_writes_json_embeddings_and_a_timeline(
     video = result["videos"][0]
     assert len(video["windows"]) == 3 and len(video["top"]) == 3 and result["classes"][0] == "Red background"
     with np.load(tmp_path / "emb.npz") as emb:
-        assert emb["video"].shape == (3, 32) and emb["bottleneck"].shape == (3, 4, 32)
+        # 3 windows; 4 bottleneck tokens and, with the CLS pool, scenic's one more
+        assert emb["video"].shape == (3, 32) and emb["bottleneck"].shape == (3, 5, 32)
         assert list(emb["keys"]) == [f"{joined}@{s}" for s in (0, 1, 2)]
 
 
