@@ -14,9 +14,12 @@ IterableDataset) and makes every workers-th batch of the rank's epoch from them,
 
 from __future__ import annotations
 
+import atexit
 import ctypes
 import logging
+import multiprocessing.util  # noqa: F401  its exit hook (join every child) registered before ours, so ours runs first
 import signal
+import weakref
 from collections.abc import Iterator
 from typing import Any
 
@@ -57,6 +60,17 @@ def _init_worker(worker_id: int) -> None:
         signal.signal(signum, signal.SIG_IGN)
 
 
+def _close_live_loaders() -> None:
+    """At interpreter exit, end every loader's persistent workers the orderly way: multiprocessing's own exit hook
+    would send them SIGTERM, which they ignore (above), and then wait for them forever."""
+    for loader in list(_LIVE_LOADERS):
+        loader.close()
+
+
+_LIVE_LOADERS: weakref.WeakSet[TorchLoader] = weakref.WeakSet()
+atexit.register(_close_live_loaders)
+
+
 class TorchLoader:
     """Batches of one split for this rank: `for batch in loader` runs the rest of the current epoch.
 
@@ -87,6 +101,14 @@ class TorchLoader:
         # (epoch, batch) items listed here when it starts; a streamed split's workers read the pass from the dataset.
         self._items: list[tuple[int, int]] = []
         self._loader: DataLoader | None = None
+        _LIVE_LOADERS.add(self)
+
+    def close(self) -> None:
+        """End the persistent workers now (a later pass starts new ones)."""
+        iterator = getattr(self._loader, "_iterator", None)
+        if iterator is not None and hasattr(iterator, "_shutdown_workers"):
+            iterator._shutdown_workers()  # DataLoader has no public way to end persistent workers
+        self._loader = None
 
     @property
     def manifest(self) -> Manifest:

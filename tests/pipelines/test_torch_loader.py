@@ -4,7 +4,11 @@ resume, augmentation, mixup and bad input."""
 from __future__ import annotations
 
 import json
+import os
 import shutil
+import subprocess
+import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -35,6 +39,8 @@ from pipelines.windows import eval_windows
 from shards.manifest import load_manifest
 from shards.schema import LOGMEL_DTYPE, LOGMEL_EXT
 
+ROOT = Path(__file__).resolve().parents[2]
+
 
 def loader(folder, train, batch_size=2, **kw) -> TorchLoader:
     kw.setdefault("augment", SMALL_AUG)
@@ -54,6 +60,22 @@ def test_training_batches_follow_the_contract(train_shards):
         assert batch["clip_index"].tolist() == [0, 0, 0] and len(batch["key"]) == 3
     keys = [k for b in batches for k in b["key"]]
     assert len(set(keys)) == 9  # 9 samples, batch 3, one rank: the epoch is the whole split
+
+
+def test_a_process_with_persistent_workers_exits(train_shards):
+    """The workers ignore SIGTERM (a rank ends them itself, mbt.interrupt): at exit the loader ends them the orderly
+    way, or multiprocessing's exit hook would SIGTERM them and wait forever."""
+    code = (
+        "from loader_checks import SMALL_AUG\n"
+        "from pipelines import open_split\n"
+        "from pipelines.torch_loader import TorchLoader\n"
+        f"loader = TorchLoader(open_split({str(train_shards)!r}), train=True, batch_size=3, augment=SMALL_AUG, "
+        "num_workers=1)\n"
+        "print(len(list(loader)))\n"
+    )
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), str(ROOT / "tests" / "support")])}
+    done = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
+    assert (done.returncode, done.stdout, done.stderr) == (0, "3\n", "")
 
 
 @pytest.mark.slow
