@@ -91,16 +91,21 @@ def mean_over_ranks_(tensors: list[torch.Tensor]) -> None:
     world_size = torch_dist.get_world_size() if is_distributed() else 1
     if world_size == 1 or not tensors:
         return
-    buckets: list[list[torch.Tensor]] = []
-    open_buckets: dict[tuple[torch.dtype, torch.device], tuple[list[torch.Tensor], list[int]]] = {}
+    groups: dict[tuple[torch.dtype, torch.device], list[torch.Tensor]] = {}
     for tensor in tensors:
-        bucket, size = open_buckets.setdefault((tensor.dtype, tensor.device), ([], [0]))
-        if bucket and size[0] + tensor.numel() * tensor.element_size() > BUCKET_BYTES:
-            buckets.append(bucket)
-            bucket, size = open_buckets[(tensor.dtype, tensor.device)] = ([], [0])
-        bucket.append(tensor)
-        size[0] += tensor.numel() * tensor.element_size()
-    buckets += [bucket for bucket, _ in open_buckets.values() if bucket]
+        groups.setdefault((tensor.dtype, tensor.device), []).append(tensor)
+    buckets: list[list[torch.Tensor]] = []
+    for group in groups.values():
+        bucket: list[torch.Tensor] = []
+        size = 0
+        for tensor in group:
+            nbytes = tensor.numel() * tensor.element_size()
+            if bucket and size + nbytes > BUCKET_BYTES:
+                buckets.append(bucket)
+                bucket, size = [], 0
+            bucket.append(tensor)
+            size += nbytes
+        buckets.append(bucket)
     flats = [torch.cat([t.reshape(-1) for t in bucket]) for bucket in buckets]
     works = [torch_dist.all_reduce(flat, async_op=True) for flat in flats]  # SUM: gloo has no AVG
     for bucket, flat, work in zip(buckets, flats, works, strict=True):
