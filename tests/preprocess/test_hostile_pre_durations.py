@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 from conftest import load_tool
-from media import make_clip, make_not_a_video, with_claimed_duration
+from media import clips_claiming, make_not_a_video
 
 from preprocess.clip import ClipTask, process_clip
 from preprocess.datasets import ClipRow
@@ -31,12 +31,7 @@ YEARS_S = 3e8  # about 9.5 years
 @pytest.fixture(scope="module")
 def clips(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     """A 4 s clip with an honest header (mkv, mp4) and copies claiming years (mkv) or 49 days (mp4's most)."""
-    folder = tmp_path_factory.mktemp("videos")
-    out = {}
-    for suffix in ("mkv", "mp4"):
-        honest = out[f"honest.{suffix}"] = make_clip(folder / f"honest.{suffix}", seconds=4.0)
-        out[f"years.{suffix}"] = with_claimed_duration(honest, folder / f"years.{suffix}", YEARS_S)
-    return out
+    return clips_claiming(tmp_path_factory.mktemp("videos"), 4.0, {"years": YEARS_S})
 
 
 def test_an_honest_claim_is_planned_as_it_is(clips: dict[str, Path]) -> None:

@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 from conftest import REPO, load_tool
-from media import make_clip, with_claimed_duration
+from media import clips_claiming, make_clip, with_claimed_duration
 from tiny_run import make_run
 
 from serve.load import from_checkpoint
@@ -32,13 +32,7 @@ def run(train_shards: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.fixture(scope="module")
 def videos(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     """6 s clips with honest headers (mkv, mp4), and copies claiming 30 s, years (mkv) or 49 days (mp4's most)."""
-    folder = tmp_path_factory.mktemp("claims")
-    out = {}
-    for suffix in ("mkv", "mp4"):
-        honest = out[f"honest.{suffix}"] = make_clip(folder / f"honest.{suffix}", seconds=6.0)
-        out[f"30s.{suffix}"] = with_claimed_duration(honest, folder / f"30s.{suffix}", 30.0)
-        out[f"years.{suffix}"] = with_claimed_duration(honest, folder / f"years.{suffix}", YEARS_S)
-    return out
+    return clips_claiming(tmp_path_factory.mktemp("claims"), 6.0, {"30s": 30.0, "years": YEARS_S})
 
 
 def timeline(run: Path, video: Path, **kw: object) -> Prediction:

@@ -171,6 +171,17 @@ def with_claimed_duration(src: Path, dst: Path, seconds: float) -> Path:
     return dst
 
 
+def clips_claiming(folder: Path, seconds: float, claims: dict[str, float]) -> dict[str, Path]:
+    """An honest clip of `seconds` as .mkv and .mp4 (`honest.mkv`, `honest.mp4`) and, for each name -> claimed
+    duration of `claims`, a copy of each whose header claims it (`{name}.mkv`, `{name}.mp4`)."""
+    out = {}
+    for suffix in ("mkv", "mp4"):
+        honest = out[f"honest.{suffix}"] = make_clip(folder / f"honest.{suffix}", seconds=seconds)
+        for name, claimed in claims.items():
+            out[f"{name}.{suffix}"] = with_claimed_duration(honest, folder / f"{name}.{suffix}", claimed)
+    return out
+
+
 def tone(seconds: float = 2.0, rate: int = 16000) -> np.ndarray:
     """A 440 Hz sine at half scale, float32."""
     t = np.arange(round(seconds * rate)) / rate
