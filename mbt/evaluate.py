@@ -37,6 +37,7 @@ from mbt.config_io import ConfigError
 from mbt.dist import cleanup, init_distributed
 from mbt.exported import ExportError
 from mbt.fits import fits
+from mbt.interrupt import SignalStop, raising_signals, stop_line
 from mbt.model_source import load_source, resolve_model, run_setting
 from mbt.preset_feed import preset_feed
 from mbt.results import (
@@ -163,12 +164,21 @@ def run(args: argparse.Namespace) -> int:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
+    main_rank = int(os.environ.get("RANK", "0")) == 0  # one line, not one per rank: every rank fails alike
     try:
-        return run(args)
+        with raising_signals():
+            return run(args)
     except (EvaluationError, CheckpointFileError, ExportError, LoaderError, OSError) as err:
-        if int(os.environ.get("RANK", "0")) == 0:  # one line, not one per rank: every rank fails alike
+        if main_rank:
             print(f"mbt.evaluate: error: {err}", file=sys.stderr)
         return 1
+    except SignalStop as stopped:  # the files of --out are each written whole, at the end
+        if main_rank:
+            print(
+                f"mbt.evaluate: {stop_line(stopped.signum, 'before the end', 'rerun the same command')}",
+                file=sys.stderr,
+            )
+        return stopped.exit_status
     finally:
         cleanup()
 

@@ -15,6 +15,7 @@ it resumes only with the settings and classes of its checkpoints (`mbt.run_dir`)
 from __future__ import annotations
 
 import json
+import os
 import signal
 import sys
 import time
@@ -41,7 +42,7 @@ from mbt.checkpoint import (
 from mbt.classes import ClassListError, class_record
 from mbt.config import ConfigError, TrainConfig, config_to_dict, load_config, save_config
 from mbt.dist import DistInfo, all_gather_objects, cleanup, init_distributed, on_main_rank
-from mbt.interrupt import Interrupted, StopSignals
+from mbt.interrupt import Interrupted, SignalStop, StopSignals, raising_signals, stop_line
 from mbt.memory import MemoryVerdict, check_memory
 from mbt.model import MBT
 from mbt.pretrained import CheckpointError, init_from_vit
@@ -270,6 +271,18 @@ def _train(
 
 
 def main(argv: list[str] | None = None) -> int:
+    """The command: load the config, start the process group, prepare and train; one line and the shell's status
+    for what stops it (a config error: 2; a data or file error: 1; a signal: 128 + it, at start-up too)."""
+    try:
+        with raising_signals():
+            return _main(argv)
+    except SignalStop as stopped:  # before the loop or after it: nothing to agree on, nothing half-written
+        if int(os.environ.get("RANK", "0")) == 0:
+            print(stop_line(stopped.signum, "before training started", "rerun the same command"), file=sys.stderr)
+        return stopped.exit_status
+
+
+def _main(argv: list[str] | None) -> int:
     try:
         cfg = load_config(argv)
     except ConfigError as err:
