@@ -109,6 +109,7 @@ class Dataset:
     name: str
     segments: int
     num_jobs: int
+    approximate: bool = False  # segments is a round figure
 
 
 def job_defaults() -> tuple[int, int]:
@@ -133,7 +134,7 @@ def datasets() -> tuple[Dataset, ...]:
     return (
         Dataset("AudioSet-2M unbalanced", AUDIOSET_2M_SEGMENTS, launch_num_jobs()),
         Dataset("AudioSet eval", AUDIOSET_EVAL_SEGMENTS, plain),
-        Dataset("VGGSound", VGGSOUND_SEGMENTS, plain),
+        Dataset("VGGSound", VGGSOUND_SEGMENTS, plain, approximate=True),
     )
 
 
@@ -234,5 +235,6 @@ def measure(
 
 
 def write_record(record: Record, path: Path) -> None:
-    """`record` as JSON in `path`, written atomically."""
+    """`record` as JSON in `path` (its folder made if missing), written atomically."""
+    path.parent.mkdir(parents=True, exist_ok=True)
     write_bytes_atomic(path, record.to_json().encode())

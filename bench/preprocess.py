@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from bench.photo_clips import PHOTOS, make_photo_clips
-from preprocess.datasets import read_audioset_classes, read_audioset_segments
+from preprocess.datasets import ClipRow, read_audioset_classes, read_audioset_segments
 from preprocess.decode import decode_command
 from preprocess.job import JobSpec, run_job
 from preprocess.videos import AUDIOSET_NAME_TEMPLATES, VideoIndex
@@ -68,30 +68,39 @@ def frame_rate_costs(
     data: Path, rates: list[float], workers: int, clips: int, repeats: int = 1
 ) -> list[dict[str, float]]:
     """For each frame rate: bytes per clip (its tar members, of which frames, and its `.idx` lines) and the job's
-    clips/s (the fastest of `repeats` runs), sharding `clips` 10 s clips of natural content (`bench.photo_clips`)
-    into a fresh folder each run."""
+    clips/s (the fastest of `repeats` runs, the rates interleaved so that drift in the machine's speed hits all
+    alike), sharding `clips` 10 s clips of natural content (`bench.photo_clips`) into a fresh folder each run."""
     videos = data / "photo-videos"
     rows = make_photo_clips(videos, clips)
+    specs = {
+        fps: _photo_spec(rows, videos, clips, FeatureParams(num_frames=max(round(fps * 10.0), 1))) for fps in rates
+    }
+    outs = {fps: data / f"frame-rate-costs-{i}" for i, fps in enumerate(rates)}
+    seconds: dict[float, list[float]] = {fps: [] for fps in rates}
+    for _ in range(repeats):
+        for fps in rates:
+            seconds[fps].append(job_seconds(specs[fps], workers, data, keep=outs[fps]))
     results = []
-    for fps in rates:
-        params = FeatureParams(num_frames=max(round(fps * 10.0), 1))
-        spec = {
-            "dataset": "bench", "split": "train", "rows": rows, "multi_label": True, "videos_dir": videos,
-            "classes": [{"index": i, "id": n, "name": n} for i, n in enumerate(PHOTOS)],
-            "name_templates": AUDIOSET_NAME_TEMPLATES, "params": params, "shard_size": clips,
-        }  # fmt: skip
-        out = data / "frame-rate-costs"
-        seconds = min(job_seconds(spec, workers, data, keep=out) for _ in range(repeats))
+    for fps, out in outs.items():
         manifest = load_manifest(out)
         total = sum(shard.bytes for shard in manifest.shards) / manifest.num_samples
         frames = sum(len(m) for shard in manifest.shards for _, sample in iter_tar_samples(out / shard.name)
                      for e, m in sample.items() if e.endswith(".jpg")) / manifest.num_samples  # fmt: skip
         index = sum((out / shard.name).with_suffix(".idx").stat().st_size for shard in manifest.shards)
-        results.append({"fps": fps, "frames": params.num_frames, "bytes_per_clip": total, "frame_bytes": frames,
-                        "idx_bytes_per_clip": index / manifest.num_samples,
-                        "clips_per_s": clips / seconds})  # fmt: skip
+        results.append({"fps": fps, "frames": specs[fps]["params"].num_frames, "bytes_per_clip": total,
+                        "frame_bytes": frames, "idx_bytes_per_clip": index / manifest.num_samples,
+                        "clips_per_s": clips / min(seconds[fps])})  # fmt: skip
         shutil.rmtree(out)
     return results
+
+
+def _photo_spec(rows: list[ClipRow], videos: Path, clips: int, params: FeatureParams) -> dict[str, Any]:
+    """The shard job's JobSpec fields but the output's for the photo clips `rows` in `videos`, in one shard."""
+    return {
+        "dataset": "bench", "split": "train", "rows": rows, "multi_label": True, "videos_dir": videos,
+        "classes": [{"index": i, "id": n, "name": n} for i, n in enumerate(PHOTOS)],
+        "name_templates": AUDIOSET_NAME_TEMPLATES, "params": params, "shard_size": clips,
+    }  # fmt: skip
 
 
 def job_inputs(

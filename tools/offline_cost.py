@@ -46,13 +46,15 @@ def main(argv: list[str] | None = None) -> int:
                         help="frame rates to measure (default %(default)s: the job's, scenic's)")  # fmt: skip
     parser.add_argument("--clips", type=int, default=16, help="clips the job shards (default %(default)s)")
     parser.add_argument("--workers", type=int, default=len(os.sched_getaffinity(0)), help="default: all cores")
-    parser.add_argument("--repeats", type=int, default=2, help="job runs per rate; the fastest counts (default 2)")
+    parser.add_argument("--repeats", type=int, default=3, help="job runs per rate; the fastest counts (default 3)")
     parser.add_argument("--verify-clips", type=int, default=48, help="clips verify_shards reads (default 48)")
     args = parser.parse_args(argv)
     try:
         if args.measure:
             require_ffmpeg()
-            command = shlex.join(["tools/offline_cost.py", *(sys.argv[1:] if argv is None else argv)])
+            command = shlex.join(
+                [str(Path(__file__).resolve().relative_to(REPO)), *(sys.argv[1:] if argv is None else argv)]
+            )
             rates = tuple(float(r) for r in args.fps.split(","))
             record = measure(args.data, rates, args.clips, args.workers, args.repeats, args.verify_clips, command)
             write_record(record, args.record)
@@ -61,7 +63,9 @@ def main(argv: list[str] | None = None) -> int:
         costs = project(record, datasets(), shard_size)
         print(report(record, costs, shard_size), end="")
         if args.write_readme:
-            args.readme.write_text(with_table(args.readme.read_text(), readme_table(record, costs), args.readme))
+            args.readme.write_text(
+                with_table(args.readme.read_text(), readme_table(record, costs, shard_size), args.readme)
+            )
             print(f"wrote the sizing table in {args.readme}")
     except (RecordError, MarkerError) as err:
         print(f"error: {err}", file=sys.stderr)

@@ -119,9 +119,12 @@ def test_report_and_readme_table_render_every_cost() -> None:
     text = report(RECORD, costs, 512)
     assert "| AudioSet-2M unbalanced | 2,041,789 | 100 | 2 | 3,988 | 12,069 | 1.53 TB | 284 | 12 |" in text
     assert "| 25 | 0.50 | 6.50 MB + 5,000 B | 40.0 |" in text
-    table = readme_table(RECORD, costs)
+    table = readme_table(RECORD, costs, 512)
     assert table.startswith(README_BEGIN) and table.endswith(README_END)
-    assert "| AudioSet-2M unbalanced (2,041,789) | 25 | 3,988 | 12,069 | 13.3 TB | 1,134 core-hours |" in table
+    assert (
+        "| AudioSet-2M unbalanced (2,041,789 clips, 100 jobs) | 25 | 3,988 | 12,069 | 13.3 TB | 1,134 core-hours |"
+        in table
+    )
     assert len([line for line in table.splitlines() if line.startswith("|")]) == 2 + len(costs)
 
 
@@ -141,7 +144,8 @@ def test_with_table_replaces_only_the_block(tmp_path: Path) -> None:
 def test_readme_table_is_the_committed_records() -> None:
     """README's sizing table is what tools/offline_cost.py renders from docs/offline_cost.json: they cannot drift."""
     record = load_record(REPO / "docs" / "offline_cost.json")
-    expected = readme_table(record, project(record, datasets(), job_defaults()[0]))
+    shard_size = job_defaults()[0]
+    expected = readme_table(record, project(record, datasets(), shard_size), shard_size)
     text = (REPO / "README.md").read_text()
     assert text[text.index(README_BEGIN) : text.index(README_END) + len(README_END)] == expected, (
         "README.md's sizing table differs from docs/offline_cost.json's: run tools/offline_cost.py --write-readme"
@@ -158,5 +162,5 @@ def test_tool_measures_records_and_writes_the_table(tmp_path: Path, capsys: pyte
     record = load_record(tmp_path / "rates.json")
     assert [rate.fps for rate in record.rates] == [2.0] and record.command.startswith("tools/offline_cost.py --measure")
     assert 100_000 < record.rates[0].tar_bytes_per_clip < 5_000_000 and record.rates[0].idx_bytes_per_clip > 0
-    assert readme.read_text() == f"intro\n{readme_table(record, project(record, datasets(), 512))}\n"
+    assert readme.read_text() == f"intro\n{readme_table(record, project(record, datasets(), 512), 512)}\n"
     assert "| AudioSet-2M unbalanced | 2,041,789 | 100 | 2 | 3,988 |" in capsys.readouterr().out
