@@ -203,7 +203,11 @@ def measure(
     data: Path, rates: tuple[float, ...], clips: int, workers: int, repeats: int, verify_clips: int, command: str
 ) -> Record:
     """A record measured here: at each frame rate, the shard job over `clips` photo-like clips with `workers`
-    workers (the fastest of `repeats` runs) and verify_shards over `verify_clips` clips on one core."""
+    workers (the fastest of `repeats` runs) and verify_shards over `verify_clips` clips on one core. The job's
+    workers start with torch imported: its import (seconds, once per job: a job of the AudioSet-2M array shards
+    20,000 clips) would weigh on a rate measured over a few clips as it does not on a real job's."""
+    import torch  # noqa: F401  (the job's workers, forked from here, inherit it)
+
     from bench.preprocess import frame_rate_costs
     from bench.scale import verify_rate
 
@@ -227,7 +231,8 @@ def measure(
     load = (load_before, os.getloadavg()[0])
     note = (
         f"{clips} clips of 10 s, 480x360 25 fps H.264 + AAC panning over a photograph with film grain "
-        f"(bench.photo_clips), {workers} workers, fastest of {repeats}; verify over {verify_clips} photo-like clips "
+        f"(bench.photo_clips), {workers} workers started with torch imported, fastest of {repeats}; verify over "
+        f"{verify_clips} photo-like clips "
         f"on one core. The machine is shared with other jobs (1-minute load average {load[0]:.1f} before, "
         f"{load[1]:.1f} after): rates are lower than an idle core's"
     )
