@@ -40,7 +40,8 @@ SPLIT_FILES = (MANIFEST_NAME, FAILURES_NAME, f"{STATE_DIR}/{JOB_FILE}", f"{STATE
 
 
 class RecordError(ValueError):
-    """A record of measured rates that cannot be used; the message names the file and what to do."""
+    """An input of the projection (a record of measured rates, a launch file) that cannot be used; the message
+    names the file and what to do."""
 
 
 @dataclass(frozen=True)
