@@ -1,6 +1,6 @@
 """The shard job against bare ffmpeg decoding of the same clips (`tools/bench_preprocess.py`): the decode floor,
-the whole job with W workers, with one, and as two partitioned jobs, each run interleaved and the fastest kept; the
-core-hours of the full datasets at a measured rate; and what the stored frame rate costs in bytes and job speed."""
+the whole job with W workers, with one, and as two partitioned jobs, each run interleaved and the fastest kept; and
+what the stored frame rate costs in bytes and job speed (`bench.offline_cost` projects both onto the datasets)."""
 
 from __future__ import annotations
 
@@ -14,16 +14,13 @@ from pathlib import Path
 from typing import Any
 
 from bench.photo_clips import PHOTOS, make_photo_clips
-from preprocess.datasets import read_audioset_classes, read_audioset_segments
+from preprocess.datasets import ClipRow, read_audioset_classes, read_audioset_segments
 from preprocess.decode import decode_command
 from preprocess.job import JobSpec, run_job
 from preprocess.videos import AUDIOSET_NAME_TEMPLATES, VideoIndex
 from shards.manifest import load_manifest
 from shards.schema import FeatureParams
 from shards.tar import iter_tar_samples
-
-AUDIOSET_2M_SEGMENTS = 2_041_789  # unbalanced_train_segments.csv
-VGGSOUND_SEGMENTS = 200_000  # about: vggsound.csv lists ~200k clips
 
 
 def bare_decode_seconds(paths: list[Path], segment_s: float, params: FeatureParams, workers: int) -> float:
@@ -38,9 +35,12 @@ def bare_decode_seconds(paths: list[Path], segment_s: float, params: FeaturePara
     return time.perf_counter() - start
 
 
-def job_seconds(spec_kwargs: dict[str, Any], workers: int, scratch: Path, num_jobs: int = 1) -> float:
-    """Wall time of the whole shard job into a fresh folder: `num_jobs` partitioned jobs at once (as a job
-    array would run them), each with `workers` workers, until the last one has merged the manifest."""
+def job_seconds(
+    spec_kwargs: dict[str, Any], workers: int, scratch: Path, num_jobs: int = 1, keep: Path | None = None
+) -> float:
+    """Wall time of the whole shard job into a fresh folder under `scratch`: `num_jobs` partitioned jobs at once (as
+    a job array would run them), each with `workers` workers, until the last one has merged the manifest. The folder
+    is removed after, or moved to `keep` (replacing what was there)."""
     out = Path(tempfile.mkdtemp(dir=scratch))
     specs = [JobSpec(out_dir=out, workers=workers, progress=False, num_jobs=num_jobs, job_index=i, **spec_kwargs)
              for i in range(num_jobs)]  # fmt: skip
@@ -56,34 +56,51 @@ def job_seconds(spec_kwargs: dict[str, Any], workers: int, scratch: Path, num_jo
         if any(job.exitcode for job in jobs) or not (out / "manifest.json").is_file():
             raise RuntimeError("a partitioned job failed")
     seconds = time.perf_counter() - start
-    shutil.rmtree(out)
+    if keep is None:
+        shutil.rmtree(out)
+    else:
+        shutil.rmtree(keep, ignore_errors=True)
+        out.rename(keep)
     return seconds
 
 
-def frame_rate_costs(data: Path, rates: list[float], workers: int, clips: int) -> list[dict[str, float]]:
-    """For each frame rate: bytes per clip (all of it, and its frames) and the job's clips/s, sharding `clips` 10 s
-    clips of natural content (`bench.photo_clips`) into a fresh folder; one run each."""
-    rows = make_photo_clips(data / "photo-videos", clips)
+def frame_rate_costs(
+    data: Path, rates: list[float], workers: int, clips: int, repeats: int = 1
+) -> list[dict[str, float]]:
+    """For each frame rate: bytes per clip (its tar members, of which frames, and its `.idx` lines) and the job's
+    clips/s (the fastest of `repeats` runs, the rates interleaved so that drift in the machine's speed hits all
+    alike), sharding `clips` 10 s clips of natural content (`bench.photo_clips`) into a fresh folder each run."""
+    videos = data / "photo-videos"
+    rows = make_photo_clips(videos, clips)
+    specs = {
+        fps: _photo_spec(rows, videos, clips, FeatureParams(num_frames=max(round(fps * 10.0), 1))) for fps in rates
+    }
+    outs = {fps: data / f"frame-rate-costs-{i}" for i, fps in enumerate(rates)}
+    seconds: dict[float, list[float]] = {fps: [] for fps in rates}
+    for _ in range(repeats):
+        for fps in rates:
+            seconds[fps].append(job_seconds(specs[fps], workers, data, keep=outs[fps]))
     results = []
-    for fps in rates:
-        params = FeatureParams(num_frames=max(round(fps * 10.0), 1))
-        out = Path(tempfile.mkdtemp(dir=data))
-        spec = JobSpec(
-            dataset="bench", split="train", rows=rows, multi_label=True, videos_dir=data / "photo-videos",
-            out_dir=out, classes=[{"index": i, "id": n, "name": n} for i, n in enumerate(PHOTOS)],
-            name_templates=AUDIOSET_NAME_TEMPLATES, params=params, shard_size=clips, workers=workers, progress=False,
-        )  # fmt: skip
-        start = time.perf_counter()
-        run_job(spec)
-        seconds = time.perf_counter() - start
+    for fps, out in outs.items():
         manifest = load_manifest(out)
         total = sum(shard.bytes for shard in manifest.shards) / manifest.num_samples
         frames = sum(len(m) for shard in manifest.shards for _, sample in iter_tar_samples(out / shard.name)
                      for e, m in sample.items() if e.endswith(".jpg")) / manifest.num_samples  # fmt: skip
-        results.append({"fps": fps, "frames": params.num_frames, "bytes_per_clip": total, "frame_bytes": frames,
-                        "clips_per_s": clips / seconds})  # fmt: skip
+        index = sum((out / shard.name).with_suffix(".idx").stat().st_size for shard in manifest.shards)
+        results.append({"fps": fps, "frames": specs[fps]["params"].num_frames, "bytes_per_clip": total,
+                        "frame_bytes": frames, "idx_bytes_per_clip": index / manifest.num_samples,
+                        "clips_per_s": clips / min(seconds[fps])})  # fmt: skip
         shutil.rmtree(out)
     return results
+
+
+def _photo_spec(rows: list[ClipRow], videos: Path, clips: int, params: FeatureParams) -> dict[str, Any]:
+    """The shard job's JobSpec fields but the output's for the photo clips `rows` in `videos`, in one shard."""
+    return {
+        "dataset": "bench", "split": "train", "rows": rows, "multi_label": True, "videos_dir": videos,
+        "classes": [{"index": i, "id": n, "name": n} for i, n in enumerate(PHOTOS)],
+        "name_templates": AUDIOSET_NAME_TEMPLATES, "params": params, "shard_size": clips,
+    }  # fmt: skip
 
 
 def job_inputs(
@@ -120,11 +137,3 @@ def job_against_ffmpeg(paths: list[Path], spec: dict[str, Any], workers: int, re
     finally:
         shutil.rmtree(scratch)
     return {name: min(seconds) for name, seconds in runs.items()}
-
-
-def projected_core_hours(clips_per_s_per_core: float) -> dict[str, float]:
-    """Core-hours to shard AudioSet-2M (audioset) and VGGSound (vggsound) at `clips_per_s_per_core`."""
-    return {
-        "audioset": AUDIOSET_2M_SEGMENTS / clips_per_s_per_core / 3600,
-        "vggsound": VGGSOUND_SEGMENTS / clips_per_s_per_core / 3600,
-    }

@@ -26,8 +26,12 @@ import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
+
+if TYPE_CHECKING:
+    from shards.schema import FeatureParams
 
 SIZES = (10_000, 100_000, 1_000_000, 2_000_000)
 STAGES = ("csv_plan", "merge", "index", "worker", "order", "eval")
@@ -88,13 +92,13 @@ def growth_exponent(sizes: list[int], values: list[float]) -> float:
     return float(np.polyfit(np.log(sizes), np.log(np.maximum(values, 1e-3)), 1)[0])
 
 
-def verify_rate(folder: Path, clips: int = 48) -> dict[str, float]:
-    """`verify_split` (with JPEG decoding, one worker) over `clips` photo-like clips of the shard job's features:
-    bytes per second and the hours one core takes per TB."""
+def verify_rate(folder: Path, clips: int = 48, features: FeatureParams | None = None) -> dict[str, float]:
+    """`verify_split` (with JPEG decoding, one worker) over `clips` photo-like clips of `features` (default: the
+    shard job's): bytes per second and the hours one core takes per TB."""
     from bench.photo_split import write_photo_split
     from preprocess.verify import verify_split
 
-    split = write_photo_split(folder / "verify", clips, shard_size=16)
+    split = write_photo_split(folder / "verify", clips, features, shard_size=16)
     start = time.perf_counter()
     report = verify_split(split, decode_jpeg=True, workers=1)
     seconds = time.perf_counter() - start

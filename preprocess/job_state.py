@@ -46,6 +46,7 @@ from shards.writer import ShardWriter
 STATE_DIR = "_state"
 JOB_FILE = "job.json"
 PARTITION_FILE = "partition.json"
+JOB_LOCK = "job.lock"
 FAILURE_FIELDS = ("key", "source", "file", "reason", "message")
 STATE_MAX_BYTES = 64 << 20  # a record lists at most a shard's failures; job.json the classes
 STATE_LOCK_WAIT_S = 30.0  # another part's check-and-write of job.json and partition.json takes milliseconds
@@ -184,7 +185,7 @@ def claim_folder(out_dir: Path, identity: dict[str, Any], num_jobs: int) -> None
     if not (state / JOB_FILE).exists() and ((out_dir / MANIFEST_NAME).exists() or any(out_dir.glob("shard-*.tar"))):
         raise JobError(f"{out_dir} holds shards of an unknown job; use another --out or delete the folder")
     state.mkdir(parents=True, exist_ok=True)
-    lock = state / "job.lock"
+    lock = state / JOB_LOCK
     try:
         with exclusive_lock(lock, wait_s=STATE_LOCK_WAIT_S):
             _check_identity(out_dir, identity)

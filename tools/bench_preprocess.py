@@ -6,7 +6,8 @@ Measures, on the same clips and the same number of processes:
   job     the whole shard job (decode, JPEG, log-mel, tar + index, manifest) with --workers W;
   job_1w  the shard job with one worker, for the parallel speed-up;
   jobs_2  two partitioned jobs at once with one worker each (--num-jobs 2), for the N-job scaling.
-It also projects the core-hours to shard AudioSet-2M and VGGSound at the measured clips/s per core.
+It also projects the core-hours to shard AudioSet-2M and VGGSound at the measured clips/s per core
+(tools/offline_cost.py: the whole offline stage's cost, from a committed record).
 Each is run --repeats times and the fastest run counts. Goals: job_vs_ffmpeg <= 1.2, speedup_2w >= 1.8.
 The last line is name=value pairs. The measurements are `bench.preprocess`'s.
 """
@@ -19,14 +20,8 @@ import sys
 import tempfile
 from pathlib import Path
 
-from bench.preprocess import (
-    AUDIOSET_2M_SEGMENTS,
-    VGGSOUND_SEGMENTS,
-    frame_rate_costs,
-    job_against_ffmpeg,
-    job_inputs,
-    projected_core_hours,
-)
+from bench.offline_cost import AUDIOSET_2M_SEGMENTS, VGGSOUND_SEGMENTS, core_hours
+from bench.preprocess import frame_rate_costs, job_against_ffmpeg, job_inputs
 from experiments.demo_data import make_demo_dataset
 from preprocess.ffmpeg_run import require_ffmpeg
 from shards.schema import FeatureParams
@@ -78,8 +73,10 @@ def main(argv: list[str] | None = None) -> int:
     n, cores = len(paths), len(os.sched_getaffinity(0))
     bare_s, job_s, job_1w_s, jobs_2_s = best["bare"], best["job"], best["job_1w"], best["jobs_2"]
     per_core = n / job_s / min(args.workers, cores)
-    hours = projected_core_hours(per_core)
-    audioset_core_h, vggsound_core_h = hours["audioset"], hours["vggsound"]
+    audioset_core_h, vggsound_core_h = (
+        core_hours(AUDIOSET_2M_SEGMENTS, per_core),
+        core_hours(VGGSOUND_SEGMENTS, per_core),
+    )
     print(f"clips={n} segment_s={params.segment_s} workers={args.workers} cores={cores} repeats={args.repeats}")
     print(f"bare ffmpeg decode, {args.workers} processes: {bare_s:7.2f} s  {n / bare_s:6.2f} clips/s")
     print(f"shard job, {args.workers} workers:           {job_s:7.2f} s  {n / job_s:6.2f} clips/s")
