@@ -19,17 +19,9 @@ from typing import Any
 
 import yaml
 
+from mbt.config_cli import CommandLine, read_config, split_command_line
 from mbt.config_help import help_text
-from mbt.config_io import (
-    CommandLine,
-    ConfigError,
-    build,
-    merge,
-    plain,
-    read_config,
-    split_command_line,
-    write_yaml,
-)
+from mbt.config_io import ConfigError, build, merge, plain, write_yaml
 from mbt.model import MBTConfig
 from mbt.model_size import size_problems
 from pipelines.config import SHUFFLE_BUFFER_SAMPLES, AugmentConfig
