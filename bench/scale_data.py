@@ -88,3 +88,27 @@ def write_job_folder(
         record = {"index": k, "shard": shard, "logmel": logmel.to_dict(), "failures": []}
         record_path(folder, k).write_text(json.dumps(record, sort_keys=True))
     return folder
+
+
+def _hms(centiseconds: int) -> str:
+    seconds, cs = divmod(centiseconds, 100)
+    return f"{seconds // 3600:02d}:{seconds // 60 % 60:02d}:{seconds % 60:02d}.{cs:02d}"
+
+
+def write_custom_csv(path: Path, num_rows: int, seed: int = 0, num_classes: int = 97) -> Path:
+    """A collection's own CSV as `tools/shard_csv.py` reads it, EPIC-KITCHENS-like: `video,start,end,label,split`,
+    videos `Pxx/Pxx_nnnn.MP4` of 500 segments each, HH:MM:SS.ff times (starts increasing within a video, 2 s
+    segments), one verb label a row or (one row in five) two, split train (four rows in five) or val."""
+    rng = random.Random(seed)
+    verbs = [f"verb{i:02d}" for i in range(num_classes)]
+    with open(path, "w") as f:
+        f.write("video,start,end,label,split\n")
+        start = 0
+        for row in range(num_rows):
+            video, start = row // 500, 0 if row % 500 == 0 else start
+            start += rng.randint(10, 300)
+            labels = ";".join(rng.sample(verbs, 1 if rng.random() < 0.8 else 2))
+            split = "train" if rng.random() < 0.8 else "val"
+            name = f"P{video // 100:02d}/P{video // 100:02d}_{video:04d}.MP4"
+            f.write(f"{name},{_hms(start)},{_hms(start + 200)},{labels},{split}\n")
+    return path

@@ -200,11 +200,6 @@ def check_limit(limit: int | None) -> int | None:
     return limit
 
 
-def apply_limit(rows: list, limit: int | None) -> list:
-    """The first --limit rows."""
-    return rows if check_limit(limit) is None else rows[:limit]
-
-
 def run_tool(build_spec: Callable[[argparse.Namespace], JobSpec], args: argparse.Namespace) -> int:
     """Build the spec, run the job, print the summary; input and environment errors exit 1 with the message."""
     use_ffmpeg(args.ffmpeg)  # before the workers start: they inherit it

@@ -6,13 +6,16 @@ dot as the extension). Bad input raises `DatasetError` naming the file and line 
 it read as a bounded excerpt; lines, fields per line and rows are bounded, and class names must be printable.
 """
 
+import codecs
 import csv
+import io
 import itertools
 import os
 import re
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from shards.manifest import MAX_CLASSES, MAX_SPLIT_SAMPLES
 from shards.text import excerpt, name_problem
@@ -71,6 +74,41 @@ def read_lines(path: str | os.PathLike) -> Iterator[tuple[int, str]]:
                 if line_no > MAX_ROWS + 1:  # + 1: a header
                     raise DatasetError(f"{os.fspath(path)}: more than {MAX_ROWS} lines; split it into smaller files")
                 yield line_no, line
+    except (OSError, UnicodeDecodeError) as e:
+        raise DatasetError(f"{os.fspath(path)}: cannot read it as UTF-8 text ({e})") from e
+
+
+def line_blocks(
+    path: str | os.PathLike, block_bytes: int = 4 << 20, digest: Any = None
+) -> Iterator[tuple[int, list[str]]]:
+    """Yields (1-based number of its first line, lines without their line break) for consecutive blocks of about
+    `block_bytes` of a UTF-8 text file, the lines as `read_lines` reads them (a byte-order mark skipped, '\\r\\n' and
+    '\\r' ending lines too) and bounded as it bounds them; `digest` (if given) is updated with every byte."""
+    decoder = io.IncrementalNewlineDecoder(codecs.getincrementaldecoder("utf-8-sig")(), translate=True)
+    first, rest = 1, ""
+    try:
+        with open(path, "rb") as f:
+            while True:
+                block = f.read(block_bytes)
+                if digest is not None:
+                    digest.update(block)
+                lines = (rest + decoder.decode(block, final=not block)).split("\n")
+                rest = lines.pop() if block else ""  # a line not ended yet
+                if not block and not lines[-1]:
+                    lines.pop()  # the file ends with a line break
+                if len(rest) > MAX_LINE_CHARS or (lines and max(map(len, lines)) > MAX_LINE_CHARS):
+                    j = next((j for j, line in enumerate(lines) if len(line) > MAX_LINE_CHARS), len(lines))
+                    line = lines[j] if j < len(lines) else rest
+                    raise DatasetError(
+                        f"{os.fspath(path)}:{first + j}: a line of more than {MAX_LINE_CHARS} characters, starting "
+                        f"{excerpt(line[: MAX_LINE_CHARS + 1])}: not a CSV row or class name; is this the right file?"
+                    )
+                if first + len(lines) - 1 > MAX_ROWS + 1:  # + 1: a header
+                    raise DatasetError(f"{os.fspath(path)}: more than {MAX_ROWS} lines; split it into smaller files")
+                yield first, lines
+                first += len(lines)
+                if not block:
+                    return
     except (OSError, UnicodeDecodeError) as e:
         raise DatasetError(f"{os.fspath(path)}: cannot read it as UTF-8 text ({e})") from e
 

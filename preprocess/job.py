@@ -233,23 +233,26 @@ def run_job(spec: JobSpec) -> JobSummary:
         raise JobError(f"--job-index must be in 0..{spec.num_jobs - 1} for --num-jobs {spec.num_jobs}")
     spec.params.validate()
     check_name_templates(spec.name_templates)
+    plan = plan_shards(spec.row_source.num_rows, spec.shard_size, spec.seed)
+    mine = [k for k in range(len(plan)) if k % spec.num_jobs == spec.job_index]
+    # This part's rows (only these: its share), parsed and checked before the output folder is touched.
+    parsed = spec.row_source.select(np.concatenate([plan[k] for k in mine]) if mine else np.zeros(0, np.int64))
     with output_errors():
         spec.out_dir.mkdir(parents=True, exist_ok=True)
         claim_folder(spec.out_dir, spec.identity(), spec.num_jobs)
         with part_lock(spec.out_dir, spec.job_index, spec.num_jobs):
-            return _run_part(spec, t0)
+            return _run_part(spec, plan, mine, parsed, t0)
 
 
-def _run_part(spec: JobSpec, t0: float) -> JobSummary:
-    plan = plan_shards(spec.row_source.num_rows, spec.shard_size, spec.seed)
-    mine = [k for k in range(len(plan)) if k % spec.num_jobs == spec.job_index]
+def _run_part(
+    spec: JobSpec, plan: list[np.ndarray], mine: list[int], parsed: dict[int, ClipRow], t0: float
+) -> JobSummary:
     pending = [k for k in mine if load_record(spec.out_dir, k, plan[k].size) is None]
     if not pending and (spec.out_dir / MANIFEST_NAME).is_file():
         return _summary(spec, done_records(spec.out_dir, plan), 0, 0, t0, done=True)
     remove_stale_shard_tmp(spec.out_dir, pending)
     processed = 0
     if pending:
-        parsed = spec.row_source.select(np.concatenate([plan[k] for k in pending]))  # only this part's rows
         require_ffmpeg()
         remove_stale_scratch()
         index = VideoIndex(spec.videos_dir)

@@ -15,8 +15,8 @@ import sys
 from pathlib import Path
 
 from preprocess.class_files import LABEL_TYPES
-from preprocess.cli import add_job_arguments, apply_limit, run_tool, spec_options
-from preprocess.custom_csv import PATH_COLUMN_TEMPLATES, CsvLayout, folder_name, read_custom_csv
+from preprocess.cli import add_job_arguments, check_limit, run_tool, spec_options
+from preprocess.custom_csv import PATH_COLUMN_TEMPLATES, CsvLayout, CustomCsvRows, folder_name
 from preprocess.datasets import split_name_from_segments
 from preprocess.job import JobSpec
 from shards.layout import split_dir
@@ -41,16 +41,17 @@ def build_spec(args: argparse.Namespace) -> JobSpec:
     )
     split = args.split or split_name_from_segments(args.csv)
     folder_name(args.dataset, "--dataset")
-    table = read_custom_csv(args.csv, layout)
-    print(f"{args.csv}: {table.describe()}")
+    rows = CustomCsvRows(args.csv, layout, limit=check_limit(args.limit))  # one pass; the job parses its own rows
+    plan = rows.plan
+    print(f"{args.csv}: {plan.describe(plan.lines.size)}")
     options = spec_options(args)
-    options["full_videos"] = table.has_times  # a row's segment is a part of a whole video: seek to its start
+    options["full_videos"] = plan.has_times  # a row's segment is a part of a whole video: seek to its start
     return JobSpec(
         dataset=args.dataset,
         split=split,
-        rows=apply_limit(table.rows, args.limit),
-        classes=table.classes,
-        multi_label=table.multi_label,
+        rows=rows,
+        classes=plan.classes,
+        multi_label=plan.multi_label,
         videos_dir=args.videos,
         out_dir=args.out or split_dir(args.dataset, split),
         name_templates=args.name_template or PATH_COLUMN_TEMPLATES,
@@ -58,8 +59,8 @@ def build_spec(args: argparse.Namespace) -> JobSpec:
             "csv": Path(args.csv).name,
             "classes": args.classes and Path(args.classes).name,
             "limit": args.limit,
-            "label_type": table.label_type,
-            "videos_sha256": table.videos_sha256(),
+            "label_type": plan.label_type,
+            "csv_layout": layout.reading(),
         },
         **options,
     )

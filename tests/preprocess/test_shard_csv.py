@@ -117,7 +117,7 @@ def test_a_second_run_has_nothing_to_do_and_other_videos_are_refused(segment_sha
     assert "nothing to do" in capsys.readouterr().out
     moved = write_csv(tmp_path, "clips.csv", SEGMENTS_CSV.replace("sub/b.mp4", "b.mp4"))  # same keys, another file
     assert shard_csv.main(["--csv", str(moved), *args]) == 1
-    assert "differs in: inputs" in capsys.readouterr().err
+    assert "differs in: csv_sha256" in capsys.readouterr().err  # the rows are the CSV's, by its sha256
 
 
 def test_the_torch_loader_reads_the_shards(segment_shards):
