@@ -41,14 +41,14 @@ def main(argv: list[str] | None = None) -> int:
     scratch = Path(tempfile.mkdtemp(prefix="bench_scale_", dir=args.scratch))
     runs = []
     try:
-        print(f"{'stage':<9} {'clips':>6} {'seconds':>8} {'peak MB':>8} {'stage MB':>9}")
+        print(f"{'stage':<15} {'clips':>6} {'seconds':>8} {'peak MB':>8} {'stage MB':>9}")
         for size in args.sizes:
             folder = scratch / fmt_size(size)
             prepare(folder, size, stages, args.frames)
             for stage in stages:
                 run = measure(stage, folder, size)
                 runs.append(run)
-                print(f"{stage:<9} {fmt_size(size):>6} {run.seconds:>8.3f} {run.peak_mb:>8.0f} {run.stage_mb:>9.1f}")
+                print(f"{stage:<15} {fmt_size(size):>6} {run.seconds:>8.3f} {run.peak_mb:>8.0f} {run.stage_mb:>9.1f}")
             shutil.rmtree(folder)
         print(f"growth exponents (log-log slope vs clips; goal <= {GOAL_EXPONENT}):")
         for stage, (time_exp, mem_exp) in exponents(runs).items():
