@@ -104,7 +104,8 @@ def read_whole(path: Path, layout: CsvLayout) -> list[ClipRow]:
     label_type = choose_label_type(layout.label_type, [x for row in labels for x in row], given_classes)
     classes = given_classes or collect_classes(zip([s for s, _ in body], labels, strict=True), label_type, str(path))
     multi_label = any(len(row) > 1 for row in labels) if layout.multi_label is None else layout.multi_label
-    if layout.multi_label is False and (several := next((s for (s, _), x in zip(body, labels) if len(x) > 1), None)):
+    several = next((source for (source, _), x in zip(body, labels, strict=True) if len(x) > 1), None)
+    if layout.multi_label is False and several:
         raise DatasetError(f"{several}: several")
     chosen = [(s, f, x) for (s, f), x in zip(body, labels, strict=True) if f[columns.split] == layout.split]
     if not chosen:
@@ -148,7 +149,8 @@ def collection_csvs(draw) -> str:
         end = start + draw(st.integers(1, 3000))
         as_hms = draw(st.booleans())
         times = f"{hms(start)},{hms(end)}" if as_hms else f"{start / 100},{end / 100}"
-        labels = ";".join(draw(st.lists(st.sampled_from(["dog", "cat", "bird", " cow "]), min_size=max_labels % 2, max_size=max_labels)))
+        names = st.sampled_from(["dog", "cat", "bird", " cow "])
+        labels = ";".join(draw(st.lists(names, min_size=max_labels % 2, max_size=max_labels)))
         labels = f'"{labels}"' if draw(st.booleans()) else labels
         lines.append(f"{video},{times},{labels},{draw(st.sampled_from(['train', 'train', 'val']))}")
         if draw(st.integers(0, 9)) == 0:
