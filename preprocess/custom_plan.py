@@ -4,16 +4,19 @@ how labels are written (names or indices), single- or multi-label (stated, or de
 rows (its split column), and the rows dropped for unknown labels. The rows themselves are parsed and checked (times,
 video, key) only when a job selects them (`preprocess.custom_csv.CustomCsvRows`).
 
-The pass parses each block of lines with one C-level `csv.reader` and falls back to `parse_csv_line` line by line
-(the rows `csv_rows` yields, with its messages) from any line that reader would join to the next or refuses; it
-remembers the labels of up to CELLS_CACHED distinct label cells, which a CSV repeats row after row. Bad input
-raises `DatasetError` naming file:line and saying what to do, as `preprocess.custom_csv.read_custom_csv` documents.
+The pass parses each block of lines with one C-level `csv.reader` (no Python step per line for a block without
+quotes or blank lines) and falls back to `parse_csv_line` line by line (the rows `csv_rows` yields, with its
+messages) from any line that reader would join to the next or refuses; it remembers the labels of up to CELLS_CACHED
+distinct label cells and whether each split cell is the one wanted, which a CSV repeats row after row. Its cost at
+2M rows: about 1.6 s of CPU (docs/PERFORMANCE.md). Bad input raises `DatasetError` naming file:line and saying what
+to do, as `preprocess.custom_csv.read_custom_csv` documents.
 """
 
 from __future__ import annotations
 
 import csv
 import hashlib
+import itertools
 import os
 from array import array
 from collections.abc import Iterable, Iterator
@@ -34,9 +37,8 @@ from preprocess.datasets import MAX_FIELDS, DatasetError, line_blocks, parse_csv
 from shards.text import excerpt
 
 BLOCK_BYTES = 1 << 20  # read and parsed at a time
-CELLS_CACHED = (
-    1 << 16
-)  # distinct label and split cells remembered: a CSV repeats its classes, their combinations, splits
+# Distinct label and split cells remembered: a CSV repeats its classes (or their combinations) and its splits.
+CELLS_CACHED = 1 << 16
 
 
 @dataclass
@@ -79,24 +81,39 @@ class CustomCsvPlan:
 def csv_records(path: str | os.PathLike, digest: Any = None) -> Iterator[tuple[int, list[str]]]:
     """(line number, fields) of each non-blank line, the header included, as `csv_rows` parses them (its errors
     too) except that the fields are not stripped: strip the ones you read. `digest` (if given) is updated with every
-    byte. Each block of lines is parsed by one C-level reader, and line by line from any line that reader joins to
-    the next (a quote left open) or refuses."""
-    where = os.fspath(path)
-    for first, lines in line_blocks(path, BLOCK_BYTES, digest):
-        reader = csv.reader(lines, skipinitialspace=True, strict=True)
-        done = 0  # lines read, each one record
-        try:
-            for fields in reader:
-                if reader.line_num != done + 1 or len(fields) > MAX_FIELDS:
-                    break
-                done += 1
-                if len(fields) > 1 or lines[done - 1].strip():
-                    yield first + done - 1, fields
-        except csv.Error:
-            pass
-        for j in range(done, len(lines)):
-            if lines[j].strip():
-                yield first + j, parse_csv_line(f"{where}:{first + j}", lines[j])
+    byte."""
+    return itertools.chain.from_iterable(
+        _block_records(os.fspath(path), first, lines) for first, lines in line_blocks(path, BLOCK_BYTES, digest)
+    )
+
+
+def _block_records(where: str, first: int, lines: list[str]) -> Iterator[tuple[int, list[str]]]:
+    """The records of a block of lines starting at line `first`. A block without quotes, blank lines or lines of
+    MAX_FIELDS characters (a line can hold no more fields) is one record a line, parsed by one C-level reader with
+    no Python step per line; any other block is parsed as `_careful_records` parses it."""
+    plain = all(map(str.strip, lines)) and max(map(len, lines), default=0) < MAX_FIELDS
+    if not plain or '"' in "\n".join(lines):
+        return _careful_records(where, first, lines)
+    return enumerate(csv.reader(lines, skipinitialspace=True, strict=True), first)
+
+
+def _careful_records(where: str, first: int, lines: list[str]) -> Iterator[tuple[int, list[str]]]:
+    """The block's records parsed by one C-level reader, and line by line from any line that reader joins to the
+    next (a quote left open) or refuses."""
+    reader = csv.reader(lines, skipinitialspace=True, strict=True)
+    done = 0  # lines read, each one record
+    try:
+        for fields in reader:
+            if reader.line_num != done + 1 or len(fields) > MAX_FIELDS:
+                break
+            done += 1
+            if len(fields) > 1 or lines[done - 1].strip():
+                yield first + done - 1, fields
+    except csv.Error:
+        pass
+    for j in range(done, len(lines)):
+        if lines[j].strip():
+            yield first + j, parse_csv_line(f"{where}:{first + j}", lines[j])
 
 
 @dataclass
