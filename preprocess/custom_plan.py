@@ -202,16 +202,19 @@ def plan_custom_csv(path: str | os.PathLike, layout: CsvLayout) -> CustomCsvPlan
             path, lines, layout, columns, index_of, label_type, classes_from, multi_label
         )
     elif seen.unlabelled is not None and not multi_label:
-        raise DatasetError(
-            f"{seen.unlabelled}: no label; a single-label collection needs one per row (pass --multi-label if rows "
-            "may have none)"
-        )
+        raise _no_label(seen.unlabelled)
     if not lines.size:
         raise DatasetError(f"{where}: no rows left to shard (all dropped)")
     return CustomCsvPlan(
         where, layout, columns, classes, classes_from, label_type, multi_label, label_mode, seen.num_rows, lines,
         dropped, digest.hexdigest(),
     )  # fmt: skip
+
+
+def _no_label(source: str) -> DatasetError:
+    return DatasetError(
+        f"{source}: no label; a single-label collection needs one per row (pass --multi-label if rows may have none)"
+    )
 
 
 def _label_mode(several: tuple[str, tuple[str, ...]] | None, stated: bool | None, label_type: str) -> tuple[bool, str]:
@@ -279,10 +282,7 @@ def _without_unknown_labels(
             )
         if not multi_label and len(unknown) == len(labels):  # no known label left
             if not unknown:
-                raise DatasetError(
-                    f"{source}: no label; a single-label collection needs one per row (pass --multi-label if rows "
-                    "may have none)"
-                )
+                raise _no_label(source)
             keep[i] = False
             dropped.append(source)
         i += 1

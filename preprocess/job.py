@@ -225,7 +225,8 @@ def _summary(
 
 def run_job(spec: JobSpec) -> JobSummary:
     """Shard this job's part of `spec.rows` into `spec.out_dir`, resuming whatever an earlier run left; the job
-    that completes the split's last part writes the manifest."""
+    that completes the split's last part writes the manifest. The part's rows are parsed and checked first: a bad
+    row (DatasetError) stops the job before it creates or changes anything in the folder."""
     t0 = time.monotonic()
     if not spec.row_source.num_rows:
         raise JobError(f"no rows to shard for {spec.dataset}/{spec.split}; check the CSV and --split/--limit")

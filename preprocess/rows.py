@@ -44,7 +44,7 @@ class RowSource(Protocol):
 
 
 class ListRows:
-    """Rows already in memory (VGGSound's reader, tools/shard_csv.py, tests)."""
+    """Rows already in memory (tests, and callers of the whole-file readers)."""
 
     def __init__(self, rows: Sequence[ClipRow]) -> None:
         self.rows = list(rows)
