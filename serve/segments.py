@@ -12,7 +12,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from preprocess.custom_csv import parse_time
+from preprocess.custom_fields import parse_time
 from preprocess.datasets import ClipRow, DatasetError, csv_rows
 from preprocess.videos import VideoIndex
 from shards.text import excerpt

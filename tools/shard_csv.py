@@ -16,7 +16,8 @@ from pathlib import Path
 
 from preprocess.class_files import LABEL_TYPES
 from preprocess.cli import add_job_arguments, check_limit, run_tool, spec_options
-from preprocess.custom_csv import PATH_COLUMN_TEMPLATES, CsvLayout, CustomCsvRows, folder_name
+from preprocess.custom_csv import CustomCsvRows
+from preprocess.custom_fields import PATH_COLUMN_TEMPLATES, CsvLayout, folder_name
 from preprocess.datasets import split_name_from_segments
 from preprocess.job import JobSpec
 from shards.layout import split_dir
