@@ -8,8 +8,9 @@ import pytest
 from conftest import load_tool
 
 from bench.scale import growth_exponent, measure, prepare
-from bench.scale_data import write_class_csv, write_job_folder, write_segments_csv
+from bench.scale_data import write_class_csv, write_custom_csv, write_job_folder, write_segments_csv
 from pipelines.sources import SplitIndex
+from preprocess.custom_csv import CsvLayout, read_custom_csv
 from preprocess.datasets import read_audioset_classes, read_audioset_segments
 from preprocess.job_merge import merge
 
@@ -27,6 +28,9 @@ def test_synthetic_inputs_are_what_the_readers_accept(tmp_path):
     classes = read_audioset_classes(write_class_csv(tmp_path / "class_labels_indices.csv"))
     rows = read_audioset_segments(write_segments_csv(tmp_path / "segments.csv", 300), [mid for mid, _ in classes])
     assert len(classes) == 527 and len(rows) == 300 and all(1 <= len(r.labels) <= 4 for r in rows)
+    custom = read_custom_csv(write_custom_csv(tmp_path / "custom.csv", 1000), CsvLayout(split="train"))
+    assert 700 < len(custom.rows) < 900 and custom.multi_label and len(custom.classes) == 97
+    assert custom.rows[0].key == "P00_0000_" + str(round(custom.rows[0].start_s * 1000))
     folder = write_job_folder(tmp_path / "train", 1100, shard_size=512, num_jobs=1000)
     manifest, pending = merge(folder)
     assert manifest is not None and manifest.num_samples == 1100 and len(manifest.shards) == 3 and not pending.count
@@ -36,8 +40,9 @@ def test_synthetic_inputs_are_what_the_readers_accept(tmp_path):
 
 def test_a_stage_is_measured_alone(tmp_path):
     prepare(tmp_path, 2000)
-    run = measure("csv_plan", tmp_path, 2000)
-    assert run.seconds > 0 and run.peak_mb > run.stage_mb >= 0
+    for stage in ("csv_plan", "csv_custom_plan"):
+        run = measure(stage, tmp_path, 2000)
+        assert run.seconds > 0 and run.peak_mb > run.stage_mb >= 0
     prepare(tmp_path / "w", 2000, ("worker",))
     worker = measure("worker", tmp_path / "w", 2000)  # a forked child's copied pages, not the parent's peak
     assert worker.seconds > 0 and 0 <= worker.stage_mb < worker.peak_mb
