@@ -8,7 +8,7 @@ import signal
 from pathlib import Path
 
 import pytest
-from test_evaluate import checkpoint, cli_args  # noqa: F401 (the fixture)
+from test_evaluate import cli_args, save_checkpoint
 from test_train import train_args
 
 import mbt.evaluate
@@ -45,9 +45,19 @@ def test_a_signal_while_the_run_starts_is_one_line(
     assert not (tmp_path / "run" / "checkpoints").exists()
 
 
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return save_checkpoint(tmp_path_factory.mktemp("ckpt") / "tiny.pt")
+
+
 @pytest.mark.parametrize("signum", SIGNALS, ids=["SIGINT", "SIGTERM"])
 def test_a_signal_while_evaluating_is_one_line(
-    signum: int, checkpoint: Path, eval_shards: Path, tmp_path: Path, monkeypatch, capsys  # noqa: F811
+    signum: int,
+    checkpoint: Path,
+    eval_shards: Path,
+    tmp_path: Path,
+    monkeypatch,
+    capsys,
 ) -> None:
     monkeypatch.setattr(mbt.evaluate, "evaluate_split", signalled(signum))
     code = mbt.evaluate.main(cli_args(checkpoint, eval_shards, tmp_path / "eval"))
@@ -59,8 +69,7 @@ def test_a_signal_while_evaluating_is_one_line(
 
 def test_raising_signals_raises_where_the_signal_lands_and_restores_the_handlers() -> None:
     before = {s: signal.getsignal(s) for s in SIGNALS}
-    with pytest.raises(SignalStop) as stopped:
-        with raising_signals():
-            signal.raise_signal(signal.SIGTERM)
+    with pytest.raises(SignalStop) as stopped, raising_signals():
+        signal.raise_signal(signal.SIGTERM)
     assert stopped.value.signum == signal.SIGTERM and stopped.value.exit_status == 143
     assert {s: signal.getsignal(s) for s in SIGNALS} == before
