@@ -14,6 +14,7 @@ from shards.manifest import load_manifest
 bench_train = load_tool("bench_train")
 
 
+@pytest.mark.slow  # trains for the benchmark: ~15 s
 def test_bench_train_prints_the_ratio(train_shards: Path, capsys: pytest.CaptureFixture[str]) -> None:
     args = ["--size", "tiny", "--steps", "2", "--warmup", "1", "--blocks", "2", "--batch", "2", "--crop", "64"]
     args += ["--workers", "1", "--device", "cpu", "--loader", "torch", "--shards", str(train_shards)]

@@ -61,6 +61,7 @@ def test_the_shard_job_stores_25_frames_per_second(shards_25fps):
         assert real_frames(sample.logmel) == meta["fbank_frames_computed"] == 198 and meta["fbank_pad_frames"] == 2
 
 
+@pytest.mark.slow  # shards made by ffmpeg at 25 fps, both loaders: ~15 s
 def test_consecutive_clips_of_25_fps_shards_in_both_loaders(shards_25fps):
     split = open_split(shards_25fps)
     want = rows_by_key(build_loader(split, False, 4, loader="torch", num_workers=0, augment=CLIP))
