@@ -1,15 +1,20 @@
 """The shard job against bare ffmpeg decoding of the same clips (`tools/bench_preprocess.py`): the decode floor,
-the whole job with W workers, with one, and as two partitioned jobs, each run interleaved and the fastest kept; the
+the whole job with W workers, with one, and as two partitioned jobs, each run interleaved and the fastest kept, in
+wall time and in CPU time (which a loaded machine inflates far less); the job's start-up on its own; the
 core-hours of the full datasets at a measured rate; and what the stored frame rate costs in bytes and job speed."""
 
 from __future__ import annotations
 
-import multiprocessing
+import os
+import resource
 import shutil
 import subprocess
+import sys
 import tempfile
 import time
+import traceback
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -26,38 +31,78 @@ AUDIOSET_2M_SEGMENTS = 2_041_789  # unbalanced_train_segments.csv
 VGGSOUND_SEGMENTS = 200_000  # about: vggsound.csv lists ~200k clips
 
 
-def bare_decode_seconds(paths: list[Path], segment_s: float, params: FeatureParams, workers: int) -> float:
-    """Wall time of decoding every clip with ffmpeg (outputs discarded), `workers` ffmpeg processes at once."""
+@dataclass(frozen=True)
+class Cost:
+    """What a run took: wall seconds, and CPU seconds (user + system) of every process it ran."""
+
+    wall_s: float
+    cpu_s: float
+
+
+def _children_cpu_s() -> float:
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return usage.ru_utime + usage.ru_stime
+
+
+def bare_decode_cost(paths: list[Path], segment_s: float, params: FeatureParams, workers: int) -> Cost:
+    """Decoding every clip with ffmpeg (outputs discarded), `workers` ffmpeg processes at once."""
 
     def decode(path: Path) -> None:
         subprocess.run(decode_command(path, 0.0, segment_s, params, "", null_outputs=True), capture_output=True)
 
-    start = time.perf_counter()
+    start, cpu_start = time.perf_counter(), _children_cpu_s()
     with ThreadPoolExecutor(workers) as pool:  # each thread only waits on its ffmpeg process
         list(pool.map(decode, paths))
-    return time.perf_counter() - start
+    return Cost(time.perf_counter() - start, _children_cpu_s() - cpu_start)
 
 
-def job_seconds(spec_kwargs: dict[str, Any], workers: int, scratch: Path, num_jobs: int = 1) -> float:
-    """Wall time of the whole shard job into a fresh folder: `num_jobs` partitioned jobs at once (as a job
-    array would run them), each with `workers` workers, until the last one has merged the manifest."""
+def run_jobs_forked(specs: list[JobSpec]) -> Cost:
+    """Run each of `specs` in a process of its own forked from this one, all at once, until the last has merged
+    the manifest: wall time, and the CPU time of the jobs, their workers and their ffmpeg runs (`os.wait4`).
+
+    A forked job starts from this process's imports, so it pays its own start-up (torch, imported by a job that has
+    clips to decode) only where this process has not imported torch: RuntimeError if it has.
+    """
+    if "torch" in sys.modules:
+        raise RuntimeError("torch is imported in the benchmark's process: a forked job would not pay its own import")
+    sys.stdout.flush()
+    sys.stderr.flush()
+    start = time.perf_counter()
+    pids = []
+    for spec in specs:
+        pid = os.fork()
+        if pid == 0:  # the job's process; never returns
+            code = 1
+            try:
+                run_job(spec)
+                code = 0
+            except BaseException:
+                traceback.print_exc()
+            finally:
+                os._exit(code)
+        pids.append(pid)
+    cpu_s, failed = 0.0, 0
+    for pid in pids:
+        _, status, usage = os.wait4(pid, 0)
+        cpu_s += usage.ru_utime + usage.ru_stime
+        failed += os.waitstatus_to_exitcode(status) != 0
+    wall_s = time.perf_counter() - start
+    if failed:
+        raise RuntimeError(f"{failed} of {len(specs)} shard jobs failed (their tracebacks are above)")
+    return Cost(wall_s, cpu_s)
+
+
+def job_cost(spec_kwargs: dict[str, Any], workers: int, scratch: Path, num_jobs: int = 1) -> Cost:
+    """The whole shard job into a fresh folder: `num_jobs` partitioned jobs at once (as a job array would run
+    them), each with `workers` workers, each a process of its own (`run_jobs_forked`)."""
     out = Path(tempfile.mkdtemp(dir=scratch))
     specs = [JobSpec(out_dir=out, workers=workers, progress=False, num_jobs=num_jobs, job_index=i, **spec_kwargs)
              for i in range(num_jobs)]  # fmt: skip
-    start = time.perf_counter()
-    if num_jobs == 1:
-        run_job(specs[0])
-    else:
-        jobs = [multiprocessing.get_context("fork").Process(target=run_job, args=(spec,)) for spec in specs]
-        for job in jobs:
-            job.start()
-        for job in jobs:
-            job.join()
-        if any(job.exitcode for job in jobs) or not (out / "manifest.json").is_file():
-            raise RuntimeError("a partitioned job failed")
-    seconds = time.perf_counter() - start
+    cost = run_jobs_forked(specs)
+    if not (out / "manifest.json").is_file():
+        raise RuntimeError(f"the shard job left no manifest in {out}")
     shutil.rmtree(out)
-    return seconds
+    return cost
 
 
 def frame_rate_costs(data: Path, rates: list[float], workers: int, clips: int) -> list[dict[str, float]]:
@@ -73,9 +118,7 @@ def frame_rate_costs(data: Path, rates: list[float], workers: int, clips: int) -
             out_dir=out, classes=[{"index": i, "id": n, "name": n} for i, n in enumerate(PHOTOS)],
             name_templates=AUDIOSET_NAME_TEMPLATES, params=params, shard_size=clips, workers=workers, progress=False,
         )  # fmt: skip
-        start = time.perf_counter()
-        run_job(spec)
-        seconds = time.perf_counter() - start
+        seconds = run_jobs_forked([spec]).wall_s
         manifest = load_manifest(out)
         total = sum(shard.bytes for shard in manifest.shards) / manifest.num_samples
         frames = sum(len(m) for shard in manifest.shards for _, sample in iter_tar_samples(out / shard.name)
@@ -103,23 +146,29 @@ def job_inputs(
     return [index.find(row, AUDIOSET_NAME_TEMPLATES) for row in rows], spec
 
 
-def job_against_ffmpeg(paths: list[Path], spec: dict[str, Any], workers: int, repeats: int) -> dict[str, float]:
-    """The fastest of `repeats` runs, in seconds, of bare ffmpeg decoding of `paths` with `workers` processes
-    (bare), the shard job of `spec` with `workers` workers (job) and one (job_1w), and two partitioned jobs of one
-    worker each (jobs_2); the runs interleaved, so that drift in the machine's speed hits all alike."""
+def job_against_ffmpeg(paths: list[Path], spec: dict[str, Any], workers: int, repeats: int) -> dict[str, Cost]:
+    """The fastest of `repeats` runs (wall and CPU time each at its least) of bare ffmpeg decoding of `paths` with
+    `workers` processes (bare), the shard job of `spec` with `workers` workers (job) and one (job_1w), two
+    partitioned jobs of one worker each (jobs_2), and the job's start-up (start: the job of `spec` with `workers`
+    workers over a folder without its videos, so that each clip is a missing file: the workers started, torch
+    imported, the shards' records and the manifest written, nothing decoded); the runs interleaved, so that drift in
+    the machine's speed hits all alike."""
     params = spec["params"]
     scratch = Path(tempfile.mkdtemp(prefix="mbt-bench-"))
+    no_videos = {**spec, "videos_dir": scratch / "no-videos"}
+    no_videos["videos_dir"].mkdir()
     try:
-        bare_decode_seconds(paths[:2], params.segment_s, params, workers)  # warm the page cache
-        runs: dict[str, list[float]] = {"bare": [], "job": [], "job_1w": [], "jobs_2": []}
+        bare_decode_cost(paths[:2], params.segment_s, params, workers)  # warm the page cache
+        runs: dict[str, list[Cost]] = {"bare": [], "job": [], "job_1w": [], "jobs_2": [], "start": []}
         for _ in range(repeats):
-            runs["bare"].append(bare_decode_seconds(paths, params.segment_s, params, workers))
-            runs["job"].append(job_seconds(spec, workers, scratch))
-            runs["job_1w"].append(job_seconds(spec, 1, scratch))
-            runs["jobs_2"].append(job_seconds(spec, 1, scratch, num_jobs=2))
+            runs["bare"].append(bare_decode_cost(paths, params.segment_s, params, workers))
+            runs["job"].append(job_cost(spec, workers, scratch))
+            runs["job_1w"].append(job_cost(spec, 1, scratch))
+            runs["jobs_2"].append(job_cost(spec, 1, scratch, num_jobs=2))
+            runs["start"].append(job_cost(no_videos, workers, scratch))
     finally:
         shutil.rmtree(scratch)
-    return {name: min(seconds) for name, seconds in runs.items()}
+    return {name: Cost(min(c.wall_s for c in costs), min(c.cpu_s for c in costs)) for name, costs in runs.items()}
 
 
 def projected_core_hours(clips_per_s_per_core: float) -> dict[str, float]:

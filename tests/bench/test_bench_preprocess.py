@@ -1,12 +1,18 @@
-"""`bench.preprocess`: the shard job's inputs read from the demo's AudioSet-layout CSVs, and the core-hours
-projection of tools/bench_preprocess.py."""
+"""`bench.preprocess`: the shard job's inputs read from the demo's AudioSet-layout CSVs, the CPU time of the jobs it
+runs, and the core-hours projection of tools/bench_preprocess.py."""
 
 from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 from conftest import DEMO_SECONDS
 
-from bench.preprocess import AUDIOSET_2M_SEGMENTS, VGGSOUND_SEGMENTS, job_inputs, projected_core_hours
+from bench.preprocess import AUDIOSET_2M_SEGMENTS, VGGSOUND_SEGMENTS, job_inputs, projected_core_hours, run_jobs_forked
 from experiments.demo_data import DemoDataset
 from shards.schema import FeatureParams
 
@@ -24,3 +30,39 @@ def test_projected_core_hours() -> None:
     hours = projected_core_hours(2.0)
     assert hours["audioset"] == pytest.approx(AUDIOSET_2M_SEGMENTS / 2.0 / 3600)
     assert hours["vggsound"] == pytest.approx(VGGSOUND_SEGMENTS / 2.0 / 3600)
+
+
+def test_forked_jobs_are_refused_where_torch_is_imported() -> None:
+    import torch  # noqa: F401  (a forked job would inherit it and not pay its own import)
+
+    with pytest.raises(RuntimeError, match="torch is imported"):
+        run_jobs_forked([])
+
+
+# In a fresh interpreter (pytest's has torch): the CPU of bare decoding, of the job and of its start-up alone.
+MEASURE_COSTS = """
+import json, sys
+from dataclasses import asdict
+from pathlib import Path
+from bench.preprocess import bare_decode_cost, job_cost, job_inputs
+from shards.schema import FeatureParams
+labels, videos, train, scratch = (Path(a) for a in sys.argv[1:5])
+params = FeatureParams(segment_s=float(sys.argv[5]), num_frames=8)
+paths, spec = job_inputs(labels, videos, [train], params)
+(scratch / "none").mkdir()
+costs = {"bare": bare_decode_cost(paths, params.segment_s, params, 1), "job": job_cost(spec, 1, scratch),
+         "start": job_cost({**spec, "videos_dir": scratch / "none"}, 1, scratch)}
+print(json.dumps({name: asdict(cost) for name, cost in costs.items()}))
+"""
+
+
+@pytest.mark.slow
+def test_job_cpu_holds_its_ffmpeg_runs(demo: DemoDataset, tmp_path: Path) -> None:
+    args = [str(demo.class_labels_csv), str(demo.videos_dir), str(demo.train_csv), str(tmp_path), str(DEMO_SECONDS)]
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).parents[2])}
+    run = subprocess.run([sys.executable, "-c", MEASURE_COSTS, *args], capture_output=True, text=True, env=env)
+    assert run.returncode == 0, run.stderr
+    costs = json.loads(run.stdout)
+    assert all(cost["wall_s"] > 0 and cost["cpu_s"] > 0 for cost in costs.values())
+    # the decoding is the job's, less its start-up: its workers' ffmpeg runs are counted (by os.wait4)
+    assert costs["job"]["cpu_s"] - costs["start"]["cpu_s"] > 0.5 * costs["bare"]["cpu_s"]
