@@ -1,10 +1,11 @@
 """The offline stage's cost for a dataset, projected from measured rates (`tools/offline_cost.py`).
 
 A record (docs/offline_cost.json) holds what one run measured on one machine, per stored frame rate: the shard job's
-clips/s per core, the bytes a clip writes (its tar members and its `.idx` lines) and `verify_shards`' bytes/s on one
-core; with the machine, the date, its load and the command. `project` turns a record into each dataset's cost under
-the shard tools' own defaults (shard size from their options, jobs from the launch files or a plain run): shard-job
-and verify core-hours, bytes and files written, shards. `measure` makes a record with
+steady-state clips per CPU-second and its start-up's CPU seconds, the bytes a clip writes (its tar members and its
+`.idx` lines) and `verify_shards`' bytes/s on one core; with the machine, the date, its load and the command.
+`project` turns a record into each dataset's cost under the shard tools' own defaults (shard size from their
+options, jobs from the launch files or a plain run): shard-job core-hours (each job's clips at the steady rate, and
+its start-up once), verify core-hours, bytes and files written, shards. `measure` makes a record with
 `bench.preprocess.frame_rate_costs` (the job on photo-like 10 s clips) and `bench.scale.verify_rate`.
 Every shard is assumed full (no clip fails): the cost of the whole split, an upper bound.
 """
@@ -27,7 +28,7 @@ from preprocess.job_state import JOB_FILE, JOB_LOCK, PARTITION_FILE, STATE_DIR, 
 from shards.atomic import read_small_file, write_bytes_atomic
 from shards.schema import FAILURES_NAME, MANIFEST_NAME, MAX_FRAMES, FeatureParams
 
-RECORD_VERSION = 1
+RECORD_VERSION = 2  # 1: clips/s per core in wall time, the workers started with torch imported
 RECORD_MAX_BYTES = 1 << 20
 AUDIOSET_2M_SEGMENTS = 2_041_789  # unbalanced_train_segments.csv
 AUDIOSET_EVAL_SEGMENTS = 20_383  # eval_segments.csv
@@ -49,7 +50,8 @@ class Rate:
     """What the offline stage costs per clip at one stored frame rate, as measured."""
 
     fps: float
-    clips_per_s_per_core: float  # the shard job
+    clips_per_s_per_core: float  # the shard job once started: clips per CPU-second (`steady_cpu_s_per_clip`)
+    job_start_cpu_s: float  # the shard job's start-up, CPU seconds, paid once a job
     tar_bytes_per_clip: float
     idx_bytes_per_clip: float
     verify_bytes_per_s_per_core: float  # verify_shards with JPEG decoding, of tar bytes
@@ -173,7 +175,8 @@ def cost(dataset: Dataset, rate: Rate, shard_size: int) -> Cost:
         shards=files["tar"],
         files=sum(files.values()),
         bytes_written=dataset.segments * (rate.tar_bytes_per_clip + rate.idx_bytes_per_clip),
-        job_core_hours=core_hours(dataset.segments, rate.clips_per_s_per_core),
+        job_core_hours=core_hours(dataset.segments, rate.clips_per_s_per_core)
+        + dataset.num_jobs * rate.job_start_cpu_s / 3600,
         verify_core_hours=dataset.segments * rate.tar_bytes_per_clip / rate.verify_bytes_per_s_per_core / 3600,
     )
 
@@ -204,18 +207,23 @@ def measure(
     data: Path, rates: tuple[float, ...], clips: int, workers: int, repeats: int, verify_clips: int, command: str
 ) -> Record:
     """A record measured here: at each frame rate, the shard job over `clips` photo-like clips with `workers`
-    workers (the fastest of `repeats` runs) and verify_shards over `verify_clips` clips on one core. The job's
-    workers start with torch imported: its import (seconds, once per job: a job of the AudioSet-2M array shards
-    20,000 clips) would weigh on a rate measured over a few clips as it does not on a real job's."""
-    import torch  # noqa: F401  (the job's workers, forked from here, inherit it)
-
+    workers and verify_shards over `verify_clips` clips on one core. The job's rate is its steady state: clips per
+    CPU-second of the whole job (its process, its workers, their ffmpeg runs) less its start-up's, which is measured
+    apart (the same job over no videos) and recorded, since a job pays it once whatever its size
+    (`bench.preprocess.frame_rate_costs`, each job a process of its own, the fastest of `repeats` runs). CPU time,
+    not wall time: the cores a job keeps busy, which a machine shared with other jobs inflates far less; a job
+    whose cores wait (on storage, or on one last clip) is billed more. RecordError where a rate is not positive
+    (too few clips to tell the job from its start-up)."""
     from bench.preprocess import frame_rate_costs
-    from bench.scale import verify_rate
 
     load_before = os.getloadavg()[0]
     started = time.strftime("%Y-%m-%dT%H:%MZ", time.gmtime())
     jobs = frame_rate_costs(data, list(rates), workers, clips, repeats)
-    cores = min(workers, len(os.sched_getaffinity(0)))
+    bad = [job["fps"] for job in jobs if job["cpu_s_per_clip"] <= 0]
+    if bad:
+        raise RecordError(f"the job's CPU less its start-up is not positive at {bad} frames/s: measure more --clips")
+    from bench.scale import verify_rate  # after the jobs, which must fork from a process without torch
+
     measured = []
     for job in jobs:
         features = FeatureParams(num_frames=job["frames"])
@@ -223,7 +231,8 @@ def measure(
         measured.append(
             Rate(
                 fps=job["fps"],
-                clips_per_s_per_core=job["clips_per_s"] / cores,
+                clips_per_s_per_core=1 / job["cpu_s_per_clip"],
+                job_start_cpu_s=job["start_cpu_s"],
                 tar_bytes_per_clip=job["bytes_per_clip"],
                 idx_bytes_per_clip=job["idx_bytes_per_clip"],
                 verify_bytes_per_s_per_core=verify["bytes_per_s"],
@@ -232,10 +241,10 @@ def measure(
     load = (load_before, os.getloadavg()[0])
     note = (
         f"{clips} clips of 10 s, 480x360 25 fps H.264 + AAC panning over a photograph with film grain "
-        f"(bench.photo_clips), {workers} workers started with torch imported, fastest of {repeats}; verify over "
-        f"{verify_clips} photo-like clips "
+        f"(bench.photo_clips), {workers} workers, each job a process of its own: its clips per CPU-second less its "
+        f"start-up (the same job over no videos), fastest of {repeats}; verify over {verify_clips} photo-like clips "
         f"on one core. The machine is shared with other jobs (1-minute load average {load[0]:.1f} before, "
-        f"{load[1]:.1f} after): rates are lower than an idle core's"
+        f"{load[1]:.1f} after): verify's wall-time rate is lower than an idle core's"
     )
     return Record(machine(), started, command, (round(load[0], 2), round(load[1], 2)), note, tuple(measured))
 

@@ -57,12 +57,13 @@ def report(record: Record, costs: list[Cost], shard_size: int) -> str:
         f"measured: {measured_on(record)}",
         f"command: {record.command}",
         "",
-        "| frames/s | shard job clips/s per core | bytes per clip (tar + .idx) | verify_shards MB/s per core |",
-        "|---|---|---|---|",
+        "| frames/s | shard job clips per CPU-second, started | its start-up, CPU s once a job | "
+        "bytes per clip (tar + .idx) | verify_shards MB/s per core |",
+        "|---|---|---|---|---|",
     ]
     for rate in record.rates:
         lines.append(
-            f"| {fmt_fps(rate.fps)} | {rate.clips_per_s_per_core:.2f} | "
+            f"| {fmt_fps(rate.fps)} | {rate.clips_per_s_per_core:.2f} | {rate.job_start_cpu_s:.2f} | "
             f"{fmt_bytes(rate.tar_bytes_per_clip)} + {rate.idx_bytes_per_clip:,.0f} B | "
             f"{rate.verify_bytes_per_s_per_core / 1e6:.1f} |"
         )

@@ -42,7 +42,7 @@ def compute_logmel(waveform: np.ndarray, params: FeatureParams) -> Logmel:
     target = params.fbank_frames
     window = round(params.sample_rate_hz * params.frame_length_ms / 1000)
     if waveform.size >= window:
-        import torch  # here: the shard job's parent plans and writes shards without torch's ~500 MB and seconds
+        import torch  # here: the shard job plans without torch's ~500 MB and seconds (preprocess.job)
         import torchaudio
 
         wav = torch.from_numpy(np.array(waveform, dtype=np.float32))[None]  # a writable copy

@@ -4,11 +4,13 @@ really writes, the record's checks, and README's sizing table against what the c
 from __future__ import annotations
 
 import json
+import os
 import re
+import subprocess
 from pathlib import Path
 
 import pytest
-from conftest import REPO, audioset_args, load_tool
+from conftest import REPO, audioset_args, load_tool, tool_command
 
 from bench.offline_cost import (
     AUDIOSET_2M_SEGMENTS,
@@ -29,10 +31,11 @@ from bench.offline_cost import (
 from bench.offline_cost_table import README_BEGIN, README_END, MarkerError, readme_table, report, with_table
 from experiments.demo_data import DemoDataset
 
-RATE = Rate(fps=2.0, clips_per_s_per_core=2.0, tar_bytes_per_clip=750_000.0, idx_bytes_per_clip=1_000.0,
-            verify_bytes_per_s_per_core=35e6)  # fmt: skip
+# a start-up of 36 s of CPU: 100 jobs pay an hour of it
+RATE = Rate(fps=2.0, clips_per_s_per_core=2.0, job_start_cpu_s=36.0, tar_bytes_per_clip=750_000.0,
+            idx_bytes_per_clip=1_000.0, verify_bytes_per_s_per_core=35e6)  # fmt: skip
 RECORD = Record("a test CPU, 2 cores", "2026-12-07T12:00Z", "tools/offline_cost.py --measure", (1.0, 2.5), "by hand",
-                (RATE, Rate(25.0, 0.5, 6.5e6, 5_000.0, 40e6)))  # fmt: skip
+                (RATE, Rate(25.0, 0.5, 1.5, 6.5e6, 5_000.0, 40e6)))  # fmt: skip
 
 
 def test_files_follow_the_shard_size_and_jobs() -> None:
@@ -46,7 +49,8 @@ def test_cost_from_rates() -> None:
     c = cost(split, RATE, 512)
     assert c.shards == 3988 and c.files == 3 * 3988 + 5 + 100
     assert c.bytes_written == pytest.approx(AUDIOSET_2M_SEGMENTS * 751_000)  # 1.53 TB
-    assert c.job_core_hours == pytest.approx(AUDIOSET_2M_SEGMENTS / 2.0 / 3600) == core_hours(AUDIOSET_2M_SEGMENTS, 2)
+    steady = core_hours(AUDIOSET_2M_SEGMENTS, 2)
+    assert c.job_core_hours == pytest.approx(AUDIOSET_2M_SEGMENTS / 2.0 / 3600 + 1.0) == steady + 1.0  # + start-ups
     assert c.verify_core_hours == pytest.approx(AUDIOSET_2M_SEGMENTS * 750_000 / 35e6 / 3600)  # tars only
     costs = project(RECORD, (split, Dataset("small", 10, 1)), 4)
     assert [(c.dataset.name, c.fps, c.shards) for c in costs] == [
@@ -55,7 +59,8 @@ def test_cost_from_rates() -> None:
         ("small", 2.0, 3),
         ("small", 25.0, 3),
     ]
-    assert costs[1].job_core_hours == pytest.approx(4 * costs[0].job_core_hours)
+    assert costs[1].job_core_hours - 100 * 1.5 / 3600 == pytest.approx(4 * (costs[0].job_core_hours - 1.0))
+    assert costs[2].job_core_hours == pytest.approx(10 / 2.0 / 3600 + 36 / 3600)  # one job, one start-up
 
 
 def test_a_finished_job_holds_the_files_counted(demo: DemoDataset, tmp_path: Path) -> None:
@@ -117,8 +122,8 @@ def test_record_round_trip_and_checks(tmp_path: Path) -> None:
 def test_report_and_readme_table_render_every_cost() -> None:
     costs = project(RECORD, datasets(), 512)
     text = report(RECORD, costs, 512)
-    assert "| AudioSet-2M unbalanced | 2,041,789 | 100 | 2 | 3,988 | 12,069 | 1.53 TB | 284 | 12 |" in text
-    assert "| 25 | 0.50 | 6.50 MB + 5,000 B | 40.0 |" in text
+    assert "| AudioSet-2M unbalanced | 2,041,789 | 100 | 2 | 3,988 | 12,069 | 1.53 TB | 285 | 12 |" in text
+    assert "| 25 | 0.50 | 1.50 | 6.50 MB + 5,000 B | 40.0 |" in text
     table = readme_table(RECORD, costs, 512)
     assert table.startswith(README_BEGIN) and table.endswith(README_END)
     assert (
@@ -153,14 +158,18 @@ def test_readme_table_is_the_committed_records() -> None:
 
 
 @pytest.mark.slow
-def test_tool_measures_records_and_writes_the_table(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+def test_tool_measures_records_and_writes_the_table(tmp_path: Path) -> None:
     readme = tmp_path / "README.md"
     readme.write_text(f"intro\n{README_BEGIN}\n{README_END}\n")
     args = ["--measure", "--record", str(tmp_path / "rates.json"), "--fps", "2", "--clips", "2", "--repeats", "1",
             "--verify-clips", "2", "--data", str(tmp_path), "--write-readme", "--readme", str(readme)]  # fmt: skip
-    assert load_tool("offline_cost").main(args) == 0
+    # in a fresh interpreter: the jobs it forks must pay their own torch import, which pytest's process holds
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    run = subprocess.run(tool_command("offline_cost", *args), capture_output=True, text=True, env=env)
+    assert run.returncode == 0, run.stderr
     record = load_record(tmp_path / "rates.json")
     assert [rate.fps for rate in record.rates] == [2.0] and record.command.startswith("tools/offline_cost.py --measure")
     assert 100_000 < record.rates[0].tar_bytes_per_clip < 5_000_000 and record.rates[0].idx_bytes_per_clip > 0
+    assert 0.1 < record.rates[0].job_start_cpu_s < 30  # torch imported, workers started: about a second
     assert readme.read_text() == f"intro\n{readme_table(record, project(record, datasets(), 512), 512)}\n"
-    assert "| AudioSet-2M unbalanced | 2,041,789 | 100 | 2 | 3,988 |" in capsys.readouterr().out
+    assert "| AudioSet-2M unbalanced | 2,041,789 | 100 | 2 | 3,988 |" in run.stdout

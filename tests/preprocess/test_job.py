@@ -158,6 +158,41 @@ def test_killed_job_resumes_to_the_same_shards(demo, tmp_path):
     assert sorted(read_split(killed)) == sorted(read_split(clean))
 
 
+# Run in a fresh interpreter: the shard tool, each decoding worker noting whether torch was imported before its own
+# start-up ran, and the job's process noting whether it imported torch at all.
+SPY_ON_TORCH = """
+import runpy, sys
+from pathlib import Path
+import preprocess.job as job
+report, tool = Path(sys.argv[1]), sys.argv[2]
+init_worker = job._init_worker
+
+def spy(*args):
+    with report.open("a") as f:
+        f.write(f"worker {'torch' in sys.modules}\\n")
+    init_worker(*args)
+
+job._init_worker = spy
+sys.argv = [tool, *sys.argv[3:]]
+try:
+    runpy.run_path(tool, run_name="__main__")
+finally:
+    with report.open("a") as f:
+        f.write(f"job {'torch' in sys.modules}\\n")
+"""
+
+
+def test_workers_share_the_jobs_torch_and_a_done_job_never_imports_it(demo, tmp_path):
+    out, report = tmp_path / "train", tmp_path / "report.txt"
+    command = [sys.executable, "-c", SPY_ON_TORCH, str(report), tool_command("shard_audioset")[1],
+               *audioset_args(demo, out, "--shard-size", "4", "--workers", "2")]  # fmt: skip
+    subprocess.run(command, check=True, env={**os.environ, "PYTHONPATH": str(Path(__file__).parents[2])})
+    assert report.read_text().splitlines() == ["worker True", "worker True", "job True"]
+    report.unlink()
+    subprocess.run(command, check=True, env={**os.environ, "PYTHONPATH": str(Path(__file__).parents[2])})
+    assert report.read_text().splitlines() == ["job False"]  # nothing to decode: no workers, no torch
+
+
 def test_limit_takes_the_first_rows(demo, tmp_path):
     assert shard_audioset.main(audioset_args(demo, tmp_path / "l", "--limit", "3")) == 0
     assert load_manifest(tmp_path / "l").num_samples == 3
