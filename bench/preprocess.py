@@ -169,13 +169,21 @@ def frame_rate_costs(
     return results
 
 
-def _photo_spec(rows: list[ClipRow], videos: Path, clips: int, params: FeatureParams) -> dict[str, Any]:
-    """The shard job's JobSpec fields but the output's for the photo clips `rows` in `videos`, in one shard."""
+def _spec_fields(
+    rows: list[ClipRow], videos: Path, classes: list[tuple[str, str]], params: FeatureParams, shard_size: int
+) -> dict[str, Any]:
+    """The shard job's JobSpec fields but the output's: AudioSet-layout `rows` (multi-label) of the videos in
+    `videos`, `classes` as (id, name), decoded with `params` into shards of `shard_size`."""
     return {
         "dataset": "bench", "split": "train", "rows": rows, "multi_label": True, "videos_dir": videos,
-        "classes": [{"index": i, "id": n, "name": n} for i, n in enumerate(PHOTOS)],
-        "name_templates": AUDIOSET_NAME_TEMPLATES, "params": params, "shard_size": clips,
+        "classes": [{"index": i, "id": cid, "name": name} for i, (cid, name) in enumerate(classes)],
+        "name_templates": AUDIOSET_NAME_TEMPLATES, "params": params, "shard_size": shard_size,
     }  # fmt: skip
+
+
+def _photo_spec(rows: list[ClipRow], videos: Path, clips: int, params: FeatureParams) -> dict[str, Any]:
+    """The shard job's JobSpec fields but the output's for the photo clips `rows` in `videos`, in one shard."""
+    return _spec_fields(rows, videos, [(name, name) for name in PHOTOS], params, clips)
 
 
 def job_inputs(
@@ -186,12 +194,7 @@ def job_inputs(
     classes = read_audioset_classes(labels)
     rows = [row for path in segment_files for row in read_audioset_segments(path, [mid for mid, _ in classes])]
     index = VideoIndex(videos)
-    spec = {
-        "dataset": "bench", "split": "train", "rows": rows, "multi_label": True, "videos_dir": videos,
-        "classes": [{"index": i, "id": mid, "name": name} for i, (mid, name) in enumerate(classes)],
-        "name_templates": AUDIOSET_NAME_TEMPLATES, "params": params,
-        "shard_size": 4,  # 6 shards of the 24 clips: partitioned jobs split the work by shard
-    }  # fmt: skip
+    spec = _spec_fields(rows, videos, classes, params, 4)  # 6 shards of 24 clips: partitioned jobs split by shard
     return [index.find(row, AUDIOSET_NAME_TEMPLATES) for row in rows], spec
 
 

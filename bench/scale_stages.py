@@ -49,7 +49,8 @@ def _csv_plan(folder: Path, size: int) -> None:
 
 
 def _csv_custom_plan(folder: Path, size: int) -> None:
-    from preprocess.custom_csv import CsvLayout, CustomCsvRows
+    from preprocess.custom_csv import CustomCsvRows
+    from preprocess.custom_fields import CsvLayout
 
     rows = CustomCsvRows(folder / "custom.csv", CsvLayout(split="train"))
     rows.select(_job_rows(rows.num_rows))

@@ -39,6 +39,12 @@ def launched_by_torchrun() -> bool:
     return all(name in os.environ for name in ("RANK", "WORLD_SIZE", "LOCAL_RANK"))
 
 
+def env_main_rank() -> bool:
+    """Whether torchrun's environment makes this process rank 0 (or it runs alone): what a command that stops before
+    or without the process group asks, to print its one line once."""
+    return int(os.environ.get("RANK", "0")) == 0
+
+
 def init_distributed(device: str = "auto") -> DistInfo:
     """Join torchrun's process group (NCCL on CUDA, gloo on CPU), or describe a single process without one.
 

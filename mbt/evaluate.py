@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import argparse
 import logging
-import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -34,7 +33,7 @@ from mbt.checkpoint import CheckpointFileError, TrainedModel, build_model
 from mbt.classes import ClassListError, class_record, record_difference
 from mbt.config import INT_LIMITS, PRESETS
 from mbt.config_io import ConfigError
-from mbt.dist import cleanup, init_distributed
+from mbt.dist import cleanup, env_main_rank, init_distributed
 from mbt.exported import ExportError
 from mbt.fits import fits
 from mbt.interrupt import SignalStop, raising_signals, stop_line
@@ -164,7 +163,7 @@ def run(args: argparse.Namespace) -> int:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
-    main_rank = int(os.environ.get("RANK", "0")) == 0  # one line, not one per rank: every rank fails alike
+    main_rank = env_main_rank()  # one line, not one per rank: every rank fails alike
     try:
         with raising_signals():
             return run(args)

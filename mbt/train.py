@@ -15,7 +15,6 @@ it resumes only with the settings and classes of its checkpoints (`mbt.run_dir`)
 from __future__ import annotations
 
 import json
-import os
 import signal
 import sys
 import time
@@ -41,7 +40,7 @@ from mbt.checkpoint import (
 )
 from mbt.classes import ClassListError, class_record
 from mbt.config import ConfigError, TrainConfig, config_to_dict, load_config, save_config
-from mbt.dist import DistInfo, all_gather_objects, cleanup, init_distributed, on_main_rank
+from mbt.dist import DistInfo, all_gather_objects, cleanup, env_main_rank, init_distributed, on_main_rank
 from mbt.interrupt import Interrupted, SignalStop, StopSignals, raising_signals, stop_line
 from mbt.memory import MemoryVerdict, check_memory
 from mbt.model import MBT
@@ -277,7 +276,7 @@ def main(argv: list[str] | None = None) -> int:
         with raising_signals():
             return _main(argv)
     except SignalStop as stopped:  # before the loop or after it: nothing to agree on, nothing half-written
-        if int(os.environ.get("RANK", "0")) == 0:
+        if env_main_rank():
             print(stop_line(stopped.signum, "before training started", "rerun the same command"), file=sys.stderr)
         return stopped.exit_status
 

@@ -21,12 +21,9 @@ from typing import Any
 import numpy as np
 
 from preprocess.class_files import label_lookup
-from preprocess.custom_fields import CsvLayout, clip_row, parse_time
+from preprocess.custom_fields import CsvLayout, clip_row
 from preprocess.custom_plan import CustomCsvPlan, plan_custom_csv
 from preprocess.datasets import ClipRow, DatasetError, line_blocks, parse_csv_line
-
-# CsvLayout and parse_time live in preprocess.custom_fields; they are named here too, where they used to live.
-__all__ = ["CsvLayout", "CustomCsvRows", "CustomTable", "parse_time", "read_custom_csv"]
 
 
 class CustomCsvRows:

@@ -14,6 +14,7 @@ to do, as `preprocess.custom_csv.read_custom_csv` documents.
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import hashlib
 import itertools
@@ -102,15 +103,14 @@ def _careful_records(where: str, first: int, lines: list[str]) -> Iterator[tuple
     next (a quote left open) or refuses."""
     reader = csv.reader(lines, skipinitialspace=True, strict=True)
     done = 0  # lines read, each one record
-    try:
+    # A line the reader refuses is parsed again below, by parse_csv_line, whose error names its file:line.
+    with contextlib.suppress(csv.Error):
         for fields in reader:
             if reader.line_num != done + 1 or len(fields) > MAX_FIELDS:
                 break
             done += 1
             if len(fields) > 1 or lines[done - 1].strip():
                 yield first + done - 1, fields
-    except csv.Error:
-        pass
     for j in range(done, len(lines)):
         if lines[j].strip():
             yield first + j, parse_csv_line(f"{where}:{first + j}", lines[j])

@@ -67,15 +67,27 @@ def read_lines(path: str | os.PathLike) -> Iterator[tuple[int, str]]:
                 if not line:
                     return
                 if len(line) > MAX_LINE_CHARS and not line.endswith("\n"):
-                    raise DatasetError(
-                        f"{os.fspath(path)}:{line_no}: a line of more than {MAX_LINE_CHARS} characters, starting "
-                        f"{excerpt(line)}: not a CSV row or class name; is this the right file?"
-                    )
+                    raise _long_line(path, line_no, line)
                 if line_no > MAX_ROWS + 1:  # + 1: a header
-                    raise DatasetError(f"{os.fspath(path)}: more than {MAX_ROWS} lines; split it into smaller files")
+                    raise _too_many_lines(path)
                 yield line_no, line
     except (OSError, UnicodeDecodeError) as e:
-        raise DatasetError(f"{os.fspath(path)}: cannot read it as UTF-8 text ({e})") from e
+        raise _unreadable(path, e) from e
+
+
+def _long_line(path: str | os.PathLike, line_no: int, start: str) -> DatasetError:
+    return DatasetError(
+        f"{os.fspath(path)}:{line_no}: a line of more than {MAX_LINE_CHARS} characters, starting "
+        f"{excerpt(start)}: not a CSV row or class name; is this the right file?"
+    )
+
+
+def _too_many_lines(path: str | os.PathLike) -> DatasetError:
+    return DatasetError(f"{os.fspath(path)}: more than {MAX_ROWS} lines; split it into smaller files")
+
+
+def _unreadable(path: str | os.PathLike, err: Exception) -> DatasetError:
+    return DatasetError(f"{os.fspath(path)}: cannot read it as UTF-8 text ({err})")
 
 
 def line_blocks(
@@ -99,18 +111,15 @@ def line_blocks(
                 if len(rest) > MAX_LINE_CHARS or (lines and max(map(len, lines)) > MAX_LINE_CHARS):
                     j = next((j for j, line in enumerate(lines) if len(line) > MAX_LINE_CHARS), len(lines))
                     line = lines[j] if j < len(lines) else rest
-                    raise DatasetError(
-                        f"{os.fspath(path)}:{first + j}: a line of more than {MAX_LINE_CHARS} characters, starting "
-                        f"{excerpt(line[: MAX_LINE_CHARS + 1])}: not a CSV row or class name; is this the right file?"
-                    )
+                    raise _long_line(path, first + j, line[: MAX_LINE_CHARS + 1])
                 if first + len(lines) - 1 > MAX_ROWS + 1:  # + 1: a header
-                    raise DatasetError(f"{os.fspath(path)}: more than {MAX_ROWS} lines; split it into smaller files")
+                    raise _too_many_lines(path)
                 yield first, lines
                 first += len(lines)
                 if not block:
                     return
     except (OSError, UnicodeDecodeError) as e:
-        raise DatasetError(f"{os.fspath(path)}: cannot read it as UTF-8 text ({e})") from e
+        raise _unreadable(path, e) from e
 
 
 def csv_rows(path: str | os.PathLike, skip_comments: bool = False) -> Iterator[tuple[str, list[str]]]:

@@ -10,7 +10,8 @@ from conftest import load_tool
 from bench.scale import growth_exponent, measure, prepare
 from bench.scale_data import write_class_csv, write_custom_csv, write_job_folder, write_segments_csv
 from pipelines.sources import SplitIndex
-from preprocess.custom_csv import CsvLayout, read_custom_csv
+from preprocess.custom_csv import read_custom_csv
+from preprocess.custom_fields import CsvLayout
 from preprocess.datasets import read_audioset_classes, read_audioset_segments
 from preprocess.job_merge import merge
 

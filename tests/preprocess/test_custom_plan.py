@@ -15,8 +15,8 @@ from hypothesis import strategies as st
 
 from preprocess import custom_plan, datasets
 from preprocess.class_files import choose_label_type, collect_classes, label_lookup, read_class_file
-from preprocess.custom_csv import CsvLayout, CustomCsvRows, read_custom_csv
-from preprocess.custom_fields import clip_row, header_columns, split_labels
+from preprocess.custom_csv import CustomCsvRows, read_custom_csv
+from preprocess.custom_fields import CsvLayout, clip_row, header_columns, split_labels
 from preprocess.custom_plan import csv_records
 from preprocess.datasets import ClipRow, DatasetError, csv_rows, line_blocks, read_lines
 from preprocess.job_state import plan_shards

@@ -12,7 +12,8 @@ from pathlib import Path
 import pytest
 
 from preprocess.class_files import read_class_file
-from preprocess.custom_csv import CsvLayout, read_custom_csv
+from preprocess.custom_csv import read_custom_csv
+from preprocess.custom_fields import CsvLayout
 from preprocess.datasets import (
     DatasetError,
     csv_rows,

@@ -19,7 +19,8 @@ from mbt.evaluate import main as evaluate_main
 from mbt.train import main as train_main
 from pipelines import build_loader, open_split
 from pipelines.config import AugmentConfig
-from preprocess.custom_csv import CsvLayout, parse_time, read_custom_csv
+from preprocess.custom_csv import read_custom_csv
+from preprocess.custom_fields import CsvLayout, parse_time
 from preprocess.datasets import ClipRow, DatasetError
 from preprocess.videos import VideoIndex
 from shards.manifest import load_manifest
