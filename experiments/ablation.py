@@ -19,8 +19,9 @@ from typing import Any
 import torch
 
 from experiments.demo import run_variant, variant_config
+from experiments.parallel import Run, RunFailedError, run_all
 from mbt.config import ConfigError, TrainConfig, preset
-from mbt.dist import cleanup, init_distributed
+from mbt.interrupt import Interrupted, SignalStop, raising_signals, stop_line
 from mbt.plots import pyplot, save_figure
 from mbt.train import EXPECTED_ERRORS
 from shards.atomic import atomic_write
@@ -63,28 +64,39 @@ def run_name(fusion: str, fusion_layer: int, num_bottlenecks: int) -> str:
 
 
 def run_ablation(
-    shards: Path, out: Path, runs: Sequence[tuple[str, dict[str, Any]]], seed: int = 0, base: TrainConfig | None = None
+    shards: Path,
+    out: Path,
+    runs: Sequence[tuple[str, dict[str, Any]]],
+    seed: int = 0,
+    base: TrainConfig | None = None,
+    jobs: int = 1,
 ) -> list[dict[str, Any]]:
-    """Train and evaluate each of `runs` (`ablation_runs`) on `shards` under `out/runs/<name>`; one row each
-    (COLUMNS). A run already made by an earlier sweep (the same model) is not trained again. The CSV and the PNG in
-    `out` are rewritten after every run, so that a sweep cut short still shows what it measured."""
+    """Train and evaluate each of `runs` (`ablation_runs`) on `shards` under `out/runs/<name>`, `jobs` at a time
+    (`experiments.parallel`); one row each (COLUMNS), in the order of `runs`. A run already in an earlier sweep
+    (the same model) is trained once. The CSV and the PNG in `out` are rewritten as each run ends, with the rows
+    measured so far, so that a sweep cut short still shows what it measured."""
     base = base or preset("demo")
-    dist = init_distributed()
-    rows: list[dict[str, Any]] = []
+    names = []  # per entry of `runs`: its run's name
+    trainings: dict[str, Run] = {}
+    for sweep, changes in runs:
+        model = base.model.replace(**changes)
+        name = run_name(model.fusion, model.fusion_layer, model.num_bottlenecks)
+        names.append(name)
+        if name not in trainings:
+            cfg = variant_config(base, shards, out / "runs" / name, seed, **changes)
+            trainings[name] = Run(name, f"ablation, {sweep} sweep: {name}", cfg)
+    order = list(trainings)
     done: dict[str, dict[str, Any]] = {}
-    try:
-        for sweep, changes in runs:
-            model = base.model.replace(**changes)
-            name = run_name(model.fusion, model.fusion_layer, model.num_bottlenecks)
-            if name not in done:
-                print(f"== ablation, {sweep} sweep: {name}", flush=True)
-                cfg = variant_config(base, shards, out / "runs" / name, seed, **changes)
-                done[name] = run_variant(cfg, dist, name)
-            rows.append({"sweep": sweep, "name": name, **{k: done[name][k] for k in COLUMNS[2:]}})
-            write_csv(rows, out / CSV_NAME)
-            plot_ablation(rows, out / PNG_NAME)
-    finally:
-        cleanup()
+    rows: list[dict[str, Any]] = []
+    for index, result in run_all(list(trainings.values()), jobs, run_variant):
+        done[order[index]] = result
+        rows = [
+            {"sweep": sweep, "name": name, **{k: done[name][k] for k in COLUMNS[2:]}}
+            for (sweep, _), name in zip(runs, names, strict=True)
+            if name in done
+        ]
+        write_csv(rows, out / CSV_NAME)
+        plot_ablation(rows, out / PNG_NAME)
     return rows
 
 
@@ -140,6 +152,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--bottlenecks", type=_ints, default=[1, 4, 16], help="comma list (default 1,4,16)")
     parser.add_argument("--seed", type=int, default=0, help="training seed (default 0)")
     parser.add_argument("--epochs", type=int, default=None, help="epochs per run (default: the demo preset's)")
+    parser.add_argument("--jobs", type=int, default=2, help="trainings at once, one thread each (default 2)")
     args = parser.parse_args(argv)
     torch.set_num_threads(1)  # as experiments.demo: the tiny model is faster on one thread
     base = preset("demo")
@@ -147,13 +160,18 @@ def main(argv: list[str] | None = None) -> int:
         base = base.replace(epochs=args.epochs, eval_every_epochs=args.epochs)
     try:
         runs = ablation_runs(base.model.depth, base.model.fusion_layer, args.bottlenecks, args.fusion_layers)
-        rows = run_ablation(args.shards, args.out, runs, args.seed, base)
+        with raising_signals():
+            rows = run_ablation(args.shards, args.out, runs, args.seed, base, args.jobs)
     except (ValueError, ConfigError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
-    except EXPECTED_ERRORS as err:
+    except (RunFailedError, *EXPECTED_ERRORS) as err:
         print(f"error: {err}", file=sys.stderr)
         return 1
+    except (SignalStop, Interrupted) as stopped:
+        then = f"{args.out / CSV_NAME} holds the runs that ended; run it again: it trains every run from scratch"
+        print(stop_line(stopped.signum, "during the ablation", then), file=sys.stderr)
+        return stopped.exit_status
     print(f"\n{'sweep':<13} {'run':<20} {'GFLOPs':>7} {'AP cross':>9} {'AP single':>10} {'train s':>8}")
     for r in rows:
         print(

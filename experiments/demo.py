@@ -29,9 +29,11 @@ import numpy as np
 import torch
 
 from experiments.demo_data import DEMO_CLASSES
+from experiments.parallel import Run, RunFailedError, run_all
 from mbt.config import ConfigError, TrainConfig, preset
-from mbt.dist import DistInfo, cleanup, init_distributed
+from mbt.dist import DistInfo
 from mbt.flops import count_flops
+from mbt.interrupt import Interrupted, SignalStop, raising_signals, stop_line
 from mbt.sharded_eval import EvaluationError
 from mbt.train import EXPECTED_ERRORS, prepare_run, train
 from shards.atomic import write_bytes_atomic
@@ -124,24 +126,26 @@ def run_variant(cfg: TrainConfig, dist: DistInfo, name: str) -> dict[str, Any]:
 
 
 def run_demo(
-    shards: Path, out: Path, variants: Sequence[str], seeds: int = 1, base: TrainConfig | None = None
+    shards: Path,
+    out: Path,
+    variants: Sequence[str],
+    seeds: int = 1,
+    base: TrainConfig | None = None,
+    jobs: int = 1,
 ) -> list[dict[str, Any]]:
     """Train and evaluate each of `variants` (keys of VARIANTS) for seeds 0..seeds-1 under `out` (`out/<variant>`,
-    or `out/<variant>-seed<k>` with several seeds) on the budget of `base` (default: the demo preset); one row
-    each (`run_variant`)."""
+    or `out/<variant>-seed<k>` with several seeds) on the budget of `base` (default: the demo preset), `jobs` at a
+    time (`experiments.parallel`); one row each (`run_variant`), in that order."""
     base = base or preset("demo")
-    dist = init_distributed()
-    rows = []
-    try:
-        for seed in range(seeds):
-            for fusion in variants:
-                run_dir = out / (fusion if seeds == 1 else f"{fusion}-seed{seed}")
-                cfg = variant_config(base, shards, run_dir, seed, fusion=fusion)
-                print(f"== {VARIANTS[fusion]}, seed {seed}: {cfg.epochs} epochs of batch {cfg.batch_size}", flush=True)
-                rows.append(run_variant(cfg, dist, fusion))
-    finally:
-        cleanup()
-    return rows
+    runs = []
+    for seed in range(seeds):
+        for fusion in variants:
+            run_dir = out / (fusion if seeds == 1 else f"{fusion}-seed{seed}")
+            cfg = variant_config(base, shards, run_dir, seed, fusion=fusion)
+            title = f"{VARIANTS[fusion]}, seed {seed}: {cfg.epochs} epochs of batch {cfg.batch_size}"
+            runs.append(Run(fusion, title, cfg))
+    rows: dict[int, dict[str, Any]] = dict(run_all(runs, jobs, run_variant))
+    return [rows[index] for index in range(len(runs))]
 
 
 def show_results(run_dir: Path, videos: Path) -> list[str]:
@@ -236,6 +240,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--variants", default=",".join(VARIANTS), help="comma list (default: all five)")
     parser.add_argument("--seeds", type=int, default=1, help="train each variant with seeds 0..N-1 (default 1)")
     parser.add_argument("--epochs", type=int, default=None, help="epochs per variant (default: the demo preset's)")
+    parser.add_argument("--jobs", type=int, default=2, help="trainings at once, one thread each (default 2)")
     args = parser.parse_args(argv)
     try:
         variants = parse_variants(args.variants)
@@ -243,6 +248,8 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(str(err))
     if args.seeds < 1:
         parser.error(f"--seeds must be at least 1, got {args.seeds}")
+    if args.jobs < 1:
+        parser.error(f"--jobs must be at least 1, got {args.jobs}")
     # One thread: the tiny model's small ops gain nothing from a second one, and on a busy 2-core machine two
     # threads made a training step 4x slower (measured, docs/PERFORMANCE.md).
     torch.set_num_threads(1)
@@ -250,14 +257,19 @@ def main(argv: list[str] | None = None) -> int:
     if args.epochs:
         base = base.replace(epochs=args.epochs, eval_every_epochs=args.epochs)
     try:
-        rows = run_demo(args.shards, args.out, variants, args.seeds, base)
-        path = write_summary(args.out, rows)
+        with raising_signals():
+            rows = run_demo(args.shards, args.out, variants, args.seeds, base, args.jobs)
+            path = write_summary(args.out, rows)
     except ConfigError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
-    except EXPECTED_ERRORS as err:
+    except (RunFailedError, *EXPECTED_ERRORS) as err:
         print(f"error: {err}", file=sys.stderr)
         return 1
+    except (SignalStop, Interrupted) as stopped:
+        then = "run it again: it trains every variant from scratch"
+        print(stop_line(stopped.signum, "during the demo", then), file=sys.stderr)
+        return stopped.exit_status
     single = sum(c.modality != "cross" for c in DEMO_CLASSES)
     print(
         f"\nMBT demo: held-out split of {rows[0]['num_eval_clips']} clips, {len(DEMO_CLASSES)} classes ({single} "

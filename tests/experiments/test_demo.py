@@ -9,41 +9,17 @@ from pathlib import Path
 
 import pytest
 from full_disk import FullDisk
+from tiny_demo import tiny_base
 
 from experiments.ablation import COLUMNS, ablation_runs, plot_ablation, run_ablation, write_csv
 from experiments.demo import METRICS, aggregate, format_table, parse_variants, run_demo, write_summary
 from experiments.demo_data import DEMO_CLASSES
-from mbt.config import TrainConfig, preset
 from shards.atomic import RERUN, DiskFullError
 
 ROW_KEYS = {
     "variant", "fusion", "fusion_layer", "num_bottlenecks", "seed", "mAP", "ap_visual", "ap_audible", "ap_single",
     "ap_cross", "forward_gflops", "params_m", "train_s", "num_eval_clips", "run_dir",
 }  # fmt: skip
-
-
-@pytest.fixture
-def shards(train_shards: Path, eval_shards: Path, tmp_path: Path) -> Path:
-    """A folder with train/ and eval/, as `make demo` shards them."""
-    folder = tmp_path / "shards"
-    folder.mkdir()
-    (folder / "train").symlink_to(train_shards)
-    (folder / "eval").symlink_to(eval_shards)
-    return folder
-
-
-def tiny_base() -> TrainConfig:
-    """The demo preset cut to a few steps on 2 s clips, with no loader processes."""
-    base = preset("demo")
-    return base.replace(
-        model=base.model.replace(audio_frames=192),
-        augment=base.augment.replace(audio_frames=192, time_mask_px=16, num_test_clips=1),
-        batch_size=4,
-        num_workers=0,
-        epochs=1,
-        eval_every_epochs=1,
-        max_steps=2,
-    )
 
 
 def row(variant: str, seed: int, ap_cross: float) -> dict:
