@@ -43,7 +43,7 @@ FPS = 25
 SAMPLE_RATES_HZ = (16000, 44100)
 LOW_TONE_HZ = 300.0
 HIGH_TONE_HZ = 1500.0
-BEEP_PERIOD_S = 0.25  # 4 Hz on/off gating, half the period on
+BEEP_PERIOD_S = 0.1  # 10 Hz on/off gating, half the period on: a 160 ms audio patch holds whole periods
 BOX_SWEEP_S = 2.0  # the box crosses the frame once every two seconds
 TONE_VOLUME = 4.0  # sine's output peaks at 1/8 of full scale: the tone peaks at 0.5
 NOISE_AMPLITUDE = 0.2
@@ -163,8 +163,8 @@ def draw_demo_clips(clips: int, eval_fraction: float = 0.25, seed: int = 0) -> l
     drawn: list[DemoClip] = []
     seen: set[str] = set()
     for index in range(clips):
-        # v2: the cross-modal classes; new YTIDs, so that no video rendered with other attributes is reused
-        rng = random.Random(f"mbt-demo-v2:{seed}:{index}")
+        # v3: the 10 Hz gate (v2: the cross-modal classes); new YTIDs, so that no video rendered otherwise is reused
+        rng = random.Random(f"mbt-demo-v3:{seed}:{index}")
         ytid = _draw_ytid(rng, leading_dash=index % DASH_EVERY == 0)
         while ytid in seen:
             ytid = _draw_ytid(rng, leading_dash=index % DASH_EVERY == 0)
