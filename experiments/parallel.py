@@ -4,7 +4,8 @@
 The demo model is tiny: a training step on one thread cannot use a second core (two threads made a step slower on the
 2-core machine, docs/PERFORMANCE.md), but two trainings side by side use both, nearly twice the trainings an hour.
 Each run's output (its plain log lines, its errors) goes to `<run folder>.log`, beside the run folder, so that two
-trainings do not interleave on the terminal; this process prints one line as each run starts and one as it ends.
+trainings do not interleave on the terminal; this process prints a line as each run starts and ends, and every 30 s
+the last progress line of each run going.
 A run that fails stops the others (SIGTERM: each saves its checkpoint and says so in its log) and the error names
 the run and its log; Ctrl-C stops them all the same way.
 """
@@ -48,6 +49,11 @@ class Run:
     name: str
     title: str
     cfg: TrainConfig
+
+    @property
+    def folder(self) -> str:
+        """The run folder's name (`bottleneck`, `bottleneck-seed1`): what the progress lines call the run."""
+        return Path(self.cfg.out_dir).name
 
     @property
     def log(self) -> Path:
@@ -96,7 +102,7 @@ def _side_by_side(runs: Sequence[Run], jobs: int, train: Train) -> Iterator[tupl
             ended = wait(list(running), timeout=PROGRESS_EVERY_S)
             if not ended:
                 for index, _, _ in running.values():
-                    print(f"   {runs[index].name}: {_last_step_line(runs[index].log)}", flush=True)
+                    print(f"   {runs[index].folder}: {_last_step_line(runs[index].log)}", flush=True)
             for sentinel in ended:
                 index, process, rows = running.pop(sentinel)
                 process.join()
@@ -104,7 +110,7 @@ def _side_by_side(runs: Sequence[Run], jobs: int, train: Train) -> Iterator[tupl
                 if process.exitcode != 0 or not rows.poll():
                     raise RunFailedError(_failure(run, process.exitcode))
                 row = rows.recv()
-                print(f"== {run.name} done: mAP {row['mAP']:.3f}, {row['train_s']:.0f} s", flush=True)
+                print(f"== {run.folder} done: mAP {row['mAP']:.3f}, {row['train_s']:.0f} s", flush=True)
                 yield index, row
     finally:
         _stop([process for _, process, _ in running.values()])
@@ -131,7 +137,7 @@ def _train_here(run: Run, train: Train, rows: Any, start_method: str) -> None:
         print(stopped, file=sys.stderr)
         status = stopped.exit_status
     except SignalStop as stopped:  # before the loop or after it
-        print(stop_line(stopped.signum, f"in run {run.name}", "it starts over when run again"), file=sys.stderr)
+        print(stop_line(stopped.signum, f"in run {run.folder}", "it starts over when run again"), file=sys.stderr)
         status = stopped.exit_status
     except (ConfigError, *EXPECTED_ERRORS) as err:
         print(f"error: {err}", file=sys.stderr)
@@ -161,7 +167,7 @@ def _failure(run: Run, exitcode: int | None) -> str:
         tail = run.log.read_text(errors="replace").splitlines()[-LOG_TAIL_LINES:]
     except OSError as err:
         tail = [f"(its log cannot be read: {err})"]
-    return f"run {run.name} {how}; its log {run.log} ends:\n" + "\n".join(f"  {line}" for line in tail)
+    return f"run {run.folder} {how}; its log {run.log} ends:\n" + "\n".join(f"  {line}" for line in tail)
 
 
 def _stop(processes: Sequence[Any]) -> None:

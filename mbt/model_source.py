@@ -3,7 +3,7 @@ checkpoint) or an export folder (`mbt.exported`: model.safetensors and config.js
 a path is, `load_source` reads any of them as the `TrainedModel` a checkpoint gives, and every tool that takes a
 model (`mbt.evaluate`, `tools/predict.py`, `tools/export_model.py`, `serve.load`) uses both and prints what it found:
 
-    model: run folder runs/demo -> checkpoint step-00000300.pt, step 300
+    model: run folder runs/demo -> checkpoint step-00001200.pt, step 1200
 """
 
 from __future__ import annotations
@@ -35,7 +35,7 @@ class ModelSource:
         return run if self.form != "export" and (run / RUN_CONFIG).is_file() else None
 
     def describe(self, step: int | None = None) -> str:
-        """One line naming the form found, e.g. "model: run folder runs/x -> checkpoint step-00000300.pt, step 300"."""
+        """One line naming the form found, e.g. "model: run folder runs/x -> checkpoint step-00001200.pt, step 1200"."""
         if self.form == "export":
             return f"model: export {self.given} ({WEIGHTS_FILE}, {CONFIG_FILE})"
         at = f", step {step}" if step is not None else ""

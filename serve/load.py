@@ -3,7 +3,7 @@
 `serve.export` writes and `mbt.exported` reads: model.safetensors and config.json).
 
     model, prep = serve.load_pretrained("runs/demo/bottleneck")   # eval mode; prep feeds serve.predict.Predictor
-    print(prep.found)   # model: run folder runs/demo/bottleneck -> checkpoint step-00000300.pt, step 300
+    print(prep.found)   # model: run folder runs/demo/bottleneck -> checkpoint step-00001200.pt, step 1200
 
 An older checkpoint does not record the shards' feature parameters (frames per second, segment, log-mel settings),
 its classes or its log-mel normalization: they are read from the manifest of its training split (the run's

@@ -5,6 +5,8 @@ cannot run are reported. The pages here are small and their commands plain shell
 
 from __future__ import annotations
 
+import re
+import shlex
 from pathlib import Path
 
 import pytest
@@ -156,3 +158,24 @@ def test_pages_run_at_once_each_printed_whole(tmp_path, capsys, jobs: str) -> No
     pages = [line.split(":")[0] for line in lines]
     assert pages in (sorted(pages), sorted(pages, reverse=True))  # a page's lines together, not interleaved
     assert "6 commands ran" in out
+
+
+def test_the_pages_shard_the_demo_data_as_the_makefile_does() -> None:
+    """A page's command that shards data/shards/demo gives the Makefile's flags: a shard job refuses a folder made
+    with other arguments, so `make demo` after the quickstart (or the other way round) would stop."""
+    makefile = (REPO / "Makefile").read_text()
+    recipe = shlex.split(re.search(r"define demo_split\n(.*?)\nendef", makefile, re.S).group(1).replace("\\\n", " "))
+    seconds = re.search(r"^DEMO_SECONDS \?= (\S+)$", makefile, re.M).group(1)
+    flags = ("--segment-seconds", "--short-side", "--shard-size")
+    wanted = {f: recipe[recipe.index(f) + 1].replace("$(DEMO_SECONDS)", seconds) for f in flags}
+    found = 0
+    for path in docs_check.pages_of(REPO):
+        for command in page_commands(path.relative_to(REPO).as_posix(), path.read_text(encoding="utf-8")):
+            if command.language != "bash" or "tools/shard_audioset.py" not in command.text:
+                continue
+            words = shlex.split(command.text.replace("\\\n", " "))
+            if "--out" in words and words[words.index("--out") + 1].startswith("data/shards/demo/"):
+                found += 1
+                given = {f: words[words.index(f) + 1] if f in words else None for f in flags}
+                assert given == wanted, f"{command.page}:{command.line}"
+    assert found >= 2  # the quickstart's two splits
