@@ -59,8 +59,15 @@ def test_tiny_demo_writes_the_summary(shards: Path, tmp_path: Path) -> None:
     assert set(bottleneck) == {"variant", "seeds"} | {f"{k}{s}" for k in METRICS for s in ("", "_std", "_min", "_max")}
     assert bottleneck["forward_gflops"] > audio["forward_gflops"]
     assert len(DEMO_CLASSES) == 12
-    again = run_demo(shards, out, ["audio"], seeds=1, base=tiny_base())  # a finished run is trained again
-    assert again[0]["train_s"] > 0
+    # Again, into the same folders (a finished run is trained again), two at a time (`--jobs 2`, experiments.parallel):
+    # each in a spawned process with its output in `<run folder>.log`; the rows are the same, in the order asked.
+    again = run_demo(shards, out, ["bottleneck", "late", "audio"], seeds=1, base=tiny_base(), jobs=2)
+    assert [r["variant"] for r in again] == ["bottleneck", "late", "audio"]
+    same = ("mAP", "ap_cross", "ap_single", "forward_gflops", "num_eval_clips", "run_dir")
+    for first, second in zip(summary["runs"], again[::2], strict=True):
+        assert {k: first[k] for k in same} == {k: second[k] for k in same}
+    for variant in ("bottleneck", "late", "audio"):
+        assert "step 2 epoch 0: num_samples=3 mAP=" in (out / f"{variant}.log").read_text()  # the training's lines
 
 
 def test_the_ablation_csv_cannot_hold_a_formula(tmp_path: Path) -> None:
