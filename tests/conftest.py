@@ -79,6 +79,16 @@ def eval_shards(demo: DemoDataset, tmp_path_factory: pytest.TempPathFactory) -> 
 
 
 @pytest.fixture
+def demo_shards(train_shards: Path, eval_shards: Path, tmp_path: Path) -> Path:
+    """A folder with train/ and eval/ (links to the session's demo shards), as `make demo` lays them out."""
+    folder = tmp_path / "shards"
+    folder.mkdir()
+    (folder / "train").symlink_to(train_shards)
+    (folder / "eval").symlink_to(eval_shards)
+    return folder
+
+
+@pytest.fixture
 def full_disk(tmp_path: Path) -> Iterator[FullDisk]:
     """A 16 MiB tmpfs at tmp_path/disk that the test fills when it wants a full disk (skipped without mount)."""
     with small_tmpfs(tmp_path / "disk", "16m") as disk:

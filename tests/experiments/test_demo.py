@@ -45,9 +45,9 @@ def test_parse_variants_names_the_unknown() -> None:
 
 
 @pytest.mark.slow
-def test_tiny_demo_writes_the_summary(shards: Path, tmp_path: Path) -> None:
+def test_tiny_demo_writes_the_summary(demo_shards: Path, tmp_path: Path) -> None:
     out = tmp_path / "runs"
-    rows = run_demo(shards, out, ["bottleneck", "audio"], seeds=1, base=tiny_base())
+    rows = run_demo(demo_shards, out, ["bottleneck", "audio"], seeds=1, base=tiny_base())
     path = write_summary(out, rows)
     summary = json.loads(path.read_text())
     assert [r["variant"] for r in summary["runs"]] == ["bottleneck", "audio"]
@@ -61,7 +61,7 @@ def test_tiny_demo_writes_the_summary(shards: Path, tmp_path: Path) -> None:
     assert len(DEMO_CLASSES) == 12
     # Again, into the same folders (a finished run is trained again), two at a time (`--jobs 2`, experiments.parallel):
     # each in a spawned process with its output in `<run folder>.log`; the rows are the same, in the order asked.
-    again = run_demo(shards, out, ["bottleneck", "late", "audio"], seeds=1, base=tiny_base(), jobs=2)
+    again = run_demo(demo_shards, out, ["bottleneck", "late", "audio"], seeds=1, base=tiny_base(), jobs=2)
     assert [r["variant"] for r in again] == ["bottleneck", "late", "audio"]
     same = ("mAP", "ap_cross", "ap_single", "forward_gflops", "num_eval_clips", "run_dir")
     for first, second in zip(summary["runs"], again[::2], strict=True):
@@ -87,11 +87,11 @@ def test_ablation_runs_cover_both_sweeps() -> None:
 
 
 @pytest.mark.slow
-def test_tiny_ablation_writes_csv_and_png(shards: Path, tmp_path: Path) -> None:
+def test_tiny_ablation_writes_csv_and_png(demo_shards: Path, tmp_path: Path) -> None:
     base = tiny_base()
     runs = ablation_runs(base.model.depth, base.model.fusion_layer, bottlenecks=[4], fusion_layers=[2])
     runs = [(sweep, changes) for sweep, changes in runs if changes["fusion"] != "cross"]
-    rows = run_ablation(shards, tmp_path / "ablation", runs, base=base)
+    rows = run_ablation(demo_shards, tmp_path / "ablation", runs, base=base)
     # bottleneck at Lf 2 with 4 tokens is in both sweeps and trained once
     assert len(rows) == len(runs) == 3 and len(list((tmp_path / "ablation" / "runs").iterdir())) == 2
     path = tmp_path / "ablation" / "ablation.csv"  # written after every run

@@ -22,9 +22,9 @@ SAME = ("mAP", "ap_cross", "ap_single", "forward_gflops", "num_eval_clips")
 
 
 @pytest.mark.slow
-def test_a_failed_run_is_named_with_the_end_of_its_log(shards: Path, tmp_path: Path) -> None:
+def test_a_failed_run_is_named_with_the_end_of_its_log(demo_shards: Path, tmp_path: Path) -> None:
     base = tiny_base()
-    good = base.replace(train_shards=str(shards / "train"), eval_shards=str(shards / "eval"))
+    good = base.replace(train_shards=str(demo_shards / "train"), eval_shards=str(demo_shards / "eval"))
     bad = good.replace(train_shards=str(tmp_path / "nowhere"), out_dir=str(tmp_path / "runs" / "bad"))
     good = good.replace(out_dir=str(tmp_path / "runs" / "good"))
     runs = [Run("bad", "the bad run", bad), Run("good", "the good run", good)]
@@ -41,9 +41,10 @@ def test_jobs_must_be_at_least_one() -> None:
 
 
 @pytest.mark.slow
-def test_ctrl_c_stops_every_run_with_one_line(shards: Path, tmp_path: Path) -> None:
+def test_ctrl_c_stops_every_run_with_one_line(demo_shards: Path, tmp_path: Path) -> None:
     out = tmp_path / "runs"
-    command = [sys.executable, "-m", "experiments.demo", "--shards", str(shards), "--out", str(out), "--epochs", "500"]
+    command = [sys.executable, "-m", "experiments.demo", "--shards", str(demo_shards), "--out", str(out)]
+    command += ["--epochs", "500"]
     demo = subprocess.Popen(
         [*command, "--variants", "bottleneck,audio,late", "--jobs", "2"],
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True,
