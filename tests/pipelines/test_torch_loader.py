@@ -35,7 +35,7 @@ from pipelines.order import train_batches
 from pipelines.reading import SampleReader
 from pipelines.sources import SplitIndex
 from pipelines.torch_loader import TorchLoader
-from pipelines.windows import eval_windows
+from pipelines.windows import eval_clips, eval_windows
 from shards.manifest import load_manifest
 from shards.schema import LOGMEL_DTYPE, LOGMEL_EXT
 
@@ -144,7 +144,14 @@ def test_evaluation_clips_are_evenly_spaced_windows(eval_shards):
     full = (rows[(key, 0)]["audio"][0] * std + mean).numpy()
     shifted = (rows[(key, 1)]["audio"][0] * std + mean).numpy()
     assert np.allclose(full[13:160], shifted[: 160 - 13], atol=1e-3)
-    assert torch.equal(rows[(key, 0)]["video"], rows[(key, 3)]["video"])  # 8 frames stored, 8 used: same frames
+    # "spread": 8 frames from the 1.6 s window's eighths; rows 0 and 40 of 200 pick stored frames (of 8) as below,
+    # and each stored frame the two share is shown the same in both (the others differ where the box moves)
+    (first, _), _, _, (last, _) = eval_clips(SMALL_AUG, manifest.features)
+    assert first.tolist() == [0, 1, 2, 2, 3, 4, 5, 6] and last.tolist() == [2, 2, 3, 4, 5, 6, 6, 7]
+    shared = [(i, j) for i, a in enumerate(first) for j, b in enumerate(last) if a == b]
+    assert len(shared) == 9  # stored frame 2 (twice in each: 4 pairs), 3, 4, 5 and 6 (twice in the last: 2 pairs)
+    for i, j in shared:
+        assert torch.equal(rows[(key, 0)]["video"][i], rows[(key, 3)]["video"][j]), (i, j)
 
 
 @pytest.mark.slow
