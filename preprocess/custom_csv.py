@@ -24,6 +24,7 @@ from preprocess.class_files import label_lookup
 from preprocess.custom_fields import CsvLayout, clip_row
 from preprocess.custom_plan import CustomCsvPlan, plan_custom_csv
 from preprocess.datasets import ClipRow, DatasetError, line_blocks, parse_csv_line
+from preprocess.rows import sorted_positions
 
 
 class CustomCsvRows:
@@ -48,9 +49,7 @@ class CustomCsvRows:
         """The rows at `indices` (positions in the split), parsed in CSV order from one more read of the file; two
         selected rows with one key -> DatasetError naming both lines (a job checks the rows it shards: with one job,
         the whole split)."""
-        wanted = np.unique(np.asarray(indices, dtype=np.int64))
-        if wanted.size and not 0 <= wanted[0] <= wanted[-1] < self.num_rows:
-            raise IndexError(f"row positions out of range 0..{self.num_rows - 1}")
+        wanted = sorted_positions(indices, self.num_rows)
         lines = self.lines[wanted]
         plan, rows, source_of_key = self.plan, {}, {}
         for first, block in line_blocks(plan.path) if wanted.size else ():

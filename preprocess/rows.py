@@ -43,6 +43,15 @@ class RowSource(Protocol):
         """The rows at `indices` (positions in the split, any order), checked; DatasetError naming file:line."""
 
 
+def sorted_positions(indices: np.ndarray, num_rows: int) -> np.ndarray:
+    """`indices` (positions in a split of `num_rows` rows, any order) sorted without repeats, for one pass over a
+    file in row order; IndexError when one is out of range."""
+    wanted = np.unique(np.asarray(indices, dtype=np.int64))
+    if wanted.size and not 0 <= wanted[0] <= wanted[-1] < num_rows:
+        raise IndexError(f"row positions out of range 0..{num_rows - 1}")
+    return wanted
+
+
 class ListRows:
     """Rows already in memory (tests, and callers of the whole-file readers)."""
 
@@ -102,9 +111,7 @@ class CsvRows:
     def select(self, indices: np.ndarray) -> dict[int, ClipRow]:
         """The rows at `indices`, parsed in file order; two selected rows with one key -> DatasetError naming both
         lines (a job checks the rows it shards: with one job, the whole split)."""
-        wanted = np.unique(np.asarray(indices, dtype=np.int64))
-        if wanted.size and not 0 <= wanted[0] <= wanted[-1] < self.num_rows:
-            raise IndexError(f"row positions out of range 0..{self.num_rows - 1}")
+        wanted = sorted_positions(indices, self.num_rows)
         rows: dict[int, ClipRow] = {}
         source_of_key: dict[str, str] = {}
         first = 0  # the split position of the block's first row
