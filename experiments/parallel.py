@@ -34,6 +34,7 @@ from mbt.train import EXPECTED_ERRORS
 # Trains and evaluates a config in a process (a module-level function: a spawned process finds it by name); its row.
 Train = Callable[[TrainConfig, DistInfo, str], dict[str, Any]]
 LOG_TAIL_LINES = 5  # of a failed run's log, in the error
+LOG_END_BYTES = 16384  # of a run's log read for its last lines
 PROGRESS_EVERY_S = 30.0  # a line per run going, from its log
 STOP_WAIT_S = 60.0  # for a stopped run to save its checkpoint and exit, before it is killed
 
@@ -148,15 +149,19 @@ def _train_here(run: Run, train: Train, rows: Any, start_method: str) -> None:
     sys.exit(status)
 
 
+def _log_end(log: Path) -> list[str]:
+    """The lines of the last LOG_END_BYTES of `log` (the first of them maybe cut); OSError when it cannot be read."""
+    with open(log, "rb") as f:
+        f.seek(max(0, f.seek(0, os.SEEK_END) - LOG_END_BYTES))
+        return f.read().decode(errors="replace").splitlines()
+
+
 def _last_step_line(log: Path) -> str:
     """The last plain progress line ("step 600/1200 epoch 24 loss ...") in the end of `log`, or what it is doing."""
     try:
-        with open(log, "rb") as f:
-            f.seek(max(0, f.seek(0, os.SEEK_END) - 4096))
-            lines = f.read().decode(errors="replace").splitlines()
+        steps = [line for line in _log_end(log) if line.startswith(("step ", "evaluate "))]
     except OSError:
         return "starting"
-    steps = [line for line in lines if line.startswith(("step ", "evaluate "))]
     return steps[-1] if steps else "starting"
 
 
@@ -164,7 +169,7 @@ def _failure(run: Run, exitcode: int | None) -> str:
     """The error of a run that ended with `exitcode`: its name, how it ended, its log and the log's last lines."""
     how = f"was killed by {signal.Signals(-exitcode).name}" if exitcode and exitcode < 0 else f"exited {exitcode}"
     try:
-        tail = run.log.read_text(errors="replace").splitlines()[-LOG_TAIL_LINES:]
+        tail = _log_end(run.log)[-LOG_TAIL_LINES:]
     except OSError as err:
         tail = [f"(its log cannot be read: {err})"]
     return f"run {run.folder} {how}; its log {run.log} ends:\n" + "\n".join(f"  {line}" for line in tail)
